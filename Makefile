@@ -1,0 +1,46 @@
+# The two commands a newcomer needs: `make serve` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+HOST ?= 127.0.0.1
+PORT ?= 8000
+SERVE_ARGS ?=
+
+.PHONY: serve test lint venv fetch-model bench bench-quick bench-engine gpu-check clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+fetch-model: venv
+	$(PY) -m model.defaults
+
+serve: venv fetch-model
+	$(PY) -m server --host $(HOST) --port $(PORT) $(SERVE_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check model server bench tests
+
+test: venv fetch-model lint
+	$(VENV)/bin/pytest -q
+
+bench: venv fetch-model
+	$(PY) -m bench.serve_bench --out bench/results
+
+bench-quick: venv fetch-model
+	$(PY) -m bench.serve_bench --quick --out bench/results
+
+bench-engine: venv fetch-model
+	$(PY) -m bench.engine_bench --out bench/results
+
+gpu-check:
+	bash bench/gpu_check.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache
