@@ -54,7 +54,9 @@ class SmolLM2Config:
     def from_hf_dict(cls, d: dict[str, Any]) -> SmolLM2Config:
         archs = d.get("architectures") or []
         model_type = d.get("model_type")
-        if model_type not in (None, "llama", "smollm2") or (archs and archs[0] not in ("LlamaForCausalLM", "SmolLM2ForCausalLM")):
+        if model_type not in (None, "llama", "smollm2") or (
+            archs and archs[0] not in ("LlamaForCausalLM", "SmolLM2ForCausalLM")
+        ):
             raise ValueError(
                 f"unsupported architecture: model_type={model_type!r} architectures={archs!r} "
                 "(expected a Llama-family model such as SmolLM2)"

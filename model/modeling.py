@@ -1,0 +1,434 @@
+"""SmolLM2: the spec's modules under the spec's names.
+
+Parameter names follow Hugging Face's Llama so checkpoints load with a plain name map. Two forward paths
+share the weights:
+- ``forward(input_ids (B, T), ...)``: training, loss and ``generate()``, with a (B, nkv, S, hd) KV cache;
+- ``forward_paged(input_ids (N,), positions (N,), meta, kv_caches)``: serving, a flat batch of tokens from
+  many sequences over the paged KV cache (see ``model.attention``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.attention import AttentionMetadata, paged_attention
+from model.config import SmolLM2Config
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # (B, nkv, S, hd) each
+
+
+class SmolLM2RMSNorm(nn.Module):
+    """RMS normalization (like T5LayerNorm): computed in float32, scaled by a learned weight."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        x = hidden_states.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(input_dtype)
+
+
+def _precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0) -> torch.Tensor:
+    """(end, dim // 2, 2): cos and sin of position * inverse frequency."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    freqs = torch.outer(torch.arange(end, dtype=torch.float32), inv_freq)  # (end, dim/2)
+    return torch.stack([freqs.cos(), freqs.sin()], dim=-1)
+
+
+class SmolLM2RotaryEmbedding(nn.Module):
+    """cos/sin caches in the rotate-half layout; they grow when a longer sequence arrives."""
+
+    def __init__(self, dim: int, max_position_embeddings: int = 2048, base: float = 10000.0) -> None:
+        super().__init__()
+        self.dim = dim
+        self.base = base
+        self._build_cache(max_position_embeddings)
+
+    def _build_cache(self, seq_len: int) -> None:
+        freqs_cis = _precompute_freqs_cis(self.dim, seq_len, self.base)
+        cos, sin = freqs_cis[..., 0], freqs_cis[..., 1]  # (seq_len, dim/2)
+        self.register_buffer("cos_cached", torch.cat([cos, cos], dim=-1), persistent=False)
+        self.register_buffer("sin_cached", torch.cat([sin, sin], dim=-1), persistent=False)
+        self.max_seq_len_cached = seq_len
+
+    def _grow(self, seq_len: int) -> None:
+        if seq_len > self.max_seq_len_cached:
+            device = self.cos_cached.device
+            self._build_cache(max(seq_len, 2 * self.max_seq_len_cached))
+            self.to(device)
+
+    def forward(self, x: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(seq_len, dim) cos and sin in x's dtype."""
+        self._grow(seq_len)
+        return self.cos_cached[:seq_len].to(x.dtype), self.sin_cached[:seq_len].to(x.dtype)
+
+    def at_positions(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, dim) cos and sin for arbitrary positions (the serving path)."""
+        self._grow(int(positions.max()) + 1 if positions.numel() else 0)
+        return self.cos_cached[positions].to(dtype), self.sin_cached[positions].to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    unsqueeze_dim: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k: (B, nh, T, hd); cos/sin: (S, hd) indexed by position_ids (B, T), or already (B, T, hd)."""
+    if position_ids is not None:
+        cos, sin = cos[position_ids], sin[position_ids]  # (B, T, hd)
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, nkv, L, hd) -> (B, nkv * n_rep, L, hd)."""
+    if n_rep == 1:
+        return hidden_states
+    B, nkv, L, hd = hidden_states.shape
+    return hidden_states[:, :, None].expand(B, nkv, n_rep, L, hd).reshape(B, nkv * n_rep, L, hd)
+
+
+class SmolLM2MLP(nn.Module):
+    def __init__(self, config: SmolLM2Config) -> None:
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_weight: torch.Tensor | None = None  # fused view, set by prepare_for_serving()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_weight is not None:
+            gate, up = F.linear(x, self.gate_up_weight).split(self.intermediate_size, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SmolLM2Attention(nn.Module):
+    """Grouped-query attention (9 query heads over 3 KV heads) with rotary embeddings."""
+
+    def __init__(self, config: SmolLM2Config, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.num_key_value_groups = config.num_kv_groups
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        h, hd = config.hidden_size, self.head_dim
+        self.q_proj = nn.Linear(h, self.num_heads * hd, bias=False)
+        self.k_proj = nn.Linear(h, self.num_key_value_heads * hd, bias=False)
+        self.v_proj = nn.Linear(h, self.num_key_value_heads * hd, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * hd, h, bias=False)
+        self.qkv_weight: torch.Tensor | None = None  # fused view, set by prepare_for_serving()
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_value: KVCache | None = None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, KVCache | None]:
+        """hidden_states (B, T, H); cos/sin (B, T, hd); attention_mask (B, 1, T, S) bool or None (causal)."""
+        B, T, _ = hidden_states.shape
+        q = (
+            self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        )  # (B, nh, T, hd)
+        k = self.k_proj(hidden_states).view(B, T, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(B, T, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if past_key_value is not None:
+            k = torch.cat([past_key_value[0], k], dim=2)  # (B, nkv, S, hd)
+            v = torch.cat([past_key_value[1], v], dim=2)
+        present = (k, v) if use_cache else None
+        k, v = repeat_kv(k, self.num_key_value_groups), repeat_kv(v, self.num_key_value_groups)
+        if attention_mask is None and T == k.shape[2]:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling)
+        elif attention_mask is None and T == 1:
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scaling)
+        else:
+            if attention_mask is None:  # chunk of T queries after S - T cached keys
+                attention_mask = _causal_mask(T, k.shape[2], q.device)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=self.scaling)
+        out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
+        return self.o_proj(out), present
+
+    def forward_paged(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_cache: KVCache,
+    ) -> torch.Tensor:
+        """x (N, H), cos/sin (N, 1, hd) -> (N, H)."""
+        N = x.shape[0]
+        nh, nkv, hd = self.num_heads, self.num_key_value_heads, self.head_dim
+        if self.qkv_weight is not None:
+            q, k, v = F.linear(x, self.qkv_weight).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = q.view(N, nh, hd), k.view(N, nkv, hd), v.view(N, nkv, hd)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scaling)
+        return self.o_proj(out)
+
+
+def _causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor:
+    """(T, S) bool: query i (at position S - T + i) sees keys 0 .. S - T + i."""
+    return torch.arange(S, device=device).view(1, S) <= torch.arange(S - T, S, device=device).view(T, 1)
+
+
+class SmolLM2DecoderLayer(nn.Module):
+    def __init__(self, config: SmolLM2Config, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.self_attn = SmolLM2Attention(config, layer_idx)
+        self.mlp = SmolLM2MLP(config)
+        self.input_layernorm = SmolLM2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = SmolLM2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_value: KVCache | None = None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, KVCache | None]:
+        attn_out, present = self.self_attn(
+            self.input_layernorm(hidden_states), cos, sin, attention_mask, past_key_value, use_cache
+        )
+        hidden_states = hidden_states + attn_out
+        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states, present
+
+    def forward_paged(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_cache: KVCache,
+    ) -> torch.Tensor:
+        ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
+        x = x + self.self_attn.forward_paged(
+            F.rms_norm(x, ln1.weight.shape, ln1.weight, ln1.variance_epsilon), cos, sin, meta, kv_cache
+        )
+        return x + self.mlp(F.rms_norm(x, ln2.weight.shape, ln2.weight, ln2.variance_epsilon))
+
+
+class SmolLM2Model(nn.Module):
+    def __init__(self, config: SmolLM2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(SmolLM2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = SmolLM2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = SmolLM2RotaryEmbedding(
+            config.head_dim, config.max_position_embeddings, config.rope_theta
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: list[KVCache] | None = None,
+        use_cache: bool = False,
+        position_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, list[KVCache] | None]:
+        """input_ids (B, T); attention_mask (B, S) with 1 for real tokens, S = past + T."""
+        B, T = input_ids.shape
+        past_len = past_key_values[0][0].shape[2] if past_key_values else 0
+        S = past_len + T
+        h = self.embed_tokens(input_ids)  # (B, T, H)
+        if position_ids is None:
+            if attention_mask is not None:  # left padding: positions count real tokens only
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past_len:]
+            else:
+                position_ids = torch.arange(past_len, S, device=input_ids.device).expand(B, T)
+        cos, sin = self.rotary_emb(h, int(position_ids.max()) + 1)
+        cos, sin = cos[position_ids], sin[position_ids]  # (B, T, hd)
+        mask = None
+        if attention_mask is not None:  # (B, S) padding -> (B, 1, T, S) bool, with causality
+            mask = attention_mask.bool()[:, None, None, :] & _causal_mask(T, S, h.device)[None, None]
+        presents: list[KVCache] | None = [] if use_cache else None
+        for i, layer in enumerate(self.layers):
+            past = past_key_values[i] if past_key_values else None
+            h, present = layer(h, cos, sin, mask, past, use_cache)
+            if presents is not None and present is not None:
+                presents.append(present)
+        return self.norm(h), presents
+
+    def forward_paged(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_caches: list[KVCache],
+    ) -> torch.Tensor:
+        """Flat batch: input_ids, positions (N,) -> final hidden states (N, H)."""
+        h = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb.at_positions(positions, h.dtype)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (N, 1, hd), broadcast over heads
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            h = layer.forward_paged(h, cos, sin, meta, kv_cache)
+        return F.rms_norm(h, self.norm.weight.shape, self.norm.weight, self.norm.variance_epsilon)
+
+
+@dataclass
+class CausalLMOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+    past_key_values: list[KVCache] | None = None
+
+
+class SmolLM2ForCausalLM(nn.Module):
+    def __init__(self, config: SmolLM2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.model = SmolLM2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear | nn.Embedding) and module.weight.device.type != "meta":
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        past_key_values: list[KVCache] | None = None,
+        use_cache: bool = False,
+        position_ids: torch.Tensor | None = None,
+    ) -> CausalLMOutput:
+        hidden, presents = self.model(input_ids, attention_mask, past_key_values, use_cache, position_ids)
+        logits = self.lm_head(hidden).float()  # (B, T, V)
+        loss = None
+        if labels is not None:  # predict token t+1 from position t; -100 is ignored
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
+        return CausalLMOutput(loss, logits, presents)
+
+    # ---- serving path --------------------------------------------------------------------------
+    def forward_paged(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_caches: list[KVCache],
+    ) -> torch.Tensor:
+        return self.model.forward_paged(input_ids, positions, meta, kv_caches)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(M, H) -> (M, V) float32; called only on the rows that need a token."""
+        return F.linear(hidden, self.lm_head.weight).float()
+
+    @torch.no_grad()
+    def prepare_for_serving(self) -> None:
+        """Fuse q/k/v and gate/up weights into one matrix each (3 and 2 GEMMs become 1).
+
+        The separate projections become views into the fused tensors, so memory is not doubled and
+        the training path and state_dict() keep working.
+        """
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.qkv_weight = _fuse(attn.q_proj, attn.k_proj, attn.v_proj)
+            mlp.gate_up_weight = _fuse(mlp.gate_proj, mlp.up_proj)
+
+    # ---- generation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        eos_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Sample max_new_tokens tokens after input_ids (B, T) with a KV cache; returns (B, T + new).
+
+        temperature 0 is greedy. The context is truncated to config.block_size as the spec says: once
+        it would exceed block_size, the cache restarts from the last block_size tokens. With
+        eos_token_id, generation stops when every row has produced it (later tokens are eos).
+        """
+        idx = input_ids
+        past: list[KVCache] | None = None
+        block = self.config.block_size
+        done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            if past is None or past[0][0].shape[2] + 1 > block:
+                past = None
+                out = self(idx[:, -block:], past_key_values=None, use_cache=True)
+            else:
+                out = self(idx[:, -1:], past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            next_id = _sample_next(out.logits[:, -1, :], temperature, top_k, generator)
+            if eos_token_id is not None:
+                next_id = torch.where(done, torch.full_like(next_id, eos_token_id), next_id)
+                done |= next_id == eos_token_id
+            idx = torch.cat([idx, next_id[:, None]], dim=1)
+            if eos_token_id is not None and bool(done.all()):
+                break
+        return idx
+
+
+def _fuse(*linears: nn.Linear) -> torch.Tensor:
+    fused = torch.cat([lin.weight.data for lin in linears], dim=0).contiguous()
+    start = 0
+    for lin in linears:
+        rows = lin.weight.shape[0]
+        lin.weight = nn.Parameter(fused[start : start + rows], requires_grad=lin.weight.requires_grad)
+        start += rows
+    return fused
+
+
+def _sample_next(
+    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+) -> torch.Tensor:
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
