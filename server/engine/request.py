@@ -121,6 +121,21 @@ class TokenLogprob:
 
 
 @dataclass(slots=True)
+class SampleResult:
+    """What the runner produced for one scheduled sequence in one step.
+
+    `token_id` is the sampled token; it is None only for a mid-prompt chunk that returns nothing but
+    `prompt_logprobs`. `prompt_logprobs` holds the log-probabilities of the prompt tokens this chunk's
+    logits predict: positions start+1 .. min(start+num_tokens, num_prompt_tokens)-1 of the chunk
+    [start, start+num_tokens); the engine concatenates chunks and puts None for position 0.
+    """
+
+    token_id: int | None
+    logprobs: TokenLogprob | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass(slots=True)
 class CompletionOutput:
     """What one sequence produced since the last output (a delta)."""
 
