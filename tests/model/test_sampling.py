@@ -1,0 +1,230 @@
+"""Batched sampler: each feature against its definition, on small vocabularies (CPU, fast)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.sampling import SamplingBatch, _apply_processors, make_generator, prompt_logprobs, sample
+from server.engine.request import SamplingParams
+
+V = 50
+
+
+def _batch(
+    params: list[SamplingParams],
+    outputs: list[list[int]] | None = None,
+    prompts: list[list[int]] | None = None,
+    seeds: list[int | None] | None = None,
+    banned: list[list[int]] | None = None,
+) -> SamplingBatch:
+    n = len(params)
+    gens = [None if s is None else make_generator(s) for s in (seeds or [None] * n)]
+    return SamplingBatch.build(
+        params, outputs or [[] for _ in params], prompts or [[1] for _ in params], gens, "cpu", banned
+    )
+
+
+def _draw_many(logits: torch.Tensor, params: SamplingParams, draws: int) -> torch.Tensor:
+    """Sample `draws` times from one row of logits (V,) as one batch -> (draws,) token ids."""
+    batch = _batch([params] * draws)
+    return torch.tensor(sample(logits.expand(draws, -1).clone(), batch).token_ids)
+
+
+@pytest.fixture
+def logits() -> torch.Tensor:
+    return torch.randn(4, V, generator=torch.Generator().manual_seed(0)) * 2
+
+
+def test_greedy_is_argmax(logits: torch.Tensor) -> None:
+    out = sample(logits.clone(), _batch([SamplingParams(temperature=0.0)] * 4))
+    assert out.token_ids == logits.argmax(-1).tolist()
+    assert out.logprobs is None
+
+
+def test_greedy_rows_mixed_with_random_rows(logits: torch.Tensor) -> None:
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.5)] * 2
+    for _ in range(20):
+        out = sample(logits.clone(), _batch(params))
+        assert [out.token_ids[0], out.token_ids[2]] == [logits[0].argmax().item(), logits[2].argmax().item()]
+
+
+def test_top_k_one_is_greedy(logits: torch.Tensor) -> None:
+    out = sample(logits.clone(), _batch([SamplingParams(temperature=1.0, top_k=1)] * 4))
+    assert out.token_ids == logits.argmax(-1).tolist()
+
+
+def test_top_k_restricts_support(logits: torch.Tensor) -> None:
+    row = logits[0]
+    drawn = set(_draw_many(row, SamplingParams(temperature=2.0, top_k=5), 2000).tolist())
+    assert drawn == set(row.topk(5).indices.tolist())  # only the top 5, and with T=2 all of them show up
+
+
+def test_top_p_restricts_to_nucleus() -> None:
+    probs = torch.tensor([0.4, 0.3, 0.2, 0.06, 0.04] + [0.0] * (V - 5)) + 1e-9
+    row = probs.log()
+    # mass before token 2 is 0.7 < 0.75, before token 3 it is 0.9: the nucleus is {0, 1, 2}
+    drawn = _draw_many(row, SamplingParams(top_p=0.75), 3000)
+    assert set(drawn.tolist()) == {0, 1, 2}
+    freq = torch.bincount(drawn, minlength=3)[:3].float() / len(drawn)
+    assert torch.allclose(freq, torch.tensor([4 / 9, 3 / 9, 2 / 9]), atol=0.04)
+
+
+def test_top_p_nucleus_beyond_candidates_falls_back_to_full_sort() -> None:
+    vocab = 1000  # flat distribution: the nucleus (~900 tokens) exceeds the 256 topk candidates
+    row = torch.zeros(vocab)
+    row[:100] = -20.0  # the 100 least likely tokens lie outside a 0.99 nucleus
+    drawn = set(_draw_many(row, SamplingParams(top_p=0.99), 4000).tolist())
+    assert min(drawn) >= 100
+    assert len(drawn) > 800  # the tokens beyond the first 256 candidates are reachable
+
+
+def test_top_k_and_top_p_together() -> None:
+    row = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]).log()
+    # top_k=3 renormalises to 0.588/0.235/0.176; top_p=0.8 then keeps {0, 1}
+    drawn = set(_draw_many(row, SamplingParams(top_k=3, top_p=0.8), 2000).tolist())
+    assert drawn == {0, 1}
+
+
+def test_min_p_removes_tokens_below_fraction_of_max() -> None:
+    row = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]).log()
+    drawn = set(_draw_many(row, SamplingParams(min_p=0.25), 2000).tolist())  # keep p >= 0.125
+    assert drawn == {0, 1, 2}
+
+
+def test_frequencies_match_softmax_of_tempered_logits() -> None:
+    row = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    draws, temp = 20000, 0.7
+    drawn = _draw_many(row, SamplingParams(temperature=temp), draws)
+    expected = torch.softmax(row / temp, -1) * draws
+    observed = torch.bincount(drawn, minlength=len(row)).float()
+    chi2 = ((observed - expected) ** 2 / expected).sum().item()
+    assert chi2 < 25.0  # 5 degrees of freedom: p < 1e-4 of failing by chance
+
+
+def test_seed_gives_same_tokens_whatever_the_batch(logits: torch.Tensor) -> None:
+    seeded = SamplingParams(temperature=1.0, seed=7)
+    gen_alone = make_generator(7)
+    gen_mixed = make_generator(7)
+    other = SamplingParams(temperature=1.3, top_k=10)
+    alone, mixed = [], []
+    for step in range(30):
+        alone_batch = SamplingBatch.build([seeded], [[]], [[1]], [gen_alone], "cpu")
+        alone.append(sample(logits[:1].clone(), alone_batch).token_ids[0])
+        # same row at a different position, next to unseeded, greedy and other rows, which vary per step
+        rows = torch.cat([logits[1:3], logits[:1], logits[3:]]) + torch.randn(4, V) * torch.tensor(
+            [1.0, 1.0, 0.0, 1.0]
+        ).view(-1, 1)
+        params = [other, SamplingParams(temperature=0.0), seeded, other]
+        gens = [None, None, gen_mixed, make_generator(step)]
+        mixed.append(sample(rows, SamplingBatch.build(params, [[]] * 4, [[1]] * 4, gens, "cpu")).token_ids[2])
+    assert alone == mixed
+    assert len(set(alone)) > 1  # it really sampled
+
+
+def test_different_seeds_differ(logits: torch.Tensor) -> None:
+    params = SamplingParams(temperature=1.0)
+    runs = []
+    for seed in (1, 2):
+        gen = make_generator(seed)
+        runs.append(
+            [
+                sample(logits[:1].clone(), SamplingBatch.build([params], [[]], [[1]], [gen])).token_ids[0]
+                for _ in range(30)
+            ]
+        )
+    assert runs[0] != runs[1]
+
+
+def _reference_penalties(
+    row: torch.Tensor, p: SamplingParams, prompt: list[int], output: list[int]
+) -> torch.Tensor:
+    """Per-row, per-token loop written from the definitions."""
+    out = row.clone()
+    for tid in set(prompt) | set(output):
+        val = out[tid].item()
+        out[tid] = val / p.repetition_penalty if val > 0 else val * p.repetition_penalty
+    for tid in set(output):
+        out[tid] -= p.frequency_penalty * output.count(tid) + p.presence_penalty
+    return out
+
+
+def test_penalties_match_reference(logits: torch.Tensor) -> None:
+    params = [
+        SamplingParams(temperature=0.0, repetition_penalty=1.3),
+        SamplingParams(temperature=0.0, presence_penalty=0.7),
+        SamplingParams(temperature=0.0, frequency_penalty=0.4, repetition_penalty=0.8),
+        SamplingParams(temperature=0.0),  # no penalty: untouched
+    ]
+    prompts = [[1, 2, 3], [4, 5], [6, 6, 7, 8], [9]]
+    outputs = [[3, 10, 10], [5, 11, 11, 11], [7, 12, 12, 13], [14, 14]]
+    processed = logits.clone()
+    _apply_processors(processed, _batch(params, outputs, prompts))
+    for i, p in enumerate(params):
+        expected = _reference_penalties(logits[i], p, prompts[i], outputs[i])
+        torch.testing.assert_close(processed[i], expected)
+
+
+def test_penalty_changes_greedy_choice() -> None:
+    row = torch.tensor([[3.0, 2.9, 0.0]])
+    out = sample(row.clone(), _batch([SamplingParams(temperature=0.0, frequency_penalty=0.5)], outputs=[[0]]))
+    assert out.token_ids == [1]
+
+
+def test_logit_bias_forces_token(logits: torch.Tensor) -> None:
+    least = logits.argmin(-1).tolist()
+    params = [SamplingParams(temperature=1.0, logit_bias={t: 100.0}) for t in least[:2]]
+    params += [SamplingParams(temperature=0.0, logit_bias={t: 100.0}) for t in least[2:]]
+    for _ in range(10):
+        assert sample(logits.clone(), _batch(params)).token_ids == least
+
+
+def test_banned_tokens_never_sampled() -> None:
+    row = torch.tensor([5.0, 4.0, 0.0, -1.0])
+    banned = [[0, 1]] * 500
+    params = [SamplingParams(temperature=1.0)] * 499 + [SamplingParams(temperature=0.0)]
+    tokens = sample(row.expand(500, -1).clone(), _batch(params, banned=banned)).token_ids
+    assert set(tokens) == {2, 3}
+    assert tokens[-1] == 2
+
+
+def test_logprobs_from_raw_logits(logits: torch.Tensor) -> None:
+    params = [
+        SamplingParams(temperature=1.0, logprobs=5, frequency_penalty=2.0, top_k=3),
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.0, logprobs=0, logit_bias={0: 50.0}),
+        SamplingParams(temperature=0.7, logprobs=3),
+    ]
+    out = sample(logits.clone(), _batch(params, outputs=[[1, 2], [], [], []]))
+    assert out.logprobs is not None and out.logprobs[1] is None
+    expected = torch.log_softmax(logits, -1)
+    for i, n in [(0, 5), (2, 0), (3, 3)]:
+        info = out.logprobs[i]
+        assert info is not None and info.token_id == out.token_ids[i]
+        assert info.logprob == pytest.approx(expected[i, info.token_id].item(), abs=1e-5)
+        assert info.rank == int((expected[i] > expected[i, info.token_id]).sum()) + 1
+        assert [t for t, _ in info.top] == expected[i].topk(n).indices.tolist()
+        top_lps = [lp for _, lp in info.top]
+        assert top_lps == sorted(top_lps, reverse=True)
+        assert top_lps == pytest.approx(expected[i].topk(n).values.tolist(), abs=1e-5)
+    assert out.token_ids[2] == 0 and out.logprobs[2].rank == int((logits[2] > logits[2, 0]).sum()) + 1
+
+
+def test_prompt_logprobs(logits: torch.Tensor) -> None:
+    targets = torch.tensor([3, 0, 7, 49])
+    infos = prompt_logprobs(logits, targets, 2)
+    expected = torch.log_softmax(logits, -1)
+    for t, info in enumerate(infos):
+        assert info.token_id == targets[t].item()
+        assert info.logprob == pytest.approx(expected[t, targets[t]].item(), abs=1e-5)
+        assert info.rank == int((expected[t] > expected[t, targets[t]]).sum()) + 1
+        assert [tid for tid, _ in info.top] == expected[t].topk(2).indices.tolist()
+
+
+def test_batch_builds_only_what_is_used() -> None:
+    batch = _batch([SamplingParams(temperature=0.0)] * 3)
+    assert batch.all_greedy and not batch.needs_penalties and batch.max_logprobs == -1
+    assert batch.top_k is None and batch.top_p is None and batch.min_p is None and batch.temperature is None
+    mixed = _batch([SamplingParams(temperature=0.0), SamplingParams(top_p=0.9, logprobs=2)])
+    assert not mixed.all_greedy and mixed.top_p is not None and mixed.top_k is None
+    assert mixed.max_logprobs == 2
