@@ -126,8 +126,9 @@ class SampleResult:
 
     `token_id` is the sampled token; it is None only for a mid-prompt chunk that returns nothing but
     `prompt_logprobs`. `prompt_logprobs` holds the log-probabilities of the prompt tokens this chunk's
-    logits predict: positions start+1 .. min(start+num_tokens, num_prompt_tokens)-1 of the chunk
-    [start, start+num_tokens); the engine concatenates chunks and puts None for position 0.
+    logits predict: for the chunk [start, start+num_tokens), prompt positions start+1 ..
+    min(start+num_tokens, num_prompt_tokens-1) (logits at position p predict token p+1). The engine
+    concatenates the chunks (P-1 entries for a P-token prompt) and puts None for position 0.
     """
 
     token_id: int | None

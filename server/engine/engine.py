@@ -1,0 +1,499 @@
+"""The engine loop: LLMEngine (synchronous steps) and AsyncEngine (one background thread + asyncio).
+
+`LLMEngine.step()` is schedule -> run -> update, then turns what changed into delta RequestOutputs,
+one per caller-visible request (n > 1 children are merged back under their parent id).
+
+`AsyncEngine` owns the only thread that touches the LLMEngine. The event loop talks to it through a
+lock-protected inbox (adds, aborts) drained at the start of each step, and gets deltas back through
+`loop.call_soon_threadsafe` into one asyncio.Queue per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import threading
+import weakref
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from server.engine.request import (
+    CompletionOutput,
+    Request,
+    RequestOutput,
+    RequestStatus,
+    SampleResult,
+    SamplingParams,
+    TokenLogprob,
+)
+from server.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+
+
+class QueueFullError(RuntimeError):
+    """Too many requests are waiting; the HTTP layer answers 429/503."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop failed (or shut down) and accepts no more requests."""
+
+
+class Runner(Protocol):
+    def execute(self, plan: SchedulerOutput) -> dict[str, SampleResult]:
+        """Run one step; return a result for each scheduled sequence whose `sample` is set."""
+        ...
+
+
+@dataclass
+class EngineConfig:
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    max_waiting: int = 256  # requests (n>1 children count one each) queued before QueueFullError
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of blocks in use
+    num_preemptions: int  # total since start
+    prefix_cache_queries: int  # tokens looked up
+    prefix_cache_hits: int  # tokens found
+    num_prompt_tokens: int  # total, of requests that finished
+    num_generation_tokens: int  # total sampled
+    num_finished: dict[str, int]  # by finish reason
+    num_steps: int
+    healthy: bool = True
+
+
+@dataclass
+class _Group:
+    """A caller-visible request: its n children and the prompt logprobs gathered so far."""
+
+    request_id: str
+    children: list[Request]
+    prompt_logprobs: list[TokenLogprob | None] | None  # None when not asked for
+    prompt_logprobs_sent: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return all(child.is_finished for child in self.children)
+
+
+class LLMEngine:
+    def __init__(self, runner: Runner, scheduler: Scheduler, config: EngineConfig | None = None) -> None:
+        self.runner = runner
+        self.scheduler = scheduler
+        self.config = config or EngineConfig(scheduler=scheduler.config)
+        self._groups: dict[str, _Group] = {}
+        self.num_steps = 0
+        self.num_generation_tokens = 0
+        self.num_prompt_tokens = 0
+        self.num_finished: dict[str, int] = collections.Counter()
+
+    @classmethod
+    def from_config(cls, runner: Runner, config: EngineConfig) -> LLMEngine:
+        return cls(runner, Scheduler(config.scheduler), config)
+
+    # ---- requests ------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self._groups:
+            raise ValueError(f"request id {request_id!r} is already running")
+        children = _fan_out(request_id, list(prompt_token_ids), params)
+        for child in children:
+            if child.request_id in self.scheduler.requests:
+                raise ValueError(f"request id {child.request_id!r} is already running")
+        added: list[Request] = []
+        try:
+            for child in children:
+                self.scheduler.add(child)
+                added.append(child)
+        except ValueError:
+            for child in added:
+                self.scheduler.abort(child.request_id)
+            raise
+        prompt_logprobs: list[TokenLogprob | None] | None = None if params.prompt_logprobs is None else [None]
+        self._groups[request_id] = _Group(request_id, children, prompt_logprobs)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Abort every child; return the final output (finish_reason "abort"), None if unknown."""
+        return self._end_group(request_id, RequestStatus.FINISHED_ABORTED)
+
+    def abort_all(self) -> list[RequestOutput]:
+        outputs = [self._end_group(rid, RequestStatus.FINISHED_ABORTED) for rid in list(self._groups)]
+        return [out for out in outputs if out is not None]
+
+    def has_unfinished(self) -> bool:
+        return bool(self._groups)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._groups)
+
+    # ---- the step ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        sampled = self.runner.execute(plan) if plan.scheduled else {}
+        finished = self.scheduler.update(plan, sampled)
+        return self._make_outputs(plan, sampled, finished)
+
+    def _make_outputs(
+        self, plan: SchedulerOutput, sampled: dict[str, SampleResult], finished: list[Request]
+    ) -> list[RequestOutput]:
+        self.num_steps += 1
+        for request in plan.preempted:
+            self._reset_prompt_logprobs(request)
+        deltas: dict[str, list[CompletionOutput]] = {}
+        for seq in plan.scheduled:
+            request, result = seq.request, sampled.get(seq.request.request_id)
+            group = self._groups[request.output_id]
+            if result is not None and request.index == 0:
+                self._gather_prompt_logprobs(group, result)
+            if seq.sample and result is not None:
+                deltas.setdefault(group.request_id, []).append(_completion(request, result))
+                self.num_generation_tokens += 1
+        for request in finished:
+            self.num_finished[request.status.finish_reason or "?"] += 1
+            self.num_prompt_tokens += request.num_prompt_tokens
+        return [self._request_output(self._groups[rid], completions) for rid, completions in deltas.items()]
+
+    def _request_output(self, group: _Group, completions: list[CompletionOutput]) -> RequestOutput:
+        leader = group.children[0]
+        prompt_logprobs = None
+        if group.prompt_logprobs is not None and not group.prompt_logprobs_sent and leader.num_output_tokens:
+            prompt_logprobs, group.prompt_logprobs_sent = group.prompt_logprobs, True
+        finished = group.finished
+        if finished:
+            del self._groups[group.request_id]
+        return RequestOutput(
+            request_id=group.request_id,
+            outputs=completions,
+            finished=finished,
+            num_prompt_tokens=leader.num_prompt_tokens,
+            prompt_logprobs=prompt_logprobs,
+            num_cached_tokens=leader.num_cached_tokens,
+        )
+
+    def _gather_prompt_logprobs(self, group: _Group, result: SampleResult) -> None:
+        if group.prompt_logprobs is None or group.prompt_logprobs_sent or not result.prompt_logprobs:
+            return
+        room = group.children[0].num_prompt_tokens - len(group.prompt_logprobs)
+        group.prompt_logprobs.extend(result.prompt_logprobs[:room])
+
+    def _reset_prompt_logprobs(self, request: Request) -> None:
+        group = self._groups.get(request.output_id)
+        if (
+            group is not None
+            and request.index == 0
+            and group.prompt_logprobs
+            and not group.prompt_logprobs_sent
+        ):
+            group.prompt_logprobs = [None]  # the prompt is recomputed from position 0
+
+    def _end_group(self, request_id: str, status: RequestStatus) -> RequestOutput | None:
+        group = self._groups.pop(request_id, None)
+        if group is None:
+            return None
+        completions = []
+        for child in group.children:
+            if not child.is_finished:
+                self.scheduler.abort(child.request_id)
+                child.status = status
+                self.num_finished[status.finish_reason or "?"] += 1
+                completions.append(CompletionOutput(child.index, [], finish_reason=status.finish_reason))
+        leader = group.children[0]
+        return RequestOutput(
+            request_id,
+            completions,
+            True,
+            leader.num_prompt_tokens,
+            num_cached_tokens=leader.num_cached_tokens,
+        )
+
+    def stats(self) -> EngineStats:
+        allocator = self.scheduler.allocator
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_cache_usage=allocator.usage,
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=allocator.prefix_queries,
+            prefix_cache_hits=allocator.prefix_hits,
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_generation_tokens=self.num_generation_tokens,
+            num_finished=dict(self.num_finished),
+            num_steps=self.num_steps,
+        )
+
+
+def _fan_out(request_id: str, prompt: list[int], params: SamplingParams) -> list[Request]:
+    if params.n == 1:
+        return [Request(request_id, prompt, params)]
+    children = []
+    for i in range(params.n):
+        # Distinct seeds, or the n seeded choices would all be the same.
+        seed = None if params.seed is None else params.seed + i
+        child_params = dataclasses.replace(params, n=1, seed=seed)
+        children.append(Request(f"{request_id}-{i}", prompt, child_params, parent_id=request_id, index=i))
+    return children
+
+
+def _completion(request: Request, result: SampleResult) -> CompletionOutput:
+    assert result.token_id is not None
+    want_logprobs = request.params.logprobs is not None and result.logprobs is not None
+    return CompletionOutput(
+        index=request.index,
+        new_token_ids=[result.token_id],
+        logprobs=[result.logprobs] if want_logprobs else None,  # type: ignore[list-item]
+        finish_reason=request.status.finish_reason,
+        stop_token_id=request.stop_token_id,
+    )
+
+
+def merge_outputs(first: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """One delta equal to `first` followed by `later` (for a consumer slower than the engine)."""
+    by_index = {c.index: dataclasses.replace(c, new_token_ids=list(c.new_token_ids)) for c in first.outputs}
+    for c in later.outputs:
+        merged = by_index.get(c.index)
+        if merged is None:
+            by_index[c.index] = c
+            continue
+        merged.new_token_ids.extend(c.new_token_ids)
+        if merged.logprobs is not None or c.logprobs is not None:
+            merged.logprobs = (merged.logprobs or []) + (c.logprobs or [])
+        merged.finish_reason = c.finish_reason or merged.finish_reason
+        merged.stop_token_id = c.stop_token_id if c.stop_token_id is not None else merged.stop_token_id
+    return dataclasses.replace(
+        later,
+        outputs=sorted(by_index.values(), key=lambda c: c.index),
+        prompt_logprobs=first.prompt_logprobs if first.prompt_logprobs is not None else later.prompt_logprobs,
+        error=later.error or first.error,
+    )
+
+
+# ---- async side ------------------------------------------------------------------------------------
+
+
+class _Stream:
+    """The engine thread's handle on one generate() call: where to send its deltas."""
+
+    def __init__(self, request_id: str, n: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.request_id = request_id
+        self.n = n
+        self.loop = loop
+        self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.finished_indices: set[int] = set()
+
+
+class RequestStream(AsyncIterator[RequestOutput]):
+    """Deltas of one request. Leaving early (break, cancel, aclose, garbage) aborts the request."""
+
+    def __init__(self, engine: AsyncEngine, stream: _Stream) -> None:
+        self._engine = engine
+        self._stream = stream
+        self._done = False
+        # Runs when the iterator is dropped unfinished (e.g. `break` out of `async for`).
+        self._finalizer = weakref.finalize(self, engine._abort_quietly, stream.request_id)
+        self._finalizer.atexit = False
+
+    @property
+    def request_id(self) -> str:
+        return self._stream.request_id
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            output = await self._stream.queue.get()
+        except BaseException:  # CancelledError: the consumer went away mid-wait
+            await self.aclose()
+            raise
+        queue = self._stream.queue
+        while not queue.empty() and not output.finished:
+            output = merge_outputs(output, queue.get_nowait())
+        if output.finished:
+            self._done = True
+            self._finalizer.detach()
+        return output
+
+    async def aclose(self) -> None:
+        if not self._done:
+            self._done = True
+            self._finalizer.detach()
+            self._engine.abort(self._stream.request_id)
+
+
+class AsyncEngine:
+    def __init__(self, llm_engine: LLMEngine) -> None:
+        self.engine = llm_engine
+        self.max_waiting = llm_engine.config.max_waiting
+        self._lock = threading.Lock()
+        self._inbox: list[tuple[str, Any]] = []
+        self._num_inbox_adds = 0  # children, for the queue limit
+        self._abort_later: collections.deque[str] = collections.deque()  # lock-free, for finalizers
+        self._wakeup = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._thread: threading.Thread | None = None
+        self._accepting = True
+        self._stopping = False
+        self._dead_reason: str | None = None
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+                self._thread.start()
+
+    @property
+    def is_healthy(self) -> bool:
+        thread_ok = self._thread is None or self._thread.is_alive() or self._stopping
+        return self._dead_reason is None and thread_ok
+
+    async def shutdown(self, graceful: bool = True, timeout: float | None = None) -> None:
+        """Stop accepting; let in-flight requests finish (or abort them), then stop the thread."""
+        with self._lock:
+            self._accepting = False
+            self._stopping = True
+            if not graceful:
+                self._inbox.append(("abort_all", None))
+        self._wakeup.set()
+        if self._thread is None:
+            return
+        await asyncio.to_thread(self._thread.join, timeout)
+        if self._thread.is_alive():  # graceful took too long: abort what is left
+            with self._lock:
+                self._inbox.append(("abort_all", None))
+            self._wakeup.set()
+            await asyncio.to_thread(self._thread.join)
+
+    # ---- requests ------------------------------------------------------------------------------
+    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestStream:
+        """Queue the request now (raising QueueFullError / EngineDeadError / ValueError at once) and
+        return its stream of deltas, for `async for out in engine.generate(...)`."""
+        max_len = self.engine.scheduler.config.max_model_len
+        if not 0 < len(prompt_token_ids) <= max_len:
+            raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens; it must have 1 to {max_len}")
+        loop = asyncio.get_running_loop()
+        stream = _Stream(request_id, params.n, loop)
+        with self._lock:
+            if self._dead_reason is not None:
+                raise EngineDeadError(f"engine is dead: {self._dead_reason}")
+            if not self._accepting:
+                raise EngineDeadError("engine is shutting down")
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already running")
+            if self.engine.scheduler.num_waiting + self._num_inbox_adds >= self.max_waiting:
+                raise QueueFullError(f"{self.max_waiting} requests are already waiting")
+            self._streams[request_id] = stream
+            self._inbox.append(("add", (request_id, list(prompt_token_ids), params)))
+            self._num_inbox_adds += params.n
+        self.start()
+        self._wakeup.set()
+        return RequestStream(self, stream)
+
+    def abort(self, request_id: str) -> None:
+        """Abort from any thread; the stream gets a final "abort" output. Unknown ids are ignored."""
+        with self._lock:
+            self._inbox.append(("abort", request_id))
+        self._wakeup.set()
+
+    def _abort_quietly(self, request_id: str) -> None:
+        # Called from garbage collection, possibly while this thread holds _lock: take no lock.
+        self._abort_later.append(request_id)
+        self._wakeup.set()
+
+    def stats(self) -> EngineStats:
+        stats = self.engine.stats()  # plain ints read across threads: a snapshot, not a transaction
+        stats.num_waiting += self._num_inbox_adds
+        stats.healthy = self.is_healthy
+        return stats
+
+    # ---- the engine thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                self._wakeup.clear()
+                self._drain_inbox()
+                if not self.engine.has_unfinished():
+                    if self._stopping:
+                        return
+                    self._wakeup.wait()
+                    continue
+                self._deliver(self.engine.step())
+        except Exception as exc:  # noqa: BLE001 - any failure kills the loop; streams must hear of it
+            self._die(f"{type(exc).__name__}: {exc}")
+
+    def _drain_inbox(self) -> None:
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+            outputs: list[RequestOutput] = []
+            for verb, arg in inbox:
+                outputs.extend(self._apply(verb, arg))
+            self._num_inbox_adds = 0
+        while self._abort_later:
+            out = self.engine.abort_request(self._abort_later.popleft())
+            outputs.extend([out] if out is not None else [])
+        if outputs:
+            self._deliver(outputs)
+
+    def _apply(self, verb: str, arg: Any) -> list[RequestOutput]:
+        if verb == "add":
+            request_id, prompt, params = arg
+            try:
+                self.engine.add_request(request_id, prompt, params)
+            except ValueError as exc:  # e.g. prompt too long: end that stream, not the engine
+                return [_error_output(self._streams[request_id], str(exc))]
+            return []
+        if verb == "abort":
+            out = self.engine.abort_request(arg)
+            return [out] if out is not None else []
+        return self.engine.abort_all()
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
+        with self._lock:
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is None:
+                    continue
+                stream.finished_indices.update(c.index for c in out.outputs if c.finish_reason)
+                if out.finished:
+                    del self._streams[out.request_id]
+                batches.setdefault(stream.loop, []).append((stream, out))
+        for loop, items in batches.items():
+            _call_soon(loop, _put_all, items)
+
+    def _die(self, reason: str) -> None:
+        with self._lock:
+            self._dead_reason = reason
+            self._accepting = False
+            streams, self._streams = list(self._streams.values()), {}
+            self._inbox = []
+            self._num_inbox_adds = 0
+        for stream in streams:
+            _call_soon(stream.loop, _put_all, [(stream, _error_output(stream, reason))])
+
+
+def _error_output(stream: _Stream, reason: str) -> RequestOutput:
+    completions = [
+        CompletionOutput(i, [], finish_reason="error")
+        for i in range(stream.n)
+        if i not in stream.finished_indices
+    ]
+    return RequestOutput(stream.request_id, completions, finished=True, error=reason)
+
+
+def _put_all(items: list[tuple[_Stream, RequestOutput]]) -> None:
+    for stream, out in items:
+        stream.queue.put_nowait(out)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # the consumer's loop is closed: nobody is listening
+        pass

@@ -1,0 +1,120 @@
+"""A deterministic stand-in for ModelRunner that exercises the block tables like real paged attention.
+
+It keeps a fake KV pool holding token ids instead of K/V vectors: each step writes the chunk's tokens
+into the slots its block table names, and checks that every earlier position already holds the right
+token (so a wrong prefix-cache hit, a block shared by mistake or a lost block fails loudly). The next
+token is a function of the whole context read back from the pool, so outputs are checkable against
+`reference_tokens` and change if any position is wrong.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from server.engine.request import Request, SampleResult, SamplingParams, TokenLogprob
+from server.engine.scheduler import SchedulerOutput
+
+
+def next_token(context: Sequence[int], vocab_size: int) -> int:
+    """The 'model': position-weighted sum of the context, mixed, mod vocab."""
+    acc = 0
+    for position, token in enumerate(context):
+        acc = (acc * 31 + token * (position + 1)) % 1_000_003
+    return (acc * 7 + 1) % vocab_size
+
+
+def fake_logprob(token_id: int, top_n: int) -> TokenLogprob:
+    lp = -(token_id % 10) / 10
+    return TokenLogprob(token_id, lp, 1, [(token_id, lp)] * top_n)
+
+
+def reference_tokens(
+    prompt: Sequence[int],
+    params: SamplingParams,
+    vocab_size: int,
+    eos_token_id: int | None = None,
+    max_model_len: int = 1 << 30,
+) -> list[int]:
+    """What the engine must produce for `prompt` with the fake model (stop tokens, EOS, lengths)."""
+    context, out = list(prompt), []
+    while True:
+        token = next_token(context, vocab_size)
+        context.append(token)
+        out.append(token)
+        stops = token in params.stop_token_ids or (token == eos_token_id and not params.ignore_eos)
+        if stops and len(out) >= params.min_tokens:
+            return out
+        if (params.max_tokens is not None and len(out) >= params.max_tokens) or len(context) >= max_model_len:
+            return out
+
+
+class FakeRunner:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        vocab_size: int = 1000,
+        step_delay: float = 0.0,
+        fail_at_step: int | None = None,
+    ) -> None:
+        self.block_size = block_size
+        self.vocab_size = vocab_size
+        self.kv: list[list[int | None]] = [[None] * block_size for _ in range(num_blocks)]
+        self.step_delay = step_delay
+        self.fail_at_step = fail_at_step
+        self.num_steps = 0
+        self.batch_sizes: list[int] = []  # sequences per step
+        self.batched_tokens: list[int] = []  # tokens per step
+        self.finished_ids: list[str] = []  # what plans reported as gone
+
+    def execute(self, plan: SchedulerOutput) -> dict[str, SampleResult]:
+        self.num_steps += 1
+        if self.fail_at_step is not None and self.num_steps >= self.fail_at_step:
+            raise RuntimeError("fake runner failure")
+        if self.step_delay:
+            time.sleep(self.step_delay)
+        self.batch_sizes.append(len(plan.scheduled))
+        self.batched_tokens.append(sum(seq.num_tokens for seq in plan.scheduled))
+        assert plan.num_batched_tokens == self.batched_tokens[-1]
+        self.finished_ids.extend(plan.finished_ids)
+        results: dict[str, SampleResult] = {}
+        for seq in plan.scheduled:
+            result = self._run_one(seq.request, seq.start, seq.num_tokens, seq.sample)
+            if result is not None:
+                results[seq.request.request_id] = result
+        return results
+
+    def _slot(self, block_ids: list[int], position: int) -> tuple[int, int]:
+        return block_ids[position // self.block_size], position % self.block_size
+
+    def _run_one(self, request: Request, start: int, num_tokens: int, sample: bool) -> SampleResult | None:
+        tokens = request.all_token_ids
+        assert start + num_tokens <= len(tokens)
+        assert len(request.block_ids) * self.block_size >= start + num_tokens, "block table too short"
+        for position in range(start):  # what attention would read from earlier steps / the prefix cache
+            block, offset = self._slot(request.block_ids, position)
+            assert self.kv[block][offset] == tokens[position], (
+                f"{request.request_id}: KV slot for position {position} holds the wrong token"
+            )
+        for position in range(start, start + num_tokens):
+            block, offset = self._slot(request.block_ids, position)
+            self.kv[block][offset] = tokens[position]
+        prompt_lps = self._prompt_logprobs(request, start, num_tokens)
+        if not sample:
+            return SampleResult(None, prompt_logprobs=prompt_lps) if prompt_lps else None
+        context = [
+            self.kv[b][o] for b, o in (self._slot(request.block_ids, p) for p in range(start + num_tokens))
+        ]
+        token = next_token(context, self.vocab_size)  # type: ignore[arg-type]
+        top_n = request.params.logprobs
+        logprob = fake_logprob(token, top_n) if top_n is not None else None
+        return SampleResult(token, logprob, prompt_lps)
+
+    def _prompt_logprobs(self, request: Request, start: int, num_tokens: int) -> list[TokenLogprob] | None:
+        top_n = request.params.prompt_logprobs
+        if top_n is None:
+            return None
+        # Logits at positions start .. start+num_tokens-1 predict the tokens one further on.
+        end = min(start + num_tokens + 1, request.num_prompt_tokens)
+        return [fake_logprob(request.prompt_token_ids[p], top_n) for p in range(start + 1, end)]
