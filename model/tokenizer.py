@@ -489,39 +489,45 @@ class IncrementalDecoder:
     """Turns a stream of token ids into text pieces that never split a UTF-8 character.
 
     As vLLM's ``detokenize_incrementally``: keep a short window of ids that starts where earlier text
-    was complete; each push decodes the window with and without the text already emitted and returns
-    the difference. Text ending in U+FFFD (a character whose bytes have not all arrived) is held back
-    until later tokens complete it. Each push costs O(window), not O(all tokens). The pieces of all
-    pushes plus ``flush()`` join to ``tokenizer.decode(all_ids)``.
+    was complete; each push decodes the window with and without the ids already emitted and returns
+    the difference. Trailing U+FFFD (a character whose bytes have not all arrived) is held back until
+    later tokens complete it; the text before it is emitted at once. Each push costs O(window), not
+    O(all tokens). The pieces of all pushes plus ``flush()`` join to ``tokenizer.decode(all_ids)``.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
         self._tok = tokenizer
         self._skip = skip_special_tokens
-        self._window: list[int] = []  # ids from the last boundary on
-        self._read = 0  # window[:read] is text already emitted; window[read:] is pending
+        self._window: list[int] = []  # ids from the last character boundary on
+        self._read = 0  # window[:read] is text emitted before the boundary moved; window[read:] is pending
+        self._sent = 0  # characters of the pending text already emitted (those before a held character)
 
     def _pending_text(self) -> str:
         prefix = self._tok._backend.decode(self._window[: self._read], skip_special_tokens=self._skip)
         full = self._tok._backend.decode(self._window, skip_special_tokens=self._skip)
         return full[len(prefix) :] if len(full) > len(prefix) else ""
 
+    def _advance(self, text: str) -> str:
+        # The pending ids become the next window's prefix: they give the decoder its left context.
+        piece = text[self._sent :]
+        self._window = self._window[self._read :]
+        self._read, self._sent = len(self._window), 0
+        return piece
+
     def push(self, token_ids: Sequence[int]) -> str:
-        """New complete text since the last push ("" while a character is still incomplete)."""
+        """New complete text since the last push ("" while only an incomplete character arrived)."""
         ids = [int(i) for i in token_ids]
         self._tok.check_ids(ids)
         self._window.extend(ids)
         text = self._pending_text()
-        if text.endswith("\ufffd"):
-            return ""
-        # The emitted ids become the next window's prefix: they give the decoder its left context.
-        self._window = self._window[self._read :]
-        self._read = len(self._window)
-        return text
+        if not text.endswith("\ufffd"):
+            return self._advance(text)
+        # Characters before the incomplete one cannot change as more bytes arrive.
+        complete = text.rstrip("\ufffd")
+        piece = complete[self._sent :]
+        self._sent = max(self._sent, len(complete))
+        return piece
 
     def flush(self) -> str:
         """The text still held back at the end of the stream (an incomplete character shows as U+FFFD)."""
-        text = self._pending_text()
-        self._window = self._window[self._read :]
-        self._read = len(self._window)
-        return text
+        return self._advance(self._pending_text())
