@@ -1,0 +1,170 @@
+"""The FastAPI application: lifespan (load model, start and drain the engine), error handlers, body limit."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from model.tokenizer import Tokenizer
+from server.metrics import ServerMetrics
+from server.protocol import APIError
+from server.routes import error_response, misc, v1
+from server.serving import ServingChat, ServingCompletion
+from server.settings import Settings
+
+log = logging.getLogger("server")
+DEFAULT_MAX_MODEL_LEN = 8192
+
+
+# ---- body size limit ------------------------------------------------------------------------------
+
+
+class _BodyTooLarge(StarletteHTTPException):
+    pass
+
+
+class BodyLimitMiddleware:
+    """413 for a body over `limit` bytes: at once from Content-Length, else while the body is read."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await error_response(self._error(int(declared)))(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    # FastAPI re-raises HTTPExceptions from body reading; our handler shapes it.
+                    raise _BodyTooLarge(413, self._error(received).message)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    def _error(self, size: int) -> APIError:
+        return APIError(413, f"The request body has {size} bytes or more; the limit is {self.limit} bytes.")
+
+
+# ---- error handlers -------------------------------------------------------------------------------
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "Invalid request.", None
+    first = errors[0]
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    if first.get("type") == "json_invalid":
+        return f"The body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
+    param = ".".join(loc) or None
+    more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
+    return f"{param or 'body'}: {first.get('msg', 'invalid value')}{more}", param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, APIError)
+        return error_response(exc)
+
+    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        message, param = _validation_message(exc)
+        return error_response(APIError(400, message, param=param))
+
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        kind = "invalid_request_error" if exc.status_code < 500 else "internal_error"
+        return error_response(APIError(exc.status_code, str(exc.detail), kind))
+
+    async def on_bug(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(
+            APIError(500, f"Internal server error ({type(exc).__name__}).", "internal_error")
+        )
+
+    app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_bug)
+
+
+# ---- engine construction --------------------------------------------------------------------------
+
+
+def build_engine(settings: Settings) -> tuple[Any, Tokenizer, int]:
+    """Load model and tokenizer, size the KV cache, and build the AsyncEngine (not yet started)."""
+    from server.engine.engine import AsyncEngine  # heavy imports only when really serving
+    from server.engine.runner import build_runner
+
+    runner, tokenizer = build_runner(settings)
+    engine = AsyncEngine(runner, settings)
+    return engine, tokenizer, runner.max_model_len
+
+
+def _attach(app: FastAPI, engine: Any, tokenizer: Tokenizer, max_model_len: int) -> None:
+    state = app.state
+    args = (engine, tokenizer, state.settings.served_model_name, max_model_len, state.metrics)
+    state.completion = ServingCompletion(*args)
+    state.chat = ServingChat(*args)
+    state.max_model_len = max_model_len
+    state.engine = engine  # last: /health turns 200 once everything above is ready
+
+
+def create_app(settings: Settings, engine: Any = None, tokenizer: Tokenizer | None = None) -> FastAPI:
+    """The app. With `engine` and `tokenizer` given (tests), they are used as they are and not shut down."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if engine is not None:
+            assert tokenizer is not None, "pass the tokenizer with the engine"
+            length = settings.max_model_len or getattr(engine, "max_model_len", DEFAULT_MAX_MODEL_LEN)
+            _attach(app, engine, tokenizer, length)
+            yield
+            return
+        built, tok, length = await asyncio.to_thread(build_engine, settings)
+        built.start()
+        _attach(app, built, tok, length)
+        log.info("serving %s on http://%s:%d", settings.served_model_name, settings.host, settings.port)
+        try:
+            yield
+        finally:
+            log.info("shutting down: draining in-flight requests")
+            await asyncio.to_thread(built.shutdown, True)
+
+    app = FastAPI(title="smollm2-server", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.engine = None
+    app.state.max_model_len = settings.max_model_len or DEFAULT_MAX_MODEL_LEN
+    app.state.model_source = settings.model
+    app.state.metrics = ServerMetrics(lambda: app.state.engine.stats())
+    install_error_handlers(app)
+    app.include_router(v1)
+    app.include_router(misc)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
+        )
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    return app

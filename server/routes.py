@@ -1,0 +1,185 @@
+"""Thin HTTP routes: parse, call the serving layer, shape the response. SSE and error bodies are built here only."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import aclosing
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+
+from server.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
+    VersionResponse,
+)
+
+log = logging.getLogger("server")
+T = TypeVar("T")
+DISCONNECT_POLL_S = 0.2
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503)
+}
+
+
+def error_response(error: APIError) -> JSONResponse:
+    """The one place an error body is built: OpenAI's {"error": {message, type, param, code}}."""
+    return JSONResponse(error.to_model().model_dump(mode="json"), status_code=error.status_code)
+
+
+def _sse(payload: str) -> bytes:
+    return f"data: {payload}\n\n".encode()
+
+
+async def sse_events(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[bytes]:
+    """The one place SSE events are written: one event per chunk, an error event if one occurs, then [DONE].
+
+    When the client goes away, this generator is cancelled or closed, which closes `chunks` and so
+    aborts the engine requests behind it.
+    """
+    try:
+        async with aclosing(chunks):  # type: ignore[type-var]
+            async for chunk in chunks:
+                yield _sse(chunk.model_dump_json())
+    except APIError as e:
+        yield _sse(e.to_model().model_dump_json())
+    except Exception:
+        log.exception("error while streaming a response")
+        yield _sse(
+            APIError(500, "Internal error while streaming.", "internal_error").to_model().model_dump_json()
+        )
+    yield _sse("[DONE]")
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Run `work` while polling for a client disconnect; on disconnect, cancel it (which aborts its engine work)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise APIError(499, "Client closed the request.", "client_closed_request")
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+def check_api_key(request: Request) -> None:
+    """401 unless the configured key is sent as `Authorization: Bearer <key>` (compared in constant time)."""
+    expected: str | None = request.app.state.settings.api_key
+    if not expected:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
+        raise APIError(
+            401, "Missing or invalid API key: send `Authorization: Bearer <key>`.", "authentication_error"
+        )
+
+
+def _serving(request: Request, name: str) -> Any:
+    serving = getattr(request.app.state, name, None)
+    if serving is None:
+        raise APIError(503, "The model is still loading; retry shortly.", "service_unavailable")
+    return serving
+
+
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)], responses=_ERRORS)
+misc = APIRouter(responses=_ERRORS)
+
+
+@v1.post("/completions")
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    serving = _serving(request, "completion")
+    if body.stream:
+        chunks = await until_disconnected(request, serving.stream(body))
+        return StreamingResponse(sse_events(chunks), media_type="text/event-stream")
+    result = await until_disconnected(request, serving.create(body))
+    return JSONResponse(result.model_dump(mode="json"))
+
+
+@v1.post("/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    serving = _serving(request, "chat")
+    if body.stream:
+        chunks = await until_disconnected(request, serving.stream(body))
+        return StreamingResponse(sse_events(chunks), media_type="text/event-stream")
+    result = await until_disconnected(request, serving.create(body))
+    return JSONResponse(result.model_dump(mode="json"))
+
+
+@v1.get("/models")
+async def models(request: Request) -> ModelList:
+    state = request.app.state
+    name = state.settings.served_model_name
+    length = state.max_model_len
+    return ModelList(
+        data=[ModelCard(id=name, root=state.model_source, max_model_len=length, context_length=length)]
+    )
+
+
+@misc.get("/health")
+async def health(request: Request) -> Response:
+    engine = getattr(request.app.state, "engine", None)
+    if engine is None:
+        return error_response(APIError(503, "The model is still loading.", "service_unavailable"))
+    if not engine.is_healthy:
+        return error_response(APIError(503, "The engine is not running.", "service_unavailable"))
+    return Response(status_code=200)
+
+
+@misc.post("/tokenize")
+async def tokenize(
+    body: TokenizeCompletionRequest | TokenizeChatRequest, request: Request
+) -> TokenizeResponse:
+    chat = _serving(request, "chat")
+    chat.check_model(body.model)
+    if isinstance(body, TokenizeChatRequest):
+        ids = chat.prompt_ids(body.messages, body.add_generation_prompt)
+    else:
+        ids = chat.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+    return TokenizeResponse(count=len(ids), max_model_len=chat.max_model_len, tokens=ids)
+
+
+@misc.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+    chat = _serving(request, "chat")
+    chat.check_model(body.model)
+    try:
+        return DetokenizeResponse(prompt=chat.tokenizer.decode(body.tokens))
+    except ValueError as e:
+        raise APIError(400, str(e), param="tokens") from e
+
+
+@misc.get("/version")
+async def version() -> VersionResponse:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        return VersionResponse(version=package_version("smollm2-server"))
+    except PackageNotFoundError:
+        return VersionResponse(version="0.0.0+unknown")
+
+
+@misc.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,151 @@
+"""Server settings: one dataclass, filled from CLI flags and ``SMOLLM2_*`` environment variables.
+
+Precedence: a flag given on the command line wins over the environment, which wins over the default.
+Each field's ``help`` text is what ``python -m server --help`` prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+ENV_PREFIX = "SMOLLM2_"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2}
+_UNITS |= {"g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
+
+
+def parse_bytes(text: str | int) -> int:
+    """``"1GiB"`` -> 1073741824, ``"512MB"`` -> 512000000, ``"4096"`` -> 4096."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a size: {text!r} (use e.g. 1GiB, 512MiB, 4096)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def parse_bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r} (use true/false)")
+
+
+def parse_list(text: str | list[str]) -> list[str]:
+    if isinstance(text, list):
+        return text
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _opt(default: Any, help: str, parse: Any = None, secret: bool = False) -> Any:
+    meta = {"help": help, "parse": parse, "secret": secret}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Settings:
+    model: str | None = _opt(
+        None,
+        "model to serve: a .gguf file, an HF folder or a training checkpoint (default: the default GGUF)",
+    )
+    served_model_name: str = _opt(DEFAULT_MODEL_NAME, "model name clients must send in the `model` field")
+    host: str = _opt("127.0.0.1", "address to listen on")
+    port: int = _opt(8000, "port to listen on", int)
+    dtype: str = _opt("auto", "weights/activations dtype: auto, bfloat16, float16 or float32")
+    device: str = _opt("auto", "torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...")
+    max_num_seqs: int = _opt(64, "most sequences running in one engine step", int)
+    max_num_batched_tokens: int = _opt(2048, "token budget of one engine step (chunked prefill)", int)
+    kv_cache_memory: int = _opt(
+        1024**3, "memory for the paged KV cache, e.g. 1GiB, 512MiB or bytes", parse_bytes
+    )
+    block_size: int = _opt(16, "tokens per KV cache block", int)
+    max_model_len: int | None = _opt(
+        None, "context length (prompt + output); default min(model context, 8192)", int
+    )
+    max_waiting: int = _opt(256, "waiting-queue limit; requests beyond it get 429", int)
+    enable_prefix_caching: bool = _opt(
+        True, "reuse KV blocks of shared prompt prefixes (true/false)", parse_bool
+    )
+    api_key: str | None = _opt(None, "require `Authorization: Bearer <key>` on /v1 routes", secret=True)
+    cors_origins: list[str] = _opt(
+        [], "comma-separated origins allowed by CORS (empty: CORS off)", parse_list
+    )
+    max_body_bytes: int = _opt(
+        1024**2, "largest request body accepted, e.g. 1MiB; larger gets 413", parse_bytes
+    )
+    log_level: str = _opt("info", "log level: debug, info, warning, error")
+    shutdown_timeout: float = _opt(30.0, "seconds in-flight requests get to finish on SIGTERM", float)
+
+    def __repr__(self) -> str:  # never print the API key
+        shown = {
+            f.name: ("***" if f.metadata.get("secret") and getattr(self, f.name) else getattr(self, f.name))
+            for f in fields(self)
+        }
+        return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+
+    def __post_init__(self) -> None:
+        checks = [
+            (1 <= self.port <= 65535, f"port must be in [1, 65535], got {self.port}"),
+            (self.max_num_seqs >= 1, f"max_num_seqs must be at least 1, got {self.max_num_seqs}"),
+            (
+                self.max_num_batched_tokens >= 1,
+                f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}",
+            ),
+            (self.kv_cache_memory > 0, f"kv_cache_memory must be positive, got {self.kv_cache_memory}"),
+            (self.block_size >= 1, f"block_size must be at least 1, got {self.block_size}"),
+            (
+                self.max_model_len is None or self.max_model_len >= 1,
+                f"max_model_len must be positive, got {self.max_model_len}",
+            ),
+            (self.max_waiting >= 0, f"max_waiting must be non-negative, got {self.max_waiting}"),
+            (self.max_body_bytes >= 1, f"max_body_bytes must be positive, got {self.max_body_bytes}"),
+            (self.dtype in ("auto", "bfloat16", "float16", "float32"), f"unknown dtype {self.dtype!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+        """Parse flags (``argv``; None = sys.argv) over ``SMOLLM2_*`` variables (``env``; None = os.environ)."""
+        env = os.environ if env is None else env
+        args = build_parser().parse_args(argv)
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = getattr(args, f.name)
+            if raw is None:
+                raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is None:
+                continue
+            parse = f.metadata.get("parse")
+            values[f.name] = parse(raw) if parse else raw
+        return cls(**values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m server",
+        description="OpenAI-compatible server for SmolLM2. Every flag can also be set as an environment "
+        f"variable {ENV_PREFIX}<FLAG> (e.g. {ENV_PREFIX}PORT=9000); a flag wins over the environment.",
+    )
+    for f in fields(Settings):
+        default = f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc]
+        shown = "***" if f.metadata["secret"] else default
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            default=None,  # None = not given, so the environment can fill it
+            help=f"{f.metadata['help']} [env {ENV_PREFIX}{f.name.upper()}; default {shown}]",
+        )
+    return parser

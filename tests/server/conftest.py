@@ -1,0 +1,145 @@
+"""Fixtures for the HTTP layer: a scripted fake engine that honours the AsyncEngine contract, and clients."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from model.tokenizer import Tokenizer
+from server.app import create_app
+from server.engine.request import CompletionOutput, RequestOutput, SamplingParams, TokenLogprob
+from server.serving import EngineDeadError, QueueFullError
+from server.settings import Settings
+
+SCRIPT = "The quick brown fox jumps over the lazy dog. Then it sleeps under a tree until the sun goes down."
+MAX_MODEL_LEN = 256
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> Tokenizer:
+    from model.defaults import DefaultModelMissing, require_default_model
+
+    try:
+        return Tokenizer.from_file(require_default_model())
+    except DefaultModelMissing as e:
+        pytest.skip(str(e))
+
+
+class FakeEngine:
+    """Replies with SCRIPT's tokens (shifted by the seed when sampling), one token per output, then EOS.
+
+    It follows the AsyncEngine contract: delta outputs, leaving the iterator early aborts, QueueFullError
+    at the waiting limit, EngineDeadError once `dead` is set. `running` and `aborted` let tests check
+    that the server cleaned up.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, max_waiting: int = 8, delay: float = 0.0) -> None:
+        self.tokenizer = tokenizer
+        self.script = tokenizer.encode(SCRIPT)
+        self.max_waiting = max_waiting
+        self.delay = delay
+        self.running: set[str] = set()
+        self.aborted: list[str] = []
+        self.submitted: list[tuple[str, list[int], SamplingParams]] = []
+        self.dead = False
+        self.max_model_len = MAX_MODEL_LEN
+
+    @property
+    def is_healthy(self) -> bool:
+        return not self.dead
+
+    def stats(self) -> dict[str, Any]:
+        return {"num_running": len(self.running), "num_waiting": 0, "kv_cache_usage": 0.1 * len(self.running)}
+
+    def abort(self, request_id: str) -> None:
+        if request_id in self.running:
+            self.running.discard(request_id)
+            self.aborted.append(request_id)
+
+    def _tokens(self, params: SamplingParams, index: int) -> list[int]:
+        shift = 0 if params.greedy else ((params.seed or 0) + index) % 3
+        eos = [] if params.ignore_eos else [self.tokenizer.eos_token_id]
+        return (self.script[shift:] * 3)[:MAX_MODEL_LEN] + eos
+
+    def _logprob(self, token_id: int, params: SamplingParams) -> TokenLogprob | None:
+        if params.logprobs is None:
+            return None
+        top = [(token_id, -0.25)] + [
+            (t, -2.0 - k) for k, t in enumerate(self.script[: params.logprobs]) if t != token_id
+        ]
+        return TokenLogprob(token_id, -0.25, 1, top[: params.logprobs])
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        if self.dead:
+            raise EngineDeadError("the engine loop died")
+        if len(self.running) >= self.max_waiting:
+            raise QueueFullError(f"{len(self.running)} requests are waiting (limit {self.max_waiting})")
+        self.submitted.append((request_id, list(prompt_token_ids), params))
+        self.running.add(request_id)
+        streams = [self._tokens(params, i) for i in range(params.n)]
+        limit = min(params.max_tokens or MAX_MODEL_LEN, MAX_MODEL_LEN - len(prompt_token_ids))
+        prompt_lp = None
+        if params.prompt_logprobs is not None:
+            prompt_lp = [None] + [
+                self._logprob(t, SamplingParams(logprobs=params.prompt_logprobs))
+                for t in prompt_token_ids[1:]
+            ]
+        completed = False
+        try:
+            for step in range(limit):
+                await asyncio.sleep(self.delay)
+                outputs = []
+                for i, tokens in enumerate(streams):
+                    if step >= len(tokens):
+                        continue
+                    tid = tokens[step]
+                    stop = tid == self.tokenizer.eos_token_id or tid in params.stop_token_ids
+                    reason = "stop" if stop else ("length" if step == limit - 1 else None)
+                    new = [] if stop and tid == self.tokenizer.eos_token_id else [tid]
+                    lp = [self._logprob(tid, params)] if params.logprobs is not None and new else None
+                    outputs.append(CompletionOutput(i, new, lp, reason))  # type: ignore[arg-type]
+                    if reason is not None:
+                        tokens[step + 1 :] = []
+                finished = completed = all(len(t) <= step + 1 for t in streams)
+                yield RequestOutput(
+                    request_id, outputs, finished, len(prompt_token_ids), prompt_lp if step == 0 else None
+                )
+                if finished:
+                    break
+        finally:  # leaving early aborts
+            self.running.discard(request_id)
+            if not completed:
+                self.aborted.append(request_id)
+
+
+def fake_settings(**overrides: Any) -> Settings:
+    values: dict[str, Any] = {"max_model_len": MAX_MODEL_LEN, "max_body_bytes": 64 * 1024}
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+def fake_engine(tokenizer: Tokenizer) -> FakeEngine:
+    return FakeEngine(tokenizer)
+
+
+@pytest.fixture
+async def client(fake_engine: FakeEngine, tokenizer: Tokenizer) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(fake_settings(), engine=fake_engine, tokenizer=tokenizer)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as c:
+            yield c
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -1,0 +1,305 @@
+"""The OpenAI-compatible API over the ASGI app, with the scripted fake engine (see conftest.py)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from model.tokenizer import Tokenizer
+from server.app import create_app
+from tests.server.conftest import MAX_MODEL_LEN, SCRIPT, FakeEngine, fake_settings
+
+MODEL = "SmolLM2-135M-Instruct"
+
+
+def sse_chunks(body: str) -> list[Any]:
+    """Parse an SSE body; asserts the framing: only `data:` events, ending with [DONE]."""
+    events = [e for e in body.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events), events
+    assert events[-1] == "data: [DONE]"
+    return [json.loads(e[len("data: ") :]) for e in events[:-1]]
+
+
+async def complete(client: httpx.AsyncClient, **body: Any) -> httpx.Response:
+    body.setdefault("model", MODEL)
+    return await client.post("/v1/completions", json=body)
+
+
+# ---- completions ------------------------------------------------------------------------------------
+
+
+async def test_completion_shape_and_exact_usage(client: httpx.AsyncClient, tokenizer: Tokenizer) -> None:
+    r = await complete(client, prompt="Hello there", max_tokens=5, temperature=0)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert data["object"] == "text_completion" and data["model"] == MODEL and data["id"].startswith("cmpl-")
+    [choice] = data["choices"]
+    script = tokenizer.encode(SCRIPT)
+    assert choice["text"] == tokenizer.decode(script[:5])
+    assert choice["finish_reason"] == "length"
+    n_prompt = len(tokenizer.encode("Hello there"))
+    assert data["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": 5, "total_tokens": n_prompt + 5}
+
+
+async def test_prompt_forms_all_reach_the_engine(
+    client: httpx.AsyncClient, fake_engine: FakeEngine, tokenizer: Tokenizer
+) -> None:
+    ids = tokenizer.encode("abc def")
+    for prompt, expected in [
+        ("abc def", [ids]),
+        (["abc def", "xyz"], [ids, tokenizer.encode("xyz")]),
+        (ids, [ids]),
+        ([ids, [5, 6]], [ids, [5, 6]]),
+    ]:
+        fake_engine.submitted.clear()
+        r = await complete(client, prompt=prompt, max_tokens=2)
+        assert r.status_code == 200, r.text
+        assert sorted(s[1] for s in fake_engine.submitted) == sorted(expected)
+        assert [c["index"] for c in r.json()["choices"]] == list(range(len(expected)))
+
+
+async def test_n_choices_and_multi_prompt_indices(client: httpx.AsyncClient) -> None:
+    r = await complete(client, prompt=["a", "b"], n=2, max_tokens=3, seed=1)
+    data = r.json()
+    assert [c["index"] for c in data["choices"]] == [0, 1, 2, 3]
+    assert data["usage"]["completion_tokens"] == 12
+
+
+async def test_stop_string_spanning_tokens_is_cut_and_aborts(
+    client: httpx.AsyncClient, fake_engine: FakeEngine
+) -> None:
+    # " brown fox" is two tokens; the text before it is all that is returned.
+    r = await complete(client, prompt="x", max_tokens=20, temperature=0, stop=["zzz", "brown fox"])
+    [choice] = r.json()["choices"]
+    assert choice["text"] == "The quick "
+    assert choice["finish_reason"] == "stop"
+    assert r.json()["usage"]["completion_tokens"] == 4  # the tokens generated up to the stop string
+    assert len(fake_engine.aborted) == 1 and not fake_engine.running
+
+
+async def test_streamed_text_equals_non_streamed_with_stop(client: httpx.AsyncClient) -> None:
+    body = {"prompt": "x", "max_tokens": 30, "seed": 7, "temperature": 0.8, "stop": " the lazy", "n": 2}
+    plain = (await complete(client, **body)).json()
+    r = await complete(client, stream=True, stream_options={"include_usage": True}, **body)
+    assert r.headers["content-type"].startswith("text/event-stream")
+    chunks = sse_chunks(r.text)
+    texts = {0: "", 1: ""}
+    finish = {}
+    for c in chunks[:-1]:
+        [choice] = c["choices"]
+        texts[choice["index"]] += choice["text"]
+        if choice["finish_reason"]:
+            finish[choice["index"]] = choice["finish_reason"]
+    assert texts == {c["index"]: c["text"] for c in plain["choices"]}
+    assert finish == {0: "stop", 1: "stop"}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == plain["usage"]
+
+
+async def test_stream_holds_back_possible_stop_prefix(client: httpx.AsyncClient) -> None:
+    # "The quick brown" could begin "The quick brownie": no chunk may show " brown" before it is ruled out.
+    r = await complete(client, prompt="x", max_tokens=6, temperature=0, stream=True, stop=["quick brownie"])
+    texts = [c["choices"][0]["text"] for c in sse_chunks(r.text)]
+    assert "".join(texts).startswith("The quick brown fox")
+    assert not any(t.endswith("quick") for t in texts[:-1])
+
+
+async def test_echo_and_logprobs_shape(client: httpx.AsyncClient, tokenizer: Tokenizer) -> None:
+    r = await complete(client, prompt="Hi you", max_tokens=3, temperature=0, echo=True, logprobs=2)
+    [choice] = r.json()["choices"]
+    assert choice["text"].startswith("Hi you") and choice["text"].endswith("The quick brown")
+    lp = choice["logprobs"]
+    n_prompt = len(tokenizer.encode("Hi you"))
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["text_offset"]) == n_prompt + 3
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert "".join(lp["tokens"]) == choice["text"]
+    assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][n_prompt] == len("Hi you")
+    assert all(len(t) <= 2 for t in lp["top_logprobs"][1:])
+
+
+async def test_sampling_fields_are_passed_to_engine(
+    client: httpx.AsyncClient, fake_engine: FakeEngine
+) -> None:
+    body = {"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2, "min_tokens": 2, "ignore_eos": True,
+            "stop_token_ids": [7], "presence_penalty": 0.5, "frequency_penalty": -0.5, "logit_bias": {"12": 3.0},
+            "seed": 3, "top_p": 0.9, "temperature": 0.7, "user": "u1"}  # fmt: skip
+    r = await complete(client, prompt="x", max_tokens=4, **body)
+    assert r.status_code == 200, r.text
+    params = fake_engine.submitted[-1][2]
+    assert (params.top_k, params.min_p, params.repetition_penalty, params.min_tokens) == (5, 0.1, 1.2, 2)
+    assert params.ignore_eos and params.stop_token_ids == [7] and params.logit_bias == {12: 3.0}
+    assert (params.presence_penalty, params.frequency_penalty, params.seed, params.top_p) == (
+        0.5,
+        -0.5,
+        3,
+        0.9,
+    )
+
+
+# ---- chat -------------------------------------------------------------------------------------------
+
+
+async def test_chat_uses_template_and_returns_message(
+    client: httpx.AsyncClient, fake_engine: FakeEngine, tokenizer: Tokenizer
+) -> None:
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Again"},
+    ]
+    r = await client.post(
+        "/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 4}
+    )
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert data["object"] == "chat.completion"
+    assert data["choices"][0]["message"]["role"] == "assistant"
+    assert data["choices"][0]["finish_reason"] == "length"
+    plain = [
+        {"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else "Hi there"}
+        for m in messages
+    ]
+    expected = tokenizer.encode(tokenizer.apply_chat_template(plain, add_generation_prompt=True))
+    assert fake_engine.submitted[-1][1] == expected
+    assert data["usage"]["prompt_tokens"] == len(expected)
+
+
+async def test_chat_stream_role_first_then_deltas(client: httpx.AsyncClient) -> None:
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 40,
+        "temperature": 0,
+    }
+    plain = (await client.post("/v1/chat/completions", json=body)).json()
+    r = await client.post(
+        "/v1/chat/completions", json={**body, "stream": True, "logprobs": True, "top_logprobs": 1}
+    )
+    chunks = sse_chunks(r.text)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert text == plain["choices"][0]["message"]["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    content = [t for c in chunks[1:] for t in (c["choices"][0]["logprobs"] or {}).get("content") or []]
+    assert len(content) == plain["usage"]["completion_tokens"]
+    assert all(len(t["top_logprobs"]) == 1 for t in content)
+
+
+# ---- other endpoints --------------------------------------------------------------------------------
+
+
+async def test_models_health_version(client: httpx.AsyncClient, fake_engine: FakeEngine) -> None:
+    models = (await client.get("/v1/models")).json()
+    assert models["data"][0]["id"] == MODEL and models["data"][0]["max_model_len"] == MAX_MODEL_LEN
+    assert (await client.get("/health")).status_code == 200
+    assert (await client.get("/version")).json()["version"]
+    fake_engine.dead = True
+    assert (await client.get("/health")).status_code == 503
+    r = await complete(client, prompt="x")
+    assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
+
+
+async def test_tokenize_detokenize_roundtrip(client: httpx.AsyncClient, tokenizer: Tokenizer) -> None:
+    r = await client.post("/tokenize", json={"model": MODEL, "prompt": "Hello world"})
+    data = r.json()
+    assert data["tokens"] == tokenizer.encode("Hello world") and data["count"] == len(data["tokens"])
+    assert data["max_model_len"] == MAX_MODEL_LEN
+    back = await client.post("/detokenize", json={"model": MODEL, "tokens": data["tokens"]})
+    assert back.json() == {"prompt": "Hello world"}
+    chat = await client.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert chat.json()["count"] > 5
+
+
+async def test_metrics_exposed_with_prefix(client: httpx.AsyncClient) -> None:
+    await complete(client, prompt="x", max_tokens=3)
+    text = (await client.get("/metrics")).text
+    for name in ["num_requests_running", "kv_cache_usage_perc", "prompt_tokens_total", "generation_tokens_total",
+                 "time_to_first_token_seconds_bucket", "e2e_request_latency_seconds_count"]:  # fmt: skip
+        assert f"smollm2:{name}" in text, name
+    assert 'smollm2:request_success_total{finished_reason="length"} 1.0' in text
+    assert "smollm2:generation_tokens_total 3.0" in text
+
+
+# ---- errors -----------------------------------------------------------------------------------------
+
+
+def assert_error(r: httpx.Response, status: int, *words: str) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    for w in words:
+        assert w in error["message"], (w, error["message"])
+    return error
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"prompt": "x " * 300}, ["256", "prompt"]),
+        ({"prompt": "x", "max_tokens": 300}, ["256", "300"]),
+        ({"prompt": "x", "temperature": 3}, ["temperature"]),
+        ({"prompt": "x", "top_p": 0}, ["top_p"]),
+        ({"prompt": "x", "n": 0}, ["n"]),
+        ({"prompt": "x", "logprobs": 50}, ["logprobs"]),
+        ({"prompt": [1, 10**9]}, ["vocabulary"]),
+        ({"prompt": ""}, ["empty"]),
+        ({"prompt": []}, ["empty"]),
+        ({"prompt": "x", "max_tokens": "many"}, ["max_tokens"]),
+        ({"prompt": 12}, ["prompt"]),
+        ({"prompt": "x", "logit_bias": {"abc": 1}}, ["logit_bias"]),
+        ({"prompt": "x", "stop_token_ids": [-1]}, ["stop_token_ids"]),
+        ({}, ["prompt"]),
+    ],
+)
+async def test_bad_input_is_400(client: httpx.AsyncClient, body: dict[str, Any], words: list[str]) -> None:
+    assert_error(await complete(client, **body), 400, *words)
+
+
+async def test_malformed_json_and_unknown_model(client: httpx.AsyncClient) -> None:
+    r = await client.post(
+        "/v1/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert_error(r, 400, "JSON")
+    assert_error(await complete(client, prompt="x", model="gpt-4"), 404, "gpt-4")
+    assert_error(await client.get("/v1/nothing"), 404)
+
+
+async def test_queue_full_is_429_at_once(client: httpx.AsyncClient, fake_engine: FakeEngine) -> None:
+    fake_engine.max_waiting = 0
+    assert_error(await complete(client, prompt="x"), 429)
+
+
+async def test_body_limit_413(client: httpx.AsyncClient) -> None:
+    big = {"model": MODEL, "prompt": "x" * 70_000}
+    assert_error(await client.post("/v1/completions", json=big), 413, "65536")
+
+    async def chunked() -> Any:  # no Content-Length: the limit is enforced while reading
+        for _ in range(40):
+            yield b" " * 2048
+
+    assert_error(
+        await client.post("/v1/completions", content=chunked(), headers={"content-type": "application/json"}),
+        413,
+    )
+
+
+async def test_api_key(fake_engine: FakeEngine, tokenizer: Tokenizer) -> None:
+    app = create_app(fake_settings(api_key="sekrit"), engine=fake_engine, tokenizer=tokenizer)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            assert_error(await c.get("/v1/models"), 401)
+            assert_error(await c.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
+            assert (await c.get("/v1/models", headers={"Authorization": "Bearer sekrit"})).status_code == 200
+            assert (await c.get("/health")).status_code == 200
+
+
+async def test_health_503_while_loading(tokenizer: Tokenizer) -> None:
+    app = create_app(fake_settings())  # lifespan not run: nothing loaded yet
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        assert_error(await c.get("/health"), 503, "loading")
+        assert_error(await complete(c, prompt="x"), 503)
+        assert (await c.get("/metrics")).status_code == 200
