@@ -127,8 +127,10 @@ class Scheduler:
         num_batched = self.config.max_num_batched_tokens - budget
         return SchedulerOutput(scheduled, num_batched, preempted, finished_ids)
 
-    def _chunk(self, request: Request, budget: int) -> int:
-        remaining = request.num_tokens - request.num_computed_tokens
+    def _chunk(self, request: Request, budget: int, num_computed: int | None = None) -> int:
+        if num_computed is None:
+            num_computed = request.num_computed_tokens
+        remaining = request.num_tokens - num_computed
         threshold = self.config.long_prefill_token_threshold
         if threshold > 0 and remaining > 1:
             remaining = min(remaining, threshold)
@@ -168,11 +170,10 @@ class Scheduler:
         hits, num_cached = [], 0
         if request.params.prompt_logprobs is None:  # cached positions would have no prompt logprobs
             hits, num_cached = self.allocator.get_computed_blocks(request.all_token_ids)
-        request.num_computed_tokens = num_cached
-        num_tokens = self._chunk(request, budget)
+        num_tokens = self._chunk(request, budget, num_cached)
         if not self.allocator.allocate_for(request, num_tokens, hits):
-            request.num_computed_tokens = 0
             return False
+        request.num_computed_tokens = num_cached
         if request.first_scheduled_time is None:
             request.first_scheduled_time = time.monotonic()
             request.num_cached_tokens = num_cached
