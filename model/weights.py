@@ -1,0 +1,365 @@
+"""Model weights in and out: GGUF files, Hugging Face folders, and this project's training checkpoints.
+
+Every reader returns a ``SmolLM2Config`` and a state dict under Hugging Face Llama names. ``load_model``
+checks those names and shapes against the model before loading anything, builds the model on the meta
+device and assigns the tensors (no throw-away random init). ``save_hf_folder`` writes the folder layout that
+``read_hf_folder`` (and transformers / vLLM) read back; ``python -m model.weights convert-gguf SRC OUT``
+turns a GGUF into such a folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from model.config import SmolLM2Config
+from model.modeling import SmolLM2ForCausalLM, SmolLM2RotaryEmbedding
+
+StateDict = dict[str, torch.Tensor]
+
+EMBED = "model.embed_tokens.weight"
+LM_HEAD = "lm_head.weight"
+
+# GGUF tensor names (llama.cpp) -> Hugging Face Llama names.
+_GGUF_GLOBAL = {"token_embd.weight": EMBED, "output_norm.weight": "model.norm.weight", "output.weight": LM_HEAD}
+_GGUF_LAYER = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_GGUF_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+# ---- GGUF -----------------------------------------------------------------------------------------
+def gguf_to_hf_name(name: str) -> str:
+    if name in _GGUF_GLOBAL:
+        return _GGUF_GLOBAL[name]
+    m = _GGUF_LAYER_RE.fullmatch(name)
+    if m is None or m[2] not in _GGUF_LAYER:
+        raise ValueError(f"GGUF tensor {name!r} has no Hugging Face Llama equivalent")
+    return f"model.layers.{m[1]}.{_GGUF_LAYER[m[2]]}.{m[3]}"
+
+
+def unpermute_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp convert_hf_to_gguf's ``permute`` of Q/K rows.
+
+    GGUF interleaves each head's two rotary halves row by row (x0, y0, x1, y1, ...) for llama.cpp's
+    rope; the rotate-half layout wants them split (x0, x1, ..., y0, y1, ...).
+    """
+    out_dim = w.shape[0]
+    head_dim = out_dim // n_head
+    # (n_head, hd/2, 2, *rest) -> (n_head, 2, hd/2, *rest)
+    return w.reshape(n_head, head_dim // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _open_gguf(path: Path) -> Any:
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OverflowError, EOFError) as e:
+        # GGUFReader memory-maps the file; a short file shows up as a failed view or reshape.
+        raise ValueError(f"truncated or corrupt GGUF file {path}: {e}") from e
+
+
+def _gguf_metadata(reader: Any) -> dict[str, Any]:
+    return {key: f.contents() for key, f in reader.fields.items() if not key.startswith("GGUF.")}
+
+
+def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
+    """The GGUF key/value metadata (tokenizer, chat template, hyperparameters) as plain Python values."""
+    return _gguf_metadata(_open_gguf(_existing(path)))
+
+
+def _gguf_config(meta: dict[str, Any], tensor_names: set[str], path: Path) -> SmolLM2Config:
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{path}: general.architecture is {arch!r}; only 'llama' (SmolLM2) is supported")
+    scaling = meta.get("llama.rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise ValueError(f"{path}: llama.rope.scaling.type {scaling!r} is not supported")
+    config = SmolLM2Config.from_gguf_fields(meta)
+    rope_dim = meta.get("llama.rope.dimension_count", config.head_dim)
+    if rope_dim != config.head_dim:
+        raise ValueError(f"{path}: llama.rope.dimension_count {rope_dim} != head_dim {config.head_dim}")
+    # GGUF has no tie flag: llama.cpp writes output.weight only when the LM head is a separate matrix.
+    return dataclasses.replace(config, tie_word_embeddings="output.weight" not in tensor_names)
+
+
+def _dequantize(tensor: Any) -> torch.Tensor:
+    from gguf.quants import dequantize
+
+    array = dequantize(tensor.data, tensor.tensor_type)
+    # GGUF lists dims innermost first; numpy (and torch) order is the reverse: (out, in).
+    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    # np.array copies: F32 data is a read-only view of the memory map.
+    return torch.from_numpy(np.array(array, dtype=np.float32).reshape(shape))
+
+
+def read_gguf(path: str | Path) -> tuple[SmolLM2Config, StateDict, dict[str, Any]]:
+    """Config, float32 state dict (HF names, rotate-half Q/K rows) and plain metadata of a GGUF file."""
+    path = _existing(path)
+    reader = _open_gguf(path)
+    meta = _gguf_metadata(reader)
+    config = _gguf_config(meta, {t.name for t in reader.tensors}, path)
+    state: StateDict = {}
+    for tensor in reader.tensors:
+        name = gguf_to_hf_name(tensor.name)
+        try:
+            weight = _dequantize(tensor)
+        except ValueError as e:
+            raise ValueError(f"truncated or corrupt GGUF file {path}: tensor {tensor.name}: {e}") from e
+        if name.endswith("self_attn.q_proj.weight"):
+            weight = unpermute_rope_rows(weight, config.num_attention_heads)
+        elif name.endswith("self_attn.k_proj.weight"):
+            weight = unpermute_rope_rows(weight, config.num_key_value_heads)
+        state[name] = weight
+    return config, state, meta
+
+
+# ---- Hugging Face folders (and training checkpoints, which use the same layout) ---------------------
+def _read_sharded(folder: Path, index_name: str, load: Any) -> StateDict:
+    index = json.loads((folder / index_name).read_text())
+    weight_map: dict[str, str] = index["weight_map"]
+    state: StateDict = {}
+    for shard in sorted(set(weight_map.values())):
+        if not (folder / shard).is_file():
+            raise FileNotFoundError(f"{folder / shard}: shard listed in {index_name} is missing")
+        state.update(load(folder / shard))
+    absent = sorted(set(weight_map) - set(state))
+    if absent:
+        raise ValueError(f"{folder}: {index_name} lists tensors its shards do not hold: {absent[:5]}")
+    return state
+
+
+def _torch_load(path: Path) -> StateDict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _read_hf_tensors(folder: Path) -> StateDict:
+    if (folder / "model.safetensors").is_file():
+        return load_file(folder / "model.safetensors")
+    if (folder / "model.safetensors.index.json").is_file():
+        return _read_sharded(folder, "model.safetensors.index.json", load_file)
+    if (folder / "pytorch_model.bin").is_file():
+        return _torch_load(folder / "pytorch_model.bin")
+    if (folder / "pytorch_model.bin.index.json").is_file():
+        return _read_sharded(folder, "pytorch_model.bin.index.json", _torch_load)
+    raise FileNotFoundError(
+        f"{folder} holds no weights: expected model.safetensors, model.safetensors.index.json "
+        "or pytorch_model.bin"
+    )
+
+
+def read_hf_folder(path: str | Path) -> tuple[SmolLM2Config, StateDict]:
+    """Config and state dict of a Hugging Face folder (config.json + safetensors or pytorch_model.bin)."""
+    folder = _existing(path)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json")
+    config = SmolLM2Config.from_hf_dict(json.loads(config_file.read_text()))
+    return config, _read_hf_tensors(folder)
+
+
+def read_weights(source: str | Path | None = None) -> tuple[SmolLM2Config, StateDict]:
+    """Config and state dict of a ``.gguf`` file or a model folder; ``None`` is the default model."""
+    if source is None:
+        from model.defaults import require_default_model
+
+        source = require_default_model()
+    path = _existing(source)
+    if path.is_dir():
+        return read_hf_folder(path)
+    with open(path, "rb") as f:
+        is_gguf = f.read(4) == b"GGUF"
+    if path.suffix == ".gguf" or is_gguf:
+        config, state, _ = read_gguf(path)
+        return config, state
+    raise ValueError(f"{path} is neither a .gguf file nor a model folder (config.json + weights)")
+
+
+def _existing(path: str | Path) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"model source not found: {p}")
+    return p
+
+
+# ---- building the model -----------------------------------------------------------------------------
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"unsupported dtype {dtype!r}; choose float32, bfloat16 or float16")
+        dtype = _DTYPES[dtype]
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"unsupported dtype {dtype}; choose float32, bfloat16 or float16")
+    return dtype
+
+
+def resolve_device(device: torch.device | str, dtype: torch.dtype) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} was requested but CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif dev.type != "cpu":
+        raise ValueError(f"unsupported device {device!r}; use 'cpu', 'cuda' or 'cuda:N'")
+    if dtype == torch.float16 and dev.type == "cpu":
+        raise ValueError("float16 is supported on CUDA only; on CPU use bfloat16 or float32")
+    return dev
+
+
+def check_state_dict(expected: Mapping[str, torch.Size], state: Mapping[str, torch.Tensor]) -> None:
+    """Raise one ValueError listing every missing, unexpected and wrongly shaped tensor."""
+    problems = []
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing:
+        problems.append(f"missing tensors ({len(missing)}): {', '.join(missing[:8])}")
+    if unexpected:
+        problems.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected[:8])}")
+    for name, shape in expected.items():
+        if name in state and tuple(state[name].shape) != tuple(shape):
+            problems.append(
+                f"wrong shape for {name}: file has {tuple(state[name].shape)}, model expects {tuple(shape)}"
+            )
+    if problems:
+        raise ValueError("weights do not match the model config:\n  " + "\n  ".join(problems))
+
+
+def model_from_state_dict(
+    config: SmolLM2Config,
+    state: StateDict,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str = "cpu",
+) -> SmolLM2ForCausalLM:
+    """Build the model on the meta device and assign ``state`` (checked first) cast to dtype/device."""
+    dtype = resolve_dtype(dtype)
+    dev = resolve_device(device, dtype)
+    state = dict(state)
+    if config.tie_word_embeddings:
+        state.pop(LM_HEAD, None)  # a redundant copy; the head is the embedding matrix
+    with torch.device("meta"):
+        model = SmolLM2ForCausalLM(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop(LM_HEAD, None)
+    check_state_dict(expected, state)
+    state = {k: v.to(device=dev, dtype=dtype) for k, v in state.items()}
+    if config.tie_word_embeddings:
+        state[LM_HEAD] = state[EMBED]
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()  # assign=True replaced the shared Parameter with two
+    _materialize_buffers(model, dev)
+    return model.eval()
+
+
+def _materialize_buffers(model: SmolLM2ForCausalLM, device: torch.device) -> None:
+    """The RoPE tables are non-persistent buffers, still on the meta device: rebuild them on ``device``."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, SmolLM2RotaryEmbedding):
+            parent_name, _, attr = name.rpartition(".")
+            with torch.device(device):
+                fresh = SmolLM2RotaryEmbedding(module.dim, module.max_seq_len_cached, module.base)
+            setattr(model.get_submodule(parent_name), attr, fresh)
+    left = [name for name, b in model.named_buffers() if b.is_meta]
+    if left:
+        raise RuntimeError(f"buffers without data after loading (weights.py must rebuild them): {left}")
+
+
+def load_model(
+    source: str | Path | None = None,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str = "cpu",
+) -> SmolLM2ForCausalLM:
+    """A ``.gguf`` file, HF folder or training checkpoint folder as an eval-mode model."""
+    dtype = resolve_dtype(dtype)
+    resolve_device(device, dtype)  # fail before reading hundreds of MB
+    config, state = read_weights(source)
+    return model_from_state_dict(config, state, dtype, device)
+
+
+# ---- writing HF folders ------------------------------------------------------------------------------
+def write_hf_folder(config: SmolLM2Config, state: Mapping[str, torch.Tensor], folder: str | Path) -> Path:
+    """config.json + model.safetensors (a tied LM head is stored once, as the embedding)."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    if config.tie_word_embeddings:
+        tensors.pop(LM_HEAD, None)
+    dtypes = {t.dtype for t in tensors.values()}
+    hf = config.to_hf_dict()
+    if len(dtypes) == 1:
+        hf["torch_dtype"] = str(dtypes.pop()).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def save_hf_folder(model: SmolLM2ForCausalLM, folder: str | Path, tokenizer: Any = None) -> Path:
+    """Write ``model`` (and ``tokenizer``'s files, if given) as a Hugging Face folder."""
+    out = write_hf_folder(model.config, model.state_dict(), folder)
+    if tokenizer is not None:
+        tokenizer.save(out)
+    return out
+
+
+def write_generation_config(config: SmolLM2Config, folder: str | Path) -> None:
+    ids = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    gen = {k: v for k, v in ids.items() if v is not None}
+    (Path(folder) / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def convert_gguf(src: str | Path, out: str | Path, dtype: torch.dtype | str = torch.float32) -> Path:
+    """A complete HF folder from a GGUF: config, weights, tokenizer files and generation config."""
+    from model.tokenizer import Tokenizer
+
+    config, state, _ = read_gguf(src)
+    dtype = resolve_dtype(dtype)
+    state = {k: v.to(dtype) for k, v in state.items()}
+    folder = write_hf_folder(config, state, out)
+    write_generation_config(config, folder)
+    Tokenizer.from_file(src).save(folder)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m model.weights")
+    sub = parser.add_subparsers(dest="command", required=True)
+    conv = sub.add_parser("convert-gguf", help="write a Hugging Face folder from a GGUF file")
+    conv.add_argument("src", type=Path)
+    conv.add_argument("out", type=Path)
+    conv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = parser.parse_args(argv)
+    folder = convert_gguf(args.src, args.out, args.dtype)
+    print(f"wrote {folder}: {', '.join(sorted(p.name for p in folder.iterdir()))}")
+
+
+if __name__ == "__main__":
+    main()
