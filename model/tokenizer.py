@@ -168,7 +168,8 @@ def _byte_level_bpe_from_gguf(meta: Mapping[str, Any]) -> HFTokenizer:
     return backend
 
 
-def _bos_post_processor(bos_token: str, bos_id: int) -> processors.TemplateProcessing:
+def _bos_post_processor(bos_token: str, bos_id: int | None) -> processors.TemplateProcessing:
+    assert bos_id is not None  # bos_token comes from the vocabulary
     return processors.TemplateProcessing(
         single=f"{bos_token} $A", pair=f"{bos_token} $A {bos_token} $B", special_tokens=[(bos_token, bos_id)]
     )
@@ -343,9 +344,10 @@ class Tokenizer:
             return _respell(tokens[int(i)], set(_bytes_to_unicode().values()))
 
         bos = token("bos_token_id")
-        add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
-        if add_bos:
+        add_bos = False
+        if bos is not None and meta.get("tokenizer.ggml.add_bos_token", False):
             backend.post_processor = _bos_post_processor(bos, backend.token_to_id(bos))
+            add_bos = True
         return cls(
             backend,
             bos_token=bos,
@@ -422,7 +424,10 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str:
         self.check_ids([token_id])
-        return self._backend.id_to_token(token_id)
+        token = self._backend.id_to_token(token_id)
+        if token is None:  # a hole in a sparse vocabulary
+            raise ValueError(f"token id {token_id} has no token")
+        return token
 
     def check_ids(self, ids: Sequence[int]) -> None:
         """Raise ValueError naming the first id outside the vocabulary (`tokenizers` would drop it silently)."""

@@ -262,6 +262,7 @@ def test_tiny_gguf_file_encodes_with_merges_and_control_tokens(tmp_path: Path) -
     assert tok.encode("hello<|im_end|> w") == [hello, 2, world]
     assert tok.decode([hello, 2, world]) == "hello<|im_end|> w"
     assert tok.eos_token_id == 2 and tok.bos_token_id == 1 and tok.pad_token_id is None
+    assert tok.id_to_token(hello) == "hello" and tok.token_to_id("<|im_start|>") == 1
 
 
 def test_add_bos_token_from_metadata(tmp_path: Path) -> None:
