@@ -1,0 +1,158 @@
+"""The serving benchmark's load client against a tiny fake SSE server on 127.0.0.1 (no peers)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import numpy as np
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from bench.serve_bench import (
+    LoadConfig,
+    LoadResult,
+    _proc_tree_cpu_seconds_procfs,
+    make_prompts,
+    percentile,
+    require_loopback,
+    results_table,
+    run_load,
+)
+
+TTFT_S = 0.1  # the fake server's delay before the first token
+GAP_S = 0.05  # and between tokens
+
+
+def fake_app() -> FastAPI:
+    """Streams ``max_tokens`` one-token chunks; the prompt picks a behaviour (fail, hang, no-usage)."""
+    app = FastAPI()
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(request: Request) -> Response:
+        body = await request.json()
+        prompt, n = body["prompt"], int(body["max_tokens"])
+        if prompt == "fail":
+            return JSONResponse({"error": {"message": "boom"}}, status_code=500)
+
+        async def events() -> AsyncIterator[str]:
+            await asyncio.sleep(30 if prompt == "hang" else TTFT_S)
+            for i in range(n):
+                if i:
+                    await asyncio.sleep(GAP_S)
+                yield "data: " + json.dumps({"choices": [{"index": 0, "text": f" t{i}"}]}) + "\n\n"
+            if prompt != "no-usage":
+                usage = {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": n + 3}
+                yield "data: " + json.dumps({"choices": [], "usage": usage}) + "\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def fake_url() -> Iterator[str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(fake_app(), host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=5)
+
+
+def _cfg(url: str, prompts: list[str], **kw: object) -> LoadConfig:
+    base: dict[str, object] = {"model": "fake", "concurrency": 2, "num_requests": 4, "max_tokens": 5}
+    return LoadConfig(base_url=url, prompts=prompts, **{**base, **kw})  # type: ignore[arg-type]
+
+
+async def test_statistics_from_chunk_arrival_times(fake_url: str) -> None:
+    res = await run_load(_cfg(fake_url, ["ok"]))
+    assert (res.completed, res.errors) == (4, 0)
+    assert res.output_tokens == 4 * 5  # from usage
+    assert len(res.ttft_ms) == 4 and len(res.itl_ms) == 4 * 4  # one gap between each pair of chunks
+    # Lower bounds are exact (the server sleeps); upper bounds leave room for a busy shared machine.
+    assert TTFT_S * 1000 <= percentile(res.ttft_ms, 50) < TTFT_S * 1000 + 150
+    assert GAP_S * 1000 * 0.9 <= percentile(res.itl_ms, 50) < GAP_S * 1000 + 60
+    assert percentile(res.ttft_ms, 99) >= percentile(res.ttft_ms, 50)
+    # two rounds of two concurrent requests, each 0.1 + 4 * 0.05 s
+    assert 2 * (TTFT_S + 4 * GAP_S) <= res.duration_s < 3.0
+    assert res.tok_per_s == pytest.approx(20 / res.duration_s)
+
+
+async def test_tokens_counted_from_chunks_without_usage(fake_url: str) -> None:
+    res = await run_load(_cfg(fake_url, ["no-usage"], num_requests=2, max_tokens=7))
+    assert (res.completed, res.output_tokens) == (2, 14)
+
+
+async def test_errors_are_counted_not_raised(fake_url: str) -> None:
+    res = await run_load(_cfg(fake_url, ["ok", "fail"], num_requests=6))
+    assert (res.completed, res.errors) == (3, 3)
+    assert "HTTP 500" in res.first_error
+    assert res.output_tokens == 3 * 5
+
+
+async def test_hard_deadline_cancels_in_flight_requests(fake_url: str) -> None:
+    t0 = time.perf_counter()
+    res = await run_load(_cfg(fake_url, ["hang"], concurrency=3, num_requests=10, deadline_s=1.0))
+    assert time.perf_counter() - t0 < 3.0  # the server would have taken 30 s
+    assert res.completed == 0
+    assert res.errors == 3  # the three in flight; the queued seven were never sent
+    assert res.first_error == "deadline reached"
+
+
+@pytest.mark.parametrize("url", ["http://10.0.0.1:8000", "http://example.com", "http://192.168.1.5:80"])
+async def test_non_loopback_targets_are_refused(url: str) -> None:
+    with pytest.raises(ValueError, match="non-loopback"):
+        await run_load(_cfg(url, ["ok"]))
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:8000", "http://127.1.2.3", "http://[::1]:9", "http://localhost:1"]
+)
+def test_loopback_targets_are_accepted(url: str) -> None:
+    require_loopback(url)
+
+
+def test_percentile_matches_numpy() -> None:
+    xs = [float(v) for v in np.random.default_rng(0).exponential(10.0, size=101)]
+    for q in (50, 90, 99):
+        assert percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)))
+    assert percentile([], 50) is None
+
+
+def test_prompts_are_deterministic_and_distinct() -> None:
+    a, b = make_prompts(), make_prompts()
+    assert a == b and len(set(a)) == len(a) == 64
+    assert all(len(p.split()) == 48 for p in a)
+
+
+def test_cpu_seconds_of_a_process_tree_grow_with_work() -> None:
+    before = _proc_tree_cpu_seconds_procfs(os.getpid())
+    t_end = time.process_time() + 0.15
+    while time.process_time() < t_end:
+        pass
+    assert _proc_tree_cpu_seconds_procfs(os.getpid()) - before >= 0.1
+
+
+def test_table_reports_ratio_and_unavailable_peers() -> None:
+    def cell(tokens: int) -> LoadResult:
+        return LoadResult(1, 2.0, 4, 0, tokens, [10.0], [5.0])
+
+    table = {"ours": {1: cell(200)}, "vllm": {1: cell(100)}, "llamacpp": {1: "unavailable: no binary"}}
+    text = results_table(table, [1])
+    assert "| vllm | 1 | 50.0 |" in text and "2.00x" in text
+    assert "unavailable: no binary" in text
