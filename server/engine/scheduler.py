@@ -167,7 +167,8 @@ class Scheduler:
         return budget
 
     def _admit(self, request: Request, budget: int, scheduled: list[ScheduledSeq]) -> bool:
-        hits, num_cached = [], 0
+        hits: list[int] = []
+        num_cached = 0
         if request.params.prompt_logprobs is None:  # cached positions would have no prompt logprobs
             hits, num_cached = self.allocator.get_computed_blocks(request.all_token_ids)
         num_tokens = self._chunk(request, budget, num_cached)

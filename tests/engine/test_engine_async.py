@@ -1,0 +1,215 @@
+"""AsyncEngine: concurrent streams, early exit, queue limit, engine death, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from server.engine.engine import (
+    AsyncEngine,
+    EngineConfig,
+    EngineDeadError,
+    LLMEngine,
+    QueueFullError,
+    merge_outputs,
+)
+from server.engine.request import CompletionOutput, RequestOutput, SamplingParams
+from server.engine.scheduler import Scheduler, SchedulerConfig
+from tests.engine.fake_runner import FakeRunner, reference_tokens
+
+VOCAB = 1000
+pytestmark = pytest.mark.timeout(30)
+
+
+def make_async(
+    step_delay: float = 0.0, fail_at_step: int | None = None, max_waiting: int = 256, **sched: object
+) -> AsyncEngine:
+    fields: dict = dict(
+        max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256, block_size=4, num_blocks=128
+    )
+    fields.update(sched)
+    config = EngineConfig(SchedulerConfig(**fields), max_waiting=max_waiting)
+    runner = FakeRunner(
+        config.scheduler.num_blocks, config.scheduler.block_size, VOCAB, step_delay, fail_at_step
+    )
+    engine = AsyncEngine(LLMEngine(runner, Scheduler(config.scheduler), config))
+    engine.start()
+    return engine
+
+
+async def collect(
+    engine: AsyncEngine, rid: str, prompt: list[int], params: SamplingParams
+) -> list[RequestOutput]:
+    return [out async for out in engine.generate(rid, prompt, params)]
+
+
+def tokens_of(outputs: list[RequestOutput], index: int = 0) -> list[int]:
+    return [t for out in outputs for c in out.outputs if c.index == index for t in c.new_token_ids]
+
+
+async def wait_until(predicate, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
+
+
+def idle(engine: AsyncEngine) -> bool:
+    return not engine.engine.has_unfinished() and engine.engine.scheduler.allocator.usage == 0.0
+
+
+async def test_many_concurrent_streams_get_their_own_tokens() -> None:
+    engine = make_async()
+    prompts = {f"r{i}": [i + 1, 2 * i + 3, 7] * (1 + i % 4) for i in range(40)}
+    params = SamplingParams(max_tokens=12)
+    results = await asyncio.gather(*(collect(engine, rid, p, params) for rid, p in prompts.items()))
+    for (_rid, prompt), outputs in zip(prompts.items(), results, strict=True):
+        assert tokens_of(outputs) == reference_tokens(prompt, params, VOCAB)
+        assert outputs[-1].finished and outputs[-1].outputs[0].finish_reason == "length"
+        assert all(not out.finished for out in outputs[:-1])
+    stats = engine.stats()
+    assert stats.num_finished == {"length": 40} and stats.num_generation_tokens == 40 * 12
+    engine.engine.scheduler.allocator.check_integrity()
+    await engine.shutdown()
+
+
+async def test_n_choices_stream_under_one_id() -> None:
+    engine = make_async()
+    outputs = await collect(engine, "multi", [4, 5, 6, 7, 8, 9], SamplingParams(n=3, max_tokens=5))
+    expected = reference_tokens([4, 5, 6, 7, 8, 9], SamplingParams(max_tokens=5), VOCAB)
+    assert all(out.request_id == "multi" for out in outputs)
+    assert [tokens_of(outputs, i) for i in range(3)] == [expected] * 3
+    assert outputs[-1].finished
+    await engine.shutdown()
+
+
+async def test_slow_consumer_gets_merged_deltas() -> None:
+    engine = make_async(step_delay=0.002)
+    params = SamplingParams(max_tokens=30, logprobs=0)
+    seen = []
+    async for out in engine.generate("slow", [1, 2, 3], params):
+        seen.append(out)
+        await asyncio.sleep(0.02)  # ~10 engine steps per read
+    assert len(seen) < 30
+    assert tokens_of(seen) == reference_tokens([1, 2, 3], params, VOCAB)
+    merged_logprobs = [lp.token_id for out in seen for c in out.outputs for lp in c.logprobs or []]
+    assert merged_logprobs == tokens_of(seen)
+    await engine.shutdown()
+
+
+async def test_consumer_leaving_early_aborts_the_request() -> None:
+    engine = make_async(step_delay=0.002)
+    async for out in engine.generate(
+        "quitter", [1, 2, 3], SamplingParams(max_tokens=10_000, ignore_eos=True)
+    ):
+        assert not out.finished
+        break
+    await wait_until(lambda: idle(engine))  # aborted and its blocks freed, far before 10k tokens
+    assert engine.stats().num_finished == {"abort": 1}
+    await engine.shutdown()
+
+
+async def test_cancelled_consumer_aborts_the_request() -> None:
+    engine = make_async(step_delay=0.002)
+    task = asyncio.create_task(collect(engine, "cancelled", [1, 2], SamplingParams(max_tokens=10_000)))
+    await wait_until(lambda: engine.engine.scheduler.num_running == 1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await wait_until(lambda: idle(engine))
+    assert engine.stats().num_finished == {"abort": 1}
+    await engine.shutdown()
+
+
+async def test_abort_ends_the_stream_with_abort() -> None:
+    engine = make_async(step_delay=0.002)
+    stream = engine.generate("a", [1, 2], SamplingParams(max_tokens=10_000))
+    first = await stream.__anext__()
+    engine.abort("a")
+    rest = [out async for out in stream]
+    assert rest[-1].finished and rest[-1].outputs[-1].finish_reason == "abort"
+    assert not first.finished
+    await wait_until(lambda: idle(engine))
+    await engine.shutdown()
+
+
+async def test_queue_full_is_raised_before_queueing() -> None:
+    engine = make_async(step_delay=0.01, max_waiting=2, max_num_seqs=1)
+    params = SamplingParams(max_tokens=200)
+    running = engine.generate("running", [1], params)
+    await running.__anext__()  # admitted: the queue is empty again
+    waiting = [engine.generate(f"w{i}", [1], params) for i in range(2)]
+    with pytest.raises(QueueFullError):
+        engine.generate("one-too-many", [1], params)
+    assert engine.stats().num_waiting == 2
+    await engine.shutdown(graceful=False)
+    for stream in [running, *waiting]:
+        outs = [out async for out in stream]
+        assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
+
+
+async def test_bad_prompt_is_refused_at_once() -> None:
+    engine = make_async(max_model_len=16, num_blocks=8)
+    with pytest.raises(ValueError, match="1 to 16"):
+        engine.generate("long", list(range(17)), SamplingParams())
+    with pytest.raises(ValueError):
+        engine.generate("empty", [], SamplingParams())
+    assert engine.is_healthy
+    await engine.shutdown()
+
+
+async def test_runner_failure_errors_every_stream_and_kills_the_engine() -> None:
+    engine = make_async(step_delay=0.002, fail_at_step=5, max_num_seqs=2)
+    params = SamplingParams(max_tokens=1000)
+    started = time.monotonic()
+    results = await asyncio.gather(*(collect(engine, f"r{i}", [i + 1, 5], params) for i in range(4)))
+    assert time.monotonic() - started < 2.0
+    for outputs in results:  # running and waiting alike
+        last = outputs[-1]
+        assert last.finished and last.error and "fake runner failure" in last.error
+        assert last.outputs[0].finish_reason == "error"
+    assert not engine.is_healthy
+    assert not engine.stats().healthy
+    with pytest.raises(EngineDeadError):
+        engine.generate("late", [1], params)
+
+
+async def test_graceful_shutdown_finishes_in_flight_requests() -> None:
+    engine = make_async(step_delay=0.002)
+    params = SamplingParams(max_tokens=20)
+    prompts = {f"r{i}": [i + 1, 9] for i in range(5)}
+    tasks = [asyncio.create_task(collect(engine, rid, p, params)) for rid, p in prompts.items()]
+    await wait_until(lambda: engine.engine.scheduler.num_running == 5)
+    await engine.shutdown(graceful=True)
+    with pytest.raises(EngineDeadError, match="shutting down"):
+        engine.generate("late", [1], params)
+    for (_rid, prompt), task in zip(prompts.items(), tasks, strict=True):
+        outputs = await task
+        assert tokens_of(outputs) == reference_tokens(prompt, params, VOCAB)
+        assert outputs[-1].outputs[0].finish_reason == "length"
+    assert idle(engine)
+
+
+async def test_idle_engine_thread_waits_without_spinning() -> None:
+    engine = make_async()
+    await collect(engine, "one", [1, 2], SamplingParams(max_tokens=2))
+    steps = engine.stats().num_steps
+    await asyncio.sleep(0.2)
+    assert engine.stats().num_steps == steps  # no steps while idle
+    await collect(engine, "two", [1, 2], SamplingParams(max_tokens=2))  # wakes up again
+    await engine.shutdown()
+
+
+def test_merge_outputs_concatenates_deltas() -> None:
+    a = RequestOutput("x", [CompletionOutput(0, [1, 2]), CompletionOutput(1, [7])], False, 3)
+    b = RequestOutput("x", [CompletionOutput(1, [8], finish_reason="stop", stop_token_id=8)], False, 3)
+    c = RequestOutput("x", [CompletionOutput(0, [3], finish_reason="length")], True, 3)
+    merged = merge_outputs(merge_outputs(a, b), c)
+    assert [(o.index, o.new_token_ids, o.finish_reason) for o in merged.outputs] == [
+        (0, [1, 2, 3], "length"),
+        (1, [7, 8], "stop"),
+    ]
+    assert merged.finished and merged.outputs[1].stop_token_id == 8
+    assert a.outputs[0].new_token_ids == [1, 2]  # inputs untouched
