@@ -27,11 +27,12 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, is_dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 PREFIX = "smollm2:"
+disable_created_metrics()  # no *_created series: they double the output and nobody graphs them
 _LATENCY_BUCKETS = (
     0.005,
     0.01,

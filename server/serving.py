@@ -148,13 +148,6 @@ class ChoiceText:
 # ---- engine plumbing ------------------------------------------------------------------------------
 
 
-async def _prepend(first: RequestOutput, rest: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
-    async with aclosing(rest):  # type: ignore[type-var]
-        yield first
-        async for item in rest:
-            yield item
-
-
 async def merge_streams(
     streams: list[AsyncIterator[RequestOutput]],
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -297,43 +290,34 @@ class OpenAIServing:
     def stop_strings(stop: str | list[str] | None) -> list[str]:
         return [stop] if isinstance(stop, str) else list(stop or [])
 
-    async def _start(
+    def _submit(
         self, request_id: str, prompt: PromptInput, params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
-        """Submit to the engine and wait for its first output, so that a full queue or a dead engine is
-        answered with a status code before any response byte is sent."""
-        stream = self.engine.generate(request_id, prompt.token_ids, params)
+        """Queue one engine request. The engine refuses at once (full queue, dead), before any response byte."""
         try:
-            first = await stream.__anext__()
+            return self.engine.generate(request_id, prompt.token_ids, params)
         except QueueFullError as e:
             raise APIError(429, f"The server is at capacity: {e}. Retry later.", "rate_limit_error") from e
         except EngineDeadError as e:
             raise APIError(503, f"The engine is not running: {e}", "service_unavailable") from e
-        except StopAsyncIteration as e:
-            raise APIError(500, "The engine ended the request without output.", "internal_error") from e
-        except BaseException:
-            await stream.aclose()  # type: ignore[attr-defined]
-            raise
-        return _prepend(first, stream)
+        except ValueError as e:
+            raise APIError(400, str(e), param="prompt") from e
 
-    async def start(self, run: _Run, params: SamplingParams) -> AsyncIterator[tuple[int, RequestOutput]]:
-        ids = (
-            [run.request_id]
-            if len(run.prompts) == 1
-            else [f"{run.request_id}-p{i}" for i in range(len(run.prompts))]
-        )
+    async def start(
+        self, run: _Run, params: list[SamplingParams]
+    ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """One engine request per prompt (params[i] for prompt i), merged into one stream."""
+        many = len(run.prompts) > 1
+        streams: list[AsyncIterator[RequestOutput]] = []
+        try:
+            for i, (prompt, sp) in enumerate(zip(run.prompts, params, strict=True)):
+                streams.append(self._submit(f"{run.request_id}-p{i}" if many else run.request_id, prompt, sp))
+        except BaseException:
+            for s in streams:
+                await s.aclose()  # type: ignore[attr-defined]
+            raise
         run.timers = [RequestTimer(self.metrics, len(p.token_ids)) for p in run.prompts]
-        started = await asyncio.gather(
-            *(self._start(rid, p, params) for rid, p in zip(ids, run.prompts, strict=True)),
-            return_exceptions=True,
-        )
-        errors = [s for s in started if isinstance(s, BaseException)]
-        if errors:
-            for s in started:
-                if not isinstance(s, BaseException):
-                    await s.aclose()  # type: ignore[attr-defined]
-            raise errors[0]
-        return merge_streams(started)  # type: ignore[arg-type]
+        return merge_streams(streams)
 
     def step(self, run: _Run, p: int, out: RequestOutput) -> list[TextDelta]:
         """Feed one engine output of prompt `p` to its choices; returns the text deltas it produced."""
@@ -402,26 +386,7 @@ class ServingCompletion(OpenAIServing):
             echo = (p.text if p.text is not None else self.tokenizer.decode(p.token_ids)) if req.echo else ""
             base = len(run.choices)
             run.choices += [ChoiceText(base + i, self.tokenizer, stop, echo) for i in range(req.n)]
-        # One engine call per prompt; all prompts share params except max_tokens (room left differs).
-        stream = await self._start_each(run, params)
-        return run, stream
-
-    async def _start_each(
-        self, run: _Run, params: list[SamplingParams]
-    ) -> AsyncIterator[tuple[int, RequestOutput]]:
-        if all(p == params[0] for p in params):
-            return await self.start(run, params[0])
-        # Differing max_tokens per prompt: start them one by one with their own params.
-        streams = []
-        run.timers = [RequestTimer(self.metrics, len(p.token_ids)) for p in run.prompts]
-        try:
-            for i, (p, sp) in enumerate(zip(run.prompts, params, strict=True)):
-                streams.append(await self._start(f"{run.request_id}-p{i}", p, sp))
-        except BaseException:
-            for s in streams:
-                await s.aclose()  # type: ignore[attr-defined]
-            raise
-        return merge_streams(streams)
+        return run, await self.start(run, params)
 
     def _echo_logprobs(self, run: _Run, p: int, out: RequestOutput) -> None:
         """With echo + logprobs, the prompt's tokens lead the logprobs (the first has none)."""
@@ -542,7 +507,7 @@ class ServingChat(OpenAIServing):
         run = _Run(_new_id("chatcmpl"), [prompt], req.n)
         stop = self.stop_strings(req.stop)
         run.choices = [ChoiceText(i, self.tokenizer, stop) for i in range(req.n)]
-        return run, await self.start(run, params)
+        return run, await self.start(run, [params])
 
     def _logprobs(self, entries: list[tuple[TokenLogprob | None, int]]) -> ChatLogprobs:
         content = []

@@ -74,15 +74,21 @@ class FakeEngine:
         ]
         return TokenLogprob(token_id, -0.25, 1, top[: params.logprobs])
 
-    async def generate(
+    def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
+        """Refuses at once, as the real engine does; the stream itself is lazy."""
         if self.dead:
             raise EngineDeadError("the engine loop died")
         if len(self.running) >= self.max_waiting:
             raise QueueFullError(f"{len(self.running)} requests are waiting (limit {self.max_waiting})")
         self.submitted.append((request_id, list(prompt_token_ids), params))
         self.running.add(request_id)
+        return self._stream(request_id, prompt_token_ids, params)
+
+    async def _stream(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
         streams = [self._tokens(params, i) for i in range(params.n)]
         limit = min(params.max_tokens or MAX_MODEL_LEN, MAX_MODEL_LEN - len(prompt_token_ids))
         prompt_lp = None

@@ -1,0 +1,36 @@
+"""`python -m server` / `smollm2-server`: parse settings, build the app, serve it with uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+
+from server.app import create_app
+from server.settings import Settings
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        settings = Settings.from_args(argv)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
+    logging.getLogger("server").info("settings: %r", settings)  # Settings.__repr__ masks the API key
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        # On SIGTERM uvicorn stops accepting and waits this long for open requests before the lifespan
+        # shutdown drains the engine.
+        timeout_graceful_shutdown=int(settings.shutdown_timeout),
+    )
+
+
+if __name__ == "__main__":
+    main()
