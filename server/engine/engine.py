@@ -293,7 +293,7 @@ class RequestStream(AsyncIterator[RequestOutput]):
         self._stream = stream
         self._done = False
         # Runs when the iterator is dropped unfinished (e.g. `break` out of `async for`).
-        self._finalizer = weakref.finalize(self, engine._abort_quietly, stream.request_id)
+        self._finalizer = weakref.finalize(self, engine._abort_stream, stream)
         self._finalizer.atexit = False
 
     @property
@@ -323,7 +323,7 @@ class RequestStream(AsyncIterator[RequestOutput]):
         if not self._done:
             self._done = True
             self._finalizer.detach()
-            self._engine.abort(self._stream.request_id)
+            self._engine._abort_stream(self._stream)
 
 
 class AsyncEngine:
@@ -333,7 +333,7 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._inbox: list[tuple[str, Any]] = []
         self._num_inbox_adds = 0  # children, for the queue limit
-        self._abort_later: collections.deque[str] = collections.deque()  # lock-free, for finalizers
+        self._abort_later: collections.deque[_Stream] = collections.deque()  # lock-free, for finalizers
         self._wakeup = threading.Event()
         self._streams: dict[str, _Stream] = {}
         self._thread: threading.Thread | None = None
@@ -401,9 +401,11 @@ class AsyncEngine:
             self._inbox.append(("abort", request_id))
         self._wakeup.set()
 
-    def _abort_quietly(self, request_id: str) -> None:
-        # Called from garbage collection, possibly while this thread holds _lock: take no lock.
-        self._abort_later.append(request_id)
+    def _abort_stream(self, stream: _Stream) -> None:
+        """Abort on behalf of a stream its consumer left. Runs from garbage collection too, possibly
+        while this thread holds _lock, so it takes no lock; the engine thread checks the stream is
+        still the one registered, so a finished request's id reused by a new request is not hit."""
+        self._abort_later.append(stream)
         self._wakeup.set()
 
     def stats(self) -> EngineStats:
@@ -434,9 +436,10 @@ class AsyncEngine:
             for verb, arg in inbox:
                 outputs.extend(self._apply(verb, arg))
             self._num_inbox_adds = 0
-        while self._abort_later:
-            out = self.engine.abort_request(self._abort_later.popleft())
-            outputs.extend([out] if out is not None else [])
+            while self._abort_later:
+                stream = self._abort_later.popleft()
+                if self._streams.get(stream.request_id) is stream:
+                    outputs.extend(self._apply("abort", stream.request_id))
         if outputs:
             self._deliver(outputs)
 

@@ -91,7 +91,8 @@ async def test_slow_consumer_gets_merged_deltas() -> None:
     seen = []
     async for out in engine.generate("slow", [1, 2, 3], params):
         seen.append(out)
-        await asyncio.sleep(0.02)  # ~10 engine steps per read
+        if len(seen) == 1:
+            await asyncio.sleep(0.2)  # the engine runs ahead meanwhile
     assert len(seen) < 30
     assert tokens_of(seen) == reference_tokens([1, 2, 3], params, VOCAB)
     merged_logprobs = [lp.token_id for out in seen for c in out.outputs for lp in c.logprobs or []]
@@ -120,6 +121,20 @@ async def test_cancelled_consumer_aborts_the_request() -> None:
         await task
     await wait_until(lambda: idle(engine))
     assert engine.stats().num_finished == {"abort": 1}
+    await engine.shutdown()
+
+
+async def test_dropping_a_finished_stream_does_not_abort_a_reused_id() -> None:
+    engine = make_async()
+    stream = engine.generate("same", [1, 2], SamplingParams(max_tokens=3))
+    # Finished in the engine and its final output sent; the consumer never read it.
+    await wait_until(lambda: idle(engine) and "same" not in engine._streams)
+    params = SamplingParams(max_tokens=5)
+    second = engine.generate("same", [1, 2], params)
+    del stream  # its finalizer runs now, after the id was reused
+    outputs = [out async for out in second]
+    assert outputs[-1].outputs[0].finish_reason == "length"
+    assert tokens_of(outputs) == reference_tokens([1, 2], params, VOCAB)
     await engine.shutdown()
 
 
