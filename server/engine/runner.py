@@ -1,0 +1,211 @@
+"""ModelRunner: the only part of the engine that touches tensors.
+
+`execute(plan)` turns the scheduler's plan (request -> number of tokens this step) into one flat batch,
+runs the model over the paged KV cache, computes logits only for the rows that need a token, and samples.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from model.attention import AttentionMetadata, PrefillSeq, allocate_kv_cache, kv_cache_bytes_per_block
+from model.modeling import SmolLM2ForCausalLM
+from model.sampling import SamplingBatch, make_generator, prompt_logprobs, sample
+from server.engine.request import Request, SampleResult
+
+
+@dataclass(slots=True)
+class _Row:
+    """One scheduled sequence in this step's flat batch."""
+
+    request: Request
+    start: int  # first position computed this step
+    num_tokens: int
+    query_start: int  # its first row in the flat batch
+    samples: bool  # this chunk reaches the end of its known tokens, so a new token is drawn
+
+
+def num_blocks_for_memory(
+    model: SmolLM2ForCausalLM, memory_bytes: int, block_size: int, dtype: torch.dtype
+) -> int:
+    cfg = model.config
+    per_block = kv_cache_bytes_per_block(
+        cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, block_size, dtype
+    )
+    return max(1, memory_bytes // per_block)
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: SmolLM2ForCausalLM,
+        num_blocks: int,
+        block_size: int = 16,
+        eos_token_id: int | None = None,
+    ) -> None:
+        self.model = model
+        self.device = model.device
+        self.dtype = model.dtype
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.eos_token_id = eos_token_id if eos_token_id is not None else model.config.eos_token_id
+        model.prepare_for_serving()
+        cfg = model.config
+        self.kv_caches = allocate_kv_cache(
+            cfg.num_hidden_layers,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            num_blocks,
+            block_size,
+            self.dtype,
+            self.device,
+        )
+        self._generators: dict[str, tuple[Request, torch.Generator]] = {}
+
+    @torch.inference_mode()
+    def execute(self, plan) -> dict[str, SampleResult]:  # plan: scheduler.SchedulerOutput
+        rows = self._layout(plan.scheduled)
+        if not rows:
+            return {}
+        input_ids, positions, meta = self._prepare(rows)
+        hidden = self.model.forward_paged(input_ids, positions, meta, self.kv_caches)
+        results: dict[str, SampleResult] = {}
+        self._prompt_logprobs(rows, hidden, results)
+        sampling = [r for r in rows if r.samples]
+        if sampling:
+            last = torch.tensor([r.query_start + r.num_tokens - 1 for r in sampling], device=self.device)
+            logits = self.model.compute_logits(hidden.index_select(0, last))
+            out = sample(logits, self._sampling_batch(sampling))
+            for i, r in enumerate(sampling):
+                res = results.get(r.request.request_id)
+                lp = out.logprobs[i] if out.logprobs is not None else None
+                if res is None:
+                    results[r.request.request_id] = SampleResult(out.token_ids[i], lp)
+                else:
+                    res.token_id, res.logprobs = out.token_ids[i], lp
+        self._drop_finished_generators()
+        return results
+
+    # ---- building the flat batch ---------------------------------------------------------------------
+    def _layout(self, scheduled) -> list[_Row]:
+        """Decodes (one token) first, then prefill chunks: attention handles the two groups apart."""
+        seqs = sorted(scheduled, key=lambda s: s.num_tokens != 1)
+        rows, offset = [], 0
+        for s in seqs:
+            req, n = s.request, s.num_tokens
+            start = req.num_computed_tokens
+            rows.append(_Row(req, start, n, offset, start + n >= req.num_tokens))
+            offset += n
+        return rows
+
+    def _prepare(self, rows: list[_Row]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        bs, dev = self.block_size, self.device
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefills: list[PrefillSeq] = []
+        for r in rows:
+            req, end = r.request, r.start + r.num_tokens
+            blocks = req.block_ids
+            if r.num_tokens == 1:
+                n_prompt = req.num_prompt_tokens
+                tokens.append(
+                    req.prompt_token_ids[r.start]
+                    if r.start < n_prompt
+                    else req.output_token_ids[r.start - n_prompt]
+                )
+                positions.append(r.start)
+                slots.append(blocks[r.start // bs] * bs + r.start % bs)
+                decode_tables.append(blocks[: (end + bs - 1) // bs])
+                decode_lens.append(end)
+            else:
+                tokens.extend(req.all_token_ids[r.start : end])
+                positions.extend(range(r.start, end))
+                slots.extend(blocks[p // bs] * bs + p % bs for p in range(r.start, end))
+                table = torch.tensor(blocks[: (end + bs - 1) // bs], dtype=torch.long, device=dev)
+                prefills.append(PrefillSeq(r.query_start, r.num_tokens, end, table))
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            num_decode_tokens=len(decode_lens),
+            decode_block_tables=None,
+            decode_mask=None,
+            prefills=prefills,
+            block_size=bs,
+        )
+        if decode_lens:
+            meta.decode_block_tables, meta.decode_mask = self._decode_tables(decode_tables, decode_lens)
+        return (
+            torch.tensor(tokens, dtype=torch.long, device=dev),
+            torch.tensor(positions, dtype=torch.long, device=dev),
+            meta,
+        )
+
+    def _decode_tables(self, tables: list[list[int]], lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(t) for t in tables)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        table = torch.tensor(padded, dtype=torch.long, device=self.device)  # (D, width)
+        span = torch.arange(width * self.block_size, device=self.device)
+        lens_t = torch.tensor(lens, device=self.device)
+        mask = torch.zeros(len(lens), width * self.block_size, device=self.device)
+        mask.masked_fill_(span[None, :] >= lens_t[:, None], -math.inf)
+        return table, mask.view(1, len(lens), 1, -1)
+
+    # ---- sampling ----------------------------------------------------------------------------------
+    def _sampling_batch(self, rows: list[_Row]) -> SamplingBatch:
+        reqs = [r.request for r in rows]
+        params = [q.params for q in reqs]
+        use_penalties = any(
+            p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params
+        )
+        empty: list[int] = []
+        return SamplingBatch.build(
+            params,
+            [q.output_token_ids for q in reqs] if use_penalties else [empty] * len(reqs),
+            [q.prompt_token_ids for q in reqs] if use_penalties else [empty] * len(reqs),
+            [self._generator(q) for q in reqs],
+            self.device,
+            banned_token_ids=[self._banned(q) for q in reqs],
+        )
+
+    def _generator(self, req: Request) -> torch.Generator | None:
+        if req.params.seed is None:
+            return None
+        entry = self._generators.get(req.request_id)
+        if entry is None:
+            entry = (req, make_generator(req.params.seed + req.index, self.device))
+            self._generators[req.request_id] = entry
+        return entry[1]
+
+    def _banned(self, req: Request) -> list[int]:
+        """While min_tokens are not reached, EOS and the stop token ids may not be drawn."""
+        if req.num_output_tokens >= req.params.min_tokens:
+            return []
+        stop = list(req.params.stop_token_ids)
+        if self.eos_token_id is not None and not req.params.ignore_eos:
+            stop.append(self.eos_token_id)
+        return stop
+
+    def _drop_finished_generators(self) -> None:
+        for rid in [rid for rid, (req, _) in self._generators.items() if req.is_finished]:
+            del self._generators[rid]
+
+    def _prompt_logprobs(
+        self, rows: list[_Row], hidden: torch.Tensor, results: dict[str, SampleResult]
+    ) -> None:
+        """For requests that asked: log-probabilities of the prompt tokens this chunk's logits predict."""
+        for r in rows:
+            req = r.request
+            n = req.params.prompt_logprobs
+            if n is None or r.start + 1 >= req.num_prompt_tokens:
+                continue
+            end = min(r.start + r.num_tokens + 1, req.num_prompt_tokens)
+            # position p's logits predict token p + 1, for p in [start, end - 1)
+            h = hidden[r.query_start : r.query_start + (end - 1 - r.start)]
+            targets = torch.tensor(req.prompt_token_ids[r.start + 1 : end], device=self.device)
+            lps = prompt_logprobs(self.model.compute_logits(h), targets, n)
+            results[req.request_id] = SampleResult(None, None, lps)
