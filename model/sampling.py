@@ -15,9 +15,12 @@ Design choices driven by the 2-core CPU this runs on (see bench/sampling_bench.p
     (argmax of probs / q, q ~ Exp(1)) needs V exponentials per row; on this CPU drawing those costs ~20x a
     softmax, so it would dominate the step. A seeded row draws its uniform from its own torch.Generator and
     every operation is row-wise, so a seeded request yields the same tokens whatever else is in the batch.
-  - top-k uses torch.topk; top-p avoids sorting the whole vocabulary: it takes the top K candidates
-    (K = max(256, largest top_k)) and only rows whose nucleus is not inside those candidates fall back
-    to a full sort. min-p is a threshold in logit space (logit >= max_logit + log(min_p)), no softmax.
+  - top-k / top-p never sort the vocabulary when they can avoid it: one topk takes each such row's K=256
+    best logits; a row whose top-k <= K, or whose nucleus ends inside those K, is finished (temperature,
+    nucleus, min-p, draw) on the (R, K) candidates. Only rows with top-k > K or a nucleus wider than K
+    (a very flat distribution) go to the full-vocabulary path, which sorts just those rows for top-p.
+    Which path a row takes depends on its own logits and parameters alone (K is fixed), which keeps
+    seeded rows batch-independent. min-p is a threshold in logit space (logit >= max + log(min_p)).
   - sample() modifies the logits it is given in place; the runner makes them fresh every step.
 """
 
@@ -31,7 +34,9 @@ import torch
 from server.engine.request import SamplingParams, TokenLogprob
 
 _EPS = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS)
-_TOP_P_CANDIDATES = 256  # nucleus candidates taken with topk before falling back to a full sort
+_CANDIDATES = (
+    256  # top-k / top-p rows are sampled among their this many best logits when these hold the support
+)
 
 
 @dataclass(slots=True)
@@ -44,9 +49,11 @@ class SamplingBatch:
     # Per random row (indexed in random_rows order):
     temperature: torch.Tensor | None  # (R, 1); None when every random row has temperature 1
     top_k: torch.Tensor | None  # (R,) long, 0 = off
-    max_top_k: int
     top_p: torch.Tensor | None  # (R,), 1.0 = off
     min_p: torch.Tensor | None  # (R, 1), 0.0 = off
+    candidate_rows: (
+        torch.Tensor | None
+    )  # (C,) positions in random_rows with top-k or top-p (see _sample_random)
     seeded: list[tuple[int, torch.Generator]]  # (position in random_rows, generator)
     unseeded: torch.Tensor | None  # (U,) positions in random_rows drawn from the global generator
     # Per row (all rows):
@@ -100,15 +107,16 @@ class SamplingBatch:
         logprobs = [p.logprobs for p in params]
         seeded = [(j, g) for j, i in enumerate(rand) if (g := generators[i]) is not None]
         unseeded = [j for j, i in enumerate(rand) if generators[i] is None]
+        cand = [j for j, p in enumerate(rand_params) if p.top_k > 0 or p.top_p < 1.0]
         return cls(
             num_rows=len(params),
             greedy_rows=_index(greedy, device) if greedy else None,
             random_rows=_index(rand, device) if rand else None,
             temperature=_column([p.temperature for p in rand_params], 1.0, device),
             top_k=_top_k(rand_params, device),
-            max_top_k=max((p.top_k for p in rand_params), default=0),
             top_p=_row([p.top_p for p in rand_params], 1.0, device),
             min_p=_column([p.min_p for p in rand_params], 0.0, device),
+            candidate_rows=_index(cand, device) if cand else None,
             seeded=seeded,
             unseeded=_index(unseeded, "cpu") if unseeded else None,
             logit_bias=_logit_bias(params, device),
@@ -281,77 +289,132 @@ def _choose(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 
 
 def _sample_random(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """x (R, V): processed logits of the random rows, modified in place -> (R,) sampled token ids."""
-    if batch.temperature is not None:
-        x.div_(batch.temperature)
-    row_max = None
-    if batch.top_k is not None or batch.top_p is not None:
-        row_max = _apply_top_k_top_p(x, batch.top_k, batch.max_top_k, batch.top_p)
-    if batch.min_p is not None:
-        # p >= min_p * p_max  <=>  logit >= max_logit + log(min_p); log(0) = -inf keeps every token
-        if row_max is None:
-            row_max = x.amax(dim=-1, keepdim=True)
-        x.masked_fill_(x < row_max + batch.min_p.log(), -math.inf)
-    return _draw(x, batch)
+    """x (R, V): processed logits of the random rows -> (R,) sampled token ids.
 
-
-def _apply_top_k_top_p(
-    x: torch.Tensor, top_k: torch.Tensor | None, max_top_k: int, top_p: torch.Tensor | None
-) -> torch.Tensor:
-    """Mask x (R, V) in place outside each row's top-k and nucleus. Returns the row maxima (R, 1)."""
-    vocab = x.shape[1]
-    num_candidates = min(vocab, max(max_top_k, _TOP_P_CANDIDATES if top_p is not None else 1))
-    cand = x.topk(num_candidates, dim=-1).values  # (R, K) descending
-    if top_k is not None:
-        kth = cand.gather(1, (top_k.clamp(1, num_candidates) - 1).view(-1, 1))  # (R, 1)
-        kth = torch.where(top_k.view(-1, 1) > 0, kth, -math.inf)
-        x.masked_fill_(x < kth, -math.inf)
-        cand.masked_fill_(cand < kth, -math.inf)
-    if top_p is not None:
-        _apply_top_p(x, cand, top_p)
-    return cand[:, :1]
-
-
-def _apply_top_p(x: torch.Tensor, cand: torch.Tensor, top_p: torch.Tensor) -> None:
-    """Keep the smallest set of most likely tokens whose mass reaches top_p (at least one token).
-
-    cand (R, K) holds each row's K largest logits; a row whose nucleus may extend past them is sorted in full.
+    Rows with top-k <= K or a nucleus inside their K best logits are sampled among those K candidates
+    (one topk over the vocabulary, the rest on (R, K)); the others take the full-vocabulary path. A row's path
+    depends on its own logits and parameters only, so seeded rows stay batch-independent.
     """
-    lse = torch.logsumexp(x, dim=-1, keepdim=True)  # (R, 1) over the support left by top-k
-    threshold, covered = _nucleus_threshold(cand, lse, top_p)
-    if not bool(covered.all()):
-        rows = (~covered).nonzero().view(-1)
-        full = x.index_select(0, rows).sort(dim=-1, descending=True).values
-        threshold[rows] = _nucleus_threshold(full, lse[rows], top_p[rows])[0]
-    x.masked_fill_(x < threshold, -math.inf)
+    u = _uniforms(batch, x.shape[0]).to(x.device)  # (R, 1)
+    cand = batch.candidate_rows
+    if cand is None:
+        return _sample_full(x, batch, None, u)
+    all_cand = cand.shape[0] == x.shape[0]
+    tokens, covered = _sample_candidates(x if all_cand else x.index_select(0, cand), batch, cand, u[cand])
+    if bool(covered.all()) and all_cand:
+        return tokens
+    out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    out[cand] = tokens
+    full = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    full[cand[covered]] = False
+    rows = full.nonzero().view(-1)
+    if rows.numel() > 0:
+        out[rows] = _sample_full(x.index_select(0, rows), batch, rows, u[rows])
+    return out
 
 
-def _nucleus_threshold(
-    desc: torch.Tensor, lse: torch.Tensor, top_p: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """desc (R, K) logits in descending order -> (threshold logit (R, 1), nucleus-within-desc (R,))."""
-    probs = (desc - lse).exp()
-    mass_before = probs.cumsum(dim=-1) - probs  # a token is kept when the mass before it is below top_p
-    num_kept = (mass_before < top_p.view(-1, 1)).sum(dim=-1, keepdim=True).clamp(min=1)  # (R, 1)
-    threshold = desc.gather(1, num_kept - 1)
-    off = top_p.view(-1, 1) >= 1.0
-    threshold = torch.where(off, -math.inf, threshold)
-    # The nucleus ends inside desc if desc's last token is dropped, or desc already ends the support.
-    covered = (num_kept < desc.shape[1]) | (desc[:, -1:] == -math.inf) | off
-    return threshold, covered.view(-1)
-
-
-def _draw(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Inverse-CDF draw of one token per row of x (R, V) with one uniform per row."""
-    cdf = torch.softmax(x, dim=-1).cumsum_(dim=-1)  # (R, V)
-    u = torch.empty(x.shape[0], 1, dtype=torch.float32)
+def _uniforms(batch: SamplingBatch, num_rows: int) -> torch.Tensor:
+    """One U[0, 1) per random row: seeded rows from their own generator, the rest in one global draw."""
+    u = torch.empty(num_rows, 1, dtype=torch.float32)
     if batch.unseeded is not None:
         u[batch.unseeded] = torch.rand(batch.unseeded.shape[0], 1)
     for pos, gen in batch.seeded:
         u[pos] = torch.rand(1, generator=gen, device=gen.device).cpu()
-    u = u.to(x.device) * cdf[:, -1:]
-    tokens = torch.searchsorted(cdf, u, right=True).view(-1)  # first token whose cdf exceeds u
-    overflow = tokens >= x.shape[1]  # u rounded up to the total mass: ~2^-24 chance per row
+    return u
+
+
+def _take(t: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
+    return t if t is None or rows is None else t.index_select(0, rows)
+
+
+def _sample_candidates(
+    x: torch.Tensor, batch: SamplingBatch, rows: torch.Tensor, u: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample rows of x (C, V) among their K best logits -> (tokens (C,), covered (C,) bool).
+
+    Where covered is False the row's nucleus extends past the candidates and its token must be redrawn.
+    """
+    temperature, top_k, top_p = (
+        _take(batch.temperature, rows),
+        _take(batch.top_k, rows),
+        _take(batch.top_p, rows),
+    )
+    num = min(_CANDIDATES, x.shape[1])
+    vals, ids = x.topk(num, dim=-1)  # (C, K) descending
+    if temperature is not None:
+        vals = vals / temperature
+    covered = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    if top_k is not None:
+        covered = (top_k > 0) & (top_k <= num)  # the whole support is among the candidates
+        position = torch.arange(num, device=x.device)
+        vals.masked_fill_(covered.view(-1, 1) & (position >= top_k.view(-1, 1)), -math.inf)
+    if top_p is not None:
+        # the nucleus is a share of the mass of the whole support: over the candidates if they hold it all
+        lse = torch.logsumexp(vals, dim=-1, keepdim=True)  # (C, 1)
+        rest = (~covered).nonzero().view(-1)
+        if rest.numel() > 0:
+            rest_x = x.index_select(0, rest)
+            rest_t = _take(temperature, rest)
+            lse[rest] = torch.logsumexp(rest_x if rest_t is None else rest_x / rest_t, dim=-1, keepdim=True)
+        num_kept, inside = _nucleus(vals, lse, top_p)
+        covered |= inside
+        vals.masked_fill_(torch.arange(num, device=x.device) >= num_kept, -math.inf)
+    _apply_min_p(vals, vals[:, :1], _take(batch.min_p, rows))
+    return ids.gather(1, _draw(vals, u).view(-1, 1)).view(-1), covered
+
+
+def _sample_full(
+    x: torch.Tensor, batch: SamplingBatch, rows: torch.Tensor | None, u: torch.Tensor
+) -> torch.Tensor:
+    """Sample rows of x (F, V) over the whole vocabulary (modified in place); rows index batch's tensors."""
+    temperature, top_k, top_p = (
+        _take(batch.temperature, rows),
+        _take(batch.top_k, rows),
+        _take(batch.top_p, rows),
+    )
+    if temperature is not None:
+        x.div_(temperature)
+    if top_k is not None and bool((top_k > 0).any()):
+        kth = x.topk(int(top_k.max()), dim=-1).values.gather(1, (top_k.clamp(min=1) - 1).view(-1, 1))
+        x.masked_fill_((top_k.view(-1, 1) > 0) & (x < kth), -math.inf)
+    if top_p is not None and bool((top_p < 1.0).any()):
+        p_rows = (top_p < 1.0).nonzero().view(-1)
+        sub = x.index_select(0, p_rows)
+        desc = sub.sort(dim=-1, descending=True).values
+        num_kept, _ = _nucleus(desc, torch.logsumexp(sub, dim=-1, keepdim=True), top_p[p_rows])
+        x[p_rows] = sub.masked_fill_(sub < desc.gather(1, num_kept - 1), -math.inf)
+    min_p = _take(batch.min_p, rows)
+    if min_p is not None:
+        _apply_min_p(x, x.amax(dim=-1, keepdim=True), min_p)
+    return _draw(x, u)
+
+
+def _apply_min_p(x: torch.Tensor, row_max: torch.Tensor, min_p: torch.Tensor | None) -> None:
+    """p >= min_p * p_max  <=>  logit >= max_logit + log(min_p); log(0) = -inf keeps every token."""
+    if min_p is not None:
+        x.masked_fill_(x < row_max + min_p.log(), -math.inf)
+
+
+def _nucleus(desc: torch.Tensor, lse: torch.Tensor, top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smallest prefix of desc (R, K) (logits, descending) whose mass reaches top_p, at least one token.
+
+    lse (R, 1) normalises over the row's whole support. Returns (tokens kept (R, 1) long, whether the
+    nucleus ends inside desc (R,) bool). Rows with top_p >= 1 keep all of desc.
+    """
+    probs = (desc - lse).exp()
+    mass_before = probs.cumsum(dim=-1) - probs  # a token is kept when the mass before it is below top_p
+    num_kept = (mass_before < top_p.view(-1, 1)).sum(dim=-1, keepdim=True).clamp(min=1)
+    off = top_p.view(-1, 1) >= 1.0
+    num_kept = torch.where(off, desc.shape[1], num_kept)
+    inside = (num_kept < desc.shape[1]) | (desc[:, -1:] == -math.inf)
+    return num_kept, (inside & ~off).view(-1)
+
+
+def _draw(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw of one column per row of x (R, N) logits, given u (R, 1) uniforms -> (R,)."""
+    cdf = torch.softmax(x, dim=-1).cumsum_(dim=-1)  # (R, N)
+    cols = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).view(-1)  # first column whose cdf exceeds u
+    overflow = cols >= x.shape[1]  # u rounded up to the total mass: ~2^-24 chance per row
     if bool(overflow.any()):
-        tokens = torch.where(overflow, x.argmax(dim=-1), tokens)
-    return tokens
+        cols = torch.where(overflow, x.argmax(dim=-1), cols)
+    return cols

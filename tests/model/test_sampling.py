@@ -71,12 +71,15 @@ def test_top_p_restricts_to_nucleus() -> None:
 
 
 def test_top_p_nucleus_beyond_candidates_falls_back_to_full_sort() -> None:
-    vocab = 1000  # flat distribution: the nucleus (~900 tokens) exceeds the 256 topk candidates
-    row = torch.zeros(vocab)
-    row[:100] = -20.0  # the 100 least likely tokens lie outside a 0.99 nucleus
+    vocab = 1000  # a slowly decaying distribution: the nucleus (~890 tokens) exceeds the 256 topk candidates
+    row = torch.full((vocab,), -20.0)
+    row[:900] = torch.linspace(0.0, -0.5, 900)
+    probs = torch.softmax(row, -1)
+    nucleus = set(torch.nonzero(probs.cumsum(-1) - probs < 0.99).view(-1).tolist())  # reference: sorted order
+    assert 800 < len(nucleus) < 900
     drawn = set(_draw_many(row, SamplingParams(top_p=0.99), 4000).tolist())
-    assert min(drawn) >= 100
-    assert len(drawn) > 800  # the tokens beyond the first 256 candidates are reachable
+    assert drawn <= nucleus
+    assert len(drawn) > 0.9 * len(nucleus)  # tokens beyond the first 256 candidates are reachable
 
 
 def test_top_k_and_top_p_together() -> None:
@@ -86,16 +89,38 @@ def test_top_k_and_top_p_together() -> None:
     assert drawn == {0, 1}
 
 
-def test_min_p_removes_tokens_below_fraction_of_max() -> None:
+@pytest.mark.parametrize("top_k", [-1, 4])  # full-vocabulary path and candidate path
+def test_min_p_removes_tokens_below_fraction_of_max(top_k: int) -> None:
     row = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]).log()
-    drawn = set(_draw_many(row, SamplingParams(min_p=0.25), 2000).tolist())  # keep p >= 0.125
+    drawn = set(_draw_many(row, SamplingParams(min_p=0.25, top_k=top_k), 2000).tolist())  # keep p >= 0.125
     assert drawn == {0, 1, 2}
 
 
-def test_frequencies_match_softmax_of_tempered_logits() -> None:
+def test_rows_on_different_paths_in_one_batch_keep_their_own_support() -> None:
+    vocab, reps = 1000, 600
+    row = torch.linspace(0.0, -0.5, vocab)  # slowly decaying: top-p 0.95 spans ~940 tokens
+    params = [
+        SamplingParams(top_k=3),  # candidates
+        SamplingParams(top_p=0.95),  # nucleus wider than the candidates: full sort
+        SamplingParams(top_k=400),  # top-k above the candidates: full-vocabulary topk
+        SamplingParams(temperature=0.5),  # no filter
+        SamplingParams(temperature=0.0),
+    ] * reps
+    tokens = torch.tensor(sample(row.expand(len(params), -1).clone(), _batch(params)).token_ids).view(reps, 5)
+    assert set(tokens[:, 0].tolist()) == {0, 1, 2}
+    probs = torch.softmax(row, -1)
+    nucleus_size = int((probs.cumsum(-1) - probs < 0.95).sum())
+    assert tokens[:, 1].max() < nucleus_size and tokens[:, 1].max() > 700
+    assert tokens[:, 2].max() < 400 and tokens[:, 2].max() > 300
+    assert tokens[:, 3].max() > 900
+    assert set(tokens[:, 4].tolist()) == {0}
+
+
+@pytest.mark.parametrize("top_k", [-1, 6])  # full-vocabulary path; candidate path (top_k = V keeps all)
+def test_frequencies_match_softmax_of_tempered_logits(top_k: int) -> None:
     row = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
     draws, temp = 20000, 0.7
-    drawn = _draw_many(row, SamplingParams(temperature=temp), draws)
+    drawn = _draw_many(row, SamplingParams(temperature=temp, top_k=top_k), draws)
     expected = torch.softmax(row / temp, -1) * draws
     observed = torch.bincount(drawn, minlength=len(row)).float()
     chi2 = ((observed - expected) ** 2 / expected).sum().item()
