@@ -149,3 +149,58 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# ---- the real engine on a tiny random model -----------------------------------------------------------
+
+TINY_MAX_MODEL_LEN = 1024
+
+
+def tiny_settings(**overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "max_model_len": TINY_MAX_MODEL_LEN,
+        "kv_cache_memory": 8 * 1024 * 1024,
+        "max_num_seqs": 16,
+        "max_num_batched_tokens": 512,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def tiny_engine(tokenizer: Tokenizer, settings: Settings) -> Any:
+    """The real AsyncEngine (runner, scheduler, paged KV cache) over a random 2-layer model."""
+    import torch
+
+    from model.config import SmolLM2Config
+    from model.modeling import SmolLM2ForCausalLM
+    from server.app import make_engine
+
+    torch.manual_seed(0)
+    config = SmolLM2Config(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=TINY_MAX_MODEL_LEN,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = SmolLM2ForCausalLM(config).eval()
+    engine, _ = make_engine(model, tokenizer, settings)
+    return engine
+
+
+@pytest.fixture
+async def tiny_client(tokenizer: Tokenizer) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
+    settings = tiny_settings()
+    engine = tiny_engine(tokenizer, settings)
+    engine.start()
+    app = create_app(settings, engine=engine, tokenizer=tokenizer)
+    try:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as c:
+                yield c, engine
+    finally:
+        await engine.shutdown(graceful=False)
