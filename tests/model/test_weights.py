@@ -19,6 +19,7 @@ from model.weights import (
     main,
     model_from_state_dict,
     read_gguf,
+    read_gguf_metadata,
     read_hf_folder,
     save_hf_folder,
 )
@@ -99,6 +100,9 @@ def write_gguf(path: Path, model: SmolLM2ForCausalLM, arch: str = "llama") -> No
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_vocab_size(c.vocab_size)
     w.add_rope_dimension_count(c.head_dim)
+    w.add_token_list([f"tok{i}" for i in range(c.vocab_size)])  # arrays of strings and of ints
+    w.add_token_types([1] * c.vocab_size)
+    w.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     state = model.state_dict()
     if c.tie_word_embeddings:
         state.pop("lm_head.weight")
@@ -140,6 +144,13 @@ def test_gguf_unpermutes_qk_and_dequantizes_every_type(tiny_gguf: tuple[Path, Sm
         else:  # quantized: Q4_1 errs by ~8% (relative norm), a wrong row order by ~140%
             assert (got - want).norm() / want.norm() < 0.15, name
     assert config.rope_theta == 100000.0 and config.max_position_embeddings == TINY.max_position_embeddings
+
+
+def test_gguf_metadata_equals_gguf_reader(tiny_gguf: tuple[Path, SmolLM2ForCausalLM]) -> None:
+    reader = gguf.GGUFReader(tiny_gguf[0])
+    want = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    assert read_gguf_metadata(tiny_gguf[0]) == want
+    assert len(want["tokenizer.ggml.tokens"]) == TINY.vocab_size
 
 
 def test_gguf_model_matches_the_original(tiny_gguf: tuple[Path, SmolLM2ForCausalLM]) -> None:
@@ -187,24 +198,28 @@ def real_gguf() -> Path:
 
 
 @pytest.fixture(scope="module")
-def transformers_oracle(real_gguf: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+def real_read(real_gguf: Path) -> tuple[SmolLM2Config, dict[str, torch.Tensor], dict]:
+    return read_gguf(real_gguf)
+
+
+@pytest.fixture(scope="module")
+def transformers_oracle(real_gguf: Path, real_read: tuple) -> tuple[dict, dict[str, torch.Tensor]]:
     """transformers' own GGUF conversion (what from_pretrained(gguf_file=...) runs; that call itself also
     needs accelerate): its parsed config and its de-quantized, un-permuted tensors."""
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    parsed = load_gguf_checkpoint(str(real_gguf), return_tensors=False)
-    with torch.device("meta"):
-        skeleton = LlamaForCausalLM(LlamaConfig(**parsed["config"]))
-    tensors = load_gguf_checkpoint(str(real_gguf), return_tensors=True, model_to_load=skeleton)["tensors"]
-    return parsed["config"], tensors
+    with torch.device("meta"):  # only maps GGUF names to HF names; the values come from the file
+        skeleton = LlamaForCausalLM(LlamaConfig(**real_read[0].to_hf_dict()))
+    parsed = load_gguf_checkpoint(str(real_gguf), return_tensors=True, model_to_load=skeleton)
+    return parsed["config"], parsed["tensors"]
 
 
 @pytest.mark.slow
 @pytest.mark.real_model
-def test_real_gguf_equals_transformers(real_gguf: Path, transformers_oracle: tuple[dict, dict]) -> None:
+def test_real_gguf_equals_transformers(real_read: tuple, transformers_oracle: tuple[dict, dict]) -> None:
     hf_config, hf_tensors = transformers_oracle
-    config, state, meta = read_gguf(real_gguf)
+    config, state, meta = real_read
     assert state.keys() == hf_tensors.keys()
     for name, tensor in hf_tensors.items():
         assert torch.equal(state[name], tensor.float()), name
@@ -213,6 +228,7 @@ def test_real_gguf_equals_transformers(real_gguf: Path, transformers_oracle: tup
     for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         assert getattr(config, field) == hf_config[field], field
     assert config.num_key_value_heads == hf_config["num_key_value_heads"] == 3
+    assert config.rms_norm_eps == pytest.approx(hf_config["rms_norm_eps"])
     assert config.vocab_size == 49152 and config.tie_word_embeddings
     assert meta["tokenizer.chat_template"].startswith("{%")
 
