@@ -59,11 +59,14 @@ class SamplingBatch:
     # Per row (all rows):
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (rows, token ids, values)
     banned: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) forced to -inf
-    repetition_penalty: torch.Tensor | None  # (B, 1)
-    presence_penalty: torch.Tensor | None  # (B, 1)
+    # Penalties touch only the tokens a row has seen, so they work on (B, L) id lists, not (B, V) counts.
+    # Lists are padded with the row's first id: a write through a pad repeats the write of a real entry.
+    repetition_penalty: torch.Tensor | None  # (B, 1); 1 for rows with no tokens
+    seen_ids: torch.Tensor | None  # (B, P + L) long: prompt + output ids
+    presence_penalty: torch.Tensor | None  # (B, 1); 0 for rows with no output yet
     frequency_penalty: torch.Tensor | None  # (B, 1)
-    output_ids: torch.Tensor | None  # (B, L) long, padded with -1; only when penalties are used
-    prompt_ids: torch.Tensor | None  # (B, P) long, padded with -1; only for the repetition penalty
+    output_ids: torch.Tensor | None  # (B, L) long: output ids
+    output_mask: torch.Tensor | None  # (B, L) float: 1 for real entries, 0 for padding
     logprobs: list[int | None]  # requested top-N per row (None = no logprobs for that row)
     logprob_rows: torch.Tensor | None  # (L,) rows that asked for logprobs
 
@@ -73,7 +76,7 @@ class SamplingBatch:
 
     @property
     def needs_penalties(self) -> bool:
-        return self.output_ids is not None
+        return self.seen_ids is not None or self.output_ids is not None
 
     @property
     def max_logprobs(self) -> int:
@@ -99,15 +102,16 @@ class SamplingBatch:
         greedy = [i for i, p in enumerate(params) if p.temperature < _EPS]
         rand = [i for i, p in enumerate(params) if p.temperature >= _EPS]
         rand_params = [params[i] for i in rand]
-        rep = [p.repetition_penalty for p in params]
-        pres = [p.presence_penalty for p in params]
+        seen = [p + o for p, o in zip(prompt_token_ids, output_token_ids, strict=True)]
+        rep = [p.repetition_penalty if s else 1.0 for p, s in zip(params, seen, strict=True)]
+        pres = [p.presence_penalty if o else 0.0 for p, o in zip(params, output_token_ids, strict=True)]
         freq = [p.frequency_penalty for p in params]
-        use_rep = any(r != 1.0 for r in rep)
-        use_penalties = use_rep or any(pres) or any(freq)
+        use_rep, use_out = any(r != 1.0 for r in rep), any(pres) or any(freq)
         logprobs = [p.logprobs for p in params]
         seeded = [(j, g) for j, i in enumerate(rand) if (g := generators[i]) is not None]
         unseeded = [j for j, i in enumerate(rand) if generators[i] is None]
         cand = [j for j, p in enumerate(rand_params) if p.top_k > 0 or p.top_p < 1.0]
+        out_ids, out_mask = _padded(output_token_ids, device) if use_out else (None, None)
         return cls(
             num_rows=len(params),
             greedy_rows=_index(greedy, device) if greedy else None,
@@ -121,11 +125,12 @@ class SamplingBatch:
             unseeded=_index(unseeded, "cpu") if unseeded else None,
             logit_bias=_logit_bias(params, device),
             banned=_banned(banned_token_ids, device),
-            repetition_penalty=_column(rep, 1.0, device) if use_penalties else None,
-            presence_penalty=_column(pres, 0.0, device) if use_penalties else None,
-            frequency_penalty=_column(freq, 0.0, device) if use_penalties else None,
-            output_ids=_padded(output_token_ids, device) if use_penalties else None,
-            prompt_ids=_padded(prompt_token_ids, device) if use_rep else None,
+            repetition_penalty=_column(rep, 1.0, device),
+            seen_ids=_padded(seen, device)[0] if use_rep else None,
+            presence_penalty=_column(pres, 0.0, device),
+            frequency_penalty=_column(freq, 0.0, device),
+            output_ids=out_ids,
+            output_mask=out_mask,
             logprobs=logprobs,
             logprob_rows=_index([i for i, n in enumerate(logprobs) if n is not None], device)
             if any(n is not None for n in logprobs)
@@ -167,12 +172,12 @@ def _top_k(params: list[SamplingParams], device: torch.device | str) -> torch.Te
     return torch.tensor(ks, dtype=torch.long, device=device) if any(ks) else None
 
 
-def _padded(seqs: list[list[int]], device: torch.device | str) -> torch.Tensor:
-    width = max((len(s) for s in seqs), default=0)
-    out = torch.full((len(seqs), max(width, 1)), -1, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-    return out.to(device)
+def _padded(seqs: list[list[int]], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged id lists -> ((B, W) long padded with each row's first id (0 if empty), (B, W) float mask)."""
+    width = max(1, max((len(seq) for seq in seqs), default=0))
+    ids = [seq + [seq[0] if seq else 0] * (width - len(seq)) for seq in seqs]
+    mask = [[1.0] * len(seq) + [0.0] * (width - len(seq)) for seq in seqs]
+    return torch.tensor(ids, dtype=torch.long, device=device), torch.tensor(mask, device=device)
 
 
 def _logit_bias(
@@ -250,31 +255,23 @@ def _apply_processors(logits: torch.Tensor, batch: SamplingBatch) -> None:
         logits.index_put_((rows, tids), biases, accumulate=True)
     if batch.banned is not None:
         logits.index_put_(batch.banned, torch.tensor(-math.inf, device=logits.device))
-    if batch.output_ids is not None:
+    if batch.needs_penalties:
         _apply_penalties(logits, batch)
 
 
 def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> None:
-    assert batch.output_ids is not None
-    vocab = logits.shape[1]
-    counts = _token_counts(batch.output_ids, vocab)  # (B, V) float
-    if batch.repetition_penalty is not None and batch.prompt_ids is not None:
-        seen = (counts > 0) | (_token_counts(batch.prompt_ids, vocab) > 0)
-        penalty = batch.repetition_penalty.expand_as(logits)
-        scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
-        torch.where(seen, scaled, logits, out=logits)
-    if batch.frequency_penalty is not None:
-        logits.sub_(counts * batch.frequency_penalty)
-    if batch.presence_penalty is not None:
-        logits.sub_((counts > 0).float() * batch.presence_penalty)
-
-
-def _token_counts(ids: torch.Tensor, vocab: int) -> torch.Tensor:
-    """ids (B, L) padded with -1 -> (B, V) float occurrence counts."""
-    slot = torch.where(ids < 0, vocab, ids)  # padding goes to a spare column that is dropped
-    counts = torch.zeros(ids.shape[0], vocab + 1, dtype=torch.float32, device=ids.device)
-    counts.scatter_add_(1, slot, torch.ones_like(slot, dtype=torch.float32))
-    return counts[:, :vocab]
+    """In place, touching only the (B, L) seen ids: duplicate ids write identical values."""
+    if batch.repetition_penalty is not None and batch.seen_ids is not None:
+        vals = logits.gather(1, batch.seen_ids)
+        penalty = batch.repetition_penalty
+        logits.scatter_(1, batch.seen_ids, torch.where(vals > 0, vals / penalty, vals * penalty))
+    if batch.output_ids is None or batch.output_mask is None:
+        return
+    if batch.frequency_penalty is not None:  # every occurrence subtracts the penalty once
+        logits.scatter_add_(1, batch.output_ids, batch.output_mask * -batch.frequency_penalty)
+    if batch.presence_penalty is not None:  # once per distinct token
+        vals = logits.gather(1, batch.output_ids)
+        logits.scatter_(1, batch.output_ids, vals - batch.presence_penalty)
 
 
 def _choose(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

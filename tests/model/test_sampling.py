@@ -174,15 +174,20 @@ def _reference_penalties(
     return out
 
 
-def test_penalties_match_reference(logits: torch.Tensor) -> None:
+def test_penalties_match_reference() -> None:
     params = [
         SamplingParams(temperature=0.0, repetition_penalty=1.3),
         SamplingParams(temperature=0.0, presence_penalty=0.7),
         SamplingParams(temperature=0.0, frequency_penalty=0.4, repetition_penalty=0.8),
         SamplingParams(temperature=0.0),  # no penalty: untouched
+        SamplingParams(temperature=0.0, presence_penalty=1.0, frequency_penalty=0.3),  # shorter lists: padded
+        SamplingParams(
+            temperature=0.0, presence_penalty=1.0, repetition_penalty=1.5
+        ),  # nothing generated yet
     ]
-    prompts = [[1, 2, 3], [4, 5], [6, 6, 7, 8], [9]]
-    outputs = [[3, 10, 10], [5, 11, 11, 11], [7, 12, 12, 13], [14, 14]]
+    prompts = [[1, 2, 3], [4, 5], [6, 6, 7, 8], [9], [15], [16, 17]]
+    outputs = [[3, 10, 10], [5, 11, 11, 11], [7, 12, 12, 13], [14, 14], [18], []]
+    logits = torch.randn(6, V, generator=torch.Generator().manual_seed(1)) * 2
     processed = logits.clone()
     _apply_processors(processed, _batch(params, outputs, prompts))
     for i, p in enumerate(params):
@@ -253,3 +258,25 @@ def test_batch_builds_only_what_is_used() -> None:
     mixed = _batch([SamplingParams(temperature=0.0), SamplingParams(top_p=0.9, logprobs=2)])
     assert not mixed.all_greedy and mixed.top_p is not None and mixed.top_k is None
     assert mixed.max_logprobs == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_batch_respects_params_like_cpu(logits: torch.Tensor) -> None:
+    params = [
+        SamplingParams(temperature=0.0, repetition_penalty=1.2, logprobs=3),
+        SamplingParams(top_k=3, top_p=0.9, seed=5),
+        SamplingParams(top_p=0.5, min_p=0.1),
+        SamplingParams(temperature=0.8, logit_bias={7: 100.0}),
+    ]
+    outputs, prompts = [[1, 2], [3], [4], [5]], [[6], [7], [8], [9]]
+    gens = [None, make_generator(5, "cuda"), None, None]
+    batch = SamplingBatch.build(params, outputs, prompts, gens, "cuda")
+    out = sample(logits.cuda(), batch)
+    ref = sample(logits.clone(), _batch(params, outputs, prompts))
+    assert out.token_ids[0] == ref.token_ids[0] and out.token_ids[3] == 7
+    assert out.token_ids[1] in logits[1].topk(3).indices.tolist()
+    assert out.logprobs is not None and ref.logprobs is not None and out.logprobs[0] is not None
+    (gpu_top, cpu_top) = (out.logprobs[0].top, ref.logprobs[0] and ref.logprobs[0].top)
+    assert cpu_top is not None and [t for t, _ in gpu_top] == [t for t, _ in cpu_top]
+    assert [lp for _, lp in gpu_top] == pytest.approx([lp for _, lp in cpu_top], abs=1e-4)
