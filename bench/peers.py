@@ -202,17 +202,23 @@ class VenvPeer(Peer):
 
 
 class OursPeer(Peer):
+    """The project's server; SMOLLM2_* variables (SMOLLM2_MODEL, SMOLLM2_DEVICE...) reach it unchanged."""
+
     name = "ours"
     startup_timeout_s = 180.0
 
     def ensure_installed(self, log: Log) -> None:
         if not (REPO_ROOT / "server" / "__main__.py").is_file():
             raise PeerUnavailable("server/__main__.py does not exist yet")
-        require_default_model()
+        if not os.environ.get("SMOLLM2_MODEL"):
+            require_default_model()
 
     def argv(self, port: int, concurrency: int) -> list[str]:
-        model = str(require_default_model())
+        model = os.environ.get("SMOLLM2_MODEL") or str(require_default_model())
         return [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port), "--model", model]
+
+    def extra_body(self) -> dict[str, Any]:
+        return {"ignore_eos": True, "stream_options": {"include_usage": True}}
 
 
 class VllmPeer(VenvPeer):

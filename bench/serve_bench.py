@@ -385,10 +385,10 @@ def roofline_lines(ours: dict[int, Cell]) -> list[str]:
 
 
 def write_report(
-    table: dict[str, dict[int, Cell]], plan: BenchPlan, out_dir: Path, notes: list[str], tag: str = ""
+    table: dict[str, dict[int, Cell]], plan: BenchPlan, out_dir: Path, notes: list[str], label: str = ""
 ) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now().strftime("%Y-%m-%d-%H%M") + tag
+    stamp = (f"{label}-" if label else "") + dt.datetime.now().strftime("%Y-%m-%d-%H%M")
     md = out_dir / f"{stamp}.md"
     body = [
         f"# Serving benchmark {stamp}",
@@ -471,6 +471,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--requests-per-client", type=int, default=None)
     ap.add_argument("--deadline", type=float, default=None, help="hard limit per run, seconds")
     ap.add_argument("--no-warmup", action="store_true")
+    ap.add_argument("--label", default="", help="file name prefix of the report, e.g. gpu -> gpu-<date>.md")
     return ap.parse_args(argv)
 
 
@@ -502,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
     table: dict[str, dict[int, Cell]] = {}
     for name in plan.peers:  # one server up at a time
         table[name] = asyncio.run(bench_peer(name, plan, log))
-    md = write_report(table, plan, args.out, notes=[], tag="-quick" if args.quick else "")
+    label = args.label or ("quick" if args.quick else "")
+    md = write_report(table, plan, args.out, notes=[], label=label)
     print()
     print(results_table(table, plan.concurrencies))
     for line in roofline_lines(table.get("ours", {})):
