@@ -10,9 +10,10 @@ its KV blocks.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -50,6 +51,9 @@ except ImportError:  # pragma: no cover
 
     class EngineDeadError(Exception):  # type: ignore[no-redef]
         pass
+
+
+OutputHook = Callable[[int, RequestOutput], None]
 
 
 class EngineClient(Protocol):
@@ -337,6 +341,26 @@ class OpenAIServing:
                 deltas.append(delta)
         return deltas
 
+    async def deltas(
+        self, run: _Run, stream: AsyncIterator[tuple[int, RequestOutput]], on_output: OutputHook | None = None
+    ) -> AsyncIterator[TextDelta]:
+        """Text deltas of all choices until each has finished. Leaving early (stop strings, errors, a
+        client that went away) closes `stream`, which aborts the engine requests; unfinished choices
+        are counted as aborted."""
+        try:
+            async with aclosing(stream):  # type: ignore[type-var]
+                async for p, out in stream:
+                    if on_output is not None:
+                        on_output(p, out)
+                    for delta in self.step(run, p, out):
+                        yield delta
+                    if all(c.finished for c in run.choices):
+                        break
+        finally:
+            for c in run.choices:
+                if not c.finished and run.timers:
+                    run.timers[c.index // run.n].finished("abort")
+
 
 def _new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
@@ -423,14 +447,9 @@ class ServingCompletion(OpenAIServing):
         run, stream = await self.prepare(req)
         want = req.logprobs is not None
         logprobs: dict[int, list[tuple[TokenLogprob | None, int]]] = {i: [] for i in range(len(run.choices))}
-        async with aclosing(stream):  # type: ignore[type-var]
-            async for p, out in stream:
-                if req.echo and want:
-                    self._echo_logprobs(run, p, out)
-                for d in self.step(run, p, out):
-                    logprobs[d.index] += d.logprobs
-                if all(c.finished for c in run.choices):
-                    break
+        hook = functools.partial(self._echo_logprobs, run) if req.echo and want else None
+        async for d in self.deltas(run, stream, hook):
+            logprobs[d.index] += d.logprobs
         choices = [
             CompletionChoice(
                 index=c.index,
@@ -454,19 +473,13 @@ class ServingCompletion(OpenAIServing):
     ) -> AsyncIterator[CompletionResponse]:
         want = req.logprobs is not None
         created = int(time.time())
-        async with aclosing(stream):  # type: ignore[type-var]
-            async for p, out in stream:
-                if req.echo and want:
-                    self._echo_logprobs(run, p, out)
-                for d in self.step(run, p, out):
-                    yield CompletionResponse(
-                        id=run.request_id,
-                        created=created,
-                        model=self.model_name,
-                        choices=[self._choice(d.text, d, want)],
-                    )
-                if all(c.finished for c in run.choices):
-                    break
+        hook = functools.partial(self._echo_logprobs, run) if req.echo and want else None
+        async with aclosing(self.deltas(run, stream, hook)) as deltas:  # closed at once if the client leaves
+            async for d in deltas:
+                choice = self._choice(d.text, d, want)
+                yield CompletionResponse(
+                    id=run.request_id, created=created, model=self.model_name, choices=[choice]
+                )
         if req.stream_options and req.stream_options.include_usage:
             yield CompletionResponse(
                 id=run.request_id, created=created, model=self.model_name, choices=[], usage=run.usage()
@@ -528,12 +541,8 @@ class ServingChat(OpenAIServing):
     async def create(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
         run, stream = await self.prepare(req)
         logprobs: dict[int, list[tuple[TokenLogprob | None, int]]] = {i: [] for i in range(req.n)}
-        async with aclosing(stream):  # type: ignore[type-var]
-            async for p, out in stream:
-                for d in self.step(run, p, out):
-                    logprobs[d.index] += d.logprobs
-                if all(c.finished for c in run.choices):
-                    break
+        async for d in self.deltas(run, stream):
+            logprobs[d.index] += d.logprobs
         choices = [
             ChatChoice(
                 index=c.index,
@@ -563,19 +572,16 @@ class ServingChat(OpenAIServing):
 
         for i in range(req.n):  # OpenAI's first chunk of each choice carries the role
             yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
-        async with aclosing(stream):  # type: ignore[type-var]
-            async for p, out in stream:
-                for d in self.step(run, p, out):
-                    logprobs = self._logprobs(d.logprobs) if req.logprobs else None
-                    delta = DeltaMessage(content=d.text)
-                    yield chunk(
-                        [
-                            ChatStreamChoice(
-                                index=d.index, delta=delta, logprobs=logprobs, finish_reason=d.finish_reason
-                            )
-                        ]
-                    )
-                if all(c.finished for c in run.choices):
-                    break
+        async with aclosing(self.deltas(run, stream)) as deltas:  # closed at once if the client leaves
+            async for d in deltas:
+                logprobs = self._logprobs(d.logprobs) if req.logprobs else None
+                delta = DeltaMessage(content=d.text)
+                yield chunk(
+                    [
+                        ChatStreamChoice(
+                            index=d.index, delta=delta, logprobs=logprobs, finish_reason=d.finish_reason
+                        )
+                    ]
+                )
         if req.stream_options and req.stream_options.include_usage:
             yield chunk([], run.usage())

@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for f in fields(Settings):
         default = f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc]
-        shown = "***" if f.metadata["secret"] else default
+        shown = "unset" if default is None else default
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import httpx
 import pytest
 import uvicorn
 
@@ -71,6 +72,38 @@ async def test_burst_of_disconnects_frees_running_slots_and_kv(tokenizer: Tokeni
         stats = await wait_idle(engine)
         assert stats.num_finished.get("abort", 0) == 14, stats.num_finished
         assert stats.num_finished.get("length", 0) == 0
+        async with httpx.AsyncClient() as c:
+            metrics = (await c.get(f"http://127.0.0.1:{port}/metrics")).text
+        assert "smollm2:num_requests_running 0.0" in metrics and "smollm2:kv_cache_usage_perc 0.0" in metrics
+        assert 'smollm2:request_success_total{finished_reason="abort"} 14.0' in metrics
+    finally:
+        server.should_exit = True
+        await serving
+        await engine.shutdown(graceful=False)
+
+
+@pytest.mark.slow
+async def test_shutdown_lets_in_flight_requests_finish(tokenizer: Tokenizer) -> None:
+    port = free_port()
+    settings = tiny_settings(port=port)
+    engine = tiny_engine(tokenizer, settings)
+    engine.start()
+    app = create_app(settings, engine=engine, tokenizer=tokenizer)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=30)
+    )
+    serving = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            await asyncio.sleep(0.05)
+        async with httpx.AsyncClient(timeout=60) as c:
+            body = {"model": MODEL, "prompt": "go", "max_tokens": 300, "ignore_eos": True}
+            pending = asyncio.create_task(c.post(f"http://127.0.0.1:{port}/v1/completions", json=body))
+            while engine.stats().num_running == 0:
+                await asyncio.sleep(0.01)
+            server.should_exit = True  # what SIGTERM does
+            r = await pending
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 300
     finally:
         server.should_exit = True
         await serving

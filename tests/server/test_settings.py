@@ -1,0 +1,45 @@
+"""Settings from flags and SMOLLM2_* variables."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.settings import Settings, build_parser, parse_bytes
+
+
+def test_flag_wins_over_env_and_env_over_default() -> None:
+    env = {"SMOLLM2_PORT": "9001", "SMOLLM2_MAX_NUM_SEQS": "8", "SMOLLM2_ENABLE_PREFIX_CACHING": "off"}
+    s = Settings.from_args(["--port", "9002"], env=env)
+    assert s.port == 9002 and s.max_num_seqs == 8 and s.enable_prefix_caching is False
+    assert s.max_waiting == 256 and s.served_model_name == "SmolLM2-135M-Instruct" and s.host == "127.0.0.1"
+
+
+def test_sizes_lists_and_bad_values() -> None:
+    assert (
+        parse_bytes("1GiB") == 2**30 and parse_bytes("512MB") == 512 * 10**6 and parse_bytes("4096") == 4096
+    )
+    s = Settings.from_args(["--kv-cache-memory", "2GiB", "--cors-origins", "http://a, http://b"], env={})
+    assert s.kv_cache_memory == 2 * 2**30 and s.cors_origins == ["http://a", "http://b"]
+    with pytest.raises(ValueError, match="size"):
+        Settings.from_args(["--kv-cache-memory", "lots"], env={})
+    with pytest.raises(ValueError, match="port"):
+        Settings.from_args(["--port", "0"], env={})
+
+
+def test_api_key_is_never_shown() -> None:
+    s = Settings.from_args([], env={"SMOLLM2_API_KEY": "hunter2"})
+    assert s.api_key == "hunter2"
+    assert "hunter2" not in repr(s) and "hunter2" not in str(s)
+
+
+def test_help_explains_every_setting() -> None:
+    text = build_parser().format_help()
+    for flag in [
+        "--model",
+        "--kv-cache-memory",
+        "--max-waiting",
+        "--api-key",
+        "--max-body-bytes",
+        "SMOLLM2_PORT",
+    ]:
+        assert flag in text
