@@ -162,11 +162,18 @@ def interrupt_at(step: int):  # type: ignore[no-untyped-def]
     return hook
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype"),
+    [("cpu", "fp32"), ("cpu", "bf16"), pytest.param("cuda", "bf16", marks=[pytest.mark.gpu, CUDA])],
+)
 def test_resume_after_interrupt_matches_an_uninterrupted_run(
-    files: dict[str, Path], tmp_path: Path, dtype: str
+    files: dict[str, Path], tmp_path: Path, device: str, dtype: str
 ) -> None:
-    kw = dict(dtype=dtype, grad_accum=2, max_steps=12)
+    # sample_every: generations in between must not disturb the run (they use their own generator)
+    kw = dict(device=device, dtype=dtype, grad_accum=2, max_steps=12, sample_every=4, sample_tokens=4)
     straight = train(tiny_cfg(files, tmp_path / "a", **kw))
     first = train(tiny_cfg(files, tmp_path / "b", **kw), on_step=interrupt_at(5))
     assert first.interrupted and first.step == 5 and first.final_dir is None
