@@ -162,7 +162,7 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
 
 @dataclass
 class Dataset:
-    """Token blocks (n, block_size) for training and validation."""
+    """Token blocks (n, block_size), int32, for training and validation."""
 
     train: torch.Tensor
     val: torch.Tensor
@@ -171,18 +171,20 @@ class Dataset:
 
 
 def build_dataset(cfg: TrainConfig, tokenizer: Any, eos_id: int) -> Dataset:
-    ids: list[int] = []
-    for doc in read_documents(collect_files(cfg.data), cfg.text_field):
-        if doc.strip():
-            ids += tokenizer.encode(doc)
-            ids.append(eos_id)
+    # int32 arrays per document, not one list of Python ints (28+ bytes each) for the whole corpus
+    parts = [
+        np.array([*tokenizer.encode(doc), eos_id], dtype=np.int32)
+        for doc in read_documents(collect_files(cfg.data), cfg.text_field)
+        if doc.strip()
+    ]
+    ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
     n_blocks = len(ids) // cfg.block_size
     if n_blocks == 0:
         raise TrainError(
             f"the dataset has {len(ids)} tokens, fewer than one block of --block-size {cfg.block_size}: "
             "add text or lower --block-size"
         )
-    tokens = torch.tensor(ids[: n_blocks * cfg.block_size], dtype=torch.int64)
+    tokens = torch.from_numpy(ids[: n_blocks * cfg.block_size].copy())
     blocks = tokens.view(n_blocks, cfg.block_size)
     n_val = math.ceil(n_blocks * cfg.val_fraction) if cfg.val_fraction > 0 else 0
     if n_val >= n_blocks:
@@ -578,7 +580,7 @@ def train_step(run: _Run) -> tuple[float, float]:
     """One optimizer step over grad_accum micro-batches; returns the mean loss and the lr it used."""
     cfg, total = run.cfg, 0.0
     for _ in range(cfg.grad_accum):
-        batch = run.data.train[run.sampler.take(cfg.batch_size)].to(run.device, non_blocking=True)
+        batch = run.data.train[run.sampler.take(cfg.batch_size)].long().to(run.device, non_blocking=True)
         with run.autocast():
             loss = run.model(batch, labels=batch).loss / cfg.grad_accum
         loss.backward()
@@ -603,7 +605,7 @@ def evaluate(run: _Run) -> float | None:
     run.model.eval()
     losses = []
     for start in range(0, min(len(val), run.cfg.eval_batches * run.cfg.batch_size), run.cfg.batch_size):
-        batch = val[start : start + run.cfg.batch_size].to(run.device)
+        batch = val[start : start + run.cfg.batch_size].long().to(run.device)
         with run.autocast():
             losses.append(float(run.model(batch, labels=batch).loss))
     run.model.train()

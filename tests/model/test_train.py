@@ -261,7 +261,7 @@ def test_final_folder_loads_generates_and_fine_tunes(files: dict[str, Path], tmp
     tuned = train(ft_cfg)
     # Fine-tuning starts from the exported weights: its first loss is the final model's on that batch.
     data = build_dataset(ft_cfg, tok, tok.eos_token_id)
-    batch = data.train[BlockSampler(len(data.train), ft_cfg.seed).take(ft_cfg.batch_size)]
+    batch = data.train[BlockSampler(len(data.train), ft_cfg.seed).take(ft_cfg.batch_size)].long()
     with torch.no_grad():
         expected = model(batch, labels=batch).loss.item()
     assert tuned.history[0]["loss"] == pytest.approx(expected, abs=1e-5)
