@@ -262,7 +262,7 @@ class OpenAIServing:
             min_tokens=req.min_tokens,
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=-1 if req.top_k is None else req.top_k,
+            top_k=self._top_k(req.top_k),
             min_p=req.min_p or 0.0,
             repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
             presence_penalty=req.presence_penalty,
@@ -278,6 +278,12 @@ class OpenAIServing:
         except ValueError as e:
             raise APIError(400, str(e), param=str(e).split(" ", 1)[0]) from e
         return params
+
+    def _top_k(self, top_k: int | None) -> int:
+        # top_k at or above the vocabulary keeps every token: the same as off, and torch.topk cannot take it.
+        if top_k is None or top_k >= self.tokenizer.vocab_size:
+            return -1
+        return top_k
 
     @staticmethod
     def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:

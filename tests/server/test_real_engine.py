@@ -76,3 +76,27 @@ async def test_prompt_too_long_for_context(tiny_client: tuple[httpx.AsyncClient,
     assert r.status_code == 400 and "1024" in r.json()["error"]["message"]
     r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 1024})
     assert r.status_code == 400 and "1024" in r.json()["error"]["message"]
+
+
+EXTREMES = [
+    {"top_k": 10**12}, {"top_k": 0}, {"seed": 2**63 - 1, "n": 3}, {"seed": -(2**63)}, {"n": 128},
+    {"logprobs": 20}, {"logit_bias": {"0": 100, "49151": -100}}, {"min_p": 1.0}, {"top_p": 1e-9},
+    {"repetition_penalty": 2.0, "presence_penalty": 2, "frequency_penalty": -2}, {"temperature": 1e-9},
+    {"min_tokens": 2, "stop_token_ids": [0, 49151]}, {"stop": ["", "a" * 1000]}, {"echo": True, "logprobs": 20},
+    {"prompt": [49151] * 10}, {"prompt": [[0], [1, 2]], "n": 2},
+]  # fmt: skip
+
+
+async def test_extreme_valid_values_never_break_the_engine(
+    tiny_client: tuple[httpx.AsyncClient, Any],
+) -> None:
+    """Values at the edges of what validation accepts reach the real sampler; none may kill the engine."""
+    client, engine = tiny_client
+    for extra in EXTREMES:
+        body = {"model": MODEL, "prompt": "hi", "max_tokens": 2, **extra}
+        r = await client.post("/v1/completions", json=body)
+        assert r.status_code == 200, (extra, r.text)
+        r = await client.post("/v1/completions", json={**body, "stream": True})
+        assert r.status_code == 200 and '"error"' not in r.text, (extra, r.text)
+        assert engine.is_healthy, extra
+    await wait_idle(engine)
