@@ -179,8 +179,8 @@ def test_real_model_batched_chunked_preempted_equals_generate() -> None:
 
     model = load_model(None, dtype=torch.float32)
     texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time,", "1, 2, 3, 4,"]
-    from model.tokenizer import Tokenizer
     from model.defaults import require_default_model
+    from model.tokenizer import Tokenizer
 
     tok = Tokenizer.from_file(require_default_model())
     reqs = {
