@@ -208,7 +208,9 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     assert logits.shape[0] == batch.num_rows, (logits.shape, batch.num_rows)
     raw_logprobs = None
     if batch.logprob_rows is not None:
-        raw_logprobs = torch.log_softmax(logits.index_select(0, batch.logprob_rows), dim=-1)  # (L, V)
+        every_row = batch.logprob_rows.numel() == batch.num_rows
+        rows = logits if every_row else logits.index_select(0, batch.logprob_rows)
+        raw_logprobs = torch.log_softmax(rows, dim=-1)  # (L, V)
     _apply_processors(logits, batch)
     tokens = _choose(logits, batch)  # (B,) long
     token_list = tokens.tolist()
@@ -276,13 +278,18 @@ def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> None:
 
 def _choose(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     if batch.random_rows is None:
-        return logits.argmax(dim=-1)
+        return _argmax(logits)
     if batch.greedy_rows is None:
         return _sample_random(logits, batch)
     tokens = torch.empty(batch.num_rows, dtype=torch.long, device=logits.device)
-    tokens[batch.greedy_rows] = logits.index_select(0, batch.greedy_rows).argmax(dim=-1)
+    tokens[batch.greedy_rows] = _argmax(logits.index_select(0, batch.greedy_rows))
     tokens[batch.random_rows] = _sample_random(logits.index_select(0, batch.random_rows), batch)
     return tokens
+
+
+def _argmax(x: torch.Tensor) -> torch.Tensor:
+    """First maximum of each row; max(dim).indices runs about twice as fast as argmax on CPU."""
+    return x.max(dim=-1).indices
 
 
 def _sample_random(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -293,6 +300,8 @@ def _sample_random(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     depends on its own logits and parameters only, so seeded rows stay batch-independent.
     """
     u = _uniforms(batch, x.shape[0]).to(x.device)  # (R, 1)
+    if batch.temperature is not None:
+        x.div_(batch.temperature)  # in place: a fresh (R, V) tensor costs more than the division here
     cand = batch.candidate_rows
     if cand is None:
         return _sample_full(x, batch, None, u)
@@ -331,15 +340,9 @@ def _sample_candidates(
 
     Where covered is False the row's nucleus extends past the candidates and its token must be redrawn.
     """
-    temperature, top_k, top_p = (
-        _take(batch.temperature, rows),
-        _take(batch.top_k, rows),
-        _take(batch.top_p, rows),
-    )
+    top_k, top_p = _take(batch.top_k, rows), _take(batch.top_p, rows)
     num = min(_CANDIDATES, x.shape[1])
     vals, ids = x.topk(num, dim=-1)  # (C, K) descending
-    if temperature is not None:
-        vals = vals / temperature
     covered = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     if top_k is not None:
         covered = (top_k > 0) & (top_k <= num)  # the whole support is among the candidates
@@ -349,10 +352,10 @@ def _sample_candidates(
         # the nucleus is a share of the mass of the whole support: over the candidates if they hold it all
         lse = torch.logsumexp(vals, dim=-1, keepdim=True)  # (C, 1)
         rest = (~covered).nonzero().view(-1)
-        if rest.numel() > 0:
-            rest_x = x.index_select(0, rest)
-            rest_t = _take(temperature, rest)
-            lse[rest] = torch.logsumexp(rest_x if rest_t is None else rest_x / rest_t, dim=-1, keepdim=True)
+        if rest.numel() == x.shape[0]:
+            lse = torch.logsumexp(x, dim=-1, keepdim=True)
+        elif rest.numel() > 0:
+            lse[rest] = torch.logsumexp(x.index_select(0, rest), dim=-1, keepdim=True)
         num_kept, inside = _nucleus(vals, lse, top_p)
         covered |= inside
         vals.masked_fill_(torch.arange(num, device=x.device) >= num_kept, -math.inf)
@@ -363,14 +366,8 @@ def _sample_candidates(
 def _sample_full(
     x: torch.Tensor, batch: SamplingBatch, rows: torch.Tensor | None, u: torch.Tensor
 ) -> torch.Tensor:
-    """Sample rows of x (F, V) over the whole vocabulary (modified in place); rows index batch's tensors."""
-    temperature, top_k, top_p = (
-        _take(batch.temperature, rows),
-        _take(batch.top_k, rows),
-        _take(batch.top_p, rows),
-    )
-    if temperature is not None:
-        x.div_(temperature)
+    """Sample rows of x (F, V), tempered, over the whole vocabulary (in place); rows index batch's tensors."""
+    top_k, top_p = _take(batch.top_k, rows), _take(batch.top_p, rows)
     if top_k is not None and bool((top_k > 0).any()):
         kth = x.topk(int(top_k.max()), dim=-1).values.gather(1, (top_k.clamp(min=1) - 1).view(-1, 1))
         x.masked_fill_((top_k.view(-1, 1) > 0) & (x < kth), -math.inf)
@@ -408,10 +405,11 @@ def _nucleus(desc: torch.Tensor, lse: torch.Tensor, top_p: torch.Tensor) -> tupl
 
 
 def _draw(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draw of one column per row of x (R, N) logits, given u (R, 1) uniforms -> (R,)."""
-    cdf = torch.softmax(x, dim=-1).cumsum_(dim=-1)  # (R, N)
-    cols = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).view(-1)  # first column whose cdf exceeds u
-    overflow = cols >= x.shape[1]  # u rounded up to the total mass: ~2^-24 chance per row
-    if bool(overflow.any()):
-        cols = torch.where(overflow, x.argmax(dim=-1), cols)
+    """Inverse-CDF draw of one column per row of x (R, N) logits (destroyed), given u (R, 1) uniforms -> (R,)."""
+    cdf = x.sub_(x.amax(dim=-1, keepdim=True)).exp_().cumsum_(dim=-1)  # unnormalised, in place
+    total = cdf[:, -1:]
+    cols = torch.searchsorted(cdf, u * total, right=True).view(-1)  # first column whose cdf exceeds u * total
+    overflow = cols >= x.shape[1]  # u * total rounded up to total: ~2^-24 chance per row
+    if bool(overflow.any()):  # take the last column with mass: where the cdf first reaches its total
+        cols = torch.where(overflow, torch.searchsorted(cdf, total).view(-1), cols)
     return cols

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from model.sampling import SamplingBatch, _apply_processors, make_generator, prompt_logprobs, sample
+from model.sampling import SamplingBatch, _apply_processors, _draw, make_generator, prompt_logprobs, sample
 from server.engine.request import SamplingParams
 
 V = 50
@@ -114,6 +116,12 @@ def test_rows_on_different_paths_in_one_batch_keep_their_own_support() -> None:
     assert tokens[:, 2].max() < 400 and tokens[:, 2].max() > 300
     assert tokens[:, 3].max() > 900
     assert set(tokens[:, 4].tolist()) == {0}
+
+
+@pytest.mark.parametrize(("u", "token"), [(0.0, 1), (0.49, 1), (0.5, 3), (1.0, 3)])
+def test_draw_boundaries_never_pick_a_token_without_mass(u: float, token: int) -> None:
+    row = torch.tensor([[-math.inf, 0.0, -math.inf, 0.0, -math.inf]])  # mass on 1 and 3 only
+    assert _draw(row, torch.tensor([[u]])).item() == token  # u = 1 stands for u * total rounding up
 
 
 @pytest.mark.parametrize("top_k", [-1, 6])  # full-vocabulary path; candidate path (top_k = V keeps all)
