@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from model.config import SmolLM2Config
 from model.modeling import SmolLM2ForCausalLM
 from model.weights import (
+    _FAST_DEQUANT,
     load_model,
     main,
     model_from_state_dict,
@@ -144,6 +145,15 @@ def test_gguf_unpermutes_qk_and_dequantizes_every_type(tiny_gguf: tuple[Path, Sm
         else:  # quantized: Q4_1 errs by ~8% (relative norm), a wrong row order by ~140%
             assert (got - want).norm() / want.norm() < 0.15, name
     assert config.rope_theta == 100000.0 and config.max_position_embeddings == TINY.max_position_embeddings
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_1])
+def test_fast_dequantizers_are_bit_identical_to_gguf(qtype: gguf.GGMLQuantizationType) -> None:
+    values = np.random.default_rng(0).standard_normal((8, 96)).astype(np.float32)
+    packed = gguf.quants.quantize(values, qtype)  # (8, bytes per row) uint8
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    ours = _FAST_DEQUANT[qtype](packed.reshape(-1, type_size)).reshape(8, 96)
+    np.testing.assert_array_equal(ours, gguf.quants.dequantize(packed, qtype))
 
 
 def test_gguf_metadata_equals_gguf_reader(tiny_gguf: tuple[Path, SmolLM2ForCausalLM]) -> None:
