@@ -194,7 +194,7 @@ def create_app(settings: Settings, engine: Any = None, tokenizer: Tokenizer | No
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if engine is not None:
             assert tokenizer is not None, "pass the tokenizer with the engine"
-            length = settings.max_model_len or getattr(engine, "max_model_len", DEFAULT_MAX_MODEL_LEN)
+            length = settings.max_model_len or int(getattr(engine, "max_model_len", DEFAULT_MAX_MODEL_LEN))
             _attach(app, engine, tokenizer, length)
             yield
             return

@@ -13,7 +13,7 @@ import asyncio
 import functools
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -349,7 +349,7 @@ class OpenAIServing:
 
     async def deltas(
         self, run: _Run, stream: AsyncIterator[tuple[int, RequestOutput]], on_output: OutputHook | None = None
-    ) -> AsyncIterator[TextDelta]:
+    ) -> AsyncGenerator[TextDelta, None]:
         """Text deltas of all choices until each has finished. Leaving early (stop strings, errors, a
         client that went away) closes `stream`, which aborts the engine requests; unfinished choices
         are counted as aborted."""
@@ -423,7 +423,7 @@ class ServingCompletion(OpenAIServing):
         if out.prompt_logprobs is None:
             return
         decoder = self.tokenizer.incremental_decoder(skip_special_tokens=True)
-        offset, entries = 0, []
+        offset, entries = 0, list[tuple[TokenLogprob | None, int]]()
         for tid, lp in zip(run.prompts[p].token_ids, out.prompt_logprobs, strict=False):
             entries.append((lp if lp is not None else TokenLogprob(tid, float("nan"), 0, []), offset))
             offset += len(decoder.push([tid]))

@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"variable {ENV_PREFIX}<FLAG> (e.g. {ENV_PREFIX}PORT=9000); a flag wins over the environment.",
     )
     for f in fields(Settings):
-        default = f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc]
+        default = f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc,operator]
         shown = "unset" if default is None else default
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
