@@ -70,6 +70,7 @@ def _sync(device: torch.device) -> None:
 
 def run(args: argparse.Namespace) -> list[tuple[str, str, float, float]]:
     device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = True  # as model.train does on CUDA (no effect on CPU)
     config = SmolLM2Config()
     builders: dict[str, Callable[[SmolLM2Config], nn.Module]] = {
         "smollm2 (this repo)": SmolLM2ForCausalLM,

@@ -231,10 +231,13 @@ class BlockSampler:
 # ---- model, tokenizer, optimizer ---------------------------------------------------------------------------
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise TrainError(f"--device {name} was requested but CUDA is not available")
+    if dev.type == "cuda":  # TF32 matmuls for the fp32 path: ~10 bits of mantissa is plenty for training
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if dev.type not in ("cpu", "cuda"):
         raise TrainError(f"unsupported --device {name!r}: use auto, cpu, cuda or cuda:N")
     return dev
