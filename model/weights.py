@@ -101,7 +101,7 @@ class GGUFTensor:
 
 class _Cursor:
     def __init__(self, buf: np.ndarray) -> None:
-        self.buf, self.pos = buf, 0
+        self.buf, self.pos = buf.data, 0  # memoryview of the (uint8,) file bytes
 
     def unpack(self, fmt: str) -> tuple[Any, ...]:
         values = struct.unpack_from("<" + fmt, self.buf, self.pos)
