@@ -58,6 +58,13 @@ if [ -n "$MISSING" ]; then
 fi
 echo "all present: $MODULES"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# Packages pull in others (fastapi -> opentelemetry...): importing the app shows what is still missing.
+if ! ERR=$("$PY" -c 'import server.app' 2>&1); then
+  echo "!! the server does not import: $(echo "$ERR" | tail -1)"
+  echo "   install the missing package (pip install -e '.[dev]') or add its wheel to $WHEELS"
+  exit 1
+fi
+echo "server.app imports"
 
 step "choosing the model"
 MODEL=${SMOLLM2_MODEL:-}

@@ -510,7 +510,9 @@ def main(argv: list[str] | None = None) -> int:
     for line in roofline_lines(table.get("ours", {})):
         print(line)
     print(f"\nwrote {md} (+ .json, .png)")
-    return 0
+    # Peers may be unavailable; our own server failing to run or erroring fails the command.
+    ours = table.get("ours", {}).values()
+    return 1 if any(isinstance(v, str) or v.errors for v in ours) else 0
 
 
 if __name__ == "__main__":
