@@ -26,6 +26,7 @@ Design choices driven by the 2-core CPU this runs on (see bench/sampling_bench.p
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -174,10 +175,15 @@ def _top_k(params: list[SamplingParams], device: torch.device | str) -> torch.Te
 
 def _padded(seqs: list[list[int]], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
     """Ragged id lists -> ((B, W) long padded with each row's first id (0 if empty), (B, W) float mask)."""
-    width = max(1, max((len(seq) for seq in seqs), default=0))
-    ids = [seq + [seq[0] if seq else 0] * (width - len(seq)) for seq in seqs]
-    mask = [[1.0] * len(seq) + [0.0] * (width - len(seq)) for seq in seqs]
-    return torch.tensor(ids, dtype=torch.long, device=device), torch.tensor(mask, device=device)
+    lengths = torch.tensor([len(seq) for seq in seqs], dtype=torch.long)
+    flat = torch.tensor(list(itertools.chain.from_iterable(seqs)), dtype=torch.long)  # one C-level conversion
+    width = max(1, int(lengths.max()) if len(seqs) else 0)
+    mask = torch.arange(width) < lengths.view(-1, 1)  # (B, W)
+    starts = (lengths.cumsum(0) - lengths).clamp(max=max(flat.numel() - 1, 0))
+    first = torch.where(lengths > 0, flat[starts] if flat.numel() else 0, 0)
+    ids = first.view(-1, 1).repeat(1, width)
+    ids[mask] = flat  # row-major order of the mask matches the concatenation
+    return ids.to(device), mask.float().to(device)
 
 
 def _logit_bias(
