@@ -338,6 +338,7 @@ class SmolLM2ForCausalLM(nn.Module):
         use_cache: bool = False,
         position_ids: torch.Tensor | None = None,
     ) -> CausalLMOutput:
+        _check_ids(input_ids, self.config.vocab_size)
         hidden, presents = self.model(input_ids, attention_mask, past_key_values, use_cache, position_ids)
         logits = self.lm_head(hidden).float()  # (B, T, V)
         loss = None
@@ -409,6 +410,12 @@ class SmolLM2ForCausalLM(nn.Module):
             if eos_token_id is not None and bool(done.all()):
                 break
         return idx
+
+
+def _check_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
+        bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)][0]
+        raise ValueError(f"token id {int(bad)} is outside the vocabulary [0, {vocab_size})")
 
 
 def _fuse(*linears: nn.Linear) -> torch.Tensor:
