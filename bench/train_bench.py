@@ -39,8 +39,11 @@ def hf_llama(config: SmolLM2Config) -> nn.Module:
     return LlamaForCausalLM(hf)
 
 
-def time_steps(model: nn.Module, batch: torch.Tensor, amp: bool, warmup: int, steps: int) -> float:
-    """Mean seconds per training step after `warmup` untimed ones."""
+def time_steps(
+    model: nn.Module, batch: torch.Tensor, amp: bool, warmup: int, steps: int, budget_s: float
+) -> float:
+    """Mean seconds per training step after `warmup` untimed ones: `steps` of them, or fewer (at least
+    one) once `budget_s` seconds are spent, so a busy machine still finishes in bounded time."""
     device = batch.device
     model.train()
     opt = make_optimizer(model, TrainConfig(), device)
@@ -57,10 +60,12 @@ def time_steps(model: nn.Module, batch: torch.Tensor, amp: bool, warmup: int, st
         step()
     _sync(device)
     t0 = time.perf_counter()
-    for _ in range(steps):
+    done = 0
+    while done < steps and (done == 0 or time.perf_counter() - t0 < budget_s):
         step()
-    _sync(device)
-    return (time.perf_counter() - t0) / steps
+        _sync(device)
+        done += 1
+    return (time.perf_counter() - t0) / done
 
 
 def _sync(device: torch.device) -> None:
@@ -84,10 +89,11 @@ def run(args: argparse.Namespace) -> list[tuple[str, str, float, float]]:
         with device:
             model = build(config)
         for label, amp in (("fp32", False), ("bf16 autocast", True)):
-            sec = time_steps(model, batch, amp, args.warmup, args.steps)
+            sec = time_steps(model, batch, amp, args.warmup, args.steps, args.budget_s)
             tok_s = args.batch * args.seq / sec
             rows.append((name, label, sec, tok_s))
             print(f"{name:20s} {label:14s} {sec * 1000:9.0f} ms/step {tok_s:9.0f} tok/s", flush=True)
+            args.out.write_text(table(rows, args))  # after each row: a timeout still leaves the rows so far
         del model
         gc.collect()
     return rows
@@ -100,8 +106,9 @@ def table(rows: list[tuple[str, str, float, float]], args: argparse.Namespace) -
         "# Training throughput (bench/train_bench.py)",
         "",
         f"SmolLM2Config defaults (135M), batch {args.batch} x {args.seq} tokens, forward + backward + clip +",
-        f"AdamW, {args.warmup} warm-up + {args.steps} timed steps. Device: {args.device} ({device}),",
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average at the end {load:.1f}.",
+        f"AdamW, {args.warmup} warm-up + up to {args.steps} timed steps ({args.budget_s:.0f} s budget).",
+        f"Device: {args.device} ({device}), torch {torch.__version__}, {torch.get_num_threads()} threads,",
+        f"1-minute load average when written: {load:.1f} (the machine is shared: high load = slow steps).",
         "",
         "| model | precision | ms/step | tokens/s |",
         "|---|---|---|---|",
@@ -117,11 +124,15 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--budget-s", type=float, default=60.0, help="stop timing a row after this many seconds")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "train_bench.md")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     text = table(run(args), args)
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
 
 

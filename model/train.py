@@ -113,7 +113,7 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     step: int
-    history: list[dict[str, float]]  # one row per step run in this call (the CSV's columns)
+    history: list[dict[str, Any]]  # one row per step run in this call (the CSV's columns)
     interrupted: bool
     checkpoint: Path | None
     final_dir: Path | None
@@ -323,10 +323,10 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 # ---- RNG state as tensors and primitives (so torch.load(weights_only=True) reads it) ------------------------
 def capture_rng() -> dict[str, Any]:
     version, mt, gauss = random.getstate()
-    _, keys, pos, has_gauss, cached = np.random.get_state()
+    _, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
     return {
         "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+        "numpy": {"keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
                   "cached": float(cached)},
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -376,7 +376,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def atomic_folder(final: Path, write: Callable[[Path], None]) -> Path:
+def atomic_folder(final: Path, write: Callable[[Path], object]) -> Path:
     """Run write(tmp) into a temporary sibling folder, then rename it to `final` (replacing it)."""
     tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -529,7 +529,7 @@ class _StopFlag:
     @contextmanager
     def installed(self) -> Iterator[_StopFlag]:
         if threading.current_thread() is threading.main_thread():  # signal() works only there
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in (signal.SIGINT.value, signal.SIGTERM.value):
                 self._previous[sig] = signal.signal(sig, self._handle)
         try:
             yield self
@@ -707,6 +707,53 @@ def _check_model_fits(cfg: TrainConfig, model: SmolLM2ForCausalLM, tokenizer: An
         )
 
 
+class _Progress:
+    """Progress lines on stderr; tokens/s and ETA count time spent in training steps only."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.total, self.every = cfg.max_steps, cfg.log_every
+        self.tokens_per_step = cfg.grad_accum * cfg.batch_size * cfg.block_size
+        self.window_s, self.window_n = 0.0, 0
+
+    def add(self, step_s: float) -> None:
+        self.window_s, self.window_n = self.window_s + step_s, self.window_n + 1
+
+    def report(self, row: dict[str, Any]) -> None:
+        if not (_every(row["step"], self.every) or row["step"] == self.total) or not self.window_n:
+            return
+        mean_s = self.window_s / self.window_n
+        line = progress_line(
+            row["step"], self.total, row["loss"], row["lr"], self.tokens_per_step / mean_s, mean_s
+        )
+        val = row.get("val_loss")
+        print(line + (f" | val {val:.4f}" if isinstance(val, float) else ""), file=sys.stderr)
+        self.window_s, self.window_n = 0.0, 0
+
+
+def _timed_step(run: _Run, progress: _Progress, t_start: float) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    loss, lr = train_step(run)
+    if run.device.type == "cuda":
+        torch.cuda.synchronize()
+    step_s = time.perf_counter() - t0
+    progress.add(step_s)
+    if not math.isfinite(loss):
+        raise TrainError(f"the loss became {loss} at step {run.step}; lower --lr or check the data")
+    return {"step": run.step, "loss": loss, "lr": lr, "tokens_per_s": progress.tokens_per_step / step_s,
+            "elapsed_s": round(time.perf_counter() - t_start, 3)}  # fmt: skip
+
+
+def _periodic(run: _Run, stopping: bool) -> Path | None:
+    """Samples, checkpoint and export due after this step; returns the checkpoint written, if any."""
+    cfg, step = run.cfg, run.step
+    if _every(step, cfg.sample_every):
+        _log_samples(run)
+    checkpoint = run.checkpoint() if _every(step, cfg.save_every) or stopping else None
+    if _every(step, cfg.export_every):
+        save_export(run.model, run.tokenizer, run.out_dir / "exports" / f"step_{step:08d}")
+    return checkpoint
+
+
 def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
     """Train until max_steps or a signal; `on_step(step, loss)` is called after every step (tests, hooks)."""
     run, resumed = setup(cfg)
@@ -714,46 +761,24 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
     if resumed is None:
         (run.out_dir / "samples.txt").unlink(missing_ok=True)
     _announce(run, resumed)
-    history: list[dict[str, float]] = []
+    history: list[dict[str, Any]] = []
     checkpoint: Path | None = None
-    stop = _StopFlag()
-    t_start, t_window, steps_window = time.perf_counter(), time.perf_counter(), 0
+    stop, progress, t_start = _StopFlag(), _Progress(cfg), time.perf_counter()
     with stop.installed():
         while run.step < cfg.max_steps and stop.signum is None:
-            t0 = time.perf_counter()
-            loss, lr = train_step(run)
-            if run.device.type == "cuda":
-                torch.cuda.synchronize()
-            step_s = time.perf_counter() - t0
-            steps_window += 1
-            row = {"step": run.step, "loss": loss, "lr": lr,
-                   "tokens_per_s": cfg.grad_accum * cfg.batch_size * cfg.block_size / step_s,
-                   "elapsed_s": round(time.perf_counter() - t_start, 3)}  # fmt: skip
-            if not math.isfinite(loss):
-                raise TrainError(f"the loss became {loss} at step {run.step}; lower --lr or check the data")
+            row = _timed_step(run, progress, t_start)
             if _every(run.step, cfg.eval_every) or run.step == cfg.max_steps:
                 row["val_loss"] = evaluate(run) if len(run.data.val) else ""
-            if _every(run.step, cfg.log_every) or run.step == cfg.max_steps:
-                mean_s = (time.perf_counter() - t_window) / steps_window
-                tok_s = cfg.grad_accum * cfg.batch_size * cfg.block_size / mean_s
-                line = progress_line(run.step, cfg.max_steps, loss, row["lr"], tok_s, mean_s)
-                val = row.get("val_loss")
-                print(line + (f" | val {val:.4f}" if isinstance(val, float) else ""), file=sys.stderr)
-                t_window, steps_window = time.perf_counter(), 0
+            progress.report(row)
             csv_log.write(row)
             history.append(row)
-            if _every(run.step, cfg.sample_every):
-                _log_samples(run)
             if on_step is not None:
-                on_step(run.step, loss)
-            if _every(run.step, cfg.save_every) or stop.signum is not None:
-                checkpoint = run.checkpoint()
-            if _every(run.step, cfg.export_every):
-                save_export(run.model, run.tokenizer, run.out_dir / "exports" / f"step_{run.step:08d}")
+                on_step(run.step, row["loss"])
+            checkpoint = _periodic(run, stop.signum is not None) or checkpoint
     interrupted = stop.signum is not None and run.step < cfg.max_steps
     final_dir = None
     if not interrupted:
-        if checkpoint is None or not checkpoint.name.endswith(f"{run.step:08d}"):
+        if checkpoint is None or checkpoint.name != f"step_{run.step:08d}":
             checkpoint = run.checkpoint()
         final_dir = save_export(run.model, run.tokenizer, run.out_dir / "final")
     return TrainResult(run.step, history, interrupted, checkpoint, final_dir, stop.signum)
