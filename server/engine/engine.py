@@ -23,7 +23,6 @@ from server.engine.request import (
     CompletionOutput,
     Request,
     RequestOutput,
-    RequestStatus,
     SampleResult,
     SamplingParams,
     TokenLogprob,
@@ -49,6 +48,7 @@ class Runner(Protocol):
 class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     max_waiting: int = 256  # requests (n>1 children count one each) queued before QueueFullError
+    vocab_size: int | None = None  # None: the runner's (`runner.vocab_size` or its model's config)
 
 
 @dataclass(slots=True)
@@ -74,6 +74,7 @@ class _Group:
     children: list[Request]
     prompt_logprobs: list[TokenLogprob | None] | None  # None when not asked for
     prompt_logprobs_sent: bool = False
+    queue_time_sent: bool = False
 
     @property
     def finished(self) -> bool:
@@ -90,37 +91,75 @@ class LLMEngine:
         self.num_generation_tokens = 0
         self.num_prompt_tokens = 0
         self.num_finished: dict[str, int] = collections.Counter()
+        self.vocab_size = self.config.vocab_size or _runner_vocab_size(runner)
 
     @classmethod
     def from_config(cls, runner: Runner, config: EngineConfig) -> LLMEngine:
         return cls(runner, Scheduler(config.scheduler), config)
 
     # ---- requests ------------------------------------------------------------------------------
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> SamplingParams:
+        """Raise ValueError for any input that could fail inside a step; return the params to run.
+
+        A step runs every request together, so one bad request must never reach it: an exception there
+        kills the loop for all. AsyncEngine calls this on the caller's thread, so the caller hears at once.
+        """
+        max_len = self.scheduler.config.max_model_len
+        if not 0 < len(prompt_token_ids) <= max_len:
+            raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens; it must have 1 to {max_len}")
+        if params.n > self.config.max_waiting:
+            raise ValueError(f"n={params.n} is more than the engine can queue ({self.config.max_waiting})")
+        if self.vocab_size is None:
+            return params
+        params.validate(self.vocab_size)
+        low, high = min(prompt_token_ids), max(prompt_token_ids)
+        if low < 0 or high >= self.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"the prompt holds token id {bad}, outside the vocabulary [0, {self.vocab_size})"
+            )
+        if params.min_tokens > 0 and len(self._banned_until_min_tokens(params)) >= self.vocab_size:
+            raise ValueError(
+                "stop_token_ids (with EOS) hold every token: none could be drawn before min_tokens"
+            )
+        if params.top_k >= self.vocab_size:  # keeps every token: the same as off (and torch.topk cannot)
+            params = dataclasses.replace(params, top_k=-1)
+        return params
+
+    def _banned_until_min_tokens(self, params: SamplingParams) -> set[int]:
+        banned = set(params.stop_token_ids)
+        eos = self.scheduler.config.eos_token_id
+        if eos is not None and not params.ignore_eos:
+            banned.add(eos)
+        return banned
+
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already running")
+        params = self.check_request(prompt_token_ids, params)
         children = _fan_out(request_id, list(prompt_token_ids), params)
         for child in children:
             if child.request_id in self.scheduler.requests:
                 raise ValueError(f"request id {child.request_id!r} is already running")
-        added: list[Request] = []
-        try:
-            for child in children:
-                self.scheduler.add(child)
-                added.append(child)
-        except ValueError:
-            for child in added:
-                self.scheduler.abort(child.request_id)
-            raise
+        for child in children:
+            self.scheduler.add(child)  # cannot fail: check_request covered what it checks
         prompt_logprobs: list[TokenLogprob | None] | None = None if params.prompt_logprobs is None else [None]
         self._groups[request_id] = _Group(request_id, children, prompt_logprobs)
 
-    def abort_request(self, request_id: str) -> RequestOutput | None:
-        """Abort every child; return the final output (finish_reason "abort"), None if unknown."""
-        return self._end_group(request_id, RequestStatus.FINISHED_ABORTED)
+    def abort_request(self, request_id: str, index: int | None = None) -> RequestOutput | None:
+        """Abort every child, or only choice `index` (the others go on); return the output that ends
+        them (finish_reason "abort"), or None if the request or choice is unknown or already done."""
+        group = self._groups.get(request_id)
+        if group is None:
+            return None
+        children = group.children if index is None else [c for c in group.children if c.index == index]
+        completions = [self._abort_child(child) for child in children if not child.is_finished]
+        if not completions:
+            return None
+        return self._request_output(group, completions)
 
     def abort_all(self) -> list[RequestOutput]:
-        outputs = [self._end_group(rid, RequestStatus.FINISHED_ABORTED) for rid in list(self._groups)]
+        outputs = [self.abort_request(rid) for rid in list(self._groups)]
         return [out for out in outputs if out is not None]
 
     def has_unfinished(self) -> bool:
@@ -162,6 +201,9 @@ class LLMEngine:
         prompt_logprobs = None
         if group.prompt_logprobs is not None and not group.prompt_logprobs_sent and leader.num_output_tokens:
             prompt_logprobs, group.prompt_logprobs_sent = group.prompt_logprobs, True
+        queue_time = None
+        if not group.queue_time_sent and leader.first_scheduled_time is not None:
+            queue_time, group.queue_time_sent = leader.first_scheduled_time - leader.arrival_time, True
         finished = group.finished
         if finished:
             del self._groups[group.request_id]
@@ -172,6 +214,7 @@ class LLMEngine:
             num_prompt_tokens=leader.num_prompt_tokens,
             prompt_logprobs=prompt_logprobs,
             num_cached_tokens=leader.num_cached_tokens,
+            queue_time=queue_time,
         )
 
     def _gather_prompt_logprobs(self, group: _Group, result: SampleResult) -> None:
@@ -190,25 +233,10 @@ class LLMEngine:
         ):
             group.prompt_logprobs = [None]  # the prompt is recomputed from position 0
 
-    def _end_group(self, request_id: str, status: RequestStatus) -> RequestOutput | None:
-        group = self._groups.pop(request_id, None)
-        if group is None:
-            return None
-        completions = []
-        for child in group.children:
-            if not child.is_finished:
-                self.scheduler.abort(child.request_id)
-                child.status = status
-                self.num_finished[status.finish_reason or "?"] += 1
-                completions.append(CompletionOutput(child.index, [], finish_reason=status.finish_reason))
-        leader = group.children[0]
-        return RequestOutput(
-            request_id,
-            completions,
-            True,
-            leader.num_prompt_tokens,
-            num_cached_tokens=leader.num_cached_tokens,
-        )
+    def _abort_child(self, child: Request) -> CompletionOutput:
+        self.scheduler.abort(child.request_id)
+        self.num_finished["abort"] += 1
+        return CompletionOutput(child.index, [], finish_reason="abort")
 
     def stats(self) -> EngineStats:
         allocator = self.scheduler.allocator
@@ -224,6 +252,15 @@ class LLMEngine:
             num_finished=dict(self.num_finished),
             num_steps=self.num_steps,
         )
+
+
+def _runner_vocab_size(runner: Runner) -> int | None:
+    """ModelRunner knows it through its model; a test runner may state it."""
+    size = getattr(runner, "vocab_size", None)
+    model = getattr(runner, "model", None)
+    if size is None and model is not None:
+        size = model.config.vocab_size
+    return size
 
 
 def _fan_out(request_id: str, prompt: list[int], params: SamplingParams) -> list[Request]:
@@ -268,6 +305,7 @@ def merge_outputs(first: RequestOutput, later: RequestOutput) -> RequestOutput:
         outputs=sorted(by_index.values(), key=lambda c: c.index),
         prompt_logprobs=first.prompt_logprobs if first.prompt_logprobs is not None else later.prompt_logprobs,
         error=later.error or first.error,
+        queue_time=first.queue_time if first.queue_time is not None else later.queue_time,
     )
 
 
@@ -350,8 +388,9 @@ class AsyncEngine:
 
     @property
     def is_healthy(self) -> bool:
-        thread_ok = self._thread is None or self._thread.is_alive() or self._stopping
-        return self._dead_reason is None and thread_ok
+        """True while the engine takes requests: False once it died or began shutting down."""
+        thread_ok = self._thread is None or self._thread.is_alive()
+        return self._dead_reason is None and not self._stopping and thread_ok
 
     async def shutdown(self, graceful: bool = True, timeout: float | None = None) -> None:
         """Stop accepting; let in-flight requests finish (or abort them), then stop the thread."""
@@ -374,9 +413,7 @@ class AsyncEngine:
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestStream:
         """Queue the request now (raising QueueFullError / EngineDeadError / ValueError at once) and
         return its stream of deltas, for `async for out in engine.generate(...)`."""
-        max_len = self.engine.scheduler.config.max_model_len
-        if not 0 < len(prompt_token_ids) <= max_len:
-            raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens; it must have 1 to {max_len}")
+        params = self.engine.check_request(prompt_token_ids, params)  # reads only config: thread-safe
         loop = asyncio.get_running_loop()
         stream = _Stream(request_id, params.n, loop)
         with self._lock:
@@ -386,7 +423,7 @@ class AsyncEngine:
                 raise EngineDeadError("engine is shutting down")
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already running")
-            if self.engine.scheduler.num_waiting + self._num_inbox_adds >= self.max_waiting:
+            if self.engine.scheduler.num_waiting + self._num_inbox_adds + params.n > self.max_waiting:
                 raise QueueFullError(f"{self.max_waiting} requests are already waiting")
             self._streams[request_id] = stream
             self._inbox.append(("add", (request_id, list(prompt_token_ids), params)))
@@ -395,10 +432,11 @@ class AsyncEngine:
         self._wakeup.set()
         return RequestStream(self, stream)
 
-    def abort(self, request_id: str) -> None:
-        """Abort from any thread; the stream gets a final "abort" output. Unknown ids are ignored."""
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        """Abort from any thread: the whole request, or only its choice `index` (n > 1; the others go
+        on). The stream gets an "abort" output for what was aborted. Unknown ids are ignored."""
         with self._lock:
-            self._inbox.append(("abort", request_id))
+            self._inbox.append(("abort", (request_id, index)))
         self._wakeup.set()
 
     def _abort_stream(self, stream: _Stream) -> None:
@@ -439,7 +477,7 @@ class AsyncEngine:
             while self._abort_later:
                 stream = self._abort_later.popleft()
                 if self._streams.get(stream.request_id) is stream:
-                    outputs.extend(self._apply("abort", stream.request_id))
+                    outputs.extend(self._apply("abort", (stream.request_id, None)))
         if outputs:
             self._deliver(outputs)
 
@@ -452,7 +490,7 @@ class AsyncEngine:
                 return [_error_output(self._streams[request_id], str(exc))]
             return []
         if verb == "abort":
-            out = self.engine.abort_request(arg)
+            out = self.engine.abort_request(*arg)
             return [out] if out is not None else []
         return self.engine.abort_all()
 

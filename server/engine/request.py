@@ -89,6 +89,10 @@ class SamplingParams:
                 f"logprobs must be in [0, 20], got {self.logprobs}",
             ),
             (
+                self.seed is None or -(2**63) <= self.seed < 2**63,
+                f"seed must be a signed 64-bit integer, got {self.seed}",
+            ),
+            (
                 self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
                 f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}",
             ),
@@ -158,6 +162,8 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprob | None] | None = None  # first output only; None for token 0
     num_cached_tokens: int = 0
     error: str | None = None
+    # Seconds from arrival in the engine to first scheduled; on the first output after that only.
+    queue_time: float | None = None
 
 
 @dataclass(eq=False)

@@ -205,6 +205,7 @@ async def test_graceful_shutdown_finishes_in_flight_requests() -> None:
         assert tokens_of(outputs) == reference_tokens(prompt, params, VOCAB)
         assert outputs[-1].outputs[0].finish_reason == "length"
     assert idle(engine)
+    assert not engine.is_healthy and not engine.stats().healthy  # stopped: /health answers 503
 
 
 async def test_idle_engine_thread_waits_without_spinning() -> None:
@@ -228,3 +229,139 @@ def test_merge_outputs_concatenates_deltas() -> None:
     ]
     assert merged.finished and merged.outputs[1].stop_token_id == 8
     assert a.outputs[0].new_token_ids == [1, 2]  # inputs untouched
+
+
+async def test_queue_time_comes_once_on_the_first_output() -> None:
+    engine = make_async(step_delay=0.005, max_num_seqs=1)
+    params = SamplingParams(max_tokens=10)
+    first, second = await asyncio.gather(
+        collect(engine, "first", [1, 2], params), collect(engine, "second", [3, 4], params)
+    )
+    for outputs in (first, second):
+        times = [out.queue_time for out in outputs if out.queue_time is not None]
+        assert len(times) == 1 and outputs[0].queue_time == times[0] >= 0.0
+    # One sequence at a time: the second waited for the first's ten steps.
+    assert second[0].queue_time is not None and first[0].queue_time is not None
+    assert second[0].queue_time >= first[0].queue_time + 9 * 0.005
+    merged = merge_outputs(first[0], first[1])
+    assert merged.queue_time == first[0].queue_time
+    await engine.shutdown()
+
+
+async def test_aborting_one_choice_lets_the_others_finish() -> None:
+    engine = make_async(step_delay=0.002)
+    params = SamplingParams(n=3, max_tokens=40)
+    stream = engine.generate("multi", [4, 5, 6], params)
+    outputs = [await stream.__anext__()]
+    engine.abort("multi", index=1)
+    outputs += [out async for out in stream]
+    finals = {c.index: c.finish_reason for out in outputs for c in out.outputs if c.finish_reason}
+    assert finals == {0: "length", 1: "abort", 2: "length"}
+    expected = reference_tokens([4, 5, 6], SamplingParams(max_tokens=40), VOCAB)
+    assert tokens_of(outputs, 0) == tokens_of(outputs, 2) == expected
+    assert len(tokens_of(outputs, 1)) < 10  # stopped within a step or two, not run to the end
+    assert engine.stats().num_finished == {"abort": 1, "length": 2}
+    await wait_until(lambda: idle(engine))
+    engine.engine.scheduler.allocator.check_integrity()
+    engine.abort("multi", index=0)  # finished: ignored
+    await engine.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("prompt", "params", "words"),
+    [
+        ([1, VOCAB], SamplingParams(), "vocabulary"),
+        ([-1, 2], SamplingParams(), "vocabulary"),
+        ([1], SamplingParams(temperature=float("nan")), "temperature"),
+        ([1], SamplingParams(top_k=-5), "top_k"),
+        ([1], SamplingParams(logit_bias={VOCAB: 1.0}), "logit_bias"),
+        ([1], SamplingParams(stop_token_ids=[-1]), "stop_token_ids"),
+        ([1], SamplingParams(seed=2**63), "seed"),
+        ([1], SamplingParams(n=1000), "n="),
+    ],
+)
+async def test_bad_params_are_refused_before_the_loop(
+    prompt: list[int], params: SamplingParams, words: str
+) -> None:
+    engine = make_async()
+    with pytest.raises(ValueError, match=words):
+        engine.generate("bad", prompt, params)
+    assert engine.is_healthy and not engine.engine.has_unfinished()
+    await engine.shutdown()
+
+
+# ---- the real runner on a tiny model: no user input may crash the loop -------------------------------
+
+TINY_VOCAB, TINY_LEN = 256, 32
+EXTREME_PARAMS = [
+    SamplingParams(n=8, max_tokens=1),
+    SamplingParams(max_tokens=None, min_tokens=TINY_LEN, ignore_eos=True),  # runs to the context limit
+    SamplingParams(max_tokens=10**9, temperature=2.0),
+    SamplingParams(temperature=1e-9, top_p=1e-9, min_p=1.0),
+    SamplingParams(temperature=0.0, logprobs=20, prompt_logprobs=20),
+    SamplingParams(logprobs=0, prompt_logprobs=0, n=2),
+    SamplingParams(top_k=0), SamplingParams(top_k=1), SamplingParams(top_k=TINY_VOCAB - 1),
+    SamplingParams(top_k=TINY_VOCAB), SamplingParams(top_k=10**12),
+    SamplingParams(repetition_penalty=1e-9, presence_penalty=2.0, frequency_penalty=-2.0),
+    SamplingParams(repetition_penalty=2.0, presence_penalty=-2.0, frequency_penalty=2.0),
+    SamplingParams(logit_bias={0: 100.0, TINY_VOCAB - 1: -100.0}),
+    SamplingParams(logit_bias={t: -100.0 for t in range(TINY_VOCAB)}),
+    SamplingParams(seed=2**63 - 1, n=3), SamplingParams(seed=-(2**63), n=3), SamplingParams(seed=0),
+    SamplingParams(stop_token_ids=list(range(TINY_VOCAB)), min_tokens=0),
+    SamplingParams(stop_token_ids=list(range(2, TINY_VOCAB)), min_tokens=3),  # only 0 is left
+    SamplingParams(stop_token_ids=[0, TINY_VOCAB - 1], ignore_eos=True, min_tokens=16, max_tokens=16),
+]  # fmt: skip
+EXTREME_PROMPTS = [[TINY_VOCAB - 1] * TINY_LEN, [0], list(range(TINY_VOCAB))[: TINY_LEN - 1]]
+
+
+@pytest.fixture(scope="module")
+def tiny_runner_engine() -> LLMEngine:
+    import torch
+
+    from model.config import SmolLM2Config
+    from model.modeling import SmolLM2ForCausalLM
+    from server.engine.runner import ModelRunner
+
+    torch.manual_seed(0)
+    config = SmolLM2Config(
+        vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=TINY_LEN, eos_token_id=1,
+    )  # fmt: skip
+    sched = SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=128, max_model_len=TINY_LEN,
+                            block_size=8, num_blocks=24, eos_token_id=1)  # fmt: skip
+    runner = ModelRunner(
+        SmolLM2ForCausalLM(config).eval(), sched.num_blocks, sched.block_size, eos_token_id=1
+    )
+    return LLMEngine(runner, Scheduler(sched), EngineConfig(sched))
+
+
+@pytest.mark.slow
+async def test_extreme_params_on_the_real_runner_keep_the_engine_healthy(
+    tiny_runner_engine: LLMEngine,
+) -> None:
+    """Every SamplingParams field at the edges of what validation accepts, all in one batch (with
+    preemptions, as the pool is small), plus what it refuses: the loop must survive them all."""
+    engine = AsyncEngine(tiny_runner_engine)
+    engine.start()
+    for bad in (SamplingParams(top_k=-2), SamplingParams(temperature=-1.0), SamplingParams(n=0)):
+        with pytest.raises(ValueError):
+            engine.generate("bad", [1], bad)
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.generate("bad", [TINY_VOCAB], SamplingParams())
+    every_token = list(range(2, TINY_VOCAB))  # with EOS (1) and 0 below: every token banned
+    with pytest.raises(ValueError, match="every token"):
+        engine.generate("bad", [1], SamplingParams(stop_token_ids=[0, *every_token], min_tokens=1))
+    runs = [
+        collect(engine, f"x{i}-{j}", prompt, params)
+        for i, params in enumerate(EXTREME_PARAMS)
+        for j, prompt in enumerate(EXTREME_PROMPTS)
+    ]
+    results = await asyncio.gather(*runs)
+    for outputs in results:
+        assert outputs[-1].finished and outputs[-1].error is None
+        reasons = {c.finish_reason for out in outputs for c in out.outputs if c.finish_reason}
+        assert reasons <= {"stop", "length"}, reasons
+        assert all(0 <= t < TINY_VOCAB for out in outputs for c in out.outputs for t in c.new_token_ids)
+    assert engine.is_healthy
+    tiny_runner_engine.scheduler.allocator.check_integrity()
+    await engine.shutdown()

@@ -208,7 +208,7 @@ def test_stops_at_max_model_len() -> None:
     engine.add_request("a", list(range(10)), SamplingParams(max_tokens=None))
     got = run_to_end(engine)
     assert len(got["a"][0]) == 2
-    with pytest.raises(ValueError, match="limit is 12"):
+    with pytest.raises(ValueError, match="1 to 12"):
         engine.add_request("b", list(range(13)), SamplingParams())
 
 
