@@ -14,10 +14,10 @@ are never stale; per-request counters and histograms are observed by the serving
 | `smollm2:prompt_tokens_total` | counter | | prompt tokens of admitted requests |
 | `smollm2:generation_tokens_total` | counter | | tokens generated (and delivered) |
 | `smollm2:request_success_total` | counter | `finished_reason` | finished choices by reason: stop, length, abort |
-| `smollm2:time_to_first_token_seconds` | histogram | | arrival to first generated token |
-| `smollm2:inter_token_latency_seconds` | histogram | | time between two outputs of one request |
-| `smollm2:request_queue_time_seconds` | histogram | | arrival to first scheduled (from the engine) |
-| `smollm2:e2e_request_latency_seconds` | histogram | | arrival to finish |
+| `smollm2:time_to_first_token_seconds` | histogram | | arrival to first generated token, per request |
+| `smollm2:inter_token_latency_seconds` | histogram | | time between two tokens of one choice |
+| `smollm2:request_queue_time_seconds` | histogram | | arrival in the engine to first scheduled |
+| `smollm2:e2e_request_latency_seconds` | histogram | | arrival to the last choice's finish, per request |
 """
 
 from __future__ import annotations
@@ -160,24 +160,40 @@ class ServerMetrics:
 
 
 class RequestTimer:
-    """Observes one engine request's latencies; a no-op when metrics are off (metrics=None)."""
+    """Latencies of one engine request (one prompt and its n choices) as its outputs reach the server;
+    a no-op when metrics are off (metrics=None).
 
-    def __init__(self, metrics: ServerMetrics | None, num_prompt_tokens: int) -> None:
+    TTFT: arrival to the request's first token. ITL: per choice, one observation per token after its
+    first; a delta of k tokens (a consumer that fell behind) counts k observations of gap / k, so the
+    sum is the decode time and the count is tokens - 1. Queue time comes from the engine. E2E: arrival
+    to the last choice's finish, once per request. Success: one per choice, by finish reason.
+    """
+
+    def __init__(self, metrics: ServerMetrics | None, num_prompt_tokens: int, n: int = 1) -> None:
         self.metrics = metrics
         self.arrival = time.monotonic()
-        self.last: float | None = None
+        self.first_token: float | None = None
+        self.last: dict[int, float] = {}  # choice index -> when its latest tokens arrived
+        self.unfinished = n
         if metrics is not None:
             metrics.prompt_tokens.inc(num_prompt_tokens)
 
-    def tokens(self, n: int) -> None:
+    def tokens(self, index: int, n: int) -> None:
+        """Choice `index` received `n` new tokens now."""
         if self.metrics is None or n <= 0:
             return
         now = time.monotonic()
-        if self.last is None:
+        if self.first_token is None:
+            self.first_token = now
             self.metrics.ttft.observe(now - self.arrival)
+        last = self.last.get(index)
+        if last is None:  # this choice's first tokens: all but the first arrived with no gap
+            for _ in range(n - 1):
+                self.metrics.itl.observe(0.0)
         else:
-            self.metrics.itl.observe(now - self.last)
-        self.last = now
+            for _ in range(n):
+                self.metrics.itl.observe((now - last) / n)
+        self.last[index] = now
         self.metrics.generation_tokens.inc(n)
 
     def queued(self, seconds: float) -> None:
@@ -185,7 +201,10 @@ class RequestTimer:
             self.metrics.queue_time.observe(seconds)
 
     def finished(self, reason: str) -> None:
+        """One choice finished; the request's e2e latency is observed when its last choice does."""
         if self.metrics is None:
             return
-        self.metrics.e2e.observe(time.monotonic() - self.arrival)
         self.metrics.request_success.labels(finished_reason=reason).inc()
+        self.unfinished -= 1
+        if self.unfinished == 0:
+            self.metrics.e2e.observe(time.monotonic() - self.arrival)

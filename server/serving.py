@@ -60,7 +60,7 @@ class EngineClient(Protocol):
     def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[RequestOutput]: ...
-    def abort(self, request_id: str) -> Any: ...
+    def abort(self, request_id: str, index: int | None = None) -> Any: ...
 
 
 # ---- text of one choice -----------------------------------------------------------------------------
@@ -204,6 +204,7 @@ class _Run:
     n: int
     choices: list[ChoiceText] = field(default_factory=list)
     timers: list[RequestTimer] = field(default_factory=list)
+    engine_ids: list[str] = field(default_factory=list)  # the engine request of each prompt
 
     def usage(self) -> UsageInfo:
         prompt = sum(len(p.token_ids) for p in self.prompts)
@@ -318,15 +319,18 @@ class OpenAIServing:
     ) -> AsyncIterator[tuple[int, RequestOutput]]:
         """One engine request per prompt (params[i] for prompt i), merged into one stream."""
         many = len(run.prompts) > 1
+        run.engine_ids = [
+            f"{run.request_id}-p{i}" if many else run.request_id for i in range(len(run.prompts))
+        ]
         streams: list[AsyncIterator[RequestOutput]] = []
         try:
-            for i, (prompt, sp) in enumerate(zip(run.prompts, params, strict=True)):
-                streams.append(self._submit(f"{run.request_id}-p{i}" if many else run.request_id, prompt, sp))
+            for rid, prompt, sp in zip(run.engine_ids, run.prompts, params, strict=True):
+                streams.append(self._submit(rid, prompt, sp))
         except BaseException:
             for s in streams:
                 await s.aclose()  # type: ignore[attr-defined]
             raise
-        run.timers = [RequestTimer(self.metrics, len(p.token_ids)) for p in run.prompts]
+        run.timers = [RequestTimer(self.metrics, len(p.token_ids), run.n) for p in run.prompts]
         return merge_streams(streams)
 
     def step(self, run: _Run, p: int, out: RequestOutput) -> list[TextDelta]:
@@ -335,14 +339,18 @@ class OpenAIServing:
             raise APIError(500, f"The engine failed on this request: {out.error}", "internal_error")
         deltas = []
         timer = run.timers[p]
+        if out.queue_time is not None:
+            timer.queued(out.queue_time)
         for o in out.outputs:
             choice = run.choices[p * run.n + o.index]
             before = choice.num_tokens
             was_finished = choice.finished
             delta = choice.add(o)
-            timer.tokens(choice.num_tokens - before)
+            timer.tokens(o.index, choice.num_tokens - before)
             if choice.finished and not was_finished:
                 timer.finished(choice.finish_reason or "stop")
+                if o.finish_reason is None:  # a stop string ended it here: the engine would go on
+                    self.engine.abort(run.engine_ids[p], o.index)
             if delta is not None:
                 deltas.append(delta)
         return deltas

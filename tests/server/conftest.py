@@ -45,6 +45,7 @@ class FakeEngine:
         self.delay = delay
         self.running: set[str] = set()
         self.aborted: list[str] = []
+        self.aborted_choices: list[tuple[str, int]] = []  # abort(request_id, index) calls
         self.submitted: list[tuple[str, list[int], SamplingParams]] = []
         self.dead = False
         self.max_model_len = MAX_MODEL_LEN
@@ -56,7 +57,10 @@ class FakeEngine:
     def stats(self) -> dict[str, Any]:
         return {"num_running": len(self.running), "num_waiting": 0, "kv_cache_usage": 0.1 * len(self.running)}
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        if index is not None:
+            self.aborted_choices.append((request_id, index))
+            return
         if request_id in self.running:
             self.running.discard(request_id)
             self.aborted.append(request_id)
@@ -105,6 +109,10 @@ class FakeEngine:
                 for i, tokens in enumerate(streams):
                     if step >= len(tokens):
                         continue
+                    if (request_id, i) in self.aborted_choices:  # as the engine: "abort", no more tokens
+                        outputs.append(CompletionOutput(i, [], None, "abort"))
+                        tokens[step:] = []
+                        continue
                     tid = tokens[step]
                     stop = tid == self.tokenizer.eos_token_id or tid in params.stop_token_ids
                     reason = "stop" if stop else ("length" if step == limit - 1 else None)
@@ -114,9 +122,9 @@ class FakeEngine:
                     if reason is not None:
                         tokens[step + 1 :] = []
                 finished = completed = all(len(t) <= step + 1 for t in streams)
-                yield RequestOutput(
-                    request_id, outputs, finished, len(prompt_token_ids), prompt_lp if step == 0 else None
-                )
+                first = step == 0
+                yield RequestOutput(request_id, outputs, finished, len(prompt_token_ids),
+                                    prompt_lp if first else None, queue_time=0.001 if first else None)  # fmt: skip
                 if finished:
                     break
         finally:  # leaving early aborts

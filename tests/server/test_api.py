@@ -80,6 +80,20 @@ async def test_stop_string_spanning_tokens_is_cut_and_aborts(
     assert len(fake_engine.aborted) == 1 and not fake_engine.running
 
 
+async def test_stop_string_in_one_choice_stops_only_that_choice(
+    client: httpx.AsyncClient, fake_engine: FakeEngine, tokenizer: Tokenizer
+) -> None:
+    # Seed 0: choice 0 starts at the script's start ("The quick..."), choice 1 one token later.
+    r = await complete(client, prompt="x", max_tokens=10, seed=0, temperature=1.0, n=2, stop="The quick")
+    data = r.json()
+    [(rid, index)] = fake_engine.aborted_choices  # the engine stopped generating choice 0 only
+    assert index == 0 and rid == fake_engine.submitted[0][0]
+    assert [(c["text"], c["finish_reason"]) for c in data["choices"]][0] == ("", "stop")
+    assert data["choices"][1]["finish_reason"] == "length"
+    # Counted as with n=1: the tokens generated up to the stop string, plus the other choice's ten.
+    assert data["usage"]["completion_tokens"] == len(tokenizer.encode("The quick")) + 10
+
+
 async def test_streamed_text_equals_non_streamed_with_stop(client: httpx.AsyncClient) -> None:
     body = {"prompt": "x", "max_tokens": 30, "seed": 7, "temperature": 0.8, "stop": " the lazy", "n": 2}
     plain = (await complete(client, **body)).json()

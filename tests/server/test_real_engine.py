@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.server.test_api import MODEL, sse_chunks
 
@@ -100,3 +101,58 @@ async def test_extreme_valid_values_never_break_the_engine(
         assert r.status_code == 200 and '"error"' not in r.text, (extra, r.text)
         assert engine.is_healthy, extra
     await wait_idle(engine)
+
+
+async def test_stop_string_in_one_choice_aborts_only_that_choice(
+    tiny_client: tuple[httpx.AsyncClient, Any],
+) -> None:
+    client, engine = tiny_client
+    body: dict[str, Any] = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 40, "seed": 3,
+                            "temperature": 1.0, "n": 2, "ignore_eos": True}  # fmt: skip
+    plain = (await client.post("/v1/completions", json=body)).json()["choices"]
+    text0, text1 = plain[0]["text"], plain[1]["text"]
+    stop = text0[len(text0) // 4 : len(text0) // 4 + 5]
+    assert stop not in text1, "pick another seed: the stop string must hit choice 0 only"
+    before = (await wait_idle(engine)).num_finished
+    r = (await client.post("/v1/completions", json={**body, "stop": [stop]})).json()
+    assert r["choices"][0] == {**plain[0], "text": text0[: text0.index(stop)], "finish_reason": "stop"}
+    assert r["choices"][1] == plain[1]  # the other choice is untouched and runs to its end
+    after = (await wait_idle(engine)).num_finished
+    assert after.get("abort", 0) - before.get("abort", 0) == 1  # choice 0 stopped in the engine too
+    assert after["length"] - before["length"] == 1
+    # Usage counts choice 0's tokens up to the one completing the stop string, as with n = 1.
+    single = (await client.post("/v1/completions", json={**body, "n": 1, "stop": [stop]})).json()
+    assert single["choices"][0]["text"] == r["choices"][0]["text"]
+    assert r["usage"]["completion_tokens"] == single["usage"]["completion_tokens"] + 40
+
+
+def scrape(text: str) -> dict[str, float]:
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
+
+
+async def test_latency_histograms_count_requests_and_tokens(
+    tiny_client: tuple[httpx.AsyncClient, Any],
+) -> None:
+    client, engine = tiny_client
+    base = {"model": MODEL, "prompt": "hello", "ignore_eos": True, "temperature": 0}
+    await asyncio.gather(
+        client.post("/v1/completions", json={**base, "max_tokens": 5}),
+        client.post("/v1/completions", json={**base, "max_tokens": 4, "n": 2, "stream": True}),
+    )
+    await wait_idle(engine)
+    m = scrape((await client.get("/metrics")).text)
+    p = "smollm2:"
+    assert m[p + "request_queue_time_seconds_count"] == 2  # one per request, from the engine
+    assert m[p + "time_to_first_token_seconds_count"] == 2
+    assert m[p + "e2e_request_latency_seconds_count"] == 2  # per request, not per choice
+    assert m[p + "inter_token_latency_seconds_count"] == (5 - 1) + 2 * (4 - 1)  # per choice, tokens - 1
+    assert m[p + "generation_tokens_total"] == 13
+    assert 0 < m[p + "request_queue_time_seconds_sum"] < m[p + "time_to_first_token_seconds_sum"]
+    assert m[p + "time_to_first_token_seconds_sum"] < m[p + "e2e_request_latency_seconds_sum"]
+
+
+async def test_health_is_503_once_the_engine_shut_down(tiny_client: tuple[httpx.AsyncClient, Any]) -> None:
+    client, engine = tiny_client
+    assert (await client.get("/health")).status_code == 200
+    await engine.shutdown(graceful=True)
+    assert (await client.get("/health")).status_code == 503
