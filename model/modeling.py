@@ -119,6 +119,13 @@ class SmolLM2MLP(nn.Module):
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
+    def forward_flat(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference only (no autograd): silu and the product run in place in the fused output."""
+        if self.gate_up_weight is None:
+            return self(x)
+        gate, up = F.linear(x, self.gate_up_weight).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate, inplace=True).mul_(up))
+
 
 class SmolLM2Attention(nn.Module):
     """Grouped-query attention (9 query heads over 3 KV heads) with rotary embeddings."""
@@ -174,22 +181,23 @@ class SmolLM2Attention(nn.Module):
     def forward_paged(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
-        kv_cache: KVCache,
+        kv_cache: torch.Tensor,
     ) -> torch.Tensor:
-        """x (N, H), cos/sin (N, 1, hd) -> (N, H)."""
+        """x (N, H) -> (N, H). rope: (cos, sin) tables (N, nh + 2 nkv, hd) from SmolLM2Model.rope_tables."""
         N = x.shape[0]
         nh, nkv, hd = self.num_heads, self.num_key_value_heads, self.head_dim
         if self.qkv_weight is not None:
-            q, k, v = F.linear(x, self.qkv_weight).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+            qkv = F.linear(x, self.qkv_weight)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q, k, v = q.view(N, nh, hd), k.view(N, nkv, hd), v.view(N, nkv, hd)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scaling)
+            qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        qkv = qkv.view(N, nh + 2 * nkv, hd)
+        # rotate_half(x) * sin == roll(x, hd/2) * sign-folded sin. The tables leave V heads unchanged
+        # (cos 1, sin 0) and carry the 1/sqrt(hd) query scale (a power of two, so exact).
+        cos, sin = rope
+        qkv = torch.addcmul(qkv * cos, qkv.roll(hd // 2, dims=-1), sin)
+        out = paged_attention(qkv[:, :nh], qkv[:, nh:], kv_cache, meta)
         return self.o_proj(out)
 
 
@@ -225,16 +233,14 @@ class SmolLM2DecoderLayer(nn.Module):
     def forward_paged(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
-        kv_cache: KVCache,
+        kv_cache: torch.Tensor,
     ) -> torch.Tensor:
         ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
-        x = x + self.self_attn.forward_paged(
-            F.rms_norm(x, ln1.weight.shape, ln1.weight, ln1.variance_epsilon), cos, sin, meta, kv_cache
-        )
-        return x + self.mlp(F.rms_norm(x, ln2.weight.shape, ln2.weight, ln2.variance_epsilon))
+        h = F.rms_norm(x, ln1.weight.shape, ln1.weight, ln1.variance_epsilon)
+        x = x + self.self_attn.forward_paged(h, rope, meta, kv_cache)
+        return x + self.mlp.forward_flat(F.rms_norm(x, ln2.weight.shape, ln2.weight, ln2.variance_epsilon))
 
 
 class SmolLM2Model(nn.Module):
@@ -284,15 +290,32 @@ class SmolLM2Model(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         meta: AttentionMetadata,
-        kv_caches: list[KVCache],
+        kv_caches: list[torch.Tensor],
     ) -> torch.Tensor:
         """Flat batch: input_ids, positions (N,) -> final hidden states (N, H)."""
         h = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb.at_positions(positions, h.dtype)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (N, 1, hd), broadcast over heads
+        rope = self.rope_tables(positions, h.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            h = layer.forward_paged(h, cos, sin, meta, kv_cache)
+            h = layer.forward_paged(h, rope, meta, kv_cache)
         return F.rms_norm(h, self.norm.weight.shape, self.norm.weight, self.norm.variance_epsilon)
+
+    def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, nh + 2 nkv, hd) cos and sign-folded sin for the fused q/k/v heads, built once per step.
+
+        Query heads carry the attention scale 1/sqrt(hd); value heads get cos 1 and sin 0.
+        """
+        cfg = self.config
+        nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        N = positions.shape[0]
+        cos, sin = self.rotary_emb.at_positions(positions, dtype)  # (N, hd)
+        sin = torch.cat([-sin[:, : hd // 2], sin[:, hd // 2 :]], dim=-1)
+        scale = hd**-0.5
+        heads = [nh, nkv, nkv]
+        cos_parts = [cos * scale, cos, torch.ones_like(cos)]
+        sin_parts = [sin * scale, sin, torch.zeros_like(sin)]
+        cos_t = torch.cat([c[:, None].expand(N, n, hd) for c, n in zip(cos_parts, heads, strict=True)], dim=1)
+        sin_t = torch.cat([c[:, None].expand(N, n, hd) for c, n in zip(sin_parts, heads, strict=True)], dim=1)
+        return cos_t, sin_t
 
 
 @dataclass
@@ -354,7 +377,7 @@ class SmolLM2ForCausalLM(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         meta: AttentionMetadata,
-        kv_caches: list[KVCache],
+        kv_caches: list[torch.Tensor],
     ) -> torch.Tensor:
         return self.model.forward_paged(input_ids, positions, meta, kv_caches)
 

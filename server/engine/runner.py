@@ -6,12 +6,17 @@ runs the model over the paged KV cache, computes logits only for the rows that n
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from model.attention import AttentionMetadata, PrefillSeq, allocate_kv_cache, kv_cache_bytes_per_block
+from model.attention import (
+    AttentionMetadata,
+    PrefillSeq,
+    allocate_kv_cache,
+    build_decode_mask,
+    kv_cache_bytes_per_block,
+)
 from model.modeling import SmolLM2ForCausalLM
 from model.sampling import SamplingBatch, make_generator, prompt_logprobs, sample
 from server.engine.request import Request, SampleResult
@@ -149,11 +154,9 @@ class ModelRunner:
         width = max(len(t) for t in tables)
         padded = [t + [0] * (width - len(t)) for t in tables]
         table = torch.tensor(padded, dtype=torch.long, device=self.device)  # (D, width)
-        span = torch.arange(width * self.block_size, device=self.device)
         lens_t = torch.tensor(lens, device=self.device)
-        mask = torch.zeros(len(lens), width * self.block_size, device=self.device)
-        mask.masked_fill_(span[None, :] >= lens_t[:, None], -math.inf)
-        return table, mask.view(1, len(lens), 1, -1)
+        nkv = self.model.config.num_key_value_heads
+        return table, build_decode_mask(lens_t, width * self.block_size, nkv, self.dtype)
 
     # ---- sampling ----------------------------------------------------------------------------------
     def _sampling_batch(self, rows: list[_Row]) -> SamplingBatch:

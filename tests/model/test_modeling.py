@@ -17,7 +17,7 @@ from model import (
     repeat_kv,
     rotate_half,
 )
-from model.attention import AttentionMetadata, PrefillSeq, allocate_kv_cache
+from model.attention import AttentionMetadata, PrefillSeq, allocate_kv_cache, build_decode_mask
 
 TINY = dict(
     vocab_size=300,
@@ -132,10 +132,8 @@ def _paged_step(model, caches, seqs, tables, starts, ends, bs, decodes):  # type
     )
     mask = None
     if decodes:
-        span = torch.arange(width * bs)
         lens = torch.tensor([ends[i] for i in decodes])
-        mask = torch.zeros(len(decodes), width * bs).masked_fill(span[None] >= lens[:, None], float("-inf"))
-        mask = mask.view(1, len(decodes), 1, -1)
+        mask = build_decode_mask(lens, width * bs, model.config.num_key_value_heads, torch.float32)
     meta = AttentionMetadata(torch.tensor(slots), len(decodes), dec_tables, mask, prefills, bs)
     return model.forward_paged(torch.tensor(ids), torch.tensor(pos), meta, caches)
 
