@@ -99,8 +99,16 @@ def run(args: argparse.Namespace) -> list[tuple[str, str, float, float]]:
     return rows
 
 
+def _cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "cpu"
+
+
 def table(rows: list[tuple[str, str, float, float]], args: argparse.Namespace) -> str:
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else _cpu_name()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lines = [
         "# Training throughput (bench/train_bench.py)",
