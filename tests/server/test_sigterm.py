@@ -1,0 +1,81 @@
+"""SIGTERM for real: `python -m server` on a tiny model drains in-flight streams, then exits cleanly."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from model.tokenizer import Tokenizer
+from tests.server.conftest import free_port
+from tests.server.test_api import MODEL
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+MAX_TOKENS = 600  # long enough to be mid-stream when the signal lands
+
+
+def tiny_model_folder(tokenizer: Tokenizer, folder: Path) -> Path:
+    import torch
+
+    from model.config import SmolLM2Config
+    from model.modeling import SmolLM2ForCausalLM
+    from model.weights import save_hf_folder
+
+    torch.manual_seed(0)
+    config = SmolLM2Config(
+        vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    return save_hf_folder(SmolLM2ForCausalLM(config).eval(), folder, tokenizer)
+
+
+def start_server(model: Path, port: int) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "server", "--model", str(model), "--port", str(port), "--dtype", "float32",
+           "--kv-cache-memory", "8MiB", "--max-model-len", "1024", "--shutdown-timeout", "60"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, f"server exited: {proc.communicate()[0]}"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "server did not become healthy in 120 s"
+        time.sleep(0.2)
+
+
+def test_sigterm_drains_the_in_flight_stream_then_exits_zero(tokenizer: Tokenizer, tmp_path: Path) -> None:
+    port = free_port()
+    proc = start_server(tiny_model_folder(tokenizer, tmp_path / "tiny"), port)
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    body = {"model": MODEL, "prompt": "Once", "max_tokens": MAX_TOKENS, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    try:
+        events: list[str] = []
+        with httpx.stream("POST", url, json=body, timeout=60) as r:
+            lines = (line for line in r.iter_lines() if line.startswith("data: "))
+            events.append(next(lines))
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)  # uvicorn notices the signal and closes its listener
+            with pytest.raises(httpx.TransportError):  # no new request gets in during the drain
+                httpx.post(url, json={**body, "stream": False, "max_tokens": 1}, timeout=5)
+            events.extend(lines)
+        assert proc.wait(timeout=60) == 0, proc.communicate()[0][-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    finishes = [c["finish_reason"] for chunk in chunks for c in chunk["choices"] if c["finish_reason"]]
+    assert finishes == ["length"] and chunks[-1]["usage"]["completion_tokens"] == MAX_TOKENS
+    assert sum(1 for chunk in chunks for _ in chunk["choices"]) <= MAX_TOKENS
