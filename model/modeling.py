@@ -72,7 +72,9 @@ class SmolLM2RotaryEmbedding(nn.Module):
 
     def at_positions(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, dim) cos and sin for arbitrary positions (the serving path)."""
-        self._grow(int(positions.max()) + 1 if positions.numel() else 0)
+        capturing = positions.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not capturing:  # a CUDA graph capture must not sync; its owner grows the cache beforehand
+            self._grow(int(positions.max()) + 1 if positions.numel() else 0)
         return self.cos_cached[positions].to(dtype), self.sin_cached[positions].to(dtype)
 
 

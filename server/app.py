@@ -148,7 +148,10 @@ def make_engine(model: Any, tokenizer: Tokenizer, settings: Settings) -> tuple[A
         raise ValueError(
             f"{e}: raise --kv-cache-memory (now {settings.kv_cache_memory} bytes) or lower --max-model-len"
         ) from e
-    runner = ModelRunner(model, num_blocks, settings.block_size, eos)
+    runner = ModelRunner(
+        model, num_blocks, settings.block_size, eos, cuda_graphs=settings.cuda_graphs,
+        max_num_seqs=settings.max_num_seqs, max_model_len=max_model_len,
+    )  # fmt: skip
     engine = AsyncEngine(
         LLMEngine.from_config(runner, EngineConfig(scheduler=scheduler, max_waiting=settings.max_waiting))
     )

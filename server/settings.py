@@ -77,6 +77,11 @@ class Settings:
     enable_prefix_caching: bool = _opt(
         True, "reuse KV blocks of shared prompt prefixes (true/false)", parse_bool
     )
+    cuda_graphs: bool = _opt(
+        True,
+        "capture decode steps in CUDA graphs on a GPU (false = eager, like vLLM's --enforce-eager)",
+        parse_bool,
+    )
     api_key: str | None = _opt(None, "require `Authorization: Bearer <key>` on /v1 routes", secret=True)
     cors_origins: list[str] = _opt(
         [], "comma-separated origins allowed by CORS (empty: CORS off)", parse_list

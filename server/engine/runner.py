@@ -19,6 +19,7 @@ from model.attention import (
 )
 from model.modeling import SmolLM2ForCausalLM
 from model.sampling import SamplingBatch, make_generator, prompt_logprobs, sample
+from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.request import Request, SampleResult
 
 
@@ -31,6 +32,16 @@ class _Row:
     num_tokens: int
     query_start: int  # its first row in the flat batch
     samples: bool  # this chunk reaches the end of its known tokens, so a new token is drawn
+
+
+@dataclass(slots=True)
+class _StepInputs:
+    tokens: list[int]
+    positions: list[int]
+    slots: list[int]
+    decode_tables: list[list[int]]
+    decode_lens: list[int]
+    prefills: list[PrefillSeq]
 
 
 def num_blocks_for_memory(
@@ -50,6 +61,9 @@ class ModelRunner:
         num_blocks: int,
         block_size: int = 16,
         eos_token_id: int | None = None,
+        cuda_graphs: bool = True,
+        max_num_seqs: int = 64,
+        max_model_len: int = 8192,
     ) -> None:
         self.model = model
         self.device = model.device
@@ -59,30 +73,42 @@ class ModelRunner:
         self.eos_token_id = eos_token_id if eos_token_id is not None else model.config.eos_token_id
         model.prepare_for_serving()
         cfg = model.config
+        use_graphs = cuda_graphs and self.device.type == "cuda"
+        # with CUDA graphs, one extra block past the allocator's range takes the padding rows' writes
         self.kv_caches = allocate_kv_cache(
             cfg.num_hidden_layers,
             cfg.num_key_value_heads,
             cfg.head_dim,
-            num_blocks,
+            num_blocks + int(use_graphs),
             block_size,
             self.dtype,
             self.device,
         )
         self._generators: dict[str, tuple[Request, torch.Generator]] = {}
+        self.graphs: DecodeGraphs | None = None
+        if use_graphs:
+            max_blocks = (max_model_len + block_size - 1) // block_size
+            self.graphs = DecodeGraphs(
+                model, self.kv_caches, block_size, num_blocks, max_num_seqs, max_blocks
+            )
 
     @torch.inference_mode()
     def execute(self, plan) -> dict[str, SampleResult]:  # plan: scheduler.SchedulerOutput
         rows = self._layout(plan.scheduled)
         if not rows:
             return {}
-        input_ids, positions, meta = self._prepare(rows)
-        hidden = self.model.forward_paged(input_ids, positions, meta, self.kv_caches)
         results: dict[str, SampleResult] = {}
-        self._prompt_logprobs(rows, hidden, results)
         sampling = [r for r in rows if r.samples]
+        logits = self._graph_decode(rows, sampling)
+        if logits is None:
+            inputs = self._collect(rows)
+            hidden = self.model.forward_paged(*self._tensors(inputs), self.kv_caches)
+            self._prompt_logprobs(rows, hidden, results)
+            if sampling:
+                last = torch.tensor([r.query_start + r.num_tokens - 1 for r in sampling], device=self.device)
+                logits = self.model.compute_logits(hidden.index_select(0, last))
         if sampling:
-            last = torch.tensor([r.query_start + r.num_tokens - 1 for r in sampling], device=self.device)
-            logits = self.model.compute_logits(hidden.index_select(0, last))
+            assert logits is not None
             out = sample(logits, self._sampling_batch(sampling))
             for i, r in enumerate(sampling):
                 res = results.get(r.request.request_id)
@@ -106,49 +132,57 @@ class ModelRunner:
             offset += n
         return rows
 
-    def _prepare(self, rows: list[_Row]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        bs, dev = self.block_size, self.device
-        tokens: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        decode_tables: list[list[int]] = []
-        decode_lens: list[int] = []
-        prefills: list[PrefillSeq] = []
+    def _collect(self, rows: list[_Row]) -> _StepInputs:
+        bs = self.block_size
+        x = _StepInputs([], [], [], [], [], [])
         for r in rows:
             req, end = r.request, r.start + r.num_tokens
             blocks = req.block_ids
             if r.num_tokens == 1:
                 n_prompt = req.num_prompt_tokens
-                tokens.append(
+                x.tokens.append(
                     req.prompt_token_ids[r.start]
                     if r.start < n_prompt
                     else req.output_token_ids[r.start - n_prompt]
                 )
-                positions.append(r.start)
-                slots.append(blocks[r.start // bs] * bs + r.start % bs)
-                decode_tables.append(blocks[: (end + bs - 1) // bs])
-                decode_lens.append(end)
+                x.positions.append(r.start)
+                x.slots.append(blocks[r.start // bs] * bs + r.start % bs)
+                x.decode_tables.append(blocks[: (end + bs - 1) // bs])
+                x.decode_lens.append(end)
             else:
-                tokens.extend(req.all_token_ids[r.start : end])
-                positions.extend(range(r.start, end))
-                slots.extend(blocks[p // bs] * bs + p % bs for p in range(r.start, end))
-                table = torch.tensor(blocks[: (end + bs - 1) // bs], dtype=torch.long, device=dev)
-                prefills.append(PrefillSeq(r.query_start, r.num_tokens, end, table))
+                x.tokens.extend(req.all_token_ids[r.start : end])
+                x.positions.extend(range(r.start, end))
+                x.slots.extend(blocks[p // bs] * bs + p % bs for p in range(r.start, end))
+                table = torch.tensor(blocks[: (end + bs - 1) // bs], dtype=torch.long, device=self.device)
+                x.prefills.append(PrefillSeq(r.query_start, r.num_tokens, end, table))
+        return x
+
+    def _tensors(self, x: _StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        dev = self.device
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            num_decode_tokens=len(decode_lens),
+            slot_mapping=torch.tensor(x.slots, dtype=torch.long, device=dev),
+            num_decode_tokens=len(x.decode_lens),
             decode_block_tables=None,
             decode_mask=None,
-            prefills=prefills,
-            block_size=bs,
+            prefills=x.prefills,
+            block_size=self.block_size,
         )
-        if decode_lens:
-            meta.decode_block_tables, meta.decode_mask = self._decode_tables(decode_tables, decode_lens)
+        if x.decode_lens:
+            meta.decode_block_tables, meta.decode_mask = self._decode_tables(x.decode_tables, x.decode_lens)
         return (
-            torch.tensor(tokens, dtype=torch.long, device=dev),
-            torch.tensor(positions, dtype=torch.long, device=dev),
+            torch.tensor(x.tokens, dtype=torch.long, device=dev),
+            torch.tensor(x.positions, dtype=torch.long, device=dev),
             meta,
         )
+
+    def _graph_decode(self, rows: list[_Row], sampling: list[_Row]) -> torch.Tensor | None:
+        """Logits of the sampling rows from a replayed CUDA graph, when every row is a plain decode."""
+        if self.graphs is None or not sampling or len(sampling) != len(rows):
+            return None
+        if any(r.num_tokens != 1 or r.request.params.prompt_logprobs is not None for r in rows):
+            return None
+        x = self._collect(rows)
+        return self.graphs.run(x.tokens, x.positions, x.slots, x.decode_tables, x.decode_lens)
 
     def _decode_tables(self, tables: list[list[int]], lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(t) for t in tables)
@@ -180,7 +214,7 @@ class ModelRunner:
             return None
         entry = self._generators.get(req.request_id)
         if entry is None:
-            entry = (req, make_generator(req.params.seed + req.index, self.device))
+            entry = (req, make_generator(req.params.seed, self.device))  # n>1 children carry seed + i
             self._generators[req.request_id] = entry
         return entry[1]
 
