@@ -36,6 +36,13 @@ class SmolLM2RMSNorm(nn.Module):
         return self.weight * x.to(input_dtype)
 
 
+def _rms_norm(x: torch.Tensor, norm: SmolLM2RMSNorm) -> torch.Tensor:
+    """SmolLM2RMSNorm in fewer kernels for the serving path (F.rms_norm decomposes into ~12 on CPU)."""
+    xf = x.float()
+    r = xf.square().mean(-1, keepdim=True).add_(norm.variance_epsilon).rsqrt_()
+    return (xf * r).to(x.dtype).mul_(norm.weight)
+
+
 def _precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0) -> torch.Tensor:
     """(end, dim // 2, 2): cos and sin of position * inverse frequency."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
@@ -122,11 +129,9 @@ class SmolLM2MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def forward_flat(self, x: torch.Tensor) -> torch.Tensor:
-        """Inference only (no autograd): silu and the product run in place in the fused output."""
-        if self.gate_up_weight is None:
-            return self(x)
-        gate, up = F.linear(x, self.gate_up_weight).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate, inplace=True).mul_(up))
+        """Serving path (no autograd; after prepare_for_serving): SiLU and the product run in place."""
+        gate, up = torch.mm(x, self.gate_up_weight.t()).split(self.intermediate_size, dim=-1)
+        return torch.mm(F.silu(gate, inplace=True).mul_(up), self.down_proj.weight.t())
 
 
 class SmolLM2Attention(nn.Module):
@@ -190,17 +195,13 @@ class SmolLM2Attention(nn.Module):
         """x (N, H) -> (N, H). rope: (cos, sin) tables (N, nh + 2 nkv, hd) from SmolLM2Model.rope_tables."""
         N = x.shape[0]
         nh, nkv, hd = self.num_heads, self.num_key_value_heads, self.head_dim
-        if self.qkv_weight is not None:
-            qkv = F.linear(x, self.qkv_weight)
-        else:
-            qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
-        qkv = qkv.view(N, nh + 2 * nkv, hd)
+        qkv = torch.mm(x, self.qkv_weight.t()).view(N, nh + 2 * nkv, hd)
         # rotate_half(x) * sin == roll(x, hd/2) * sign-folded sin. The tables leave V heads unchanged
         # (cos 1, sin 0) and carry the 1/sqrt(hd) query scale (a power of two, so exact).
         cos, sin = rope
         qkv = torch.addcmul(qkv * cos, qkv.roll(hd // 2, dims=-1), sin)
         out = paged_attention(qkv[:, :nh], qkv[:, nh:], kv_cache, meta)
-        return self.o_proj(out)
+        return torch.mm(out, self.o_proj.weight.t())
 
 
 def _causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor:
@@ -239,10 +240,8 @@ class SmolLM2DecoderLayer(nn.Module):
         meta: AttentionMetadata,
         kv_cache: torch.Tensor,
     ) -> torch.Tensor:
-        ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
-        h = F.rms_norm(x, ln1.weight.shape, ln1.weight, ln1.variance_epsilon)
-        x = x + self.self_attn.forward_paged(h, rope, meta, kv_cache)
-        return x + self.mlp.forward_flat(F.rms_norm(x, ln2.weight.shape, ln2.weight, ln2.variance_epsilon))
+        x = x + self.self_attn.forward_paged(_rms_norm(x, self.input_layernorm), rope, meta, kv_cache)
+        return x + self.mlp.forward_flat(_rms_norm(x, self.post_attention_layernorm))
 
 
 class SmolLM2Model(nn.Module):
@@ -299,7 +298,7 @@ class SmolLM2Model(nn.Module):
         rope = self.rope_tables(positions, h.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             h = layer.forward_paged(h, rope, meta, kv_cache)
-        return F.rms_norm(h, self.norm.weight.shape, self.norm.weight, self.norm.variance_epsilon)
+        return _rms_norm(h, self.norm)
 
     def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, nh + 2 nkv, hd) cos and sign-folded sin for the fused q/k/v heads, built once per step.
@@ -335,6 +334,7 @@ class SmolLM2ForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.prepared_for_serving = False
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -381,11 +381,13 @@ class SmolLM2ForCausalLM(nn.Module):
         meta: AttentionMetadata,
         kv_caches: list[torch.Tensor],
     ) -> torch.Tensor:
+        if not self.prepared_for_serving:
+            self.prepare_for_serving()
         return self.model.forward_paged(input_ids, positions, meta, kv_caches)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(M, H) -> (M, V) float32; called only on the rows that need a token."""
-        return F.linear(hidden, self.lm_head.weight).float()
+        return torch.mm(hidden, self.lm_head.weight.t()).float()
 
     @torch.no_grad()
     def prepare_for_serving(self) -> None:
@@ -394,10 +396,13 @@ class SmolLM2ForCausalLM(nn.Module):
         The separate projections become views into the fused tensors, so memory is not doubled and
         the training path and state_dict() keep working.
         """
+        if self.prepared_for_serving:
+            return
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             attn.qkv_weight = _fuse(attn.q_proj, attn.k_proj, attn.v_proj)
             mlp.gate_up_weight = _fuse(mlp.gate_proj, mlp.up_proj)
+        self.prepared_for_serving = True
 
     # ---- generation ------------------------------------------------------------------------------
     @torch.no_grad()
