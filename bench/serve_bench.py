@@ -348,8 +348,9 @@ def results_table(table: dict[str, dict[int, Cell]], concurrencies: list[int]) -
             cell = row.get(c)
             if cell is None:
                 continue
-            if isinstance(cell, str):
-                lines.append(f"| {peer} | {c} | {cell} |" + " |" * 8)
+            if isinstance(cell, str):  # the full reason is in the .json; keep the table a table
+                reason = cell.replace("|", "/").replace("\n", " ")[:160]
+                lines.append(f"| {peer} | {c} | {reason} |" + " |" * 8)
                 continue
             d = cell.to_dict()
             mine = ours.get(c)

@@ -27,7 +27,7 @@ from bench.serve_bench import (
     run_load,
 )
 
-TTFT_S = 0.1  # the fake server's delay before the first token
+TTFT_S = 0.3  # the fake server's delay before the first token
 GAP_S = 0.05  # and between tokens
 
 
@@ -84,12 +84,14 @@ async def test_statistics_from_chunk_arrival_times(fake_url: str) -> None:
     assert (res.completed, res.errors) == (4, 0)
     assert res.output_tokens == 4 * 5  # from usage
     assert len(res.ttft_ms) == 4 and len(res.itl_ms) == 4 * 4  # one gap between each pair of chunks
-    # Lower bounds are exact (the server sleeps); upper bounds leave room for a busy shared machine.
-    assert TTFT_S * 1000 <= percentile(res.ttft_ms, 50) < TTFT_S * 1000 + 150
-    assert GAP_S * 1000 * 0.9 <= percentile(res.itl_ms, 50) < GAP_S * 1000 + 60
-    assert percentile(res.ttft_ms, 99) >= percentile(res.ttft_ms, 50)
-    # two rounds of two concurrent requests, each 0.1 + 4 * 0.05 s
-    assert 2 * (TTFT_S + 4 * GAP_S) <= res.duration_s < 3.0
+    # Lower bounds are exact (the server sleeps); upper bounds are loose: the machine may be busy.
+    ttft, itl = percentile(res.ttft_ms, 50), percentile(res.itl_ms, 50)
+    assert TTFT_S * 1000 <= ttft < TTFT_S * 1000 + 1000
+    assert GAP_S * 1000 * 0.9 <= itl < GAP_S * 1000 + 250
+    assert itl < ttft  # the gaps are between chunks, not from the request's start
+    assert percentile(res.ttft_ms, 99) >= ttft
+    # two rounds of two concurrent requests, each 0.3 + 4 * 0.05 s
+    assert 2 * (TTFT_S + 4 * GAP_S) <= res.duration_s < 5.0
     assert res.tok_per_s == pytest.approx(20 / res.duration_s)
 
 
@@ -152,7 +154,8 @@ def test_table_reports_ratio_and_unavailable_peers() -> None:
     def cell(tokens: int) -> LoadResult:
         return LoadResult(1, 2.0, 4, 0, tokens, [10.0], [5.0])
 
-    table = {"ours": {1: cell(200)}, "vllm": {1: cell(100)}, "llamacpp": {1: "unavailable: no binary"}}
+    table = {"ours": {1: cell(200)}, "vllm": {1: cell(100)}, "llamacpp": {1: "unavailable: no | binary"}}
     text = results_table(table, [1])
     assert "| vllm | 1 | 50.0 |" in text and "2.00x" in text
-    assert "unavailable: no binary" in text
+    assert "unavailable: no / binary" in text
+    assert {line.count("|") for line in text.splitlines()} == {12}  # every row has the 11 columns
