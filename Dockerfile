@@ -64,7 +64,7 @@ RUN if [ -z "$PIP_CERT" ]; then unset PIP_CERT; fi \
  && rm -rf /src/build
 
 FROM base AS runtime
-RUN useradd --system --create-home --uid 10001 --user-group smollm2
+RUN useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin smollm2
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder /models /models
 ENV PATH=/opt/venv/bin:$PATH \
