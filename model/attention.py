@@ -122,6 +122,38 @@ def prefill_attention(
     return out.transpose(0, 1).reshape(T, nh * hd)
 
 
+def fresh_prefill_attention(q: torch.Tensor, kv: torch.Tensor, seqs: list[PrefillSeq]) -> torch.Tensor:
+    """Whole prompts with nothing cached before them, as one batched causal SDPA over the fresh K/V.
+
+    q: (n, nh, hd), kv: (n, 2 nkv, hd): the rows of `seqs`, which are adjacent in the flat batch and all
+    of one length T (the runner groups them so), so (n, ...) views as (G, T, ...) with no copy and the
+    cache is not read back.
+    """
+    G, T = len(seqs), seqs[0].query_len
+    nh, hd = q.shape[1], q.shape[2]
+    nkv = kv.shape[1] // 2
+    qb = q.view(G, T, nh, hd).transpose(1, 2)  # (G, nh, T, hd)
+    kvb = kv.view(G, T, 2 * nkv, hd).transpose(1, 2)  # (G, 2nkv, T, hd)
+    out = F.scaled_dot_product_attention(
+        qb, kvb[:, :nkv], kvb[:, nkv:], is_causal=True, scale=1.0, enable_gqa=nkv != nh
+    )
+    return out.transpose(1, 2).reshape(G * T, nh * hd)
+
+
+def _fresh_runs(prefills: list[PrefillSeq]) -> list[tuple[bool, list[PrefillSeq]]]:
+    """Split prefills into runs: (True, adjacent whole prompts of one length) or (False, [one chunk])."""
+    runs: list[tuple[bool, list[PrefillSeq]]] = []
+    for seq in prefills:
+        fresh = seq.context_len == seq.query_len
+        if fresh and runs and runs[-1][0]:
+            last = runs[-1][1][-1]
+            if last.query_len == seq.query_len and last.query_start + last.query_len == seq.query_start:
+                runs[-1][1].append(seq)
+                continue
+        runs.append((fresh, [seq]))
+    return runs
+
+
 def paged_attention(
     q: torch.Tensor, kv: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
 ) -> torch.Tensor:
@@ -131,7 +163,11 @@ def paged_attention(
     parts = []
     if D:
         parts.append(decode_attention(q[:D], kv_cache, meta))
-    for seq in meta.prefills:
-        qs = q[seq.query_start : seq.query_start + seq.query_len]
-        parts.append(prefill_attention(qs, kv_cache, seq, meta.block_size))
+    for fresh, seqs in _fresh_runs(meta.prefills):
+        start = seqs[0].query_start
+        end = seqs[-1].query_start + seqs[-1].query_len
+        if fresh:
+            parts.append(fresh_prefill_attention(q[start:end], kv[start:end], seqs))
+        else:
+            parts.append(prefill_attention(q[start:end], kv_cache, seqs[0], meta.block_size))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)

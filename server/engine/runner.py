@@ -122,8 +122,12 @@ class ModelRunner:
 
     # ---- building the flat batch ---------------------------------------------------------------------
     def _layout(self, scheduled) -> list[_Row]:
-        """Decodes (one token) first, then prefill chunks: attention handles the two groups apart."""
-        seqs = sorted(scheduled, key=lambda s: s.num_tokens != 1)
+        """Decodes (one token) first, then prefill chunks; among those, chunks that start a prompt come
+        first, by length, so attention can batch equal-length whole prompts (a burst) in one call."""
+        seqs = sorted(
+            scheduled,
+            key=lambda s: (s.num_tokens != 1, s.request.num_computed_tokens != 0, s.num_tokens),
+        )
         rows, offset = [], 0
         for s in seqs:
             req, n = s.request, s.num_tokens

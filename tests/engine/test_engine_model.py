@@ -191,3 +191,20 @@ def test_real_model_batched_chunked_preempted_equals_generate() -> None:
     engine = make_engine(model, num_blocks=7, max_num_batched_tokens=8, max_model_len=112)
     assert run(engine, reqs) == expected
     assert engine.scheduler.num_preemptions > 0
+
+
+def test_burst_of_equal_length_prompts_batched_prefill(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """Whole prompts of one length are attended in one batched call; mixed with other lengths and decodes."""
+    g = torch.Generator().manual_seed(3)
+    lengths = [20] * 5 + [33] * 3 + [7]
+    reqs = {
+        f"e{i}": (
+            torch.randint(0, VOCAB, (n,), generator=g).tolist(),
+            SamplingParams(max_tokens=6, temperature=0.0),
+        )
+        for i, n in enumerate(lengths)
+    }
+    expected = reference(tiny_model, reqs)
+    engine = make_engine(tiny_model)
+    first = run(engine, {"e8": reqs["e8"]})
+    assert {**first, **run(engine, {k: v for k, v in reqs.items() if k != "e8"})} == expected
