@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -21,6 +22,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
     logging.getLogger("server").info("settings: %r", settings)  # Settings.__repr__ masks the API key
+    # uvicorn drains on SIGTERM, then re-raises the signal so that its default action ends the process
+    # (status 143). A drained shutdown is a clean one: exit 0 instead.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(
         create_app(settings),
         host=settings.host,

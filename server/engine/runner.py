@@ -70,6 +70,7 @@ class ModelRunner:
         self.dtype = model.dtype
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.vocab_size = model.config.vocab_size
         self.eos_token_id = eos_token_id if eos_token_id is not None else model.config.eos_token_id
         model.prepare_for_serving()
         cfg = model.config
