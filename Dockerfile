@@ -52,10 +52,11 @@ RUN if [ -z "$PIP_CERT" ]; then unset PIP_CERT; fi \
 
 # Third-party dependencies from pyproject.toml before the source, so code edits rebuild one layer.
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
 RUN if [ -z "$PIP_CERT" ]; then unset PIP_CERT; fi \
  && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt
+COPY README.md ./
 COPY model ./model
 COPY server ./server
 # Build isolation fetches setuptools, so this step also goes through pip's network settings.
