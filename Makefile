@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 SERVE_ARGS ?=
 
-.PHONY: serve test lint venv fetch-model bench bench-quick bench-engine gpu-check clean
+.PHONY: serve test lint venv fetch-model bench bench-quick bench-engine gpu-check docker docker-cpu docker-cpu-local clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,16 @@ bench-engine: venv fetch-model
 
 gpu-check:
 	bash bench/gpu_check.sh
+
+docker:
+	docker build -t smollm2-server .
+
+docker-cpu:
+	docker build -t smollm2-server:cpu --build-arg BASE_IMAGE=debian:bookworm-slim \
+		--build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu .
+
+docker-cpu-local:
+	bash docker/build-cpu-local.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache
