@@ -75,7 +75,8 @@ def gather_blocks(cache: torch.Tensor, block_table: torch.Tensor, block_size: in
     """(heads, slots, hd) gathered by a (B, nb) block table -> (heads, B, nb * block_size, hd), contiguous."""
     heads, _, hd = cache.shape
     B, nb = block_table.shape
-    blocks = cache.view(heads, -1, block_size, hd)[:, block_table.reshape(-1)]  # (heads, B*nb, bs, hd)
+    # index_select on (heads, blocks, bs*hd) is ~3x faster here than advanced indexing of the 4-D view
+    blocks = torch.index_select(cache.view(heads, -1, block_size * hd), 1, block_table.reshape(-1))
     return blocks.view(heads, B, nb * block_size, hd)
 
 

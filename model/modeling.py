@@ -36,6 +36,33 @@ class SmolLM2RMSNorm(nn.Module):
         return self.weight * x.to(input_dtype)
 
 
+class PackedLinear:
+    """y = x @ W^T for the serving path. On CPU in bfloat16 the weight is pre-packed once into oneDNN's
+    blocked layout: a plain bf16 GEMM reorders the weight on every call, which made the decode step's
+    GEMMs 1.3-2x slower (bench/NOTES.md). Elsewhere it is a plain mm on the transposed view."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+        self.packed: torch.Tensor | None = None
+        if (
+            weight.device.type == "cpu"
+            and weight.dtype == torch.bfloat16
+            and torch.backends.mkldnn.is_available()
+        ):
+            try:
+                packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 32)
+                probe = torch.zeros(1, weight.shape[1], dtype=weight.dtype)
+                torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "")
+                self.packed = packed
+            except (RuntimeError, AttributeError):  # a torch build without these ops: plain mm
+                self.packed = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none", [], "")
+        return torch.mm(x, self.weight.t())
+
+
 def _rms_norm(x: torch.Tensor, norm: SmolLM2RMSNorm, dtype: torch.dtype) -> torch.Tensor:
     """SmolLM2RMSNorm of a float32 x, returned in `dtype`, in fewer kernels than F.rms_norm on CPU."""
     r = x.square().mean(-1, keepdim=True).add_(norm.variance_epsilon).rsqrt_()
@@ -129,8 +156,8 @@ class SmolLM2MLP(nn.Module):
 
     def forward_flat(self, x: torch.Tensor) -> torch.Tensor:
         """Serving path (no autograd; after prepare_for_serving): SiLU and the product run in place."""
-        gate, up = torch.mm(x, self.gate_up_weight.t()).split(self.intermediate_size, dim=-1)
-        return torch.mm(F.silu(gate, inplace=True).mul_(up), self.down_proj.weight.t())
+        gate, up = self.gate_up_linear(x).split(self.intermediate_size, dim=-1)
+        return self.down_linear(F.silu(gate, inplace=True).mul_(up))
 
 
 class SmolLM2Attention(nn.Module):
@@ -194,13 +221,13 @@ class SmolLM2Attention(nn.Module):
         """x (N, H) -> (N, H). rope: (cos, sin) tables (N, nh + 2 nkv, hd) from SmolLM2Model.rope_tables."""
         N = x.shape[0]
         nh, nkv, hd = self.num_heads, self.num_key_value_heads, self.head_dim
-        qkv = torch.mm(x, self.qkv_weight.t()).view(N, nh + 2 * nkv, hd)
+        qkv = self.qkv_linear(x).view(N, nh + 2 * nkv, hd)
         # rotate_half(x) * sin == roll(x, hd/2) * sign-folded sin. The tables leave V heads unchanged
         # (cos 1, sin 0) and carry the 1/sqrt(hd) query scale (a power of two, so exact).
         cos, sin = rope
         qkv = torch.addcmul(qkv * cos, qkv.roll(hd // 2, dims=-1), sin)
         out = paged_attention(qkv[:, :nh], qkv[:, nh:], kv_cache, meta)
-        return torch.mm(out, self.o_proj.weight.t())
+        return self.o_linear(out)
 
 
 def _causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor:
@@ -342,6 +369,7 @@ class SmolLM2ForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.prepared_for_serving = False
+        self.lm_head_linear: PackedLinear | None = None
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -394,7 +422,9 @@ class SmolLM2ForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(M, H) -> (M, V) float32; called only on the rows that need a token."""
-        return torch.mm(hidden, self.lm_head.weight.t()).float()
+        if self.lm_head_linear is None:
+            return torch.mm(hidden, self.lm_head.weight.t()).float()
+        return self.lm_head_linear(hidden).float()
 
     @torch.no_grad()
     def prepare_for_serving(self) -> None:
@@ -409,6 +439,10 @@ class SmolLM2ForCausalLM(nn.Module):
             attn, mlp = layer.self_attn, layer.mlp
             attn.qkv_weight = _fuse(attn.q_proj, attn.k_proj, attn.v_proj)
             mlp.gate_up_weight = _fuse(mlp.gate_proj, mlp.up_proj)
+            attn.qkv_linear, attn.o_linear = PackedLinear(attn.qkv_weight), PackedLinear(attn.o_proj.weight)
+            mlp.gate_up_linear = PackedLinear(mlp.gate_up_weight)
+            mlp.down_linear = PackedLinear(mlp.down_proj.weight)
+        self.lm_head_linear = PackedLinear(self.lm_head.weight)
         self.prepared_for_serving = True
 
     # ---- generation ------------------------------------------------------------------------------
