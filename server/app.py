@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -170,6 +171,15 @@ def build_engine(settings: Settings) -> tuple[Any, Tokenizer, int]:
 
     source = settings.model or str(require_default_model())
     device, dtype = resolve_device_dtype(settings)
+    if device == "cpu":
+        import torch
+
+        # ATen's own parallel loops (elementwise ops, gathers, softmax) follow this count; oneDNN GEMMs,
+        # run from the engine thread, keep that thread's OpenMP default (all cores). On 2 cores this
+        # split measured best: one-token decode ITL 51 -> 37 ms (bench/NOTES.md).
+        threads = settings.torch_threads or max(1, (os.cpu_count() or 1) - 1)
+        torch.set_num_threads(threads)
+        log.info("CPU: %d thread(s) for element-wise ops, GEMMs on all %d cores", threads, os.cpu_count())
     model = load_model(source, dtype, device)
     tokenizer = Tokenizer.from_file(source)
     cfg = model.config
