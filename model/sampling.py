@@ -420,4 +420,6 @@ def _draw(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     overflow = cols >= x.shape[1]  # u * total rounded up to total: ~2^-24 chance per row
     if bool(overflow.any()):  # take the last column with mass: where the cdf first reaches its total
         cols = torch.where(overflow, torch.searchsorted(cdf, total).view(-1), cols)
-    return cols
+    # a row with no finite logit (every token banned; the engine refuses such input) has a NaN cdf:
+    # keep its id in range rather than crash the step
+    return cols.clamp_(max=x.shape[1] - 1)

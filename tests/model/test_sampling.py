@@ -288,3 +288,14 @@ def test_cuda_batch_respects_params_like_cpu(logits: torch.Tensor) -> None:
     (gpu_top, cpu_top) = (out.logprobs[0].top, ref.logprobs[0] and ref.logprobs[0].top)
     assert cpu_top is not None and [t for t, _ in gpu_top] == [t for t, _ in cpu_top]
     assert [lp for _, lp in gpu_top] == pytest.approx([lp for _, lp in cpu_top], abs=1e-4)
+
+
+def test_row_with_every_token_banned_stays_in_range() -> None:
+    from model.sampling import SamplingBatch, sample
+    from server.engine.request import SamplingParams
+
+    logits = torch.full((2, 50), float("-inf"))
+    logits[1, 7] = 0.0
+    batch = SamplingBatch.build([SamplingParams(temperature=1.0)] * 2, [[], []], [[], []], [None, None])
+    out = sample(logits, batch)
+    assert 0 <= out.token_ids[0] < 50 and out.token_ids[1] == 7
