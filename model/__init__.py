@@ -15,8 +15,13 @@ from model.modeling import (
     repeat_kv,
     rotate_half,
 )
+from model.tokenizer import Tokenizer
+from model.weights import load_model, save_hf_folder
 
 __all__ = [
+    "Tokenizer",
+    "load_model",
+    "save_hf_folder",
     "CausalLMOutput",
     "SmolLM2Attention",
     "SmolLM2Config",
