@@ -30,6 +30,8 @@ from tokenizers import AddedToken, decoders, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
 
+from model.gguf_cursor import GGUFCursor
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
@@ -47,40 +49,6 @@ _BYTE_LEVEL_PRE = {None, "default", "gpt2", "smollm"}
 # ---- GGUF metadata --------------------------------------------------------------------------------
 
 
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
-class _Cursor:
-    def __init__(self, buf: Any) -> None:
-        self.buf, self.pos = buf, 0
-
-    def unpack(self, fmt: str) -> tuple[Any, ...]:
-        values = struct.unpack_from("<" + fmt, self.buf, self.pos)
-        self.pos += struct.calcsize("<" + fmt)
-        return values
-
-    def string(self) -> str:
-        (n,) = self.unpack("Q")
-        raw = self.buf[self.pos : self.pos + n]
-        if len(raw) != n:
-            raise struct.error("string runs past the end of the file")
-        self.pos += n
-        return bytes(raw).decode("utf-8")
-
-    def value(self, vtype: int) -> Any:
-        if vtype == _GGUF_STRING:
-            return self.string()
-        if vtype == _GGUF_ARRAY:
-            itype, count = self.unpack("IQ")
-            if itype in _GGUF_SCALARS:
-                return list(self.unpack(f"{count}{_GGUF_SCALARS[itype]}"))
-            return [self.value(itype) for _ in range(count)]
-        if vtype not in _GGUF_SCALARS:
-            raise ValueError(f"unknown GGUF value type {vtype}")
-        return self.unpack(_GGUF_SCALARS[vtype])[0]
-
-
 def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
     """All key/value metadata of a GGUF file as plain Python values (no tensors).
 
@@ -92,7 +60,7 @@ def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        cur = _Cursor(buf)
+        cur = GGUFCursor(buf)
         try:
             if bytes(buf[:4]) != b"GGUF":
                 raise ValueError(f"{path} is not a GGUF file (bad magic {bytes(buf[:4])!r})")

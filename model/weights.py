@@ -27,6 +27,7 @@ from gguf.quants import dequantize
 from safetensors.torch import load_file, save_file
 
 from model.config import SmolLM2Config
+from model.gguf_cursor import GGUFCursor
 from model.modeling import SmolLM2ForCausalLM, SmolLM2RotaryEmbedding
 
 StateDict = dict[str, torch.Tensor]
@@ -86,10 +87,6 @@ def unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
 @dataclass(frozen=True, slots=True)
 class GGUFTensor:
     name: str
@@ -99,36 +96,7 @@ class GGUFTensor:
     n_bytes: int
 
 
-class _Cursor:
-    def __init__(self, buf: np.ndarray) -> None:
-        self.buf, self.pos = buf.data, 0  # memoryview of the (uint8,) file bytes
-
-    def unpack(self, fmt: str) -> tuple[Any, ...]:
-        values = struct.unpack_from("<" + fmt, self.buf, self.pos)
-        self.pos += struct.calcsize("<" + fmt)
-        return values
-
-    def string(self) -> str:
-        (n,) = self.unpack("Q")
-        if self.pos + n > len(self.buf):
-            raise struct.error("string runs past the end of the file")
-        self.pos += n
-        return self.buf[self.pos - n : self.pos].tobytes().decode("utf-8")
-
-    def value(self, vtype: int) -> Any:
-        if vtype == _GGUF_STRING:
-            return self.string()
-        if vtype == _GGUF_ARRAY:
-            itype, count = self.unpack("IQ")
-            if itype in _GGUF_SCALARS:
-                return list(self.unpack(f"{count}{_GGUF_SCALARS[itype]}"))
-            return [self.value(itype) for _ in range(count)]
-        if vtype not in _GGUF_SCALARS:
-            raise ValueError(f"unknown GGUF value type {vtype}")
-        return self.unpack(_GGUF_SCALARS[vtype])[0]
-
-
-def _tensor_info(cur: _Cursor) -> tuple[str, tuple[int, ...], GGMLQuantizationType, int, int]:
+def _tensor_info(cur: GGUFCursor) -> tuple[str, tuple[int, ...], GGMLQuantizationType, int, int]:
     name = cur.string()
     (n_dims,) = cur.unpack("I")
     dims = cur.unpack(f"{n_dims}Q")
@@ -144,7 +112,7 @@ def _parse_gguf(buf: np.ndarray, path: Path) -> tuple[dict[str, Any], list[GGUFT
     """Header, metadata and tensor table of a GGUF file held in ``buf`` (uint8)."""
     if buf[:4].tobytes() != b"GGUF":
         raise ValueError(f"not a GGUF file (magic {buf[:4].tobytes()!r})")
-    cur = _Cursor(buf)
+    cur = GGUFCursor(buf.data)  # memoryview of the (uint8,) file bytes
     cur.pos = 4
     version, n_tensors, n_kv = cur.unpack("IQQ")
     if version not in (2, 3):
