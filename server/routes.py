@@ -108,17 +108,17 @@ misc = APIRouter(responses=_ERRORS)
 
 @v1.post("/completions")
 async def completions(body: CompletionRequest, request: Request) -> Response:
-    serving = _serving(request, "completion")
-    if body.stream:
-        chunks = await until_disconnected(request, serving.stream(body))
-        return StreamingResponse(sse_events(chunks), media_type="text/event-stream")
-    result = await until_disconnected(request, serving.create(body))
-    return JSONResponse(result.model_dump(mode="json"))
+    return await _respond(request, "completion", body)
 
 
 @v1.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-    serving = _serving(request, "chat")
+    return await _respond(request, "chat", body)
+
+
+async def _respond(request: Request, kind: str, body: CompletionRequest | ChatCompletionRequest) -> Response:
+    """One path for both endpoints: an SSE stream or one JSON body, aborted if the client goes away."""
+    serving = _serving(request, kind)
     if body.stream:
         chunks = await until_disconnected(request, serving.stream(body))
         return StreamingResponse(sse_events(chunks), media_type="text/event-stream")
