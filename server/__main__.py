@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import uvicorn
 
 from server.app import create_app
+from server.engine.process import LOG_FORMAT
 from server.settings import Settings
 
 
@@ -18,9 +19,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings = Settings.from_args(argv)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
-    )
+    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT, force=True)
     logging.getLogger("server").info("settings: %r", settings)  # Settings.__repr__ masks the API key
     # uvicorn drains on SIGTERM, then re-raises the signal so that its default action ends the process
     # (status 143). A drained shutdown is a clean one: exit 0 instead.

@@ -125,14 +125,14 @@ def resolve_device_dtype(settings: Settings) -> tuple[str, str]:
     return device, dtype
 
 
-def make_engine(model: Any, tokenizer: Tokenizer, settings: Settings) -> tuple[Any, int]:
-    """Size the KV cache from `kv_cache_memory`, build runner + scheduler + AsyncEngine (not started)."""
-    from server.engine.engine import AsyncEngine, EngineConfig, LLMEngine
+def make_llm_engine(model: Any, eos_token_id: int | None, settings: Settings) -> tuple[Any, int]:
+    """Size the KV cache from `kv_cache_memory`; build runner + scheduler + LLMEngine."""
+    from server.engine.engine import EngineConfig, LLMEngine
     from server.engine.runner import ModelRunner, num_blocks_for_memory
     from server.engine.scheduler import SchedulerConfig
 
     max_model_len = settings.max_model_len or min(model.config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
+    eos = eos_token_id if eos_token_id is not None else model.config.eos_token_id
     num_blocks = num_blocks_for_memory(model, settings.kv_cache_memory, settings.block_size, model.dtype)
     scheduler = SchedulerConfig(
         max_num_seqs=settings.max_num_seqs,
@@ -153,8 +153,8 @@ def make_engine(model: Any, tokenizer: Tokenizer, settings: Settings) -> tuple[A
         model, num_blocks, settings.block_size, eos, cuda_graphs=settings.cuda_graphs,
         max_num_seqs=settings.max_num_seqs, max_model_len=max_model_len,
     )  # fmt: skip
-    engine = AsyncEngine(
-        LLMEngine.from_config(runner, EngineConfig(scheduler=scheduler, max_waiting=settings.max_waiting))
+    engine = LLMEngine.from_config(
+        runner, EngineConfig(scheduler=scheduler, max_waiting=settings.max_waiting)
     )
     log.info(
         "KV cache: %d blocks x %d tokens = %d tokens (%s bytes); max_model_len %d, max_num_seqs %d",
@@ -164,31 +164,64 @@ def make_engine(model: Any, tokenizer: Tokenizer, settings: Settings) -> tuple[A
     return engine, max_model_len
 
 
-def build_engine(settings: Settings) -> tuple[Any, Tokenizer, int]:
-    """Load model and tokenizer from `settings.model` (default: the default GGUF) and build the engine."""
+def make_engine(model: Any, tokenizer: Tokenizer, settings: Settings) -> tuple[Any, int]:
+    """An AsyncEngine (not started) over `model` in this process: for tests and `--engine-process false`."""
+    from server.engine.engine import AsyncEngine
+
+    engine, max_model_len = make_llm_engine(model, tokenizer.eos_token_id, settings)
+    return AsyncEngine(engine), max_model_len
+
+
+def model_source(settings: Settings) -> str:
     from model.defaults import require_default_model
+
+    return settings.model or str(require_default_model())
+
+
+def load_llm_engine(settings: Settings) -> tuple[Any, int]:
+    """Load the model named by `settings` and build its LLMEngine (in whichever process runs the steps)."""
     from model.weights import load_model
 
-    source = settings.model or str(require_default_model())
+    source = model_source(settings)
     device, dtype = resolve_device_dtype(settings)
     if device == "cpu":
         import torch
 
-        # ATen's own parallel loops (elementwise ops, gathers, softmax) follow this count; oneDNN GEMMs,
-        # run from the engine thread, keep that thread's OpenMP default (all cores). On 2 cores this
-        # split measured best: one-token decode ITL 51 -> 37 ms (bench/NOTES.md).
-        threads = settings.torch_threads or max(1, (os.cpu_count() or 1) - 1)
+        threads = settings.torch_threads or default_torch_threads(settings)
         torch.set_num_threads(threads)
-        log.info("CPU: %d thread(s) for element-wise ops, GEMMs on all %d cores", threads, os.cpu_count())
+        log.info("CPU: %d thread(s) for the engine's ops (%d cores)", threads, os.cpu_count())
     model = load_model(source, dtype, device)
-    tokenizer = Tokenizer.from_file(source)
     cfg = model.config
     log.info(
         "loaded %s: %d layers, hidden %d, vocab %d, context %d, %s on %s",
         source, cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size, cfg.max_position_embeddings, dtype, device,
     )  # fmt: skip
-    engine, max_model_len = make_engine(model, tokenizer, settings)
-    return engine, tokenizer, max_model_len
+    eos = Tokenizer.from_file(source).eos_token_id
+    return make_llm_engine(model, eos, settings)
+
+
+def default_torch_threads(settings: Settings) -> int:
+    """In its own process the engine gets every core; sharing the server's process (and GIL), all but
+    one: there the event loop and two compute threads fought (+25% latency on 2 cores, bench/NOTES.md)."""
+    cores = os.cpu_count() or 1
+    return cores if settings.engine_process else max(1, cores - 1)
+
+
+def build_engine(settings: Settings) -> tuple[Any, Tokenizer, int]:
+    """Load model and tokenizer from `settings.model` (default: the default GGUF) and build the engine:
+    its loop in a child process (`--engine-process`, the default) or in a thread of this one."""
+    from server.engine.engine import AsyncEngine
+
+    source = model_source(settings)
+    tokenizer = Tokenizer.from_file(source)
+    if settings.engine_process:
+        from server.engine.process import EngineProcess
+
+        proxy = EngineProcess(load_llm_engine, settings, log_level=settings.log_level)
+        log.info("engine process %s ready", proxy.pid)
+        return AsyncEngine(proxy), tokenizer, proxy.info.max_model_len
+    engine, max_model_len = load_llm_engine(settings)
+    return AsyncEngine(engine), tokenizer, max_model_len
 
 
 def _attach(app: FastAPI, engine: Any, tokenizer: Tokenizer, max_model_len: int) -> None:

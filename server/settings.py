@@ -77,11 +77,16 @@ class Settings:
     enable_prefix_caching: bool = _opt(
         True, "reuse KV blocks of shared prompt prefixes (true/false)", parse_bool
     )
+    engine_process: bool = _opt(
+        True,
+        "run the engine loop (model steps) in its own process, as vLLM does, so it does not share the "
+        "GIL with HTTP and detokenization (false: a thread of the server process)",
+        parse_bool,
+    )
     torch_threads: int | None = _opt(
         None,
-        "CPU threads for small engine steps (few tokens); default: all cores but one, which is left to "
-        "HTTP and detokenization (on 2 cores the event loop and two compute threads fought: +25% "
-        "latency). Steps of 8+ tokens use every core",
+        "CPU threads for the engine's ops; default: every core with --engine-process, else all but one "
+        "(left to HTTP and detokenization)",
         int,
     )
     cuda_graphs: bool = _opt(

@@ -81,6 +81,51 @@ class _Group:
         return all(child.is_finished for child in self.children)
 
 
+@dataclass(frozen=True)
+class RequestChecker:
+    """What a request must satisfy before it may enter a step; needs only the engine's configuration,
+    so the HTTP side can check requests without the engine (which may live in another process)."""
+
+    max_model_len: int
+    max_waiting: int
+    vocab_size: int | None
+    eos_token_id: int | None
+
+    def check(self, prompt_token_ids: list[int], params: SamplingParams) -> SamplingParams:
+        """Raise ValueError for any input that could fail inside a step; return the params to run.
+
+        A step runs every request together, so one bad request must never reach it: an exception there
+        kills the loop for all. AsyncEngine calls this on the caller's thread, so the caller hears at once.
+        """
+        max_len = self.max_model_len
+        if not 0 < len(prompt_token_ids) <= max_len:
+            raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens; it must have 1 to {max_len}")
+        if params.n > self.max_waiting:
+            raise ValueError(f"n={params.n} is more than the engine can queue ({self.max_waiting})")
+        if self.vocab_size is None:
+            return params
+        params.validate(self.vocab_size)
+        low, high = min(prompt_token_ids), max(prompt_token_ids)
+        if low < 0 or high >= self.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"the prompt holds token id {bad}, outside the vocabulary [0, {self.vocab_size})"
+            )
+        if params.min_tokens > 0 and len(self.banned_until_min_tokens(params)) >= self.vocab_size:
+            raise ValueError(
+                "stop_token_ids (with EOS) hold every token: none could be drawn before min_tokens"
+            )
+        if params.top_k >= self.vocab_size:  # keeps every token: the same as off (and torch.topk cannot)
+            params = dataclasses.replace(params, top_k=-1)
+        return params
+
+    def banned_until_min_tokens(self, params: SamplingParams) -> set[int]:
+        banned = set(params.stop_token_ids)
+        if self.eos_token_id is not None and not params.ignore_eos:
+            banned.add(self.eos_token_id)
+        return banned
+
+
 class LLMEngine:
     def __init__(self, runner: Runner, scheduler: Scheduler, config: EngineConfig | None = None) -> None:
         self.runner = runner
@@ -98,40 +143,22 @@ class LLMEngine:
         return cls(runner, Scheduler(config.scheduler), config)
 
     # ---- requests ------------------------------------------------------------------------------
+    @property
+    def checker(self) -> RequestChecker:
+        return RequestChecker(
+            max_model_len=self.scheduler.config.max_model_len,
+            max_waiting=self.config.max_waiting,
+            vocab_size=self.vocab_size,
+            eos_token_id=self.scheduler.config.eos_token_id,
+        )
+
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> SamplingParams:
-        """Raise ValueError for any input that could fail inside a step; return the params to run.
+        """Raise ValueError for any input that could fail inside a step; return the params to run."""
+        return self.checker.check(prompt_token_ids, params)
 
-        A step runs every request together, so one bad request must never reach it: an exception there
-        kills the loop for all. AsyncEngine calls this on the caller's thread, so the caller hears at once.
-        """
-        max_len = self.scheduler.config.max_model_len
-        if not 0 < len(prompt_token_ids) <= max_len:
-            raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens; it must have 1 to {max_len}")
-        if params.n > self.config.max_waiting:
-            raise ValueError(f"n={params.n} is more than the engine can queue ({self.config.max_waiting})")
-        if self.vocab_size is None:
-            return params
-        params.validate(self.vocab_size)
-        low, high = min(prompt_token_ids), max(prompt_token_ids)
-        if low < 0 or high >= self.vocab_size:
-            bad = low if low < 0 else high
-            raise ValueError(
-                f"the prompt holds token id {bad}, outside the vocabulary [0, {self.vocab_size})"
-            )
-        if params.min_tokens > 0 and len(self._banned_until_min_tokens(params)) >= self.vocab_size:
-            raise ValueError(
-                "stop_token_ids (with EOS) hold every token: none could be drawn before min_tokens"
-            )
-        if params.top_k >= self.vocab_size:  # keeps every token: the same as off (and torch.topk cannot)
-            params = dataclasses.replace(params, top_k=-1)
-        return params
-
-    def _banned_until_min_tokens(self, params: SamplingParams) -> set[int]:
-        banned = set(params.stop_token_ids)
-        eos = self.scheduler.config.eos_token_id
-        if eos is not None and not params.ignore_eos:
-            banned.add(eos)
-        return banned
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if request_id in self._groups:
@@ -367,7 +394,8 @@ class RequestStream(AsyncIterator[RequestOutput]):
 class AsyncEngine:
     def __init__(self, llm_engine: LLMEngine) -> None:
         self.engine = llm_engine
-        self.max_waiting = llm_engine.config.max_waiting
+        self.checker = llm_engine.checker
+        self.max_waiting = self.checker.max_waiting
         self._lock = threading.Lock()
         self._inbox: list[tuple[str, Any]] = []
         self._num_inbox_adds = 0  # children, for the queue limit
@@ -390,7 +418,8 @@ class AsyncEngine:
     def is_healthy(self) -> bool:
         """True while the engine takes requests: False once it died or began shutting down."""
         thread_ok = self._thread is None or self._thread.is_alive()
-        return self._dead_reason is None and not self._stopping and thread_ok
+        alive = getattr(self.engine, "alive", None)  # an engine in another process may die while idle
+        return self._dead_reason is None and not self._stopping and thread_ok and (alive is None or alive())
 
     async def shutdown(self, graceful: bool = True, timeout: float | None = None) -> None:
         """Stop accepting; let in-flight requests finish (or abort them), then stop the thread."""
@@ -401,6 +430,9 @@ class AsyncEngine:
                 self._inbox.append(("abort_all", None))
         self._wakeup.set()
         if self._thread is None:
+            close = getattr(self.engine, "close", None)  # never started: nothing to drain
+            if close is not None:
+                await asyncio.to_thread(close)
             return
         await asyncio.to_thread(self._thread.join, timeout)
         if self._thread.is_alive():  # graceful took too long: abort what is left
@@ -413,7 +445,7 @@ class AsyncEngine:
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestStream:
         """Queue the request now (raising QueueFullError / EngineDeadError / ValueError at once) and
         return its stream of deltas, for `async for out in engine.generate(...)`."""
-        params = self.engine.check_request(prompt_token_ids, params)  # reads only config: thread-safe
+        params = self.checker.check(prompt_token_ids, params)  # reads only config: thread-safe
         loop = asyncio.get_running_loop()
         stream = _Stream(request_id, params.n, loop)
         with self._lock:
@@ -423,7 +455,7 @@ class AsyncEngine:
                 raise EngineDeadError("engine is shutting down")
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already running")
-            if self.engine.scheduler.num_waiting + self._num_inbox_adds + params.n > self.max_waiting:
+            if self.engine.num_waiting + self._num_inbox_adds + params.n > self.max_waiting:
                 raise QueueFullError(f"{self.max_waiting} requests are already waiting")
             self._streams[request_id] = stream
             self._inbox.append(("add", (request_id, list(prompt_token_ids), params)))
@@ -466,6 +498,10 @@ class AsyncEngine:
                 self._deliver(self.engine.step())
         except Exception as exc:  # noqa: BLE001 - any failure kills the loop; streams must hear of it
             self._die(f"{type(exc).__name__}: {exc}")
+        finally:
+            close = getattr(self.engine, "close", None)  # e.g. stop an engine process
+            if close is not None:
+                close()
 
     def _drain_inbox(self) -> None:
         with self._lock:
