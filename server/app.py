@@ -189,7 +189,7 @@ def load_llm_engine(settings: Settings) -> tuple[Any, int]:
 
         threads = settings.torch_threads or default_torch_threads(settings)
         torch.set_num_threads(threads)
-        log.info("CPU: %d thread(s) for the engine's ops (%d cores)", threads, os.cpu_count())
+        log.info("CPU: %d thread(s) for element-wise ops, GEMMs on all %d cores", threads, os.cpu_count())
     model = load_model(source, dtype, device)
     cfg = model.config
     log.info(
@@ -201,10 +201,10 @@ def load_llm_engine(settings: Settings) -> tuple[Any, int]:
 
 
 def default_torch_threads(settings: Settings) -> int:
-    """In its own process the engine gets every core; sharing the server's process (and GIL), all but
-    one: there the event loop and two compute threads fought (+25% latency on 2 cores, bench/NOTES.md)."""
-    cores = os.cpu_count() or 1
-    return cores if settings.engine_process else max(1, cores - 1)
+    """All cores but one for ATen's element-wise loops (oneDNN GEMMs, on the engine-loop thread, use
+    every core): on 2 cores, two OpenMP threads on each of a step's ~3,000 small ops cost more than
+    they gave (one-stream ITL 51 -> 37 ms with one, bench/NOTES.md)."""
+    return max(1, (os.cpu_count() or 1) - 1)
 
 
 def build_engine(settings: Settings) -> tuple[Any, Tokenizer, int]:

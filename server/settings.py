@@ -85,8 +85,8 @@ class Settings:
     )
     torch_threads: int | None = _opt(
         None,
-        "CPU threads for the engine's ops; default: every core with --engine-process, else all but one "
-        "(left to HTTP and detokenization)",
+        "CPU threads for the engine's element-wise ops; default: all cores but one (on 2 cores, two "
+        "threads on each small op cost more than they gave). GEMMs use every core",
         int,
     )
     cuda_graphs: bool = _opt(

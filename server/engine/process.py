@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import multiprocessing
 import signal
+import threading
 import traceback
 from multiprocessing.connection import Connection
 from typing import Any
@@ -184,6 +185,16 @@ def _child_main(conn: Connection, build: Any, args: tuple[Any, ...], log_level: 
         _send_quietly(conn, ("failed", f"{type(exc).__name__}: {exc}"))
         return
     conn.send(("ready", info))
+    # Steps run on a second thread, as they did in the server process: torch.set_num_threads() (called
+    # by `build` on this thread) caps ATen's element-wise loops, while oneDNN GEMMs follow the calling
+    # thread's OpenMP default (every core). Two OpenMP threads on every small op of a 2-core box made a
+    # one-stream token 10x slower when other processes also wanted the CPU (bench/NOTES.md).
+    loop = threading.Thread(target=_serve, args=(engine, conn), name="engine-loop")
+    loop.start()
+    loop.join()
+
+
+def _serve(engine: LLMEngine, conn: Connection) -> None:
     try:
         _loop(engine, conn)
     except (EOFError, BrokenPipeError, ConnectionResetError):
