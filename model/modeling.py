@@ -40,7 +40,8 @@ INT4_GROUP = 32  # weights per (scale, zero) pair along the input dim, as in GGU
 # Up to this many rows the int4 GEMV is at least as fast as the pre-packed bf16 GEMM; its cost steps
 # up every 4 rows. Over 30 layers of the 135M model's shapes streamed from memory
 # (bench/int4_bench.py) it took 5-8 ms for M = 1..4 and ~12 ms for 5..8 against 11-17 ms for bf16 at
-# any M <= 8, then 17-23 ms for 9..16 where bf16 wins. In the engine at 8 streams int4 saved 2-3 ms a step.
+# any M <= 8, then 17-23 ms for 9..16 where bf16 wins. In the engine at 8 streams int4 was level with
+# bf16 or up to 3 ms a step faster (bench/engine_bench.py); at 1 stream the step went ~27 -> ~17 ms.
 INT4_MAX_ROWS = 8
 # Largest int4_reconstruction_error still called lossless: weights that already sit on a 4-bit groupwise
 # grid come back within bf16 rounding: 0.0059 at worst over the Q4_1 GGUF's layers in bf16 (0 in
