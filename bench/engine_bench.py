@@ -1,23 +1,30 @@
 """Offline engine throughput on the real model, next to transformers' generate in the same command.
 
-    python -m bench.engine_bench [--concurrency 1,8,32,64] [--dtype bfloat16] [--out bench/results]
+    python -m bench.engine_bench [--concurrency 1,8,32,64] [--dtype bfloat16] [--int4-small-batch off,auto]
+                                 [--profile-decode 20] [--out bench/results]
 
 Each concurrency level submits that many requests at once (64-token prompts, 128 new tokens, greedy,
 ignore_eos) and steps the engine until all finish; tok/s counts generated tokens over wall time,
 prefill included. The baseline is transformers' LlamaForCausalLM.generate on the same weights in
 float32 with a static batch of the same size (the figure the issue quotes, ~236 tok/s at 32).
+
+--int4-small-batch runs every level once per listed mode of prepare_for_serving(int4_small_batch=...)
+on the same engine. --profile-decode N prints torch.profiler's top ops over N decode steps at one stream,
+per mode.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import statistics
 import time
 from pathlib import Path
 
 import torch
 
 from model.defaults import require_default_model
+from model.modeling import INT4_MODES
 from model.weights import load_model
 from server.engine.engine import LLMEngine
 from server.engine.request import SamplingParams
@@ -47,24 +54,41 @@ def build_engine(dtype: torch.dtype, max_num_seqs: int, device: str) -> LLMEngin
     return LLMEngine(ModelRunner(model, blocks, 16), Scheduler(cfg))
 
 
-def run_ours(engine: LLMEngine, n: int, vocab: int) -> tuple[float, float]:
-    """(output tok/s, mean decode step ms)."""
+def run_ours(engine: LLMEngine, n: int, vocab: int) -> tuple[float, float, float]:
+    """(output tok/s, mean and median decode step ms). The median shrugs off other jobs on a shared box."""
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
     engine.scheduler.allocator.reset_prefix_cache()
     for i, p in enumerate(prompts(n, vocab)):
         engine.add_request(f"b{n}-{i}", p, params)
-    produced, steps, t0 = 0, 0, time.perf_counter()
-    t_decode = None
+    produced, t0 = 0, time.perf_counter()
+    decode_steps: list[float] | None = None  # seconds per step once every prompt is in
     while engine.has_unfinished():
+        t = time.perf_counter()
         for out in engine.step():
             produced += sum(len(c.new_token_ids) for c in out.outputs)
-        steps += 1
-        if t_decode is None and produced >= n:  # every prompt is in: from here on it is pure decode
-            t_decode, decode_from = time.perf_counter(), steps
+        if decode_steps is not None:
+            decode_steps.append(time.perf_counter() - t)
+        elif produced >= n:  # every prompt is in: from here on it is pure decode
+            decode_steps = []
     wall = time.perf_counter() - t0
-    assert t_decode is not None
-    step_ms = (time.perf_counter() - t_decode) / max(steps - decode_from, 1) * 1000
-    return produced / wall, step_ms
+    assert decode_steps
+    return produced / wall, statistics.fmean(decode_steps) * 1000, statistics.median(decode_steps) * 1000
+
+
+def profile_decode(engine: LLMEngine, vocab: int, steps: int) -> str:
+    """torch.profiler's top ops (by self CPU time) over `steps` decode steps of one stream."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine.scheduler.allocator.reset_prefix_cache()
+    params = SamplingParams(max_tokens=steps + 2, temperature=0.0, ignore_eos=True)
+    engine.add_request("profile", prompts(1, vocab)[0], params)
+    engine.step()  # the prefill
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            engine.step()
+    while engine.has_unfinished():
+        engine.step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
 
 
 def run_transformers(n: int, vocab: int) -> float:
@@ -88,45 +112,23 @@ def run_transformers(n: int, vocab: int) -> float:
     return (out.shape[1] - PROMPT_LEN) * n / wall
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--concurrency", default="1,8,32,64")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--baseline", default="32", help="concurrencies to run transformers at ('' for none)")
-    ap.add_argument("--out", default="bench/results")
-    args = ap.parse_args()
-    levels = [int(c) for c in args.concurrency.split(",")]
-    base_levels = {int(c) for c in args.baseline.split(",") if c}
-    dtype = getattr(torch, args.dtype)
-    engine = build_engine(dtype, max(levels), args.device)
-    vocab = engine.runner.model.config.vocab_size
-    run_ours(engine, 2, vocab)  # warm-up
-    rows = []
-    for n in levels:
-        tok_s, step_ms = run_ours(engine, n, vocab)
-        base = run_transformers(n, vocab) if n in base_levels and args.device == "cpu" else None
-        rows.append((n, tok_s, step_ms, base))
-        print(
-            f"c={n}: ours {tok_s:.0f} tok/s ({step_ms:.1f} ms/decode step)"
-            + (f", transformers fp32 {base:.0f} tok/s, ratio {tok_s / base:.2f}x" if base else ""),
-            flush=True,
-        )
+def write_table(args: argparse.Namespace, rows: list[tuple]) -> None:
     lines = [
         f"# Engine offline throughput, {dt.datetime.now():%Y-%m-%d %H:%M}",
         "",
         f"`python -m bench.engine_bench --concurrency {args.concurrency} --dtype {args.dtype} "
-        f"--device {args.device}`; {PROMPT_LEN}-token prompts, {NEW_TOKENS} new tokens, greedy; "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads.",
+        f"--device {args.device} --int4-small-batch {args.int4_small_batch}`; {PROMPT_LEN}-token prompts, "
+        f"{NEW_TOKENS} new tokens, greedy; torch {torch.__version__}, {torch.get_num_threads()} threads.",
         "",
-        "| concurrency | ours tok/s | decode step ms | transformers fp32 tok/s | ratio | roofline fraction |",
-        "|---|---|---|---|---|---|",
+        "| int4 small batch | concurrency | ours tok/s | decode step ms | median step ms "
+        "| transformers fp32 tok/s | ratio | roofline fraction |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for n, tok_s, step_ms, base in rows:
+    for mode, active, n, tok_s, step_ms, median_ms, base in rows:
         ratio = f"{tok_s / base:.2f}x" if base else "-"
         lines.append(
-            f"| {n} | {tok_s:.0f} | {step_ms:.1f} | {f'{base:.0f}' if base else '-'} | {ratio} | "
-            f"{tok_s / ROOFLINE_TOK_S:.0%} |"
+            f"| {mode}{' (active)' if active else ''} | {n} | {tok_s:.0f} | {step_ms:.1f} | {median_ms:.1f} | "
+            f"{f'{base:.0f}' if base else '-'} | {ratio} | {tok_s / ROOFLINE_TOK_S:.0%} |"
         )
     table = "\n".join(lines) + "\n"
     print(table)
@@ -135,6 +137,48 @@ def main() -> None:
     path = out / f"engine-{args.device}-{dt.date.today()}.md"
     path.write_text(table)
     print(f"saved {path}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--concurrency", default="1,8,32,64")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--baseline", default="32", help="concurrencies to run transformers at ('' for none)")
+    ap.add_argument("--int4-small-batch", default="off", help="comma-separated modes of off, auto, on")
+    ap.add_argument("--profile-decode", type=int, default=0, help="decode steps to profile at 1 stream")
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args()
+    modes = args.int4_small_batch.split(",")
+    if not set(modes) <= set(INT4_MODES):
+        ap.error(f"--int4-small-batch: modes are {', '.join(INT4_MODES)}")
+    levels = [int(c) for c in args.concurrency.split(",")]
+    base_levels = {int(c) for c in args.baseline.split(",") if c}
+    dtype = getattr(torch, args.dtype)
+    engine = build_engine(dtype, max(levels), args.device)
+    vocab = engine.runner.model.config.vocab_size
+    rows, bases = [], {}
+    for mode in modes:
+        model = engine.runner.model
+        model.prepare_for_serving(int4_small_batch=mode)
+        run_ours(engine, 2, vocab)  # warm-up
+        print(
+            f"int4_small_batch={mode}: int4 active {model.int4_active}, error {model.int4_error}", flush=True
+        )
+        for n in levels:
+            tok_s, step_ms, median_ms = run_ours(engine, n, vocab)
+            if n in base_levels and args.device == "cpu" and n not in bases:
+                bases[n] = run_transformers(n, vocab)
+            base = bases.get(n)
+            rows.append((mode, model.int4_active, n, tok_s, step_ms, median_ms, base))
+            print(
+                f"c={n}: ours {tok_s:.0f} tok/s ({step_ms:.1f} ms/decode step, median {median_ms:.1f})"
+                + (f", transformers fp32 {base:.0f} tok/s, ratio {tok_s / base:.2f}x" if base else ""),
+                flush=True,
+            )
+        if args.profile_decode:
+            print(profile_decode(engine, vocab, args.profile_decode), flush=True)
+    write_table(args, rows)
 
 
 if __name__ == "__main__":

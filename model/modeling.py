@@ -36,14 +36,107 @@ class SmolLM2RMSNorm(nn.Module):
         return self.weight * x.to(input_dtype)
 
 
+INT4_GROUP = 32  # weights per (scale, zero) pair along the input dim, as in GGUF's Q4_0/Q4_1 blocks
+# Up to this many rows the int4 GEMV is at least as fast as the pre-packed bf16 GEMM; its cost steps
+# up every 4 rows. Over 30 layers of the 135M model's shapes streamed from memory
+# (bench/int4_bench.py) it took 5-8 ms for M = 1..4 and ~12 ms for 5..8 against 11-17 ms for bf16 at
+# any M <= 8, then 17-23 ms for 9..16 where bf16 wins. In the engine at 8 streams int4 was level with
+# bf16 or up to 3 ms a step faster (bench/engine_bench.py); at 1 stream the step went ~27 -> ~17 ms.
+INT4_MAX_ROWS = 8
+# Largest int4_reconstruction_error still called lossless: weights that already sit on a 4-bit groupwise
+# grid come back within bf16 rounding: 0.0059 at worst over the Q4_1 GGUF's layers in bf16 (0 in
+# float32). Rounding arbitrary weights to 16 levels is off by up to half a step: 0.069 for normal ones.
+INT4_LOSSLESS_ERROR = 0.02
+INT4_MODES = ("off", "auto", "on")
+
+
+def int4_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """The int4 kernels exist for this build and serve this device and weight dtype (CPU, bfloat16)."""
+    return (
+        device.type == "cpu"
+        and dtype == torch.bfloat16
+        and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+        and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+    )
+
+
+def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) weight -> q (N, K) int32 in 0..15 and scales_and_zeros (K / 32, N, 2) in weight's dtype.
+
+    Asymmetric min/max per group of 32 along K, in the layout of torch's int4 kernels, which compute
+    w = (q - 8) * scale + zero: so zero = min + 8 * scale.
+    """
+    N, K = weight.shape
+    assert K % INT4_GROUP == 0, f"K={K} is not a multiple of {INT4_GROUP}"
+    w = weight.detach().float().view(N, K // INT4_GROUP, INT4_GROUP)  # (N, G, 32)
+    lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    scale = (hi - lo) / 15  # (N, G, 1)
+    q = ((w - lo) / scale.where(scale > 0, 1.0)).round_().clamp_(0, 15).to(torch.int32).view(N, K)
+    zero = lo + 8 * scale
+    sz = torch.cat([scale, zero], dim=-1).transpose(0, 1).to(weight.dtype).contiguous()  # (G, N, 2)
+    return q, sz
+
+
+def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """Inverse of quantize_int4 as the kernel sees it (scale and zero rounded to their dtype): (N, K) float32."""
+    N, K = q.shape
+    sz = scales_and_zeros.float().transpose(0, 1)  # (N, G, 2)
+    w = (q.view(N, K // INT4_GROUP, INT4_GROUP).float() - 8) * sz[..., :1] + sz[..., 1:]
+    return w.view(N, K)
+
+
+def int4_reconstruction_error(
+    weight: torch.Tensor, q: torch.Tensor | None = None, sz: torch.Tensor | None = None
+) -> float:
+    """max over groups of max |dequantize_int4(quantize_int4(w)) - w| / max |w| in that group.
+
+    About 2^-8 (bf16 rounding) when the weight already lies on a 4-bit groupwise grid, e.g. dequantized
+    from Q4_1; a few percent for arbitrary weights. Compare with INT4_LOSSLESS_ERROR.
+    """
+    if q is None or sz is None:
+        q, sz = quantize_int4(weight)
+    N, K = weight.shape
+    w = weight.detach().float().view(N, K // INT4_GROUP, INT4_GROUP)
+    err = (dequantize_int4(q, sz).view_as(w) - w).abs().amax(-1)  # (N, G)
+    mag = w.abs().amax(-1)
+    rel = torch.where(mag > 0, err / mag.clamp(min=torch.finfo(torch.float32).tiny), err)
+    return float(rel.max()) if rel.numel() else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Int4Weight:
+    """A weight in torch's CPU int4 layout: y = x @ ((q - 8) * scale + zero)^T, groups of 32 along K."""
+
+    packed: torch.Tensor  # (N, K / 2) uint8, from _convert_weight_to_int4pack_for_cpu
+    scales_and_zeros: torch.Tensor  # (K / 32, N, 2)
+    error: float  # int4_reconstruction_error of the weight it was made from
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor) -> Int4Weight:
+        q, sz = quantize_int4(weight)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        return cls(packed, sz, int4_reconstruction_error(weight, q, sz))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.contiguous(), self.packed, INT4_GROUP, self.scales_and_zeros
+        )
+
+
 class PackedLinear:
     """y = x @ W^T for the serving path. On CPU in bfloat16 the weight is pre-packed once into oneDNN's
     blocked layout: a plain bf16 GEMM reorders the weight on every call, which made the decode step's
-    GEMMs 1.3-2x slower (bench/NOTES.md). Elsewhere it is a plain mm on the transposed view."""
+    GEMMs 1.3-2x slower (bench/NOTES.md). Elsewhere it is a plain mm on the transposed view.
+
+    With an int4 copy (``int4``, set by prepare_for_serving), inputs of at most int4_max_rows rows take the int4 GEMV instead: at one
+    stream the step streams a quarter of the weight bytes. More rows go to the bf16 GEMM, which wins there.
+    """
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.weight = weight
         self.packed: torch.Tensor | None = None
+        self.int4: Int4Weight | None = None
+        self.int4_max_rows = 0
         if (
             weight.device.type == "cpu"
             and weight.dtype == torch.bfloat16
@@ -58,6 +151,8 @@ class PackedLinear:
                 self.packed = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int4 is not None and x.shape[0] <= self.int4_max_rows:
+            return self.int4(x)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none", [], "")
         return torch.mm(x, self.weight.t())
@@ -370,6 +465,8 @@ class SmolLM2ForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.prepared_for_serving = False
         self.lm_head_linear: PackedLinear | None = None
+        self.int4_active = False  # the layer linears take the int4 GEMV for small batches
+        self.int4_error: float | None = None  # worst int4_reconstruction_error, once measured
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -427,23 +524,59 @@ class SmolLM2ForCausalLM(nn.Module):
         return self.lm_head_linear(hidden).float()
 
     @torch.no_grad()
-    def prepare_for_serving(self) -> None:
-        """Fuse q/k/v and gate/up weights into one matrix each (3 and 2 GEMMs become 1).
+    def prepare_for_serving(self, int4_small_batch: str | None = None) -> None:
+        """Fuse q/k/v and gate/up weights into one matrix each (3 and 2 GEMMs become 1), once.
 
         The separate projections become views into the fused tensors, so memory is not doubled and
         the training path and state_dict() keep working.
+
+        int4_small_batch sets whether the layer linears keep an int4 copy (groups of 32 along K) for
+        batches of at most INT4_MAX_ROWS rows: "off"; "auto", only if every one reconstructs losslessly
+        (weights already 4-bit groupwise, e.g. a Q4_1 GGUF); "on", even when lossy. None keeps the current
+        setting (off at first), so a later plain call, e.g. ModelRunner's, does not undo an earlier one.
+        Only CPU in bfloat16 has the kernels; elsewhere the setting is accepted and ignored. The LM head
+        stays in bf16 (the GGUF stores it as Q8_0). The result is in int4_active and int4_error.
         """
-        if self.prepared_for_serving:
-            return
+        if int4_small_batch is not None and int4_small_batch not in INT4_MODES:
+            raise ValueError(f"int4_small_batch must be one of {INT4_MODES}, not {int4_small_batch!r}")
+        if not self.prepared_for_serving:
+            for layer in self.model.layers:
+                attn, mlp = layer.self_attn, layer.mlp
+                attn.qkv_weight = _fuse(attn.q_proj, attn.k_proj, attn.v_proj)
+                mlp.gate_up_weight = _fuse(mlp.gate_proj, mlp.up_proj)
+                attn.qkv_linear = PackedLinear(attn.qkv_weight)
+                attn.o_linear = PackedLinear(attn.o_proj.weight)
+                mlp.gate_up_linear = PackedLinear(mlp.gate_up_weight)
+                mlp.down_linear = PackedLinear(mlp.down_proj.weight)
+            self.lm_head_linear = PackedLinear(self.lm_head.weight)
+            self.prepared_for_serving = True
+        if int4_small_batch is not None:
+            self._set_int4(int4_small_batch)
+
+    def _layer_linears(self) -> list[PackedLinear]:
+        out = []
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            attn.qkv_weight = _fuse(attn.q_proj, attn.k_proj, attn.v_proj)
-            mlp.gate_up_weight = _fuse(mlp.gate_proj, mlp.up_proj)
-            attn.qkv_linear, attn.o_linear = PackedLinear(attn.qkv_weight), PackedLinear(attn.o_proj.weight)
-            mlp.gate_up_linear = PackedLinear(mlp.gate_up_weight)
-            mlp.down_linear = PackedLinear(mlp.down_proj.weight)
-        self.lm_head_linear = PackedLinear(self.lm_head.weight)
-        self.prepared_for_serving = True
+            out += [attn.qkv_linear, attn.o_linear, mlp.gate_up_linear, mlp.down_linear]
+        return out
+
+    def _set_int4(self, mode: str) -> None:
+        linears = self._layer_linears()
+        known_lossy = self.int4_error is not None and self.int4_error > INT4_LOSSLESS_ERROR
+        use = (mode == "on" or (mode == "auto" and not known_lossy)) and int4_supported(
+            self.device, self.dtype
+        )
+        if use:
+            for lin in linears:  # built once; later calls only switch them on or off
+                if lin.int4 is None:
+                    lin.int4 = Int4Weight.from_weight(lin.weight)
+            self.int4_error = max(lin.int4.error for lin in linears if lin.int4 is not None)
+            use = mode == "on" or self.int4_error <= INT4_LOSSLESS_ERROR
+        self.int4_active = use
+        for lin in linears:
+            if mode == "auto" and not use:
+                lin.int4 = None  # lossy: no use keeping the copies (int4_error remembers why)
+            lin.int4_max_rows = INT4_MAX_ROWS if use else 0
 
     # ---- generation ------------------------------------------------------------------------------
     @torch.no_grad()
