@@ -89,6 +89,12 @@ class Settings:
         "threads on each small op cost more than they gave). GEMMs use every core",
         int,
     )
+    int4_small_batch: str = _opt(
+        "auto",
+        "int4 copies of the layer weights for steps of at most 8 tokens on CPU in bfloat16 (a quarter of "
+        "the bytes to stream per token): auto = only when lossless (weights already 4-bit groupwise, as "
+        "in the Q4_1 GGUF), on = always (lossy for other weights), off",
+    )
     cuda_graphs: bool = _opt(
         True,
         "capture decode steps in CUDA graphs on a GPU (false = eager, like vLLM's --enforce-eager)",
@@ -132,6 +138,10 @@ class Settings:
             (self.max_waiting >= 0, f"max_waiting must be non-negative, got {self.max_waiting}"),
             (self.max_body_bytes >= 1, f"max_body_bytes must be positive, got {self.max_body_bytes}"),
             (self.dtype in ("auto", "bfloat16", "float16", "float32"), f"unknown dtype {self.dtype!r}"),
+            (
+                self.int4_small_batch in ("auto", "on", "off"),
+                f"int4_small_batch must be auto, on or off, got {self.int4_small_batch!r}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
