@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import statistics
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from model.defaults import require_default_model
-from model.modeling import INT4_MODES
+from model.modeling import INT4_MODES, set_gemm_threads
 from model.weights import load_model
 from server.engine.engine import LLMEngine
 from server.engine.request import SamplingParams
@@ -92,6 +93,16 @@ def profile_decode(engine: LLMEngine, vocab: int, steps: int) -> str:
 
 
 def run_transformers(n: int, vocab: int) -> float:
+    """transformers as a user runs it: torch's default threads (every core), whatever ours uses."""
+    ours_threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        return _run_transformers(n, vocab)
+    finally:
+        torch.set_num_threads(ours_threads)
+
+
+def _run_transformers(n: int, vocab: int) -> float:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     ours = load_model(require_default_model(), dtype=torch.float32)
@@ -147,8 +158,19 @@ def main() -> None:
     ap.add_argument("--baseline", default="32", help="concurrencies to run transformers at ('' for none)")
     ap.add_argument("--int4-small-batch", default="off", help="comma-separated modes of off, auto, on")
     ap.add_argument("--profile-decode", type=int, default=0, help="decode steps to profile at 1 stream")
+    ap.add_argument(
+        "--threads",
+        default="server",
+        choices=["server", "all"],
+        help="server: as the server runs its engine (cores-1 threads for small ops, GEMMs on every "
+        "core); all: torch's default everywhere",
+    )
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
+    if args.threads == "server" and args.device == "cpu":
+        cores = os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores - 1))
+        set_gemm_threads(cores)
     modes = args.int4_small_batch.split(",")
     if not set(modes) <= set(INT4_MODES):
         ap.error(f"--int4-small-batch: modes are {', '.join(INT4_MODES)}")
