@@ -137,4 +137,6 @@ def paged_decode_attention(
     Row d attends to the first context_lens[d] tokens of its table; a table with row stride 0 (expand)
     is read without a copy.
     """
+    if not load():
+        raise RuntimeError("the C++ paged attention kernel is not available (see the log)")
     return torch.ops.smollm2.paged_decode_attention(q, kv_cache, block_tables, context_lens, block_size)

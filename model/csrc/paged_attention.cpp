@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #ifdef __AVX512F__
@@ -96,10 +97,98 @@ void attend_scalar(const scalar_t* q, const scalar_t* cache, const Problem& p, i
 
 #ifdef __AVX512F__
 // ---- AVX-512 path: G query heads per KV head, hd = 16 * NC ------------------------------------------
-inline __m512 load16(const float* x) { return _mm512_loadu_ps(x); }
-inline __m512 load16(const c10::BFloat16* x) {  // bf16 -> fp32 is a 16-bit left shift
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+//
+// Per tile of 16 tokens: the G x 16 dot products as 16-lane partial sums, reduced by a transpose tree
+// into one score vector per query head; one online-softmax update per head; then P @ V with fp32 FMAs.
+// The next tile's K and V rows are prefetched, since blocks are scattered and each starts with a miss.
+
+// NC vectors of 16 floats from one cache row. bf16 rows with even NC are widened with two unpacks per
+// 32 values, which permutes the dimensions; dim_of maps (vector, lane) back to the dimension.
+template <typename scalar_t, int NC>
+struct Rows;
+
+template <int NC>
+struct Rows<float, NC> {
+  static void load(const float* x, __m512* out) {
+    for (int c = 0; c < NC; ++c) out[c] = _mm512_loadu_ps(x + 16 * c);
+  }
+  static int dim_of(int c, int i) { return 16 * c + i; }
+};
+
+template <int NC>
+struct Rows<c10::BFloat16, NC> {
+  static constexpr bool kPaired = NC % 2 == 0;
+  static void load(const c10::BFloat16* x, __m512* out) {
+    if constexpr (kPaired) {
+      const __m512i zero = _mm512_setzero_si512();
+      for (int r = 0; r < NC / 2; ++r) {
+        const __m512i raw = _mm512_loadu_si512(x + 32 * r);
+        out[2 * r] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, raw));  // bf16 << 16 is its fp32
+        out[2 * r + 1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, raw));
+      }
+    } else {
+      for (int c = 0; c < NC; ++c) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16 * c));
+        out[c] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+      }
+    }
+  }
+  static int dim_of(int c, int i) {
+    if constexpr (kPaired) return 32 * (c / 2) + 8 * (i / 4) + 4 * (c % 2) + i % 4;
+    return 16 * c + i;
+  }
+};
+
+// q . k for the G query heads of a KV head, as 16-lane partial sums (their lanes add up to the dot).
+template <typename scalar_t, int G, int NC>
+struct QueryDots {
+  __m512 qv[G][NC];
+  QueryDots(const scalar_t* q, int64_t head_stride) {
+    for (int j = 0; j < G; ++j) Rows<scalar_t, NC>::load(q + j * head_stride, qv[j]);
+  }
+  void dots(const scalar_t* k_row, __m512* out) const {
+    __m512 k[NC];
+    Rows<scalar_t, NC>::load(k_row, k);
+    for (int j = 0; j < G; ++j) {
+      out[j] = _mm512_mul_ps(qv[j][0], k[0]);
+      for (int c = 1; c < NC; ++c) out[j] = _mm512_fmadd_ps(qv[j][c], k[c], out[j]);
+    }
+  }
+};
+
+#ifdef __AVX512BF16__
+// bf16 q . k straight from the raw rows: each vdpbf16ps adds 32 exact products into 16 fp32 lanes.
+template <int G, int NC>
+  requires(NC % 2 == 0)
+struct QueryDots<c10::BFloat16, G, NC> {
+  __m512bh qb[G][NC / 2];
+  QueryDots(const c10::BFloat16* q, int64_t head_stride) {
+    for (int j = 0; j < G; ++j)
+      for (int r = 0; r < NC / 2; ++r) qb[j][r] = (__m512bh)_mm512_loadu_si512(q + j * head_stride + 32 * r);
+  }
+  void dots(const c10::BFloat16* k_row, __m512* out) const {
+    for (int j = 0; j < G; ++j) out[j] = _mm512_setzero_ps();
+    for (int r = 0; r < NC / 2; ++r) {
+      const __m512bh k = (__m512bh)_mm512_loadu_si512(k_row + 32 * r);
+      for (int j = 0; j < G; ++j) out[j] = _mm512_dpbf16_ps(out[j], qb[j][r], k);
+    }
+  }
+};
+#endif
+
+// 16 vectors -> one vector whose lane t is the sum of the lanes of x[t] (a transpose-and-add tree).
+inline __m512 reduce16(const __m512* x) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [x0+x2, y0+y2, x1+x3, y1+y3] of x = x[2i], y = x[2i+1]
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(x[2 * i], x[2 * i + 1]), _mm512_unpackhi_ps(x[2 * i], x[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)  // per 128-bit lane: the lane sums of 4 consecutive vectors
+    b[i] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  for (int i = 0; i < 2; ++i)  // [A0+A1, A2+A3, B0+B1, B2+B3] over the 128-bit lanes of b[2i], b[2i+1]
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
 // exp for x <= 0 (scores minus their running max): 2^n * poly(r), |rel err| ~1e-7; clamped at -87.3.
@@ -119,57 +208,109 @@ inline __m512 exp512(__m512 x) {
   return _mm512_scalef_ps(y, n);
 }
 
+#ifdef __AVX512BF16__
+template <typename scalar_t, int NC>
+constexpr bool kPairedBf16 = std::is_same_v<scalar_t, c10::BFloat16> && NC % 2 == 0;
+
+// bf16 P @ V two tokens at a time: interleaving the V rows of tokens t and t+1 (unpacklo/hi_epi16) gives
+// the same permuted dims as Rows<bf16>::load, and vdpbf16ps against the broadcast pair (p_t, p_t+1) adds
+// both tokens' products into fp32 lanes. P is rounded to bf16 first, as the torch path's bmm does.
+template <int G, int NC>
+inline void pv_bf16_pairs(const c10::BFloat16* const* rows, int n, int64_t voff, const float (*probs)[TILE],
+                          __m512 (*acc)[NC]) {
+  alignas(64) uint32_t pairs[G][TILE / 2];
+  for (int j = 0; j < G; ++j)
+    _mm256_store_si256(reinterpret_cast<__m256i*>(pairs[j]),
+                       (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(probs[j])));
+  for (int t = 0; t < n; t += 2) {
+    const c10::BFloat16* v0 = rows[t] + voff;
+    const c10::BFloat16* v1 = (t + 1 < n ? rows[t + 1] : rows[t]) + voff;  // its p is 0 past n
+    for (int r = 0; r < NC / 2; ++r) {
+      const __m512i a = _mm512_loadu_si512(v0 + 32 * r), b = _mm512_loadu_si512(v1 + 32 * r);
+      const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(a, b), hi = (__m512bh)_mm512_unpackhi_epi16(a, b);
+      for (int j = 0; j < G; ++j) {
+        const __m512bh pj = (__m512bh)_mm512_set1_epi32(static_cast<int>(pairs[j][t / 2]));
+        acc[j][2 * r] = _mm512_dpbf16_ps(acc[j][2 * r], lo, pj);
+        acc[j][2 * r + 1] = _mm512_dpbf16_ps(acc[j][2 * r + 1], hi, pj);
+      }
+    }
+  }
+}
+#endif
+
+template <typename scalar_t>
+inline void prefetch_row(const scalar_t* row, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(row) + b, _MM_HINT_T0);
+}
+
 template <typename scalar_t, int G, int NC>
 void attend_avx512(const scalar_t* q, const scalar_t* cache, const Problem& p, int64_t d, int64_t h,
                    scalar_t* out) {
+  using R = Rows<scalar_t, NC>;
   constexpr int HD = 16 * NC;
-  const int64_t len = p.lens[d], bs = p.block_size;
+  const int64_t len = p.lens[d], bs = p.block_size, row_bytes = HD * sizeof(scalar_t);
   const int64_t* table = p.tables + d * p.table_stride;
   const scalar_t* kbase = cache + h * p.head_stride;
-  const scalar_t* vbase = cache + (p.nkv + h) * p.head_stride;
-  __m512 qv[G][NC], acc[G][NC];
+  const int64_t voff = p.nkv * p.head_stride;  // V head h sits nkv heads after K head h
+  const QueryDots<scalar_t, G, NC> qd(q, p.q_head_stride);
+  __m512 acc[G][NC];
   float m[G], l[G];
-  alignas(64) float s[G][TILE];
   for (int j = 0; j < G; ++j) {
     m[j] = -std::numeric_limits<float>::infinity();
     l[j] = 0.f;
-    for (int c = 0; c < NC; ++c) {
-      qv[j][c] = load16(q + j * p.q_head_stride + 16 * c);
-      acc[j][c] = _mm512_setzero_ps();
-    }
+    for (int c = 0; c < NC; ++c) acc[j][c] = _mm512_setzero_ps();
   }
-  for (int64_t t0 = 0; t0 < len; t0 += TILE) {
+  const scalar_t* rows[2][TILE];
+  auto fill_rows = [&](int64_t t0, const scalar_t** r) {
     const int n = static_cast<int>(std::min<int64_t>(TILE, len - t0));
-    const scalar_t* rows[TILE];
-    for (int t = 0; t < n; ++t) rows[t] = kbase + slot_of(table, t0 + t, bs) * p.row_stride;
     for (int t = 0; t < n; ++t) {
-      __m512 k[NC];
-      for (int c = 0; c < NC; ++c) k[c] = load16(rows[t] + 16 * c);
-      for (int j = 0; j < G; ++j) {
-        __m512 dot = _mm512_mul_ps(qv[j][0], k[0]);
-        for (int c = 1; c < NC; ++c) dot = _mm512_fmadd_ps(qv[j][c], k[c], dot);
-        s[j][t] = _mm512_reduce_add_ps(dot);
+      r[t] = kbase + slot_of(table, t0 + t, bs) * p.row_stride;
+      prefetch_row(r[t], row_bytes);
+      prefetch_row(r[t] + voff, row_bytes);
+    }
+  };
+  if (len > 0) fill_rows(0, rows[0]);
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t t0 = 0, cur = 0; t0 < len; t0 += TILE, cur ^= 1) {
+    const int n = static_cast<int>(std::min<int64_t>(TILE, len - t0));
+    if (t0 + TILE < len) fill_rows(t0 + TILE, rows[cur ^ 1]);
+    const scalar_t* const* r = rows[cur];
+    __m512 scores[G];
+    {
+      __m512 dots[G][TILE];
+      for (int t = 0; t < n; ++t) {
+        __m512 dt[G];
+        qd.dots(r[t], dt);
+        for (int j = 0; j < G; ++j) dots[j][t] = dt[j];
       }
+      for (int t = n; t < TILE; ++t)
+        for (int j = 0; j < G; ++j) dots[j][t] = _mm512_setzero_ps();
+      for (int j = 0; j < G; ++j) scores[j] = reduce16(dots[j]);
     }
     const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1u);
-    const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    alignas(64) float probs[G][TILE];
     for (int j = 0; j < G; ++j) {
-      const __m512 sv = _mm512_mask_loadu_ps(ninf, valid, s[j]);
+      const __m512 sv = _mm512_mask_mov_ps(ninf, valid, scores[j]);
       const float mt = std::max(m[j], _mm512_reduce_max_ps(sv));
-      const float alpha = std::exp(m[j] - mt);
+      const float alpha = std::exp(m[j] - mt);  // 0 on the first tile
       const __m512 pv = _mm512_maskz_mov_ps(valid, exp512(_mm512_sub_ps(sv, _mm512_set1_ps(mt))));
       l[j] = l[j] * alpha + _mm512_reduce_add_ps(pv);
       m[j] = mt;
-      _mm512_store_ps(s[j], pv);
+      _mm512_store_ps(probs[j], pv);
       const __m512 a = _mm512_set1_ps(alpha);
       for (int c = 0; c < NC; ++c) acc[j][c] = _mm512_mul_ps(acc[j][c], a);
     }
-    const int64_t voff = (vbase - kbase);
+#ifdef __AVX512BF16__
+    if constexpr (kPairedBf16<scalar_t, NC>) {
+      pv_bf16_pairs<G, NC>(r, n, voff, probs, acc);
+      continue;
+    }
+#endif
     for (int t = 0; t < n; ++t) {
       __m512 v[NC];
-      for (int c = 0; c < NC; ++c) v[c] = load16(rows[t] + voff + 16 * c);
+      R::load(r[t] + voff, v);
       for (int j = 0; j < G; ++j) {
-        const __m512 pj = _mm512_set1_ps(s[j][t]);
+        const __m512 pj = _mm512_set1_ps(probs[j][t]);
         for (int c = 0; c < NC; ++c) acc[j][c] = _mm512_fmadd_ps(pj, v[c], acc[j][c]);
       }
     }
@@ -178,7 +319,8 @@ void attend_avx512(const scalar_t* q, const scalar_t* cache, const Problem& p, i
     const __m512 inv = _mm512_set1_ps(l[j] > 0.f ? 1.f / l[j] : 0.f);
     alignas(64) float o[HD];
     for (int c = 0; c < NC; ++c) _mm512_store_ps(o + 16 * c, _mm512_mul_ps(acc[j][c], inv));
-    for (int c = 0; c < HD; ++c) out[j * HD + c] = static_cast<scalar_t>(o[c]);
+    for (int c = 0; c < NC; ++c)
+      for (int i = 0; i < 16; ++i) out[j * HD + R::dim_of(c, i)] = static_cast<scalar_t>(o[16 * c + i]);
   }
 }
 #endif
@@ -212,7 +354,11 @@ void run(const at::Tensor& q, const at::Tensor& cache, at::Tensor& out, const Pr
   scalar_t* op = out.data_ptr<scalar_t>();
   const AttendFn<scalar_t> fn = pick_kernel<scalar_t>(g, p.hd);
   const int64_t q_row_stride = q.stride(0);
-  at::parallel_for(0, D * p.nkv, 1, [&](int64_t begin, int64_t end) {
+  // A fork costs a few microseconds: below ~4k (token, KV head) pairs one thread does it all.
+  int64_t work = 0;
+  for (int64_t d = 0; d < D; ++d) work += p.lens[d] * p.nkv;
+  const int64_t grain = work < 4096 ? D * p.nkv : 1;
+  at::parallel_for(0, D * p.nkv, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t d = i / p.nkv, h = i % p.nkv;
       fn(qp + d * q_row_stride + h * g * p.q_head_stride, cp, p, d, h, op + (d * p.nh + h * g) * p.hd);

@@ -90,8 +90,8 @@ def test_bfloat16_equals_torch_path(D: int, shape: tuple[int, int, int]) -> None
     out = paged_kernel.paged_decode_attention(q, cache, tables, lens, 16)
     assert out.dtype == torch.bfloat16 and out.shape == (D, shape[0] * shape[2])
     ref = reference(q, cache, tables, lens, 16)
-    # the kernel rounds only its output to bf16; the torch path also rounds scores and probabilities
-    torch.testing.assert_close(out.double(), ref, atol=8e-3, rtol=8e-3)
+    # the kernel rounds its output and P (as bmm does) to bf16; the torch path also rounds the scores
+    torch.testing.assert_close(out.double(), ref, atol=5e-3, rtol=2**-8)
     torch.testing.assert_close(out, torch_path(q, cache, tables, lens, 16), atol=3e-2, rtol=3e-2)
 
 
