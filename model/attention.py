@@ -112,10 +112,19 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMet
 def prefill_attention(
     q: torch.Tensor, kv_cache: torch.Tensor, seq: PrefillSeq, block_size: int
 ) -> torch.Tensor:
-    """q: (T, nh, hd) for one chunk, already scaled -> (T, nh * hd); causal over the cached context."""
+    """q: (T, nh, hd) for one chunk, already scaled -> (T, nh * hd); causal over the cached context.
+
+    On CPU the chunk goes through the decode kernel as T rows sharing one block table (stride 0, no
+    copy), row i seeing the first S - T + i + 1 tokens: faster here than SDPA with a mask at every size
+    measured (bench/attention_bench.py).
+    """
     T, nh, hd = q.shape
     nkv = kv_cache.shape[0] // 2
     S = seq.context_len
+    if paged_kernel.use_kernel(q.device):
+        lens = torch.arange(S - T + 1, S + 1, device=q.device)
+        table = seq.block_table.view(1, -1).expand(T, -1)
+        return paged_kernel.paged_decode_attention(q, kv_cache, table, lens, block_size)
     kv = gather_blocks(kv_cache, seq.block_table.view(1, -1), block_size)[:, 0, :S]  # (2nkv, S, hd)
     keys, values = kv[:nkv], kv[nkv:]
     if nkv != nh:
