@@ -29,6 +29,9 @@
 namespace {
 
 constexpr int TILE = 16;
+#ifndef PAGED_ATTN_AHEAD
+#define PAGED_ATTN_AHEAD 2
+#endif
 
 struct Problem {
   int64_t nh, nkv, hd, block_size;
@@ -260,7 +263,10 @@ void attend_avx512(const scalar_t* q, const scalar_t* cache, const Problem& p, i
     l[j] = 0.f;
     for (int c = 0; c < NC; ++c) acc[j][c] = _mm512_setzero_ps();
   }
-  const scalar_t* rows[2][TILE];
+  // Row pointers of the tiles in flight: tile k lives in rows[k % RING] and is prefetched AHEAD tiles
+  // before it is used (one tile of compute is shorter than a DRAM miss).
+  constexpr int AHEAD = PAGED_ATTN_AHEAD, RING = AHEAD + 1;
+  const scalar_t* rows[RING][TILE];
   auto fill_rows = [&](int64_t t0, const scalar_t** r) {
     const int n = static_cast<int>(std::min<int64_t>(TILE, len - t0));
     for (int t = 0; t < n; ++t) {
@@ -269,12 +275,12 @@ void attend_avx512(const scalar_t* q, const scalar_t* cache, const Problem& p, i
       prefetch_row(r[t] + voff, row_bytes);
     }
   };
-  if (len > 0) fill_rows(0, rows[0]);
+  for (int k = 0; k < AHEAD && k * TILE < len; ++k) fill_rows(k * TILE, rows[k]);
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  for (int64_t t0 = 0, cur = 0; t0 < len; t0 += TILE, cur ^= 1) {
+  for (int64_t t0 = 0, k = 0; t0 < len; t0 += TILE, ++k) {
     const int n = static_cast<int>(std::min<int64_t>(TILE, len - t0));
-    if (t0 + TILE < len) fill_rows(t0 + TILE, rows[cur ^ 1]);
-    const scalar_t* const* r = rows[cur];
+    if (t0 + AHEAD * TILE < len) fill_rows(t0 + AHEAD * TILE, rows[(k + AHEAD) % RING]);
+    const scalar_t* const* r = rows[k % RING];
     __m512 scores[G];
     {
       __m512 dots[G][TILE];
@@ -354,10 +360,10 @@ void run(const at::Tensor& q, const at::Tensor& cache, at::Tensor& out, const Pr
   scalar_t* op = out.data_ptr<scalar_t>();
   const AttendFn<scalar_t> fn = pick_kernel<scalar_t>(g, p.hd);
   const int64_t q_row_stride = q.stride(0);
-  // A fork costs a few microseconds: below ~4k (token, KV head) pairs one thread does it all.
+  // A fork costs a few microseconds: below ~1k (token, KV head) pairs (~20 us) one thread does it all.
   int64_t work = 0;
   for (int64_t d = 0; d < D; ++d) work += p.lens[d] * p.nkv;
-  const int64_t grain = work < 4096 ? D * p.nkv : 1;
+  const int64_t grain = work < 1024 ? D * p.nkv : 1;
   at::parallel_for(0, D * p.nkv, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t d = i / p.nkv, h = i % p.nkv;
