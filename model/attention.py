@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from model import paged_kernel
+
 
 @dataclass(slots=True)
 class PrefillSeq:
@@ -39,6 +41,7 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None  # (nkv * D, 1, max_blocks * block_size) additive 0 / -inf, model dtype
     prefills: list[PrefillSeq]
     block_size: int = 16
+    decode_context_lens: torch.Tensor | None = None  # (D,) int64; the C++ kernel reads it instead of the mask
 
 
 def allocate_kv_cache(
@@ -83,10 +86,16 @@ def gather_blocks(cache: torch.Tensor, block_table: torch.Tensor, block_size: in
 def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
     """q: (D, nh, hd), already scaled -> (D, nh * hd); one query token per sequence.
 
-    The g query heads of a KV head are grouped into one (g, hd) @ (hd, L) product, so K/V are never
-    repeated; the padding mask rides in baddbmm's bias.
+    On CPU the fused kernel (model/paged_kernel.py) reads K/V straight from the blocks; otherwise the
+    torch path below gathers them, and the g query heads of a KV head are grouped into one
+    (g, hd) @ (hd, L) product, so K/V are never repeated; the padding mask rides in baddbmm's bias.
     """
-    assert meta.decode_block_tables is not None and meta.decode_mask is not None
+    assert meta.decode_block_tables is not None
+    if meta.decode_context_lens is not None and paged_kernel.use_kernel(q.device):
+        return paged_kernel.paged_decode_attention(
+            q, kv_cache, meta.decode_block_tables, meta.decode_context_lens, meta.block_size
+        )
+    assert meta.decode_mask is not None
     D, nh, hd = q.shape
     nkv = kv_cache.shape[0] // 2
     g = nh // nkv
@@ -103,10 +112,19 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMet
 def prefill_attention(
     q: torch.Tensor, kv_cache: torch.Tensor, seq: PrefillSeq, block_size: int
 ) -> torch.Tensor:
-    """q: (T, nh, hd) for one chunk, already scaled -> (T, nh * hd); causal over the cached context."""
+    """q: (T, nh, hd) for one chunk, already scaled -> (T, nh * hd); causal over the cached context.
+
+    On CPU the chunk goes through the decode kernel as T rows sharing one block table (stride 0, no
+    copy), row i seeing the first S - T + i + 1 tokens: faster here than SDPA with a mask at every size
+    measured (bench/attention_bench.py).
+    """
     T, nh, hd = q.shape
     nkv = kv_cache.shape[0] // 2
     S = seq.context_len
+    if paged_kernel.use_kernel(q.device):
+        lens = torch.arange(S - T + 1, S + 1, device=q.device)
+        table = seq.block_table.view(1, -1).expand(T, -1)
+        return paged_kernel.paged_decode_attention(q, kv_cache, table, lens, block_size)
     kv = gather_blocks(kv_cache, seq.block_table.view(1, -1), block_size)[:, 0, :S]  # (2nkv, S, hd)
     keys, values = kv[:nkv], kv[nkv:]
     if nkv != nh:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model import paged_kernel
 from model.attention import (
     AttentionMetadata,
     PrefillSeq,
@@ -73,6 +74,7 @@ class ModelRunner:
         self.vocab_size = model.config.vocab_size
         self.eos_token_id = eos_token_id if eos_token_id is not None else model.config.eos_token_id
         model.prepare_for_serving()
+        paged_kernel.use_kernel(self.device)  # build the CPU attention kernel now, not in the first step
         cfg = model.config
         use_graphs = cuda_graphs and self.device.type == "cuda"
         # with CUDA graphs, one extra block past the allocator's range takes the padding rows' writes
@@ -173,7 +175,9 @@ class ModelRunner:
             block_size=self.block_size,
         )
         if x.decode_lens:
-            meta.decode_block_tables, meta.decode_mask = self._decode_tables(x.decode_tables, x.decode_lens)
+            meta.decode_block_tables, meta.decode_mask, meta.decode_context_lens = self._decode_tables(
+                x.decode_tables, x.decode_lens
+            )
         return (
             torch.tensor(x.tokens, dtype=torch.long, device=dev),
             torch.tensor(x.positions, dtype=torch.long, device=dev),
@@ -189,13 +193,16 @@ class ModelRunner:
         x = self._collect(rows)
         return self.graphs.run(x.tokens, x.positions, x.slots, x.decode_tables, x.decode_lens)
 
-    def _decode_tables(self, tables: list[list[int]], lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode_tables(
+        self, tables: list[list[int]], lens: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(D, width) block table padded with block 0, the torch path's additive mask, (D,) lengths."""
         width = max(len(t) for t in tables)
         padded = [t + [0] * (width - len(t)) for t in tables]
         table = torch.tensor(padded, dtype=torch.long, device=self.device)  # (D, width)
-        lens_t = torch.tensor(lens, device=self.device)
+        lens_t = torch.tensor(lens, dtype=torch.long, device=self.device)
         nkv = self.model.config.num_key_value_heads
-        return table, build_decode_mask(lens_t, width * self.block_size, nkv, self.dtype)
+        return table, build_decode_mask(lens_t, width * self.block_size, nkv, self.dtype), lens_t
 
     # ---- sampling ----------------------------------------------------------------------------------
     def _sampling_batch(self, rows: list[_Row]) -> SamplingBatch:

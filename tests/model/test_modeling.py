@@ -14,6 +14,7 @@ from model import (
     SmolLM2RotaryEmbedding,
     _precompute_freqs_cis,
     apply_rotary_pos_emb,
+    paged_kernel,
     repeat_kv,
     rotate_half,
 )
@@ -93,9 +94,12 @@ def test_kv_cache_decoding_equals_full_forward(pair) -> None:  # type: ignore[no
     assert (torch.cat(pieces, 1) - full).abs().max().item() < 1e-5
 
 
-def test_paged_forward_equals_full_forward(pair) -> None:  # type: ignore[no-untyped-def]
-    """One flat step holding two decodes and a prefill chunk over a scattered block table."""
+@pytest.mark.parametrize("kernel", ["torch", "cpp"])
+def test_paged_forward_equals_full_forward(pair, kernel: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """One flat step holding two decodes and a prefill chunk over a scattered block table, with the
+    decodes on the torch path and on the C++ kernel."""
     ours, _ = pair
+    monkeypatch.setenv(paged_kernel.ENV_VAR, kernel)
     cfg, bs = ours.config, 4
     caches = allocate_kv_cache(
         cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 32, bs, torch.float32, "cpu"
@@ -130,11 +134,11 @@ def _paged_step(model, caches, seqs, tables, starts, ends, bs, decodes):  # type
     dec_tables = (
         torch.tensor([tables[i] + [0] * (width - len(tables[i])) for i in decodes]) if decodes else None
     )
-    mask = None
+    mask = lens = None
     if decodes:
         lens = torch.tensor([ends[i] for i in decodes])
         mask = build_decode_mask(lens, width * bs, model.config.num_key_value_heads, torch.float32)
-    meta = AttentionMetadata(torch.tensor(slots), len(decodes), dec_tables, mask, prefills, bs)
+    meta = AttentionMetadata(torch.tensor(slots), len(decodes), dec_tables, mask, prefills, bs, lens)
     return model.forward_paged(torch.tensor(ids), torch.tensor(pos), meta, caches)
 
 

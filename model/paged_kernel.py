@@ -1,0 +1,142 @@
+"""The fused CPU decode-attention kernel (model/csrc/paged_attention.cpp): built on first use, or not used.
+
+``SMOLLM2_ATTENTION_KERNEL`` picks the decode attention on CPU:
+
+- ``auto`` (default): the C++ kernel when it builds; otherwise one warning and the torch path.
+- ``cpp``: the C++ kernel; a failed build is an error.
+- ``torch``: always the torch path (gather, baddbmm, softmax, bmm).
+
+CUDA always takes the torch path. The kernel is compiled once per machine with torch.utils.cpp_extension
+(needs a C++ compiler and ``ninja``, -O3 -march=native) into ``$SMOLLM2_HOME/torch_extensions``; a file
+lock keeps two processes from building it at once, and later processes load the built library.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from model.defaults import cache_dir
+
+log = logging.getLogger(__name__)
+
+ENV_VAR = "SMOLLM2_ATTENTION_KERNEL"
+MODES = ("auto", "cpp", "torch")
+SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
+_lock = threading.Lock()
+_mode: str | None = None  # set_attention_kernel's choice; None: read the environment
+_loaded: bool | None = None  # None: not tried yet in this process
+build_seconds: float | None = None  # wall time of this process's load (compile or cached), for reports
+
+
+def set_attention_kernel(mode: str | None) -> None:
+    """Force 'auto', 'cpp' or 'torch' for this process; None goes back to $SMOLLM2_ATTENTION_KERNEL."""
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"attention kernel must be one of {MODES}, got {mode!r}")
+    global _mode
+    _mode = mode
+
+
+def attention_kernel_mode() -> str:
+    mode = _mode if _mode is not None else os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise ValueError(f"{ENV_VAR} must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def use_kernel(device: torch.device) -> bool:
+    """Whether decode attention on `device` goes through the C++ kernel (building it on first call)."""
+    if device.type != "cpu":
+        return False
+    mode = attention_kernel_mode()
+    if mode == "torch":
+        return False
+    if load():
+        return True
+    if mode == "cpp":
+        raise RuntimeError(f"{ENV_VAR}=cpp but the C++ attention kernel failed to build (see the log)")
+    return False
+
+
+def load() -> bool:
+    """Build (or load the cached build of) the kernel once per process; False, with one warning, if not."""
+    global _loaded, build_seconds
+    if _loaded is not None:
+        return _loaded
+    with _lock:
+        if _loaded is None:
+            t0 = time.perf_counter()
+            try:
+                _build_and_load()
+                _loaded = True
+            except Exception as e:  # no compiler, no ninja, a compile error: serve on the torch path
+                log.warning("C++ paged attention kernel unavailable (%s); using the torch path", e)
+                _loaded = False
+            build_seconds = time.perf_counter() - t0
+    return _loaded
+
+
+def _build_dir() -> Path:
+    """One folder per torch version and CPU: the build is -march=native, so a shared home must not mix."""
+    flags = ""
+    if Path("/proc/cpuinfo").is_file():
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        flags = next((ln for ln in lines if ln.startswith(("flags", "Features"))), "")
+    tag = hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
+    return cache_dir() / "torch_extensions" / f"paged_attention-torch{torch.__version__}-{tag}"
+
+
+def _build_and_load() -> None:
+    from filelock import FileLock
+    from torch.utils import cpp_extension
+
+    if hasattr(torch.ops.smollm2, "paged_decode_attention"):
+        return
+    if not cpp_extension.is_ninja_available():
+        try:  # the pip package puts ninja next to the interpreter, which may not be on PATH
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass
+    if not cpp_extension.is_ninja_available():
+        raise RuntimeError("ninja not found (pip install ninja)")
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        raise RuntimeError("no C++ compiler (c++ or $CXX) on PATH")
+    build = _build_dir()
+    build.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(build) + ".lock", timeout=600):
+        cpp_extension.load(
+            name="smollm2_paged_attention",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build),
+            is_python_module=False,
+            verbose=False,
+        )
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_size: int,
+) -> torch.Tensor:
+    """q (D, nh, hd) scaled, kv_cache (2 nkv, slots, hd), block_tables (D, nb), context_lens (D,) -> (D, nh*hd).
+
+    Row d attends to the first context_lens[d] tokens of its table; a table with row stride 0 (expand)
+    is read without a copy.
+    """
+    if not load():
+        raise RuntimeError("the C++ paged attention kernel is not available (see the log)")
+    return torch.ops.smollm2.paged_decode_attention(q, kv_cache, block_tables, context_lens, block_size)

@@ -1,0 +1,194 @@
+"""The C++ paged decode-attention kernel equals the torch path (gather, baddbmm, softmax, bmm) on random
+caches and block tables, and SMOLLM2_ATTENTION_KERNEL switches between them."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+
+from model import paged_kernel
+from model.attention import (
+    AttentionMetadata,
+    PrefillSeq,
+    build_decode_mask,
+    decode_attention,
+    prefill_attention,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built() -> None:
+    assert paged_kernel.load(), "the C++ kernel did not build (needs a C++ compiler and ninja)"
+
+
+@pytest.fixture(autouse=True)
+def default_mode():  # type: ignore[no-untyped-def]
+    yield
+    paged_kernel.set_attention_kernel(None)
+
+
+def random_case(D: int, nh: int, nkv: int, hd: int, dtype: torch.dtype, bs: int = 16, seed: int = 0):  # type: ignore[no-untyped-def]
+    """Cache, q, scattered block tables (blocks shared between rows) and ragged lengths incl. 1 and k*bs."""
+    g = torch.Generator().manual_seed(seed)
+    num_blocks = 40
+    cache = torch.randn(2 * nkv, num_blocks * bs, hd, generator=g).to(dtype)
+    q = (torch.randn(D, nh, hd, generator=g) * 2 / math.sqrt(hd)).to(dtype)
+    special = [3 * bs + 1, 1, bs, 3 * bs, 11 * bs, 2]
+    lens = [
+        special[i] if i < len(special) else int(torch.randint(1, 11 * bs + 1, (1,), generator=g))
+        for i in range(D)
+    ]
+    width = max((n + bs - 1) // bs for n in lens)
+    # drawn with replacement: rows share blocks, and blocks repeat inside a row, in no order
+    tables = torch.randint(0, num_blocks, (D, width), generator=g)
+    return q, cache, tables, torch.tensor(lens, dtype=torch.long)
+
+
+def torch_path(q, cache, tables, lens, bs):  # type: ignore[no-untyped-def]
+    nkv = cache.shape[0] // 2
+    mask = build_decode_mask(lens, tables.shape[1] * bs, nkv, q.dtype)
+    paged_kernel.set_attention_kernel("torch")
+    try:
+        return decode_attention(
+            q, cache, AttentionMetadata(torch.empty(0), q.shape[0], tables, mask, [], bs, lens)
+        )
+    finally:
+        paged_kernel.set_attention_kernel(None)
+
+
+def reference(q, cache, tables, lens, bs):  # type: ignore[no-untyped-def]
+    """float64 attention of each row over its own gathered tokens."""
+    D, nh, hd = q.shape
+    nkv = cache.shape[0] // 2
+    out = torch.empty(D, nh, hd, dtype=torch.float64)
+    for d in range(D):
+        n = int(lens[d])
+        slots = torch.tensor([int(tables[d, t // bs]) * bs + t % bs for t in range(n)])
+        kv = cache[:, slots].double()  # (2nkv, n, hd)
+        k = kv[:nkv].repeat_interleave(nh // nkv, 0)
+        v = kv[nkv:].repeat_interleave(nh // nkv, 0)
+        p = torch.softmax(torch.einsum("hd,hnd->hn", q[d].double(), k), -1)
+        out[d] = torch.einsum("hn,hnd->hd", p, v)
+    return out.view(D, nh * hd)
+
+
+# (nh, nkv, hd): SmolLM2-135M; the tests' tiny config; one KV head per query head; head_dim 128;
+# and two shapes only the portable path handles (hd not a multiple of 16, a group of 5)
+SHAPES = [(9, 3, 64), (6, 2, 16), (4, 4, 64), (8, 2, 128), (6, 3, 24), (10, 2, 32)]
+
+
+@pytest.mark.parametrize("D", [1, 33])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_float32_equals_torch_path(D: int, shape: tuple[int, int, int]) -> None:
+    q, cache, tables, lens = random_case(D, *shape, torch.float32)
+    out = paged_kernel.paged_decode_attention(q, cache, tables, lens, 16)
+    torch.testing.assert_close(out, torch_path(q, cache, tables, lens, 16), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.double(), reference(q, cache, tables, lens, 16), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("D", [1, 33])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_bfloat16_equals_torch_path(D: int, shape: tuple[int, int, int]) -> None:
+    q, cache, tables, lens = random_case(D, *shape, torch.bfloat16, seed=1)
+    out = paged_kernel.paged_decode_attention(q, cache, tables, lens, 16)
+    assert out.dtype == torch.bfloat16 and out.shape == (D, shape[0] * shape[2])
+    ref = reference(q, cache, tables, lens, 16)
+    # the kernel rounds its output and P (as bmm does) to bf16; the torch path also rounds the scores
+    torch.testing.assert_close(out.double(), ref, atol=5e-3, rtol=2**-8)
+    torch.testing.assert_close(out, torch_path(q, cache, tables, lens, 16), atol=3e-2, rtol=3e-2)
+
+
+def test_peaked_scores_and_other_block_size() -> None:
+    """Large scores whose maximum moves from tile to tile exercise the online rescaling; block size 4."""
+    q, cache, tables, lens = random_case(7, 9, 3, 64, torch.float32, bs=4, seed=2)
+    q = q * 12
+    out = paged_kernel.paged_decode_attention(q, cache, tables, lens, 4)
+    torch.testing.assert_close(out.double(), reference(q, cache, tables, lens, 4), atol=1e-5, rtol=1e-5)
+
+
+def test_query_slice_of_fused_qkv_and_shared_table() -> None:
+    """q may be a strided slice of the fused qkv rows; a table expanded with row stride 0 is not copied."""
+    nh, nkv, hd = 9, 3, 64
+    q, cache, tables, lens = random_case(5, nh, nkv, hd, torch.float32, seed=3)
+    qkv = torch.randn(5, nh + 2 * nkv, hd)
+    qkv[:, :nh] = q
+    shared = tables[4:5].expand(5, -1)
+    out = paged_kernel.paged_decode_attention(qkv[:, :nh], cache, shared, lens, 16)
+    torch.testing.assert_close(out.double(), reference(q, cache, shared, lens, 16), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("T", "S"), [(5, 37), (16, 16), (33, 160), (1, 9)])
+def test_prefill_chunk_equals_torch_path(dtype: torch.dtype, T: int, S: int) -> None:
+    """A chunk of T queries after S - T cached tokens, causal inside the chunk, over a scattered table."""
+    g = torch.Generator().manual_seed(T * 1000 + S)
+    cache = torch.randn(6, 40 * 16, 64, generator=g).to(dtype)
+    table = torch.randperm(40, generator=g)[: (S + 15) // 16]
+    q = (torch.randn(T, 9, 64, generator=g) / 4).to(dtype)
+    seq = PrefillSeq(0, T, S, table)
+    paged_kernel.set_attention_kernel("cpp")
+    out = prefill_attention(q, cache, seq, 16)
+    paged_kernel.set_attention_kernel("torch")
+    expected = prefill_attention(q, cache, seq, 16)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
+    rows = reference(q, cache, table.view(1, -1).expand(T, -1), torch.arange(S - T + 1, S + 1), 16)
+    torch.testing.assert_close(out.double(), rows, atol=tol if dtype == torch.float32 else 5e-3, rtol=tol)
+
+
+def test_rejects_lengths_and_block_ids_outside_the_cache() -> None:
+    q, cache, tables, lens = random_case(3, 9, 3, 64, torch.float32)
+    with pytest.raises(RuntimeError, match="exceeds the block table"):
+        paged_kernel.paged_decode_attention(q, cache, tables, lens + tables.shape[1] * 16, 16)
+    bad = tables.clone()
+    bad[0, 0] = 10_000
+    with pytest.raises(RuntimeError, match="out of range"):
+        paged_kernel.paged_decode_attention(q, cache, bad, lens, 16)
+
+
+def test_mode_switch_routes_decode_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    q, cache, tables, lens = random_case(4, 9, 3, 64, torch.float32)
+    mask = build_decode_mask(lens, tables.shape[1] * 16, 3, torch.float32)
+    meta = AttentionMetadata(torch.empty(0), 4, tables, mask, [], 16, lens)
+    calls = []
+    real = paged_kernel.paged_decode_attention
+    monkeypatch.setattr(paged_kernel, "paged_decode_attention", lambda *a: calls.append(1) or real(*a))
+    paged_kernel.set_attention_kernel("torch")
+    via_torch = decode_attention(q, cache, meta)
+    assert calls == []
+    paged_kernel.set_attention_kernel("cpp")
+    via_cpp = decode_attention(q, cache, meta)
+    assert calls == [1]
+    torch.testing.assert_close(via_cpp, via_torch, atol=1e-5, rtol=1e-5)
+    paged_kernel.set_attention_kernel(None)
+    monkeypatch.setenv(paged_kernel.ENV_VAR, "torch")
+    decode_attention(q, cache, meta)
+    assert calls == [1]
+    monkeypatch.setenv(paged_kernel.ENV_VAR, "fast")
+    with pytest.raises(ValueError, match="SMOLLM2_ATTENTION_KERNEL"):
+        decode_attention(q, cache, meta)
+
+
+def test_failed_build_falls_back_with_one_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken() -> None:
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(paged_kernel, "_build_and_load", broken)
+    monkeypatch.setattr(paged_kernel, "_loaded", None)
+    q, cache, tables, lens = random_case(2, 9, 3, 64, torch.float32)
+    mask = build_decode_mask(lens, tables.shape[1] * 16, 3, torch.float32)
+    meta = AttentionMetadata(torch.empty(0), 2, tables, mask, [], 16, lens)
+    with caplog.at_level(logging.WARNING, logger="model.paged_kernel"):
+        out = decode_attention(q, cache, meta)
+        decode_attention(q, cache, meta)
+    assert [r.getMessage() for r in caplog.records if "no compiler here" in r.getMessage()] != []
+    assert len(caplog.records) == 1
+    torch.testing.assert_close(out.double(), reference(q, cache, tables, lens, 16), atol=1e-5, rtol=1e-5)
+    paged_kernel.set_attention_kernel("cpp")
+    with pytest.raises(RuntimeError, match="failed to build"):
+        decode_attention(q, cache, meta)
