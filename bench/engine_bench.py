@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from model.defaults import require_default_model
-from model.modeling import INT4_MODES, set_gemm_threads
+from model.modeling import INT4_MODES
+from model.threads import set_compute_threads
 from model.weights import load_model
 from server.engine.engine import LLMEngine
 from server.engine.request import SamplingParams
@@ -170,7 +171,7 @@ def main() -> None:
     if args.threads == "server" and args.device == "cpu":
         cores = os.cpu_count() or 1
         torch.set_num_threads(max(1, cores - 1))
-        set_gemm_threads(cores)
+        set_compute_threads(cores)
     modes = args.int4_small_batch.split(",")
     if not set(modes) <= set(INT4_MODES):
         ap.error(f"--int4-small-batch: modes are {', '.join(INT4_MODES)}")

@@ -17,6 +17,7 @@ from torch import nn
 
 from model.attention import AttentionMetadata, paged_attention
 from model.config import SmolLM2Config
+from model.threads import run_wide
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (B, nkv, S, hd) each
 
@@ -151,15 +152,7 @@ class PackedLinear:
                 self.packed = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        threads = _gemm_threads
-        if threads is None:
-            return self._matmul(x)
-        others = torch.get_num_threads()
-        torch.set_num_threads(threads)  # ~0.1 us: OpenMP's ICV, not a new pool
-        try:
-            return self._matmul(x)
-        finally:
-            torch.set_num_threads(others)
+        return run_wide(self._matmul, x)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.int4 is not None and x.shape[0] <= self.int4_max_rows:
@@ -167,19 +160,6 @@ class PackedLinear:
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none", [], "")
         return torch.mm(x, self.weight.t())
-
-
-_gemm_threads: int | None = None
-
-
-def set_gemm_threads(threads: int | None) -> None:
-    """Run the serving path's GEMMs (PackedLinear) on `threads` threads whatever torch.get_num_threads()
-    says for the other ops; None: no switch. On 2 cores, GEMMs gain ~2x from both cores at 32-64 rows
-    while the ~3,000 small ops of a step lose from a second thread (bench/NOTES.md)."""
-    global _gemm_threads
-    if threads is not None and threads < 1:
-        raise ValueError(f"threads must be at least 1, got {threads}")
-    _gemm_threads = threads
 
 
 def _rms_norm(x: torch.Tensor, norm: SmolLM2RMSNorm, dtype: torch.dtype) -> torch.Tensor:

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from model.defaults import cache_dir
+from model.threads import run_wide
 
 log = logging.getLogger(__name__)
 
@@ -139,4 +140,6 @@ def paged_decode_attention(
     """
     if not load():
         raise RuntimeError("the C++ paged attention kernel is not available (see the log)")
-    return torch.ops.smollm2.paged_decode_attention(q, kv_cache, block_tables, context_lens, block_size)
+    return run_wide(
+        torch.ops.smollm2.paged_decode_attention, q, kv_cache, block_tables, context_lens, block_size
+    )

@@ -187,11 +187,11 @@ def load_llm_engine(settings: Settings) -> tuple[Any, int]:
     if device == "cpu":
         import torch
 
-        from model.modeling import set_gemm_threads
+        from model.threads import set_compute_threads
 
         threads = settings.torch_threads or default_torch_threads(settings)
         torch.set_num_threads(threads)
-        set_gemm_threads(os.cpu_count() or 1)
+        set_compute_threads(os.cpu_count() or 1)
         log.info("CPU: %d thread(s) for element-wise ops, GEMMs on all %d cores", threads, os.cpu_count())
     model = load_model(source, dtype, device)
     cfg = model.config
