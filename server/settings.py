@@ -65,7 +65,12 @@ class Settings:
     dtype: str = _opt("auto", "weights/activations dtype: auto, bfloat16, float16 or float32")
     device: str = _opt("auto", "torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...")
     max_num_seqs: int = _opt(64, "most sequences running in one engine step", int)
-    max_num_batched_tokens: int = _opt(2048, "token budget of one engine step (chunked prefill)", int)
+    max_num_batched_tokens: int = _opt(
+        256,
+        "token budget of one engine step; longer prompts are chunked across steps. Small steps let a "
+        "burst of prompts start streaming sooner (TTFT) while running streams keep getting tokens",
+        int,
+    )
     kv_cache_memory: int = _opt(
         1024**3, "memory for the paged KV cache, e.g. 1GiB, 512MiB or bytes", parse_bytes
     )
