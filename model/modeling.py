@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import paged_kernel
 from model.attention import AttentionMetadata, paged_attention
 from model.config import SmolLM2Config
 from model.threads import run_wide
@@ -316,15 +317,20 @@ class SmolLM2Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
         kv_cache: torch.Tensor,
+        fused: bool = False,
     ) -> torch.Tensor:
-        """x (N, H) -> (N, H). rope: (cos, sin) tables (N, nh + 2 nkv, hd) from SmolLM2Model.rope_tables."""
+        """x (N, H) -> (N, H). rope: (cos, sin) tables (N, nh + 2 nkv, hd) from SmolLM2Model.rope_tables.
+        fused: RoPE in one C++ pass (model/csrc/fused_ops.cpp), same rounding."""
         N = x.shape[0]
         nh, nkv, hd = self.num_heads, self.num_key_value_heads, self.head_dim
         qkv = self.qkv_linear(x).view(N, nh + 2 * nkv, hd)
         # rotate_half(x) * sin == roll(x, hd/2) * sign-folded sin. The tables leave V heads unchanged
         # (cos 1, sin 0) and carry the 1/sqrt(hd) query scale (a power of two, so exact).
         cos, sin = rope
-        qkv = torch.addcmul(qkv * cos, qkv.roll(hd // 2, dims=-1), sin)
+        if fused:
+            qkv = torch.ops.smollm2.rope(qkv, cos, sin)
+        else:
+            qkv = torch.addcmul(qkv * cos, qkv.roll(hd // 2, dims=-1), sin)
         out = paged_attention(qkv[:, :nh], qkv[:, nh:], kv_cache, meta)
         return self.o_linear(out)
 
@@ -429,9 +435,36 @@ class SmolLM2Model(nn.Module):
         dtype = self.embed_tokens.weight.dtype
         h = self.embed_tokens(input_ids).float()
         rope = self.rope_tables(positions, dtype)
+        if paged_kernel.use_kernel(h.device) and dtype in (torch.float32, torch.bfloat16):
+            return self._forward_fused(h, rope, meta, kv_caches)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             h = layer.forward_paged(h, rope, meta, kv_cache)
         return _rms_norm(h, self.norm, dtype)
+
+    def _forward_fused(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+        kv_caches: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """The same layers with the C++ element-wise ops: each residual add is folded into the next
+        RMSNorm (x += delta; norm(x) in one pass) and RoPE is one pass. SwiGLU stays on ATen, whose
+        vectorized exp beat a scalar C++ loop 4x at 32 rows (bench/NOTES.md)."""
+        ops = torch.ops.smollm2
+        delta: torch.Tensor | None = None
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            norm = layer.input_layernorm
+            if delta is None:
+                h = ops.rms_norm_cast(x, norm.weight, norm.variance_epsilon)
+            else:
+                h = ops.add_rms_norm_(x, delta, norm.weight, norm.variance_epsilon)
+            attn = layer.self_attn.forward_paged(h, rope, meta, kv_cache, fused=True)
+            norm = layer.post_attention_layernorm
+            delta = layer.mlp.forward_flat(ops.add_rms_norm_(x, attn, norm.weight, norm.variance_epsilon))
+        if delta is None:
+            return ops.rms_norm_cast(x, self.norm.weight, self.norm.variance_epsilon)
+        return ops.add_rms_norm_(x, delta, self.norm.weight, self.norm.variance_epsilon)
 
     def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, nh + 2 nkv, hd) cos and sign-folded sin for the fused q/k/v heads, built once per step.

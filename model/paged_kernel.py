@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 ENV_VAR = "SMOLLM2_ATTENTION_KERNEL"
 MODES = ("auto", "cpp", "torch")
 SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
+FUSED_SOURCE = Path(__file__).parent / "csrc" / "fused_ops.cpp"  # RMSNorm, RoPE, SwiGLU in one pass each
 _lock = threading.Lock()
 _mode: str | None = None  # set_attention_kernel's choice; None: read the environment
 _loaded: bool | None = None  # None: not tried yet in this process
@@ -117,7 +118,7 @@ def _build_and_load() -> None:
     with FileLock(str(build) + ".lock", timeout=600):
         cpp_extension.load(
             name="smollm2_paged_attention",
-            sources=[str(SOURCE)],
+            sources=[str(SOURCE), str(FUSED_SOURCE)],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             build_directory=str(build),

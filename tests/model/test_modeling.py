@@ -137,7 +137,7 @@ def _paged_step(model, caches, seqs, tables, starts, ends, bs, decodes):  # type
     mask = lens = None
     if decodes:
         lens = torch.tensor([ends[i] for i in decodes])
-        mask = build_decode_mask(lens, width * bs, model.config.num_key_value_heads, torch.float32)
+        mask = build_decode_mask(lens, width * bs, model.config.num_key_value_heads, model.dtype)
     meta = AttentionMetadata(torch.tensor(slots), len(decodes), dec_tables, mask, prefills, bs, lens)
     return model.forward_paged(torch.tensor(ids), torch.tensor(pos), meta, caches)
 
