@@ -15,9 +15,10 @@ import pytest
 
 from server.engine.engine import AsyncEngine, EngineConfig, EngineDeadError, LLMEngine, QueueFullError
 from server.engine.process import EngineProcess, EngineProcessError
-from server.engine.request import RequestOutput, SamplingParams
+from server.engine.request import SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from tests.engine.fake_runner import FakeRunner, reference_tokens
+from tests.engine.test_engine_async import collect, tokens_of
 
 VOCAB = 1000
 MAX_LEN = 256
@@ -44,16 +45,6 @@ def start(*args: object) -> AsyncEngine:
     engine = AsyncEngine(EngineProcess(build_fake, *args))
     engine.start()
     return engine
-
-
-async def collect(
-    engine: AsyncEngine, rid: str, prompt: list[int], params: SamplingParams
-) -> list[RequestOutput]:
-    return [out async for out in engine.generate(rid, prompt, params)]
-
-
-def tokens_of(outputs: list[RequestOutput]) -> list[int]:
-    return [t for out in outputs for c in out.outputs for t in c.new_token_ids]
 
 
 async def wait_until(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]

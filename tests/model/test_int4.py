@@ -21,6 +21,7 @@ from model.modeling import (
     int4_supported,
     quantize_int4,
 )
+from tests.model.test_modeling import PROMPTS  # the same prompts as the bf16 checks
 
 pytestmark = pytest.mark.skipif(
     not int4_supported(torch.device("cpu"), torch.bfloat16), reason="this torch has no CPU int4 kernels"
@@ -121,12 +122,6 @@ def test_prepare_for_serving_modes() -> None:
 
 
 # ---- the real model ----------------------------------------------------------------------------------
-PROMPTS = [
-    "The capital of France is",
-    "<|im_start|>user\nWrite a haiku about the sea.<|im_end|>\n<|im_start|>assistant\n",
-    "def quicksort(arr):",
-    "In 1969, the first humans",
-]
 
 
 @pytest.fixture(scope="module")
