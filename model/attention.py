@@ -42,6 +42,11 @@ class AttentionMetadata:
     prefills: list[PrefillSeq]
     block_size: int = 16
     decode_context_lens: torch.Tensor | None = None  # (D,) int64; the C++ kernel reads it instead of the mask
+    use_kernel: bool | None = None  # the C++ kernel or not, decided once per step; None: ask paged_kernel
+
+
+def _kernel(meta: AttentionMetadata, device: torch.device) -> bool:
+    return paged_kernel.use_kernel(device) if meta.use_kernel is None else meta.use_kernel
 
 
 def allocate_kv_cache(
@@ -91,7 +96,7 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMet
     (g, hd) @ (hd, L) product, so K/V are never repeated; the padding mask rides in baddbmm's bias.
     """
     assert meta.decode_block_tables is not None
-    if meta.decode_context_lens is not None and paged_kernel.use_kernel(q.device):
+    if meta.decode_context_lens is not None and _kernel(meta, q.device):
         return paged_kernel.paged_decode_attention(
             q, kv_cache, meta.decode_block_tables, meta.decode_context_lens, meta.block_size
         )

@@ -435,7 +435,8 @@ class SmolLM2Model(nn.Module):
         dtype = self.embed_tokens.weight.dtype
         h = self.embed_tokens(input_ids).float()
         rope = self.rope_tables(positions, dtype)
-        if paged_kernel.use_kernel(h.device) and dtype in (torch.float32, torch.bfloat16):
+        meta.use_kernel = paged_kernel.use_kernel(h.device)  # once per step, not once per layer
+        if meta.use_kernel and dtype in (torch.float32, torch.bfloat16):
             return self._forward_fused(h, rope, meta, kv_caches)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             h = layer.forward_paged(h, rope, meta, kv_cache)
