@@ -116,7 +116,10 @@ run_and_check() {
   podman logs "$NAME" 2>&1 | tail -5
   # uvicorn re-raises SIGTERM after its drain, so 143 (128+15) is a clean stop; 137 means SIGKILL.
   [[ $code == 0 || $code == 143 ]] || fail "exit code $code after SIGTERM (137 = killed before draining)"
-  podman logs "$NAME" 2>&1 | grep -q "Application shutdown complete" || fail "no graceful shutdown in the logs"
+  # Read the logs whole first: `podman logs | grep -q` fails under pipefail when grep stops reading early.
+  local logs
+  logs=$(podman logs "$NAME" 2>&1)
+  grep -q "Application shutdown complete" <<<"$logs" || fail "no graceful shutdown in the logs"
 }
 
 install_tools
