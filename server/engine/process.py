@@ -75,15 +75,10 @@ class EngineProcess:
         self._unfinished: set[str] = set()
         self._sent_adds = 0  # children added since the last stats, for num_waiting
         self._closed = False
-        try:
-            if not self._conn.poll(start_timeout):
-                raise EngineProcessError(f"the engine process did not start within {start_timeout} s")
-            message = self._conn.recv()
-        except (EOFError, OSError) as exc:
-            self._process.join(5)
-            raise EngineProcessError(
-                f"the engine process exited while starting (exit code {self._process.exitcode})"
-            ) from exc
+        message = self._recv(start_timeout, " while starting")
+        if message is None:
+            self.close()
+            raise EngineProcessError(f"the engine process did not start within {start_timeout} s")
         if message[0] != "ready":
             self.close()
             raise EngineProcessError(f"the engine process failed to start: {message[1]}")
@@ -124,17 +119,9 @@ class EngineProcess:
         return bool(self._unfinished)
 
     def step(self) -> list[RequestOutput]:
-        try:
-            if not self._conn.poll(POLL_SECONDS):
-                if not self._process.is_alive():
-                    raise EOFError
-                return []
-            message = self._conn.recv()
-        except (EOFError, OSError) as exc:
-            self._process.join(1)
-            raise EngineProcessError(
-                f"the engine process exited (exit code {self._process.exitcode})"
-            ) from exc
+        message = self._recv(POLL_SECONDS)
+        if message is None:
+            return []
         if message[0] == "dead":
             raise EngineProcessError(f"the engine process failed: {message[1]}")
         _, outputs, stats = message
@@ -163,6 +150,20 @@ class EngineProcess:
             self._process.kill()
             self._process.join()
         self._conn.close()
+
+    def _recv(self, timeout: float | None, when: str = "") -> tuple[Any, ...] | None:
+        """The child's next message, or None after `timeout` seconds (None: wait); EngineProcessError
+        once the child has gone (EOF on the pipe, or dead while nothing was sent)."""
+        try:
+            if self._conn.poll(timeout):
+                return self._conn.recv()
+            gone = not self._process.is_alive()
+        except (EOFError, OSError):
+            gone = True
+        if not gone:
+            return None
+        self._process.join(1)
+        raise EngineProcessError(f"the engine process exited{when} (exit code {self._process.exitcode})")
 
     def _send(self, message: tuple[Any, ...]) -> None:
         try:
