@@ -195,13 +195,16 @@ class ModelRunner:
 
     def _decode_tables(
         self, tables: list[list[int]], lens: list[int]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(D, width) block table padded with block 0, the torch path's additive mask, (D,) lengths."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(D, width) block table padded with block 0, the torch path's additive mask (None when the C++
+        kernel runs), (D,) lengths."""
         width = max(len(t) for t in tables)
         padded = [t + [0] * (width - len(t)) for t in tables]
         table = torch.tensor(padded, dtype=torch.long, device=self.device)  # (D, width)
         lens_t = torch.tensor(lens, dtype=torch.long, device=self.device)
         nkv = self.model.config.num_key_value_heads
+        if paged_kernel.use_kernel(self.device):  # the C++ kernel reads the lengths; no mask to build
+            return table, None, lens_t
         return table, build_decode_mask(lens_t, width * self.block_size, nkv, self.dtype), lens_t
 
     # ---- sampling ----------------------------------------------------------------------------------
