@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from bench.report import save_table
 from model.defaults import require_default_model
 from model.modeling import INT4_MODES
 from model.threads import set_compute_threads
@@ -142,13 +143,7 @@ def write_table(args: argparse.Namespace, rows: list[tuple]) -> None:
             f"| {mode}{' (active)' if active else ''} | {n} | {tok_s:.0f} | {step_ms:.1f} | {median_ms:.1f} | "
             f"{f'{base:.0f}' if base else '-'} | {ratio} | {tok_s / ROOFLINE_TOK_S:.0%} |"
         )
-    table = "\n".join(lines) + "\n"
-    print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"engine-{args.device}-{dt.date.today()}.md"
-    path.write_text(table)
-    print(f"saved {path}")
+    save_table(lines, Path(args.out) / f"engine-{args.device}-{dt.date.today()}.md")
 
 
 def main() -> None:

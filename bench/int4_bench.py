@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from bench.report import save_table
 from model.modeling import Int4Weight, PackedLinear
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (N, K) per layer
@@ -59,13 +60,7 @@ def main() -> None:
         t_bf16, t_int4 = time_layers(layers, m, False), time_layers(layers, m, True)
         lines.append(f"| {m} | {t_bf16:.2f} | {t_int4:.2f} | {t_int4 / t_bf16:.2f} |")
         print(lines[-1], flush=True)
-    table = "\n".join(lines) + "\n"
-    print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"int4-{dt.date.today()}.md"
-    path.write_text(table)
-    print(f"saved {path}")
+    save_table(lines, Path(args.out) / f"int4-{dt.date.today()}.md")
 
 
 if __name__ == "__main__":
