@@ -1,6 +1,7 @@
 """Offline engine throughput on the real model, next to transformers' generate in the same command.
 
     python -m bench.engine_bench [--concurrency 1,8,32,64] [--dtype bfloat16] [--int4-small-batch off,auto]
+                                 [--int8-lm-head auto]
                                  [--profile-decode 20] [--out bench/results]
 
 Each concurrency level submits that many requests at once (64-token prompts, 128 new tokens, greedy,
@@ -130,7 +131,7 @@ def write_table(args: argparse.Namespace, rows: list[tuple]) -> None:
         f"# Engine offline throughput, {dt.datetime.now():%Y-%m-%d %H:%M}",
         "",
         f"`python -m bench.engine_bench --concurrency {args.concurrency} --dtype {args.dtype} "
-        f"--device {args.device} --int4-small-batch {args.int4_small_batch}`; {PROMPT_LEN}-token prompts, "
+        f"--device {args.device} --int4-small-batch {args.int4_small_batch} --int8-lm-head {args.int8_lm_head}`; {PROMPT_LEN}-token prompts, "
         f"{NEW_TOKENS} new tokens, greedy; torch {torch.__version__}, {torch.get_num_threads()} threads.",
         "",
         "| int4 small batch | concurrency | ours tok/s | decode step ms | median step ms "
@@ -153,6 +154,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--baseline", default="32", help="concurrencies to run transformers at ('' for none)")
     ap.add_argument("--int4-small-batch", default="off", help="comma-separated modes of off, auto, on")
+    ap.add_argument("--int8-lm-head", default="auto", choices=INT4_MODES, help="int8 LM head for <= 4 rows")
     ap.add_argument("--profile-decode", type=int, default=0, help="decode steps to profile at 1 stream")
     ap.add_argument(
         "--threads",
@@ -178,10 +180,12 @@ def main() -> None:
     rows, bases = [], {}
     for mode in modes:
         model = engine.runner.model
-        model.prepare_for_serving(int4_small_batch=mode)
+        model.prepare_for_serving(int4_small_batch=mode, int8_lm_head=args.int8_lm_head)
         run_ours(engine, 2, vocab)  # warm-up
         print(
-            f"int4_small_batch={mode}: int4 active {model.int4_active}, error {model.int4_error}", flush=True
+            f"int4_small_batch={mode}: int4 active {model.int4_active}, error {model.int4_error}; "
+            f"int8 LM head active {model.int8_head_active}, error {model.int8_head_error}",
+            flush=True,
         )
         for n in levels:
             tok_s, step_ms, median_ms = run_ours(engine, n, vocab)

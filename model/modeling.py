@@ -105,6 +105,66 @@ def int4_reconstruction_error(
     return float(rel.max()) if rel.numel() else 0.0
 
 
+# The LM head (tied to the embedding; Q8_0 in the GGUF) as symmetric int8 in blocks of 32 along K with a
+# float32 scale per block (model/csrc/quant_ops.cpp). At one stream it streams 30 MB instead of 57 MB:
+# 1.4 vs 3.1 ms on both cores at M = 1, 1.8 vs 3.1 at 2, 2.4 vs 3.1 at 4, then the kernel turns
+# compute-bound and loses (4.3 vs 3.3 ms at 8; bench/NOTES.md).
+INT8_BLOCK = 32
+INT8_HEAD_MAX_ROWS = 4
+# Largest int8_reconstruction_error still called lossless. It is relative to each element, not to its
+# block: weights on an 8-bit grid (dequantized from Q8_0) come back within bf16 rounding (2^-8, two
+# roundings), while int8 on arbitrary weights loses the small elements of a block entirely (error ~1).
+INT8_LOSSLESS_ERROR = 0.01
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) weight -> q (N, K) int8 in -127..127 and scales (N, K / 32) float32: w ~ q * scale."""
+    N, K = weight.shape
+    assert K % INT8_BLOCK == 0, f"K={K} is not a multiple of {INT8_BLOCK}"
+    w = weight.detach().float().view(N, K // INT8_BLOCK, INT8_BLOCK)
+    scale = w.abs().amax(-1) / 127  # (N, G)
+    q = (w / scale.where(scale > 0, 1.0).unsqueeze(-1)).round_().clamp_(-127, 127).to(torch.int8)
+    return q.view(N, K), scale.contiguous()
+
+
+def int8_reconstruction_error(weight: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> float:
+    """max over the nonzero elements of |q * scale - w| / |w| (zeros come back exactly)."""
+    N, K = weight.shape
+    worst = 0.0
+    for r0 in range(0, N, 4096):  # in slices: the 49152-row LM head would take ~0.5 GB at once in float32
+        w = weight[r0 : r0 + 4096].detach().float()
+        deq = (
+            q[r0 : r0 + 4096].view(-1, K // INT8_BLOCK, INT8_BLOCK).float() * scales[r0 : r0 + 4096, :, None]
+        )
+        err = (deq.view_as(w) - w).abs()
+        mag = w.abs()
+        rel = torch.where(mag > 0, err / mag.clamp(min=torch.finfo(torch.float32).tiny), err)
+        worst = max(worst, float(rel.max()) if rel.numel() else 0.0)
+    return worst
+
+
+def int8_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """The int8 LM head kernel serves this device and weight dtype (CPU in bfloat16, C++ kernels built)."""
+    return device.type == "cpu" and dtype == torch.bfloat16 and paged_kernel.use_kernel(device)
+
+
+@dataclass(frozen=True, slots=True)
+class Int8Weight:
+    """A weight as int8 blocks of 32 along K with a float32 scale each: y = x @ (q * scale)^T, in float32."""
+
+    qweight: torch.Tensor  # (N, K) int8
+    scales: torch.Tensor  # (N, K / 32) float32
+    error: float  # int8_reconstruction_error of the weight it was made from
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor) -> Int8Weight:
+        q, scales = quantize_int8(weight)
+        return cls(q, scales, int8_reconstruction_error(weight, q, scales))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.smollm2.int8_linear(x, self.qweight, self.scales)
+
+
 @dataclass(frozen=True, slots=True)
 class Int4Weight:
     """A weight in torch's CPU int4 layout: y = x @ ((q - 8) * scale + zero)^T, groups of 32 along K."""
@@ -130,8 +190,10 @@ class PackedLinear:
     blocked layout: a plain bf16 GEMM reorders the weight on every call, which made the decode step's
     GEMMs 1.3-2x slower (bench/NOTES.md). Elsewhere it is a plain mm on the transposed view.
 
-    With an int4 copy (``int4``, set by prepare_for_serving), inputs of at most int4_max_rows rows take the int4 GEMV instead: at one
-    stream the step streams a quarter of the weight bytes. More rows go to the bf16 GEMM, which wins there.
+    With an int4 copy (``int4``, set by prepare_for_serving), inputs of at most int4_max_rows rows take the
+    int4 GEMV instead: at one stream the step streams a quarter of the weight bytes. Likewise an int8 copy
+    (``int8``, the LM head's) for at most int8_max_rows rows, with a float32 result. More rows go to the
+    bf16 GEMM, which wins there.
     """
 
     def __init__(self, weight: torch.Tensor) -> None:
@@ -139,6 +201,8 @@ class PackedLinear:
         self.packed: torch.Tensor | None = None
         self.int4: Int4Weight | None = None
         self.int4_max_rows = 0
+        self.int8: Int8Weight | None = None
+        self.int8_max_rows = 0
         if (
             weight.device.type == "cpu"
             and weight.dtype == torch.bfloat16
@@ -156,6 +220,8 @@ class PackedLinear:
         return run_wide(self._matmul, x)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8 is not None and x.shape[0] <= self.int8_max_rows:
+            return self.int8(x)
         if self.int4 is not None and x.shape[0] <= self.int4_max_rows:
             return self.int4(x)
         if self.packed is not None:
@@ -505,6 +571,8 @@ class SmolLM2ForCausalLM(nn.Module):
         self.lm_head_linear: PackedLinear | None = None
         self.int4_active = False  # the layer linears take the int4 GEMV for small batches
         self.int4_error: float | None = None  # worst int4_reconstruction_error, once measured
+        self.int8_head_active = False  # the LM head takes the int8 kernel for small batches
+        self.int8_head_error: float | None = None  # its int8_reconstruction_error, once measured
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -562,7 +630,9 @@ class SmolLM2ForCausalLM(nn.Module):
         return self.lm_head_linear(hidden).float()
 
     @torch.no_grad()
-    def prepare_for_serving(self, int4_small_batch: str | None = None) -> None:
+    def prepare_for_serving(
+        self, int4_small_batch: str | None = None, int8_lm_head: str | None = None
+    ) -> None:
         """Fuse q/k/v and gate/up weights into one matrix each (3 and 2 GEMMs become 1), once.
 
         The separate projections become views into the fused tensors, so memory is not doubled and
@@ -572,11 +642,17 @@ class SmolLM2ForCausalLM(nn.Module):
         batches of at most INT4_MAX_ROWS rows: "off"; "auto", only if every one reconstructs losslessly
         (weights already 4-bit groupwise, e.g. a Q4_1 GGUF); "on", even when lossy. None keeps the current
         setting (off at first), so a later plain call, e.g. ModelRunner's, does not undo an earlier one.
-        Only CPU in bfloat16 has the kernels; elsewhere the setting is accepted and ignored. The LM head
-        stays in bf16 (the GGUF stores it as Q8_0). The result is in int4_active and int4_error.
+        Only CPU in bfloat16 has the kernels; elsewhere the setting is accepted and ignored. The result is
+        in int4_active and int4_error.
+
+        int8_lm_head does the same for the LM head with an int8 copy (blocks of 32 along K, a scale each:
+        GGUF's Q8_0, which is how the default model stores it) for at most INT8_HEAD_MAX_ROWS rows; "auto"
+        keeps it only when int8_reconstruction_error <= INT8_LOSSLESS_ERROR. Needs the C++ kernels. The
+        result is in int8_head_active and int8_head_error.
         """
-        if int4_small_batch is not None and int4_small_batch not in INT4_MODES:
-            raise ValueError(f"int4_small_batch must be one of {INT4_MODES}, not {int4_small_batch!r}")
+        for name, mode in (("int4_small_batch", int4_small_batch), ("int8_lm_head", int8_lm_head)):
+            if mode is not None and mode not in INT4_MODES:
+                raise ValueError(f"{name} must be one of {INT4_MODES}, not {mode!r}")
         if not self.prepared_for_serving:
             for layer in self.model.layers:
                 attn, mlp = layer.self_attn, layer.mlp
@@ -590,6 +666,25 @@ class SmolLM2ForCausalLM(nn.Module):
             self.prepared_for_serving = True
         if int4_small_batch is not None:
             self._set_int4(int4_small_batch)
+        if int8_lm_head is not None:
+            self._set_int8_head(int8_lm_head)
+
+    def _set_int8_head(self, mode: str) -> None:
+        lin = self.lm_head_linear
+        assert lin is not None
+        known_lossy = self.int8_head_error is not None and self.int8_head_error > INT8_LOSSLESS_ERROR
+        use = (mode == "on" or (mode == "auto" and not known_lossy)) and int8_supported(
+            self.device, self.dtype
+        )
+        if use:
+            if lin.int8 is None:
+                lin.int8 = Int8Weight.from_weight(lin.weight)
+            self.int8_head_error = lin.int8.error
+            use = mode == "on" or self.int8_head_error <= INT8_LOSSLESS_ERROR
+        self.int8_head_active = use
+        if mode == "auto" and not use:
+            lin.int8 = None
+        lin.int8_max_rows = INT8_HEAD_MAX_ROWS if use else 0
 
     def _layer_linears(self) -> list[PackedLinear]:
         out = []

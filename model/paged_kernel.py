@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 ENV_VAR = "SMOLLM2_ATTENTION_KERNEL"
 MODES = ("auto", "cpp", "torch")
 SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
-FUSED_SOURCE = Path(__file__).parent / "csrc" / "fused_ops.cpp"  # RMSNorm, RoPE, SwiGLU in one pass each
+FUSED_SOURCE = Path(__file__).parent / "csrc" / "fused_ops.cpp"  # residual add + RMSNorm, RoPE
+QUANT_SOURCE = Path(__file__).parent / "csrc" / "quant_ops.cpp"  # int8 LM head, row argmax
 _lock = threading.Lock()
 _mode: str | None = None  # set_attention_kernel's choice; None: read the environment
 _loaded: bool | None = None  # None: not tried yet in this process
@@ -66,6 +67,11 @@ def use_kernel(device: torch.device) -> bool:
     if mode == "cpp":
         raise RuntimeError(f"{ENV_VAR}=cpp but the C++ attention kernel failed to build (see the log)")
     return False
+
+
+def ready(device: torch.device) -> bool:
+    """use_kernel(device) without building: True only once this process has loaded the kernels."""
+    return device.type == "cpu" and _loaded is True and attention_kernel_mode() != "torch"
 
 
 def load() -> bool:
@@ -118,7 +124,7 @@ def _build_and_load() -> None:
     with FileLock(str(build) + ".lock", timeout=600):
         cpp_extension.load(
             name="smollm2_paged_attention",
-            sources=[str(SOURCE), str(FUSED_SOURCE)],
+            sources=[str(SOURCE), str(FUSED_SOURCE), str(QUANT_SOURCE)],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             build_directory=str(build),

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model import paged_kernel
 from server.engine.request import SamplingParams, TokenLogprob
 
 _EPS = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS)
@@ -296,7 +297,11 @@ def _choose(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 
 
 def _argmax(x: torch.Tensor) -> torch.Tensor:
-    """First maximum of each row; max(dim).indices runs about twice as fast as argmax on CPU."""
+    """First maximum of each row (NaN counts as the maximum). On CPU the C++ kernel, once loaded, is ~10x
+    faster than ATen's reduction (1.4 ms -> 0.1 ms for 32 x 49152 logits); otherwise max(dim).indices,
+    about twice as fast as argmax."""
+    if x.dim() == 2 and x.dtype == torch.float32 and x.shape[1] > 0 and paged_kernel.ready(x.device):
+        return torch.ops.smollm2.argmax_rows(x.contiguous())
     return x.max(dim=-1).indices
 
 

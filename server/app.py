@@ -199,11 +199,17 @@ def load_llm_engine(settings: Settings) -> tuple[Any, int]:
         "loaded %s: %d layers, hidden %d, vocab %d, context %d, %s on %s",
         source, cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size, cfg.max_position_embeddings, dtype, device,
     )  # fmt: skip
-    model.prepare_for_serving(int4_small_batch=settings.int4_small_batch)
+    model.prepare_for_serving(int4_small_batch=settings.int4_small_batch, int8_lm_head=settings.int8_lm_head)
     if model.int4_active:
         log.info("int4 weights for steps of <= 8 tokens (reconstruction error %.4f)", model.int4_error)
     elif settings.int4_small_batch != "off" and model.int4_error is not None:
         log.info("int4 weights off: they would change the model (error %.4f > lossless)", model.int4_error)
+    if model.int8_head_active:
+        log.info(
+            "int8 LM head for steps sampling <= 4 tokens (reconstruction error %.4f)", model.int8_head_error
+        )
+    elif settings.int8_lm_head != "off" and model.int8_head_error is not None:
+        log.info("int8 LM head off: it would change the model (error %.4f > lossless)", model.int8_head_error)
     eos = Tokenizer.from_file(source).eos_token_id
     return make_llm_engine(model, eos, settings)
 

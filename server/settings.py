@@ -100,6 +100,12 @@ class Settings:
         "the bytes to stream per token): auto = only when lossless (weights already 4-bit groupwise, as "
         "in the Q4_1 GGUF), on = always (lossy for other weights), off",
     )
+    int8_lm_head: str = _opt(
+        "auto",
+        "int8 copy of the LM head (blocks of 32, a scale each: GGUF's Q8_0) for steps that sample at most "
+        "4 tokens on CPU in bfloat16 (about half the bytes of the largest matrix): auto = only when lossless "
+        "(the head already 8-bit, as in the GGUF), on = always, off",
+    )
     cuda_graphs: bool = _opt(
         True,
         "capture decode steps in CUDA graphs on a GPU (false = eager, like vLLM's --enforce-eager)",
@@ -146,6 +152,10 @@ class Settings:
             (
                 self.int4_small_batch in ("auto", "on", "off"),
                 f"int4_small_batch must be auto, on or off, got {self.int4_small_batch!r}",
+            ),
+            (
+                self.int8_lm_head in ("auto", "on", "off"),
+                f"int8_lm_head must be auto, on or off, got {self.int8_lm_head!r}",
             ),
         ]
         for ok, message in checks:

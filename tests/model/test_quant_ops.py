@@ -1,0 +1,192 @@
+"""The int8 LM head and the row argmax (model/csrc/quant_ops.cpp): the kernel against a float32 matmul of
+the dequantized weight, the lossless detector, prepare_for_serving's modes, the real Q8_0 head against its
+bf16 path, and argmax_rows against torch.max(dim).indices, ties and NaN included."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import SmolLM2Config, SmolLM2ForCausalLM, paged_kernel
+from model.modeling import (
+    INT8_BLOCK,
+    INT8_HEAD_MAX_ROWS,
+    INT8_LOSSLESS_ERROR,
+    Int8Weight,
+    PackedLinear,
+    int8_reconstruction_error,
+    quantize_int8,
+)
+from model.sampling import _argmax
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built() -> None:
+    assert paged_kernel.load(), "the C++ kernels did not build (needs a C++ compiler and ninja)"
+
+
+@pytest.fixture(autouse=True)
+def default_mode():  # type: ignore[no-untyped-def]
+    yield
+    paged_kernel.set_attention_kernel(None)
+
+
+def q8_weight(n: int, k: int, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """(n, k) weights as GGUF's Q8_0 stores them: d * q per block of 32, d = amax / 127, q in -127..127."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, k // INT8_BLOCK, INT8_BLOCK, generator=g) * 0.05
+    d = x.abs().amax(-1, keepdim=True) / 127
+    d = d.half().float()  # Q8_0 keeps d in float16
+    return ((x / d).round().clamp(-127, 127) * d).view(n, k).to(dtype)
+
+
+@pytest.mark.parametrize("shape", [(100, 64), (1000, 576)])
+@pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float32])
+def test_int8_linear_equals_float32_matmul_of_the_dequantized_weight(
+    shape: tuple[int, int], xdtype: torch.dtype
+) -> None:
+    n, k = shape
+    w = q8_weight(n, k)
+    q, scales = quantize_int8(w)
+    assert q.dtype == torch.int8 and scales.shape == (n, k // INT8_BLOCK)
+    deq = (q.view(n, -1, INT8_BLOCK).float() * scales[..., None]).view(n, k)
+    for m in (1, 2, 3, 8, 9, 17):  # every row count of the kernel, and more than one pass of 8 rows
+        x = torch.randn(m, k).to(xdtype)
+        got = torch.ops.smollm2.int8_linear(x, q, scales)
+        assert got.dtype == torch.float32 and got.shape == (m, n)
+        torch.testing.assert_close(got, x.float() @ deq.t(), rtol=1e-5, atol=1e-5)  # fp32 sums, any order
+
+
+def test_int8_linear_rejects_bad_arguments() -> None:
+    q, s = quantize_int8(q8_weight(64, 64))
+    x = torch.randn(2, 64)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        torch.ops.smollm2.int8_linear(torch.randn(2, 48), q[:, :48].contiguous(), s)
+    with pytest.raises(RuntimeError, match="int8"):
+        torch.ops.smollm2.int8_linear(x, q.float(), s)
+    with pytest.raises(RuntimeError, match="scales"):
+        torch.ops.smollm2.int8_linear(x, q, s[:, :1].contiguous())
+
+
+def test_lossless_detector() -> None:
+    torch.manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float32):
+        w = q8_weight(512, 576, dtype=dtype)
+        lossless = int8_reconstruction_error(w, *quantize_int8(w))
+        assert lossless <= INT8_LOSSLESS_ERROR, (dtype, lossless)
+    assert Int8Weight.from_weight(q8_weight(64, 64, dtype=torch.float32)).error < 1e-5  # no rounding to hide
+    lossy = Int8Weight.from_weight(torch.randn(512, 576).to(torch.bfloat16)).error
+    assert lossy > 0.5  # arbitrary weights lose a block's smallest elements outright
+    assert Int8Weight.from_weight(torch.zeros(4, 64)).error == 0.0
+
+
+def test_packed_linear_takes_int8_only_up_to_its_rows() -> None:
+    w = q8_weight(300, 96)
+    lin = PackedLinear(w)
+    bf16 = lin(torch.ones(INT8_HEAD_MAX_ROWS, 96).to(torch.bfloat16))
+    lin.int8, lin.int8_max_rows = Int8Weight.from_weight(w), INT8_HEAD_MAX_ROWS
+    x = torch.randn(INT8_HEAD_MAX_ROWS + 1, 96).to(torch.bfloat16)
+    assert lin(x).dtype == torch.bfloat16  # above the threshold: the bf16 GEMM
+    small = lin(x[:INT8_HEAD_MAX_ROWS])
+    assert small.dtype == torch.float32 and torch.equal(small, lin.int8(x[:INT8_HEAD_MAX_ROWS]))
+    assert bf16.dtype == torch.bfloat16
+
+
+def tiny_model(init: str, dtype: torch.dtype = torch.bfloat16) -> SmolLM2ForCausalLM:
+    torch.manual_seed(0)
+    cfg = SmolLM2Config(vocab_size=320, hidden_size=96, intermediate_size=192, num_hidden_layers=2,
+                        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+    model = SmolLM2ForCausalLM(cfg).eval().to(dtype)
+    if init == "q8":
+        with torch.no_grad():
+            model.lm_head.weight.copy_(q8_weight(*model.lm_head.weight.shape))
+    return model
+
+
+def test_prepare_for_serving_int8_modes() -> None:
+    lossy = tiny_model("normal")
+    lossy.prepare_for_serving()
+    head = lossy.lm_head_linear
+    assert head is not None and head.int8 is None and not lossy.int8_head_active  # the default builds nothing
+    lossy.prepare_for_serving(int8_lm_head="auto")
+    assert not lossy.int8_head_active and head.int8 is None
+    assert lossy.int8_head_error is not None and lossy.int8_head_error > INT8_LOSSLESS_ERROR
+    lossy.prepare_for_serving(int8_lm_head="on")
+    assert lossy.int8_head_active and head.int8 is not None and head.int8_max_rows == INT8_HEAD_MAX_ROWS
+    lossy.prepare_for_serving(int8_lm_head="off")
+    assert not lossy.int8_head_active and head.int8_max_rows == 0
+
+    exact = tiny_model("q8")
+    exact.prepare_for_serving(int8_lm_head="auto")
+    assert exact.int8_head_active and exact.int8_head_error is not None
+    assert exact.int8_head_error <= INT8_LOSSLESS_ERROR
+    hidden = torch.randn(2, 96).to(torch.bfloat16)
+    logits = exact.compute_logits(hidden)
+    assert logits.dtype == torch.float32
+    ref = hidden.float() @ exact.lm_head.weight.float().t()
+    assert (logits - ref).abs().max().item() <= 2**-7 * ref.abs().max().item()  # within bf16 rounding
+
+    paged_kernel.set_attention_kernel("torch")  # the pure-torch mode uses no C++: the head stays bf16
+    plain = tiny_model("q8")
+    plain.prepare_for_serving(int8_lm_head="on")
+    assert not plain.int8_head_active
+    fp32 = tiny_model("q8", torch.float32)
+    fp32.prepare_for_serving(int8_lm_head="on")  # bf16 serving only: ignored without an error
+    assert not fp32.int8_head_active
+    with pytest.raises(ValueError, match="int8_lm_head"):
+        fp32.prepare_for_serving(int8_lm_head="yes")
+
+
+def test_argmax_rows_matches_torch_max_indices() -> None:
+    g = torch.Generator().manual_seed(0)
+    for width in (1, 15, 16, 17, 49152):
+        x = torch.randn(6, width, generator=g)
+        if width > 3:
+            x[1, 2] = x[1, width - 1] = x[1].max() + 1  # a tie: the first index wins
+            x[2] = -float("inf")  # all -inf: index 0
+            x[3, width // 2] = float("inf")
+            x[4, width - 1] = float("nan")  # NaN counts as the maximum, as in torch.max
+            x[5, 1] = x[5, width - 2] = float("nan")
+        want = x.max(dim=-1).indices
+        assert torch.equal(torch.ops.smollm2.argmax_rows(x), want), width
+        assert torch.equal(_argmax(x), want)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.smollm2.argmax_rows(torch.zeros(2, 3, dtype=torch.bfloat16))
+
+
+# ---- the real model ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real() -> tuple[SmolLM2ForCausalLM, object]:
+    from model import Tokenizer
+    from model.defaults import DefaultModelMissing, require_default_model
+    from model.weights import load_model
+
+    try:
+        path: Path = require_default_model()
+    except DefaultModelMissing as e:
+        pytest.skip(str(e))
+    return load_model(path, dtype=torch.bfloat16).eval(), Tokenizer.from_file(path)
+
+
+@pytest.mark.real_model
+def test_real_gguf_int8_head_is_lossless_and_closer_to_float32_than_bf16(real) -> None:  # type: ignore[no-untyped-def]
+    model, _ = real
+    model.prepare_for_serving(int8_lm_head="auto")
+    assert model.int8_head_active, (
+        f"the Q8_0 head should reconstruct losslessly, error {model.int8_head_error}"
+    )
+    assert model.int8_head_error is not None and model.int8_head_error < 0.006  # measured 0.0041
+    g = torch.Generator().manual_seed(0)
+    hidden = (torch.randn(INT8_HEAD_MAX_ROWS, model.config.hidden_size, generator=g) * 2).to(torch.bfloat16)
+    exact = hidden.float() @ model.lm_head.weight.float().t()  # the bf16 weights, summed in float32
+    int8 = model.compute_logits(hidden)
+    model.prepare_for_serving(int8_lm_head="off")
+    bf16 = model.compute_logits(hidden)
+    # the bf16 GEMM rounds its output to bf16; int8 sums in float32, off only by the scale's rounding
+    int8_err, bf16_err = (int8 - exact).abs().max().item(), (bf16 - exact).abs().max().item()
+    assert int8_err <= bf16_err, (int8_err, bf16_err)
+    assert torch.equal(int8.argmax(-1), exact.argmax(-1))
