@@ -107,8 +107,8 @@ def int4_reconstruction_error(
 
 # The LM head (tied to the embedding; Q8_0 in the GGUF) as symmetric int8 in blocks of 32 along K with a
 # float32 scale per block (model/csrc/quant_ops.cpp). At one stream it streams 30 MB instead of 57 MB:
-# 1.4 vs 3.1 ms on both cores at M = 1, 1.8 vs 3.1 at 2, 2.4 vs 3.1 at 4, then the kernel turns
-# compute-bound and loses (4.3 vs 3.3 ms at 8; bench/NOTES.md).
+# on both cores 1.3 vs 2.5-3.2 ms at M = 1, 1.3-1.4 vs 3.0-3.3 at 2, 1.8 vs 2.2-2.3 at 4; at 8 it is
+# level or behind (3.0 vs 2.7-3.6 ms) and at 16 it loses (6-8 vs 4-5 ms): compute-bound (bench/NOTES.md).
 INT8_BLOCK = 32
 INT8_HEAD_MAX_ROWS = 4
 # Largest int8_reconstruction_error still called lossless. It is relative to each element, not to its

@@ -28,6 +28,7 @@ namespace {
 
 constexpr int64_t kBlock = 32;
 constexpr int kMaxRows = 8;  // rows per pass over the weights
+constexpr int64_t kAhead = 2048;  // bytes of weights prefetched ahead: the rows stream from memory
 
 template <int M>
 void int8_rows(const float* x, const int8_t* q, const float* s, float* out, int64_t K, int64_t N, int64_t n0,
@@ -41,6 +42,8 @@ void int8_rows(const float* x, const int8_t* q, const float* s, float* out, int6
     for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
       const int8_t* qb = qn + b * kBlock;
+      if ((b & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(qb) + kAhead, _MM_HINT_T0);
+      if ((b & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(sn + b) + kAhead / 8, _MM_HINT_T0);
       const __m512 sc = _mm512_set1_ps(sn[b]);
       const __m512 w0 = _mm512_mul_ps(
           _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qb)))), sc);
