@@ -320,9 +320,13 @@ class SmolLM2MLP(nn.Module):
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
-    def forward_flat(self, x: torch.Tensor) -> torch.Tensor:
-        """Serving path (no autograd; after prepare_for_serving): SiLU and the product run in place."""
-        gate, up = self.gate_up_linear(x).split(self.intermediate_size, dim=-1)
+    def forward_flat(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        """Serving path (no autograd; after prepare_for_serving): SiLU and the product run in place.
+        fused: both in one C++ pass (model/csrc/fused_ops.cpp), same roundings."""
+        gate_up = self.gate_up_linear(x)
+        if fused:
+            return self.down_linear(torch.ops.smollm2.silu_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_linear(F.silu(gate, inplace=True).mul_(up))
 
 
@@ -516,8 +520,7 @@ class SmolLM2Model(nn.Module):
         kv_caches: list[torch.Tensor],
     ) -> torch.Tensor:
         """The same layers with the C++ element-wise ops: each residual add is folded into the next
-        RMSNorm (x += delta; norm(x) in one pass) and RoPE is one pass. SwiGLU stays on ATen, whose
-        vectorized exp beat a scalar C++ loop 4x at 32 rows (bench/NOTES.md)."""
+        RMSNorm (x += delta; norm(x) in one pass), RoPE is one pass, SwiGLU one pass."""
         ops = torch.ops.smollm2
         delta: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
@@ -528,7 +531,9 @@ class SmolLM2Model(nn.Module):
                 h = ops.add_rms_norm_(x, delta, norm.weight, norm.variance_epsilon)
             attn = layer.self_attn.forward_paged(h, rope, meta, kv_cache, fused=True)
             norm = layer.post_attention_layernorm
-            delta = layer.mlp.forward_flat(ops.add_rms_norm_(x, attn, norm.weight, norm.variance_epsilon))
+            delta = layer.mlp.forward_flat(
+                ops.add_rms_norm_(x, attn, norm.weight, norm.variance_epsilon), fused=True
+            )
         if delta is None:
             return ops.rms_norm_cast(x, self.norm.weight, self.norm.variance_epsilon)
         return ops.add_rms_norm_(x, delta, self.norm.weight, self.norm.variance_epsilon)

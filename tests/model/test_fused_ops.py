@@ -1,5 +1,6 @@
-"""The C++ element-wise ops of the serving path (model/csrc/fused_ops.cpp) equal the torch ops they
-replace, rounding included, and the model's fused forward equals its unfused one."""
+"""The C++ element-wise ops of the serving path (model/csrc/fused_ops.cpp: RMSNorm with the residual add,
+RoPE, SwiGLU, the KV-cache write) equal the torch ops they replace, rounding included, and the model's fused
+forward equals its unfused one."""
 
 from __future__ import annotations
 
@@ -35,9 +36,9 @@ def close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("N", [1, 7, 70])
-def test_rms_norm_cast_and_add_rms_norm(dtype: torch.dtype, N: int) -> None:
+@pytest.mark.parametrize("H", [576, 20])  # the vector loop and (20 % 16 != 0) the scalar one
+def test_rms_norm_cast_and_add_rms_norm(dtype: torch.dtype, N: int, H: int) -> None:
     g = torch.Generator().manual_seed(N)
-    H = 576
     norm = SmolLM2RMSNorm(H).to(dtype)
     norm.weight.data = (torch.rand(H, generator=g) + 0.5).to(dtype)
     x = torch.randn(N, H, generator=g) * 30
@@ -55,12 +56,43 @@ def test_rms_norm_cast_and_add_rms_norm(dtype: torch.dtype, N: int) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rope(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("hd", [64, 8])  # the vector loop and the scalar one
+def test_rope(dtype: torch.dtype, hd: int) -> None:
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(5, 15, 64, generator=g).to(dtype)
-    cos, sin = torch.randn(2, 5, 15, 64, generator=g).to(dtype)
-    expected = torch.addcmul(x * cos, x.roll(32, dims=-1), sin)
+    x = torch.randn(5, 15, hd, generator=g).to(dtype)
+    cos, sin = torch.randn(2, 5, 15, hd, generator=g).to(dtype)
+    expected = torch.addcmul(x * cos, x.roll(hd // 2, dims=-1), sin)
     close(torch.ops.smollm2.rope(x, cos, sin), expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N", [1, 33])
+def test_silu_mul(dtype: torch.dtype, N: int) -> None:
+    g = torch.Generator().manual_seed(3)
+    gate_up = (torch.randn(N, 2 * 1536 + 2 * 5, generator=g) * 4).to(
+        dtype
+    )  # 1541 per half: a scalar tail too
+    gate_up[0, :4] = torch.tensor([-200.0, 200.0, 0.0, -0.0])  # exp over- and underflow, zeros
+    gate, up = gate_up.clone().split(gate_up.shape[1] // 2, dim=-1)
+    expected = torch.nn.functional.silu(gate, inplace=True).mul_(up)
+    got = torch.ops.smollm2.silu_mul(gate_up)
+    assert got.shape == expected.shape and got.dtype == dtype
+    close(got, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_write_kv_equals_index_copy(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(4)
+    cache = torch.randn(6, 64, 8, generator=g).to(dtype)
+    qkv = torch.randn(5, 15, 8, generator=g).to(dtype)  # the step's fused q/k/v: K/V are a strided slice
+    kv, slots = qkv[:, 9:], torch.tensor([3, 17, 63, 0, 40])
+    expected = cache.clone().index_copy_(1, slots, kv.transpose(0, 1))
+    out = torch.ops.smollm2.write_kv_(cache, kv, slots)
+    assert out.data_ptr() == cache.data_ptr() and torch.equal(cache, expected)
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.smollm2.write_kv_(cache, kv, torch.tensor([0, 1, 2, 3, 64]))
+    with pytest.raises(RuntimeError, match="dtype"):
+        torch.ops.smollm2.write_kv_(cache, kv.double(), slots)
 
 
 def test_bad_input_is_refused() -> None:
@@ -71,6 +103,10 @@ def test_bad_input_is_refused() -> None:
     with pytest.raises(RuntimeError, match="contiguous"):
         x = torch.randn(4, 3, 8).transpose(0, 1)
         torch.ops.smollm2.rope(x, x, x)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.smollm2.silu_mul(torch.randn(4, 6).t())
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        torch.ops.smollm2.silu_mul(torch.zeros(2, 4, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
