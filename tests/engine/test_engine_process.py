@@ -191,3 +191,25 @@ def _running(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     return state != "Z"
+
+
+def _child_environ(proxy: EngineProcess) -> dict[str, str]:
+    raw = Path(f"/proc/{proxy.pid}/environ").read_bytes()
+    return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc/<pid>/environ")
+def test_the_engine_process_starts_with_huge_page_malloc(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    proxy = EngineProcess(build_fake)
+    try:
+        assert _child_environ(proxy).get("GLIBC_TUNABLES") == "glibc.malloc.hugetlb=1"
+        assert "GLIBC_TUNABLES" not in os.environ  # the server process's own environment is left as it was
+    finally:
+        proxy.close()
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")  # a user's own setting wins
+    proxy = EngineProcess(build_fake)
+    try:
+        assert _child_environ(proxy).get("GLIBC_TUNABLES") == "glibc.malloc.arena_max=2"
+    finally:
+        proxy.close()
