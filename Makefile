@@ -46,7 +46,7 @@ docker:
 	docker build -t smollm2-server .
 
 docker-cpu:
-	docker build -t smollm2-server:cpu --build-arg BASE_IMAGE=debian:bookworm-slim \
+	docker build -t smollm2-server:cpu --build-arg BASE_IMAGE=debian:bookworm-slim --build-arg CPU_KERNELS=true \
 		--build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu .
 
 docker-cpu-local:

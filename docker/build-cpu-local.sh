@@ -65,7 +65,7 @@ build_image() {
   # from PyPI; the CPU wheel comes from the build context.
   podman build --pull=never --format docker -t "$IMAGE" \
     -v "$CA:/host-ca.crt:ro" --build-arg PIP_CERT=/host-ca.crt \
-    --build-arg BASE_IMAGE="$CPU_BASE" \
+    --build-arg BASE_IMAGE="$CPU_BASE" --build-arg CPU_KERNELS=true \
     --build-arg TORCH_INDEX_URL=https://pypi.org/simple \
     --build-arg TORCH_SPEC="/tmp/wheels/$(basename "$wheel")" \
     "$REPO"
@@ -120,6 +120,8 @@ run_and_check() {
   local logs
   logs=$(podman logs "$NAME" 2>&1)
   grep -q "Application shutdown complete" <<<"$logs" || fail "no graceful shutdown in the logs"
+  # The image has g++ (CPU_KERNELS=true): the C++ kernels must have built, not fallen back.
+  if grep -q "kernel unavailable" <<<"$logs"; then fail "the C++ kernels fell back to the torch path"; fi
 }
 
 install_tools

@@ -6,9 +6,14 @@
 - ``cpp``: the C++ kernel; a failed build is an error.
 - ``torch``: always the torch path (gather, baddbmm, softmax, bmm).
 
-CUDA always takes the torch path. The kernel is compiled once per machine with torch.utils.cpp_extension
-(needs a C++ compiler and ``ninja``, -O3 -march=native) into ``$SMOLLM2_HOME/torch_extensions``; a file
-lock keeps two processes from building it at once, and later processes load the built library.
+The same library holds the other C++ ops of the serving path (model/csrc/fused_ops.cpp: RMSNorm, RoPE,
+SwiGLU, KV write; model/csrc/quant_ops.cpp: int8 LM head, argmax); ``torch`` mode uses none of them.
+
+CUDA always takes the torch path. The kernels are compiled once per machine with torch.utils.cpp_extension
+(needs a C++ compiler and ``ninja``, -O3 -march=native) into ``$SMOLLM2_KERNEL_CACHE`` if set, else
+``$SMOLLM2_HOME/torch_extensions``, or a folder under the system temp dir when that is not writable (a
+read-only model volume); a file lock keeps two processes from building at once, and later processes load
+the built library.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import logging
 import os
 import platform
 import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -30,6 +36,7 @@ from model.threads import run_wide
 log = logging.getLogger(__name__)
 
 ENV_VAR = "SMOLLM2_ATTENTION_KERNEL"
+KERNEL_CACHE_VAR = "SMOLLM2_KERNEL_CACHE"
 MODES = ("auto", "cpp", "torch")
 SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
 FUSED_SOURCE = Path(__file__).parent / "csrc" / "fused_ops.cpp"  # residual add + RMSNorm, RoPE
@@ -99,7 +106,21 @@ def _build_dir() -> Path:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
         flags = next((ln for ln in lines if ln.startswith(("flags", "Features"))), "")
     tag = hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
-    return cache_dir() / "torch_extensions" / f"paged_attention-torch{torch.__version__}-{tag}"
+    return _kernel_root() / f"paged_attention-torch{torch.__version__}-{tag}"
+
+
+def _kernel_root() -> Path:
+    """$SMOLLM2_KERNEL_CACHE, else $SMOLLM2_HOME/torch_extensions if it can be written, else the temp dir."""
+    if os.environ.get(KERNEL_CACHE_VAR):
+        return Path(os.environ[KERNEL_CACHE_VAR]).expanduser()
+    root = cache_dir() / "torch_extensions"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if os.access(root, os.W_OK):
+            return root
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"smollm2-torch-extensions-{os.getuid()}"
 
 
 def _build_and_load() -> None:

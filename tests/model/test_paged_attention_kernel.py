@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,3 +195,19 @@ def test_failed_build_falls_back_with_one_warning(
     paged_kernel.set_attention_kernel("cpp")
     with pytest.raises(RuntimeError, match="failed to build"):
         decode_attention(q, cache, meta)
+
+
+def test_kernel_build_folder_follows_env_and_avoids_read_only_homes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from model.paged_kernel import KERNEL_CACHE_VAR, _build_dir
+
+    monkeypatch.setenv(KERNEL_CACHE_VAR, str(tmp_path / "kernels"))
+    assert _build_dir().parent == tmp_path / "kernels"
+    monkeypatch.delenv(KERNEL_CACHE_VAR)
+    monkeypatch.setenv("SMOLLM2_HOME", str(tmp_path / "home"))
+    assert _build_dir().parent == tmp_path / "home" / "torch_extensions"
+    not_a_folder = tmp_path / "model.gguf"  # a home that cannot hold the build (as root, a file stands
+    not_a_folder.write_text("x")  # in for the Docker image's read-only /models volume)
+    monkeypatch.setenv("SMOLLM2_HOME", str(not_a_folder))
+    assert _build_dir().parent == Path(tempfile.gettempdir()) / f"smollm2-torch-extensions-{os.getuid()}"
