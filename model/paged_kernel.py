@@ -146,12 +146,21 @@ def _build_and_load() -> None:
         cpp_extension.load(
             name="smollm2_paged_attention",
             sources=[str(SOURCE), str(FUSED_SOURCE), str(QUANT_SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_cflags=["-O3", "-march=native", "-fopenmp", f"-DSMOLLM2_HEADERS={_headers_hash()}"],
             extra_ldflags=["-fopenmp"],
             build_directory=str(build),
             is_python_module=False,
             verbose=False,
         )
+
+
+def _headers_hash() -> str:
+    """A hash of csrc/*.h, passed as a define: torch's JIT build decides to rebuild from the sources and
+    flags only, so a header edit must change the flags."""
+    digest = hashlib.sha1()
+    for header in sorted(SOURCE.parent.glob("*.h")):
+        digest.update(header.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def paged_decode_attention(

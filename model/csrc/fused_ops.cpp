@@ -17,8 +17,9 @@
 #include <cstring>
 #include <type_traits>
 
+#include "vec_math.h"
+
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
-#include <immintrin.h>
 #define SMOLLM2_VEC 1  // the AVX-512 loops below; others take the scalar ones (the same roundings)
 #endif
 
@@ -51,22 +52,6 @@ inline __m512 round16(__m512 v) {
   } else {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
   }
-}
-// exp(x) in float32, |rel err| ~1e-7 (Cody-Waite reduction, degree-6 polynomial); inf above 88.7, 0 below.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(88.8f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(y, n);
 }
 #endif
 
@@ -229,7 +214,7 @@ void silu_mul_rows(const T* gu, T* out, int64_t N, int64_t I) {
       const __m512 one = _mm512_set1_ps(1.f);
       for (; i + 16 <= I; i += 16) {
         const __m512 gv = load16(g + i);
-        const __m512 sv = round16<T>(_mm512_div_ps(gv, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv)))));
+        const __m512 sv = round16<T>(_mm512_div_ps(gv, _mm512_add_ps(one, smollm2::exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv)))));
         store16(o + i, _mm512_mul_ps(sv, load16(u + i)));
       }
 #endif

@@ -22,9 +22,7 @@
 #include <type_traits>
 #include <vector>
 
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
+#include "vec_math.h"
 
 namespace {
 
@@ -194,23 +192,6 @@ inline __m512 reduce16(const __m512* x) {
                        _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// exp for x <= 0 (scores minus their running max): 2^n * poly(r), |rel err| ~1e-7; clamped at -87.3.
-inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(y, n);
-}
-
 #ifdef __AVX512BF16__
 template <typename scalar_t, int NC>
 constexpr bool kPairedBf16 = std::is_same_v<scalar_t, c10::BFloat16> && NC % 2 == 0;
@@ -299,7 +280,7 @@ void attend_avx512(const scalar_t* q, const scalar_t* cache, const Problem& p, i
       const __m512 sv = _mm512_mask_mov_ps(ninf, valid, scores[j]);
       const float mt = std::max(m[j], _mm512_reduce_max_ps(sv));
       const float alpha = std::exp(m[j] - mt);  // 0 on the first tile
-      const __m512 pv = _mm512_maskz_mov_ps(valid, exp512(_mm512_sub_ps(sv, _mm512_set1_ps(mt))));
+      const __m512 pv = _mm512_maskz_mov_ps(valid, smollm2::exp16(_mm512_sub_ps(sv, _mm512_set1_ps(mt))));
       l[j] = l[j] * alpha + _mm512_reduce_add_ps(pv);
       m[j] = mt;
       _mm512_store_ps(probs[j], pv);

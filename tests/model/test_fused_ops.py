@@ -14,15 +14,7 @@ from model.modeling import SmolLM2ForCausalLM, SmolLM2RMSNorm, _rms_norm
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def built() -> None:
-    assert paged_kernel.load(), "the C++ kernels did not build (needs a C++ compiler and ninja)"
-
-
-@pytest.fixture(autouse=True)
-def default_mode():  # type: ignore[no-untyped-def]
-    yield
-    paged_kernel.set_attention_kernel(None)
+pytestmark = pytest.mark.usefixtures("kernels", "kernel_mode_reset")
 
 
 def close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> None:

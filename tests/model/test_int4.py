@@ -3,8 +3,6 @@ dequantized weight, the lossless detector, and the real Q4_1 model with int4 aga
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -124,19 +122,6 @@ def test_prepare_for_serving_modes() -> None:
 # ---- the real model ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def real() -> tuple[SmolLM2ForCausalLM, object]:
-    from model import Tokenizer
-    from model.defaults import DefaultModelMissing, require_default_model
-    from model.weights import load_model
-
-    try:
-        path: Path = require_default_model()
-    except DefaultModelMissing as e:
-        pytest.skip(str(e))
-    return load_model(path, dtype=torch.bfloat16).eval(), Tokenizer.from_file(path)
-
-
 def one_token_steps(model: SmolLM2ForCausalLM, ids: list[int]) -> torch.Tensor:
     """Logits (T, V) of a sequence fed one token per forward_paged step (M = 1 throughout)."""
     cfg, bs = model.config, 16
@@ -157,8 +142,8 @@ def one_token_steps(model: SmolLM2ForCausalLM, ids: list[int]) -> torch.Tensor:
 
 @pytest.mark.slow
 @pytest.mark.real_model
-def test_real_gguf_int4_auto_is_lossless_and_close_to_bf16(real) -> None:  # type: ignore[no-untyped-def]
-    model, tok = real
+def test_real_gguf_int4_auto_is_lossless_and_close_to_bf16(real_bf16) -> None:  # type: ignore[no-untyped-def]
+    model, tok = real_bf16
     model.prepare_for_serving(int4_small_batch="auto")
     assert model.int4_active, f"the Q4_1 layers should reconstruct losslessly, error {model.int4_error}"
     assert model.int4_error is not None and model.int4_error < 0.01  # measured 0.0059: bf16 rounding
@@ -177,13 +162,13 @@ def test_real_gguf_int4_auto_is_lossless_and_close_to_bf16(real) -> None:  # typ
 
 @pytest.mark.slow
 @pytest.mark.real_model
-def test_real_gguf_int4_serving_path_says_paris(real) -> None:  # type: ignore[no-untyped-def]
+def test_real_gguf_int4_serving_path_says_paris(real_bf16) -> None:  # type: ignore[no-untyped-def]
     from server.engine.engine import LLMEngine
     from server.engine.request import SamplingParams
     from server.engine.runner import ModelRunner
     from server.engine.scheduler import Scheduler, SchedulerConfig
 
-    model, tok = real
+    model, tok = real_bf16
     model.prepare_for_serving(int4_small_batch="auto")
     cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=256, max_model_len=256, block_size=16,
                           num_blocks=32, eos_token_id=None)  # fmt: skip

@@ -21,16 +21,7 @@ from model.attention import (
     prefill_attention,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def built() -> None:
-    assert paged_kernel.load(), "the C++ kernel did not build (needs a C++ compiler and ninja)"
-
-
-@pytest.fixture(autouse=True)
-def default_mode():  # type: ignore[no-untyped-def]
-    yield
-    paged_kernel.set_attention_kernel(None)
+pytestmark = pytest.mark.usefixtures("kernels", "kernel_mode_reset")
 
 
 def random_case(D: int, nh: int, nkv: int, hd: int, dtype: torch.dtype, bs: int = 16, seed: int = 0):  # type: ignore[no-untyped-def]

@@ -4,8 +4,6 @@ bf16 path, and argmax_rows against torch.max(dim).indices, ties and NaN included
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -21,16 +19,7 @@ from model.modeling import (
 )
 from model.sampling import _argmax
 
-
-@pytest.fixture(scope="module", autouse=True)
-def built() -> None:
-    assert paged_kernel.load(), "the C++ kernels did not build (needs a C++ compiler and ninja)"
-
-
-@pytest.fixture(autouse=True)
-def default_mode():  # type: ignore[no-untyped-def]
-    yield
-    paged_kernel.set_attention_kernel(None)
+pytestmark = pytest.mark.usefixtures("kernels", "kernel_mode_reset")
 
 
 def q8_weight(n: int, k: int, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -159,22 +148,9 @@ def test_argmax_rows_matches_torch_max_indices() -> None:
 # ---- the real model ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def real() -> tuple[SmolLM2ForCausalLM, object]:
-    from model import Tokenizer
-    from model.defaults import DefaultModelMissing, require_default_model
-    from model.weights import load_model
-
-    try:
-        path: Path = require_default_model()
-    except DefaultModelMissing as e:
-        pytest.skip(str(e))
-    return load_model(path, dtype=torch.bfloat16).eval(), Tokenizer.from_file(path)
-
-
 @pytest.mark.real_model
-def test_real_gguf_int8_head_is_lossless_and_closer_to_float32_than_bf16(real) -> None:  # type: ignore[no-untyped-def]
-    model, _ = real
+def test_real_gguf_int8_head_is_lossless_and_closer_to_float32_than_bf16(real_bf16) -> None:  # type: ignore[no-untyped-def]
+    model, _ = real_bf16
     model.prepare_for_serving(int8_lm_head="auto")
     assert model.int8_head_active, (
         f"the Q8_0 head should reconstruct losslessly, error {model.int8_head_error}"
