@@ -127,10 +127,12 @@ def _run_transformers(n: int, vocab: int) -> float:
 
 
 def write_table(args: argparse.Namespace, rows: list[tuple]) -> None:
+    # the server's engine process runs with huge-page malloc (server/engine/process.py): say if this did
+    tunables = f"GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']} " if os.environ.get("GLIBC_TUNABLES") else ""
     lines = [
         f"# Engine offline throughput, {dt.datetime.now():%Y-%m-%d %H:%M}",
         "",
-        f"`python -m bench.engine_bench --concurrency {args.concurrency} --dtype {args.dtype} "
+        f"`{tunables}python -m bench.engine_bench --concurrency {args.concurrency} --dtype {args.dtype} "
         f"--device {args.device} --int4-small-batch {args.int4_small_batch} --int8-lm-head {args.int8_lm_head}`; {PROMPT_LEN}-token prompts, "
         f"{NEW_TOKENS} new tokens, greedy; torch {torch.__version__}, {torch.get_num_threads()} threads.",
         "",
