@@ -182,7 +182,7 @@ def paged_attention(
     q: torch.Tensor, kv: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
 ) -> torch.Tensor:
     """q: (N, nh, hd) scaled queries, kv: (N, 2 * nkv, hd) the step's new keys and values -> (N, nh * hd)."""
-    if kv_cache.device.type == "cpu" and _kernel(meta, kv_cache.device):
+    if _kernel(meta, kv_cache.device):  # CPU only
         torch.ops.smollm2.write_kv_(kv_cache, kv, meta.slot_mapping)  # row copies: index_copy_ was ~35 us
     else:
         kv_cache.index_copy_(1, meta.slot_mapping, kv.transpose(0, 1))

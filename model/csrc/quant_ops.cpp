@@ -118,42 +118,45 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
   return out;
 }
 
+// Scalar scan: the first NaN, else the first maximum.
+int64_t argmax_row_scalar(const float* x, int64_t n) {
+  int64_t arg = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    if (std::isnan(x[j])) return j;
+    if (x[j] > x[arg]) arg = j;
+  }
+  return arg;
+}
+
 int64_t argmax_row(const float* x, int64_t n) {
-  int64_t i = 0;
-  float best = -std::numeric_limits<float>::infinity();
 #ifdef __AVX512F__
-  __m512 vmax = _mm512_set1_ps(best);
+  // one pass for the maximum (noting any NaN), one for its first index
+  __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   __mmask16 nan = 0;
+  int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     const __m512 v = _mm512_loadu_ps(x + i);
     nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     vmax = _mm512_max_ps(vmax, v);
   }
-  if (nan == 0) {
-    best = _mm512_reduce_max_ps(vmax);
-    for (int64_t j = i; j < n; ++j)
-      if (std::isnan(x[j])) return j;
-      else if (x[j] > best) best = x[j];
-    const __m512 b = _mm512_set1_ps(best);
-    int64_t j = 0;
-    for (; j + 16 <= n; j += 16) {
-      const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + j), b, _CMP_EQ_OQ);
-      if (hit) return j + __builtin_ctz(hit);
-    }
-    for (; j < n; ++j)
-      if (x[j] == best) return j;
-    return 0;  // n == 0
+  float best = _mm512_reduce_max_ps(vmax);
+  for (int64_t j = i; j < n; ++j) {
+    if (std::isnan(x[j])) nan = 1;
+    else if (x[j] > best) best = x[j];
   }
-  i = 0;  // a NaN somewhere: the scalar scan below finds the first one
+  if (nan) return argmax_row_scalar(x, n);
+  const __m512 b = _mm512_set1_ps(best);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + j), b, _CMP_EQ_OQ);
+    if (hit) return j + __builtin_ctz(hit);
+  }
+  for (; j < n; ++j)
+    if (x[j] == best) return j;
+  return 0;
+#else
+  return argmax_row_scalar(x, n);
 #endif
-  int64_t arg = 0;
-  best = n > 0 ? x[0] : best;
-  for (int64_t j = 0; j < n; ++j) {
-    if (std::isnan(x[j])) return j;
-    if (x[j] > best) best = x[j], arg = j;
-  }
-  (void)i;
-  return arg;
 }
 
 at::Tensor argmax_rows(const at::Tensor& x) {
