@@ -224,7 +224,7 @@ inline void pv_bf16_pairs(const c10::BFloat16* const* rows, int n, int64_t voff,
 
 template <typename scalar_t>
 inline void prefetch_row(const scalar_t* row, int64_t bytes) {
-  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(row) + b, _MM_HINT_T0);
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(row) + b, _MM_HINT_T1);
 }
 
 template <typename scalar_t, int G, int NC>
