@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from bench.ceilings import Ceilings, measure
 from bench.report import save_table
 from model.defaults import require_default_model
 from model.modeling import INT4_MODES
@@ -126,7 +127,7 @@ def _run_transformers(n: int, vocab: int) -> float:
     return (out.shape[1] - PROMPT_LEN) * n / wall
 
 
-def write_table(args: argparse.Namespace, rows: list[tuple]) -> None:
+def write_table(args: argparse.Namespace, rows: list[tuple], machine: Ceilings | None) -> None:
     # the server's engine process runs with huge-page malloc (server/engine/process.py): say if this did
     tunables = f"GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']} " if os.environ.get("GLIBC_TUNABLES") else ""
     lines = [
@@ -137,15 +138,19 @@ def write_table(args: argparse.Namespace, rows: list[tuple]) -> None:
         f"{NEW_TOKENS} new tokens, greedy; torch {torch.__version__}, {torch.get_num_threads()} threads.",
         "",
         "| int4 small batch | concurrency | ours tok/s | decode step ms | median step ms "
-        "| transformers fp32 tok/s | ratio | roofline fraction |",
-        "|---|---|---|---|---|---|---|---|",
+        "| transformers fp32 tok/s | ratio | roofline fraction | this machine's ceiling fraction |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for mode, active, n, tok_s, step_ms, median_ms, base in rows:
         ratio = f"{tok_s / base:.2f}x" if base else "-"
         lines.append(
             f"| {mode}{' (active)' if active else ''} | {n} | {tok_s:.0f} | {step_ms:.1f} | {median_ms:.1f} | "
-            f"{f'{base:.0f}' if base else '-'} | {ratio} | {tok_s / ROOFLINE_TOK_S:.0%} |"
+            f"{f'{base:.0f}' if base else '-'} | {ratio} | {tok_s / ROOFLINE_TOK_S:.0%} | "
+            f"{f'{tok_s / machine.decode_tok_s_at_32:.0%}' if machine else '-'} |"
         )
+    lines += ["", f"Roofline: the issue's {ROOFLINE_TOK_S:,.0f} tok/s at 32 streams (shared/PERF-NOTES.md)."]
+    if machine:
+        lines.append(f"Measured before the runs: {machine.describe()}.")
     save_table(lines, Path(args.out) / f"engine-{args.device}-{dt.date.today()}.md")
 
 
@@ -177,6 +182,9 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     base_levels = {int(c) for c in args.baseline.split(",") if c}
     dtype = getattr(torch, args.dtype)
+    machine = measure() if args.device == "cpu" else None  # before the engine: a quiet machine
+    if machine:
+        print(machine.describe(), flush=True)
     engine = build_engine(dtype, max(levels), args.device)
     vocab = engine.runner.model.config.vocab_size
     rows, bases = [], {}
@@ -202,7 +210,7 @@ def main() -> None:
             )
         if args.profile_decode:
             print(profile_decode(engine, vocab, args.profile_decode), flush=True)
-    write_table(args, rows)
+    write_table(args, rows, machine)
 
 
 if __name__ == "__main__":

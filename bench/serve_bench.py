@@ -30,6 +30,9 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from bench.ceilings import Ceilings
+from bench.ceilings import measure as measure_ceilings
+
 # Figures from /work/shared/PERF-NOTES.md (bf16 GEMM rate and weight bandwidth on this CPU).
 DECODE_ROOFLINE_TOK_S_AT_32 = 2300.0
 SINGLE_STREAM_FLOOR_MS = 5.0
@@ -367,26 +370,36 @@ def results_table(table: dict[str, dict[int, Cell]], concurrencies: list[int]) -
     return "\n".join(lines)
 
 
-def roofline_lines(ours: dict[int, Cell]) -> list[str]:
+def roofline_lines(ours: dict[int, Cell], machine: Ceilings | None = None) -> list[str]:
+    """Our fraction of the issue's roofline figures and, when measured, of this machine's own."""
     out = []
     at32 = ours.get(32)
     if isinstance(at32, LoadResult):
         frac = at32.tok_per_s / DECODE_ROOFLINE_TOK_S_AT_32
+        mine = f", {at32.tok_per_s / machine.decode_tok_s_at_32:.0%} of this machine's" if machine else ""
         out.append(
             f"ours at 32 streams: {at32.tok_per_s:.0f} tok/s = {frac:.0%} of the decode roofline "
-            f"({DECODE_ROOFLINE_TOK_S_AT_32:.0f} tok/s)"
+            f"({DECODE_ROOFLINE_TOK_S_AT_32:.0f} tok/s){mine}"
         )
     at1 = ours.get(1)
     if isinstance(at1, LoadResult) and (itl := percentile(at1.itl_ms, 50)):
+        mine = f", {machine.single_stream_floor_ms / itl:.0%} of this machine's" if machine else ""
         out.append(
             f"ours at 1 stream: ITL p50 {itl:.1f} ms = {SINGLE_STREAM_FLOOR_MS / itl:.0%} of the single-stream "
-            f"floor ({SINGLE_STREAM_FLOOR_MS:.0f} ms/token)"
+            f"floor ({SINGLE_STREAM_FLOOR_MS:.0f} ms/token){mine}"
         )
+    if machine:
+        out.append(machine.describe())
     return out
 
 
 def write_report(
-    table: dict[str, dict[int, Cell]], plan: BenchPlan, out_dir: Path, notes: list[str], label: str = ""
+    table: dict[str, dict[int, Cell]],
+    plan: BenchPlan,
+    out_dir: Path,
+    notes: list[str],
+    label: str = "",
+    machine: Ceilings | None = None,
 ) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = (f"{label}-" if label else "") + dt.datetime.now().strftime("%Y-%m-%d-%H%M")
@@ -401,7 +414,7 @@ def write_report(
         "",
         results_table(table, plan.concurrencies),
         "",
-        *[f"- {line}" for line in roofline_lines(table.get("ours", {})) + notes],
+        *[f"- {line}" for line in roofline_lines(table.get("ours", {}), machine) + notes],
     ]
     md.write_text("\n".join(body) + "\n")
     raw = {
@@ -499,14 +512,19 @@ def main(argv: list[str] | None = None) -> int:
     log(
         f"plan: peers {plan.peers}, concurrency {plan.concurrencies}, deadline {plan.deadline_s:.0f} s per run"
     )
+    # This machine's GEMM rate and memory bandwidth, measured now while no server runs (a few seconds);
+    # the CPU's, so not when our server runs on a GPU.
+    machine = None if os.environ.get("SMOLLM2_DEVICE", "").startswith("cuda") else measure_ceilings()
+    if machine:
+        log(machine.describe())
     table: dict[str, dict[int, Cell]] = {}
     for name in plan.peers:  # one server up at a time
         table[name] = asyncio.run(bench_peer(name, plan, log))
     label = args.label or ("quick" if args.quick else "")
-    md = write_report(table, plan, args.out, notes=[], label=label)
+    md = write_report(table, plan, args.out, notes=[], label=label, machine=machine)
     print()
     print(results_table(table, plan.concurrencies))
-    for line in roofline_lines(table.get("ours", {})):
+    for line in roofline_lines(table.get("ours", {}), machine):
         print(line)
     print(f"\nwrote {md} (+ .json, .png)")
     # Peers may be unavailable; our own server failing to run or erroring fails the command.
