@@ -3,11 +3,18 @@
 The KV tensors live elsewhere (model/attention.py); this module only decides which block ids a
 request's tokens occupy. A block is in exactly one of three states:
 
-- free: ref count 0, no hash, in `_free` (handed out first);
+- free: ref count 0, no hash, marked in `_is_free`;
 - cached: ref count 0 but holding a full block of known tokens, in the LRU `_evictable`; a prefix
-  hit revives it, and it is evicted (hash dropped) only when a fresh block is needed and `_free` is
-  empty;
+  hit revives it, and it is evicted (hash dropped) when a fresh block is needed: the oldest first
+  when no block is free, or one in the older half of the unused pool that a placement picks;
 - in use: ref count > 0 (the number of live requests whose block table holds it).
+
+Placement: the decode attention kernel reads a sequence's blocks in table order, and scattered blocks
+cost it ~30-45% more time than consecutive ones (bench/NOTES.md). So a request's next block is the
+one after its last when that one can be taken, and a request admitted with nothing of its own yet
+starts at the head of a run of takeable blocks long enough for its prompt plus max_tokens (first
+fit, else the longest run); the rest of that run is marked reserved, so that other admissions start
+elsewhere. Reservations are soft: any request takes a reserved block when nothing else is left.
 
 Prefix cache keys chain: key(i) = (hash(key(i-1)), tokens of block i), for FULL blocks only, so a
 block is shared only when the whole prefix before it matches. The dict compares the token tuple
@@ -16,13 +23,16 @@ too, so a hit never rests on a bare hash.
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Sequence
+
+import numpy as np
 
 from server.engine.request import Request
 
 BlockKey = tuple[int, tuple[int, ...]]  # (parent chain hash, this block's token ids)
 _ROOT_HASH = 0
+MAX_RESERVED_BLOCKS = 128  # the longest run an admission looks for (2,048 tokens at block size 16)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -38,8 +48,13 @@ class BlockAllocator:
         self.enable_prefix_caching = enable_prefix_caching
         self._ref = [0] * num_blocks
         self._key: list[BlockKey | None] = [None] * num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
+        self._is_free = np.ones(num_blocks, dtype=bool)
+        self._num_free = num_blocks
+        self._reserved = np.zeros(num_blocks, dtype=bool)  # kept for a running request's growth
+        self._reservations: dict[str, tuple[int, int]] = {}  # request id -> its reserved range
         self._evictable: OrderedDict[int, None] = OrderedDict()  # LRU first
+        self._evicted_at = np.full(num_blocks, -1, dtype=np.int64)  # tick it became evictable, -1 if not
+        self._tick = 0
         self._cached: dict[BlockKey, int] = {}
         self._holders: dict[str, Request] = {}  # requests holding blocks, for check_integrity
         self._chain: dict[str, list[int]] = {}  # request id -> chain hash of each registered full block
@@ -51,7 +66,7 @@ class BlockAllocator:
     @property
     def num_free_blocks(self) -> int:
         """Blocks a request could take now: free plus cached-but-unused (evictable)."""
-        return len(self._free) + len(self._evictable)
+        return self._num_free + len(self._evictable)
 
     @property
     def usage(self) -> float:
@@ -106,10 +121,13 @@ class BlockAllocator:
         for block in computed_blocks:
             if self._ref[block] == 0:
                 del self._evictable[block]
+                self._evicted_at[block] = -1
             self._ref[block] += 1
             request.block_ids.append(block)
+        if num_fresh > 0 and len(request.block_ids) == len(computed_blocks):  # none of its own yet
+            num_fresh -= self._place(request, num_fresh, len(computed_blocks))
         for _ in range(max(num_fresh, 0)):
-            request.block_ids.append(self._take_fresh())
+            request.block_ids.append(self._take_fresh(request.block_ids[-1] if request.block_ids else -1))
         self._holders[request.request_id] = request
         return True
 
@@ -141,28 +159,87 @@ class BlockAllocator:
             if self._ref[block] == 0:
                 if self._key[block] is not None:
                     self._evictable[block] = None
+                    self._evicted_at[block] = self._tick
+                    self._tick += 1
                 else:
-                    self._free.append(block)
+                    self._release(block)
         request.block_ids = []
         self._holders.pop(request.request_id, None)
         self._chain.pop(request.request_id, None)
+        if (span := self._reservations.pop(request.request_id, None)) is not None:
+            self._reserved[span[0] : span[1]] = False
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached-but-unused block (e.g. after the weights change)."""
         while self._evictable:
             block, _ = self._evictable.popitem(last=False)
+            self._evicted_at[block] = -1
             self._forget(block)
-            self._free.append(block)
+            self._release(block)
 
-    def _take_fresh(self) -> int:
-        if self._free:
-            block = self._free.popleft()
+    # ---- placement -----------------------------------------------------------------------------
+    def _takeable(self) -> np.ndarray:
+        """Blocks a placement may take: the older half of the unused pool, plain free blocks counting as
+        the oldest (they are taken before any cached one, as in an LRU over the whole pool)."""
+        num_cached = (self._num_free + len(self._evictable)) // 2 - self._num_free
+        if num_cached <= 0:
+            return self._is_free.copy()
+        ticks = self._evicted_at[self._evicted_at >= 0]
+        newest_old = np.partition(ticks, num_cached - 1)[num_cached - 1]
+        return self._is_free | ((self._evicted_at >= 0) & (self._evicted_at <= newest_old))
+
+    def _place(self, request: Request, num_fresh: int, num_held: int) -> int:
+        """Start an admitted request's own blocks at the head of a long enough run (module docstring);
+        returns how many blocks it took (0 or 1)."""
+        if num_held and self._can_take_next(request.block_ids[-1], self._is_free):
+            return 0  # a prefix hit whose next block is free: grow from there
+        max_tokens = request.params.max_tokens
+        expected = request.num_prompt_tokens + (max_tokens if max_tokens is not None else 1 << 30)
+        want = max(min(_cdiv(expected, self.block_size) - num_held, MAX_RESERVED_BLOCKS), num_fresh)
+        edges = np.diff(np.concatenate(([0], (self._takeable() & ~self._reserved).view(np.int8), [0])))
+        starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+        if not starts.size:
+            return 0  # every takeable block is reserved: _take_fresh falls back
+        fits = np.flatnonzero(ends - starts >= want)
+        i = int(fits[0]) if fits.size else int(np.argmax(ends - starts))
+        start, end = int(starts[i]), min(int(ends[i]), int(starts[i]) + want)
+        request.block_ids.append(self._take(start))
+        if start + num_fresh < end:
+            self._reserved[start + num_fresh : end] = True
+            self._reservations[request.request_id] = (start + num_fresh, end)
+        return 1
+
+    def _can_take_next(self, last: int, takeable: np.ndarray) -> bool:
+        return 0 <= last < self.num_blocks - 1 and bool(takeable[last + 1])
+
+    def _take_fresh(self, after: int) -> int:
+        """The block after `after` when it can be taken, else a free one (unreserved first), else the LRU's."""
+        if after >= 0 and after + 1 < self.num_blocks:
+            nxt = after + 1
+            if self._is_free[nxt] or (nxt in self._evictable and self._takeable()[nxt]):
+                return self._take(nxt)
+        if self._num_free:
+            open_ = self._is_free & ~self._reserved
+            return self._take(int(np.argmax(open_)) if open_.any() else int(np.argmax(self._is_free)))
+        block = next(iter(self._evictable))
+        return self._take(block)
+
+    def _take(self, block: int) -> int:
+        if self._is_free[block]:
+            self._is_free[block] = False
+            self._num_free -= 1
         else:
-            block, _ = self._evictable.popitem(last=False)
+            del self._evictable[block]
+            self._evicted_at[block] = -1
             self._forget(block)
             self.num_evictions += 1
+        self._reserved[block] = False
         self._ref[block] = 1
         return block
+
+    def _release(self, block: int) -> None:
+        self._is_free[block] = True
+        self._num_free += 1
 
     def _forget(self, block: int) -> None:
         key = self._key[block]
@@ -181,9 +258,12 @@ class BlockAllocator:
             )
             for block in request.block_ids:
                 holders[block] = holders.get(block, 0) + 1
-        free, evictable = set(self._free), set(self._evictable)
-        assert len(free) == len(self._free), "a block is on the free list twice"
+        free, evictable = set(np.flatnonzero(self._is_free).tolist()), set(self._evictable)
+        assert len(free) == self._num_free, f"{len(free)} free blocks but the count says {self._num_free}"
         assert not free & evictable, "a block is both free and cached-evictable"
+        assert all((self._evicted_at[b] >= 0) == (b in evictable) for b in range(self.num_blocks)), (
+            "an eviction tick disagrees with the LRU"
+        )
         for block in range(self.num_blocks):
             in_use = self._ref[block] > 0
             states = int(block in free) + int(block in evictable) + int(in_use)

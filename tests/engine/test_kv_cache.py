@@ -162,3 +162,64 @@ def test_integrity_check_catches_a_leak() -> None:
     req.block_ids.clear()  # lose a block without freeing it
     with pytest.raises(AssertionError, match="ref 1 but 0 holders"):
         alloc.check_integrity()
+
+
+def grow_one_token(alloc: BlockAllocator, req: Request) -> None:
+    assert alloc.allocate_for(req, 1)
+    req.num_computed_tokens += 1
+    req.output_token_ids.append(7)
+
+
+def test_requests_growing_in_lockstep_keep_consecutive_blocks() -> None:
+    # The decode kernel reads a sequence's blocks in table order; consecutive ids read ~30-45% faster.
+    alloc = BlockAllocator(64, BS)
+    reqs = []
+    for i in range(4):
+        req = Request(f"r{i}", list(range(100 * i, 100 * i + 8)), SamplingParams(max_tokens=16))
+        assert alloc.allocate_for(req, 8)
+        req.num_computed_tokens = 8
+        reqs.append(req)
+    for _ in range(16):  # interleaved decode steps, one token each
+        for req in reqs:
+            grow_one_token(alloc, req)
+    alloc.check_integrity()
+    for req in reqs:
+        assert len(req.block_ids) == 6
+        assert req.block_ids == list(range(req.block_ids[0], req.block_ids[0] + 6))
+    for req in reqs:
+        alloc.free(req)
+    alloc.check_integrity()
+    assert alloc.num_free_blocks == 64
+
+
+def test_reservations_never_refuse_an_allocation() -> None:
+    alloc = BlockAllocator(8, BS)
+    a = Request("a", [1, 2, 3, 4], SamplingParams(max_tokens=28))  # wants all 8 blocks
+    assert alloc.allocate_for(a, 4)
+    assert a.block_ids == [0] and alloc.num_free_blocks == 7
+    b = Request("b", list(range(10, 22)), SamplingParams(max_tokens=4))
+    assert alloc.can_allocate(3) and alloc.allocate_for(b, 12)  # takes a's reserved blocks
+    assert len(b.block_ids) == 3 and not set(b.block_ids) & set(a.block_ids)
+    a.num_computed_tokens = 4
+    assert alloc.allocate_for(a, 16)  # grows where it can, anywhere
+    assert len(a.block_ids) == 5 and alloc.num_free_blocks == 0
+    alloc.check_integrity()
+    alloc.free(b)
+    alloc.free(a)
+    alloc.check_integrity()
+    assert alloc.num_free_blocks == 8
+
+
+def test_placement_takes_old_cached_blocks_not_recent_ones() -> None:
+    alloc = BlockAllocator(8, BS)
+    old = admit_and_compute(alloc, "old", list(range(16)))  # 4 full blocks, cached when freed
+    old_blocks = list(old.block_ids)
+    alloc.free(old)
+    new = admit_and_compute(alloc, "new", list(range(100, 116)))
+    alloc.free(new)  # now 0 plain free blocks; old's 4 are the older half of the unused pool
+    c = Request("c", list(range(200, 208)), SamplingParams(max_tokens=8))
+    assert alloc.allocate_for(c, 8)
+    assert set(c.block_ids) <= set(old_blocks)  # old's blocks, not new's
+    assert c.block_ids == sorted(c.block_ids) and c.block_ids[-1] - c.block_ids[0] == 1
+    assert alloc.get_computed_blocks(list(range(100, 117)))[1] == 16  # the recent prefix survives
+    alloc.check_integrity()
