@@ -10,6 +10,7 @@ benchmarks therefore print our fraction of both: the issue's figures and this ma
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -78,8 +79,25 @@ def _best(fn, repeats: int, warmup: int = 3, min_seconds: float = 0.0) -> float:
     return best
 
 
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def measure() -> Ceilings:
-    """About two seconds on a 2-core CPU; run it while the machine is otherwise quiet."""
+    """About two seconds on a 2-core CPU, on every core this process may use (whatever torch's thread
+    count is now; it is restored); run it while the machine is otherwise quiet."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(_cores())
+    try:
+        return _measure()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure() -> Ceilings:
     M, K, N = 32, 576, 3072
     w = torch.randn(N, K).to(torch.bfloat16)
     x = torch.randn(M, K).to(torch.bfloat16)
