@@ -24,7 +24,7 @@ too, so a hit never rests on a bare hash.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -33,6 +33,8 @@ from server.engine.request import Request
 BlockKey = tuple[int, tuple[int, ...]]  # (parent chain hash, this block's token ids)
 _ROOT_HASH = 0
 MAX_RESERVED_BLOCKS = 128  # the longest run an admission looks for (2,048 tokens at block size 16)
+_WINDOW = 4096  # blocks per placement scan window
+_MAX_WINDOWS = 16  # windows an admission scans for a long enough run before it takes the longest seen
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -55,6 +57,7 @@ class BlockAllocator:
         self._evictable: OrderedDict[int, None] = OrderedDict()  # LRU first
         self._evicted_at = np.full(num_blocks, -1, dtype=np.int64)  # tick it became evictable, -1 if not
         self._tick = 0
+        self._cursor = 0  # where placement scans start: after the last placed run (next fit)
         self._cached: dict[BlockKey, int] = {}
         self._holders: dict[str, Request] = {}  # requests holding blocks, for check_integrity
         self._chain: dict[str, list[int]] = {}  # request id -> chain hash of each registered full block
@@ -178,49 +181,84 @@ class BlockAllocator:
             self._release(block)
 
     # ---- placement -----------------------------------------------------------------------------
-    def _takeable(self) -> np.ndarray:
-        """Blocks a placement may take: the older half of the unused pool, plain free blocks counting as
-        the oldest (they are taken before any cached one, as in an LRU over the whole pool)."""
-        num_cached = (self._num_free + len(self._evictable)) // 2 - self._num_free
-        if num_cached <= 0:
-            return self._is_free.copy()
-        ticks = self._evicted_at[self._evicted_at >= 0]
-        newest_old = np.partition(ticks, num_cached - 1)[num_cached - 1]
-        return self._is_free | ((self._evicted_at >= 0) & (self._evicted_at <= newest_old))
+    # Scans go window by window from a rotating cursor, so their cost does not grow with the pool
+    # (a GPU pool holds ~10^5 blocks; a whole-pool scan cost ~4 ms an admission there).
+    def _old_threshold(self) -> int:
+        """Cached blocks with an eviction tick <= this are in the older half of the unused pool, plain free
+        blocks counting as the oldest (as in an LRU over the whole pool); -1: none are. Ticks rise by one
+        per block made evictable, so the k oldest have ticks <= the LRU head's + k - 1, or fewer when
+        some were revived since (then fewer count as old, never younger ones)."""
+        k = (self._num_free + len(self._evictable)) // 2 - self._num_free
+        if k <= 0:
+            return -1
+        return int(self._evicted_at[next(iter(self._evictable))]) + k - 1
+
+    def _takeable(self, lo: int, hi: int, threshold: int) -> np.ndarray:
+        """Blocks lo..hi-1 a placement may take: free ones and the older half of the cached ones."""
+        ticks = self._evicted_at[lo:hi]
+        return self._is_free[lo:hi] | ((ticks >= 0) & (ticks <= threshold))
+
+    def _windows(self) -> Iterator[tuple[int, int]]:
+        """(lo, hi) windows covering the pool from the cursor to its end, then from its start; adjacent
+        windows overlap by MAX_RESERVED_BLOCKS so that a run of that length is whole in one of them."""
+        n, cursor = self.num_blocks, self._cursor
+        for lo in [*range(cursor, n, _WINDOW), *range(0, cursor, _WINDOW)]:
+            yield lo, min(n, lo + _WINDOW + MAX_RESERVED_BLOCKS)
 
     def _place(self, request: Request, num_fresh: int, num_held: int) -> int:
         """Start an admitted request's own blocks at the head of a long enough run (module docstring);
         returns how many blocks it took (0 or 1)."""
-        if num_held and self._can_take_next(request.block_ids[-1], self._is_free):
+        if num_held and self._next_is_takeable(request.block_ids[-1], -1):
             return 0  # a prefix hit whose next block is free: grow from there
         max_tokens = request.params.max_tokens
         expected = request.num_prompt_tokens + (max_tokens if max_tokens is not None else 1 << 30)
         want = max(min(_cdiv(expected, self.block_size) - num_held, MAX_RESERVED_BLOCKS), num_fresh)
-        edges = np.diff(np.concatenate(([0], (self._takeable() & ~self._reserved).view(np.int8), [0])))
-        starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-        if not starts.size:
+        threshold = self._old_threshold()
+        best = (0, 0)  # (length, start) of the longest run seen
+        for scanned, (lo, hi) in enumerate(self._windows()):
+            if scanned == _MAX_WINDOWS and best[0]:
+                break  # a fragmented pool: the longest run of the first windows will do
+            avail = self._takeable(lo, hi, threshold) & ~self._reserved[lo:hi]
+            edges = np.diff(avail.view(np.int8), prepend=np.int8(0), append=np.int8(0))
+            starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+            if not starts.size:
+                continue
+            lengths = ends - starts
+            fits = np.flatnonzero(lengths >= want)
+            i = int(fits[0]) if fits.size else int(np.argmax(lengths))
+            best = max(best, (int(lengths[i]), lo + int(starts[i])))
+            if fits.size:
+                break
+        length, start = best
+        if not length:
             return 0  # every takeable block is reserved: _take_fresh falls back
-        fits = np.flatnonzero(ends - starts >= want)
-        i = int(fits[0]) if fits.size else int(np.argmax(ends - starts))
-        start, end = int(starts[i]), min(int(ends[i]), int(starts[i]) + want)
+        end = start + min(length, want)
         request.block_ids.append(self._take(start))
-        if start + num_fresh < end:
+        self._cursor = end % self.num_blocks
+        if start + 1 < end and num_fresh < end - start:
             self._reserved[start + num_fresh : end] = True
             self._reservations[request.request_id] = (start + num_fresh, end)
         return 1
 
-    def _can_take_next(self, last: int, takeable: np.ndarray) -> bool:
-        return 0 <= last < self.num_blocks - 1 and bool(takeable[last + 1])
+    def _next_is_takeable(self, last: int, threshold: int) -> bool:
+        nxt = last + 1
+        if not 0 < nxt < self.num_blocks:
+            return False
+        return bool(self._is_free[nxt]) or 0 <= self._evicted_at[nxt] <= threshold
 
     def _take_fresh(self, after: int) -> int:
         """The block after `after` when it can be taken, else a free one (unreserved first), else the LRU's."""
-        if after >= 0 and after + 1 < self.num_blocks:
-            nxt = after + 1
-            if self._is_free[nxt] or (nxt in self._evictable and self._takeable()[nxt]):
-                return self._take(nxt)
+        if after >= 0 and self._next_is_takeable(after, self._old_threshold()):
+            return self._take(after + 1)
         if self._num_free:
-            open_ = self._is_free & ~self._reserved
-            return self._take(int(np.argmax(open_)) if open_.any() else int(np.argmax(self._is_free)))
+            for mask in (
+                lambda lo, hi: self._is_free[lo:hi] & ~self._reserved[lo:hi],
+                lambda lo, hi: self._is_free[lo:hi],
+            ):
+                for lo, hi in self._windows():
+                    hit = mask(lo, hi)
+                    if hit.any():
+                        return self._take(lo + int(np.argmax(hit)))
         block = next(iter(self._evictable))
         return self._take(block)
 
