@@ -223,3 +223,52 @@ def test_placement_takes_old_cached_blocks_not_recent_ones() -> None:
     assert c.block_ids == sorted(c.block_ids) and c.block_ids[-1] - c.block_ids[0] == 1
     assert alloc.get_computed_blocks(list(range(100, 117)))[1] == 16  # the recent prefix survives
     alloc.check_integrity()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_traffic_keeps_the_books_and_never_refuses_what_fits(seed: int) -> None:
+    """Admissions with prefix hits, growth, frees and cache resets in random order over a small pool, with
+    prompts from a tiny alphabet so that prefixes repeat; the integrity check runs after every verb."""
+    import random
+
+    rng = random.Random(seed)
+    alloc = BlockAllocator(24, BS)
+    live: list[Request] = []
+    for step in range(400):
+        verb = rng.random()
+        if verb < 0.35 or not live:  # admit
+            prompt = [rng.randrange(3) for _ in range(rng.randrange(1, 14))]
+            req = Request(f"r{step}", prompt, SamplingParams(max_tokens=rng.choice([1, 4, 16, 64, None])))
+            hits, num_cached = alloc.get_computed_blocks(prompt)  # as Scheduler._admit uses them
+            need = _blocks_needed(len(prompt), BS) - len(hits) + sum(alloc._ref[b] == 0 for b in hits)
+            fits = need <= alloc.num_free_blocks
+            assert alloc.allocate_for(req, len(prompt) - num_cached, hits) == fits
+            if fits:
+                req.num_computed_tokens = len(prompt)
+                alloc.cache_full_blocks(req)
+                live.append(req)
+        elif verb < 0.8:  # grow one running request by a few tokens
+            req = rng.choice(live)
+            n = rng.randrange(1, 6)
+            fits = (
+                _blocks_needed(req.num_computed_tokens + n, BS) - len(req.block_ids) <= alloc.num_free_blocks
+            )
+            assert alloc.allocate_for(req, n) == fits
+            if fits:
+                req.output_token_ids += [rng.randrange(3) for _ in range(n)]
+                req.num_computed_tokens += n
+                alloc.cache_full_blocks(req)
+        elif verb < 0.98:  # finish one
+            req = live.pop(rng.randrange(len(live)))
+            alloc.free(req)
+        else:
+            alloc.reset_prefix_cache()
+        alloc.check_integrity()
+    for req in live:
+        alloc.free(req)
+    alloc.check_integrity()
+    assert alloc.num_free_blocks == 24
+
+
+def _blocks_needed(tokens: int, bs: int) -> int:
+    return -(-tokens // bs)
