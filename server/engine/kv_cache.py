@@ -235,7 +235,7 @@ class BlockAllocator:
         end = start + min(length, want)
         request.block_ids.append(self._take(start))
         self._cursor = end % self.num_blocks
-        if start + 1 < end and num_fresh < end - start:
+        if num_fresh < end - start:
             self._reserved[start + num_fresh : end] = True
             self._reservations[request.request_id] = (start + num_fresh, end)
         return 1
