@@ -29,6 +29,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import torch
 
 from bench.ceilings import Ceilings
 from bench.ceilings import measure as measure_ceilings
@@ -513,8 +514,10 @@ def main(argv: list[str] | None = None) -> int:
         f"plan: peers {plan.peers}, concurrency {plan.concurrencies}, deadline {plan.deadline_s:.0f} s per run"
     )
     # This machine's GEMM rate and memory bandwidth, measured now while no server runs (a few seconds);
-    # the CPU's, so not when our server runs on a GPU.
-    machine = None if os.environ.get("SMOLLM2_DEVICE", "").startswith("cuda") else measure_ceilings()
+    # the CPU's, so not when our server runs on a GPU (SMOLLM2_DEVICE cuda, or auto with one present).
+    device = os.environ.get("SMOLLM2_DEVICE", "auto")
+    on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    machine = None if on_gpu else measure_ceilings()
     if machine:
         log(machine.describe())
     table: dict[str, dict[int, Cell]] = {}
