@@ -45,8 +45,13 @@ def prompts(n: int, vocab: int) -> list[list[int]]:
     return [torch.randint(100, vocab, (PROMPT_LEN,), generator=g).tolist() for _ in range(n)]
 
 
-def build_engine(dtype: torch.dtype, max_num_seqs: int, device: str) -> LLMEngine:
-    model = load_model(require_default_model(), dtype=dtype, device=device)
+def model_source(arg: str | None) -> str:
+    """--model, else $SMOLLM2_MODEL, else the default GGUF (an error naming the fetch command if absent)."""
+    return arg or os.environ.get("SMOLLM2_MODEL") or str(require_default_model())
+
+
+def build_engine(source: str, dtype: torch.dtype, max_num_seqs: int, device: str) -> LLMEngine:
+    model = load_model(source, dtype=dtype, device=device)
     blocks = num_blocks_for_memory(model, 1 << 30, 16, dtype)
     cfg = SchedulerConfig(
         max_num_seqs=max_num_seqs,
@@ -96,23 +101,30 @@ def profile_decode(engine: LLMEngine, vocab: int, steps: int) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
 
 
-def run_transformers(n: int, vocab: int) -> float:
+def run_transformers(source: str, n: int, vocab: int, device: str) -> float:
     """transformers as a user runs it: torch's default threads (every core), whatever ours uses."""
     ours_threads = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count() or 1)
     try:
-        return _run_transformers(n, vocab)
+        return _run_transformers(source, n, vocab, device)
     finally:
         torch.set_num_threads(ours_threads)
 
 
-def _run_transformers(n: int, vocab: int) -> float:
+def _run_transformers(source: str, n: int, vocab: int, device: str) -> float:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    ours = load_model(require_default_model(), dtype=torch.float32)
+    ours = load_model(source, dtype=torch.float32)
     hf = LlamaForCausalLM(LlamaConfig(**ours.config.to_hf_dict())).eval()
     hf.load_state_dict(ours.state_dict(), strict=False)
-    ids = torch.tensor(prompts(n, vocab))
+    hf.to(device)
+    ids = torch.tensor(prompts(n, vocab), device=device)
+    if device != "cpu":  # one untimed run: CUDA context, cuBLAS handles, kernel selection
+        with torch.inference_mode():
+            hf.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0
+            )
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = hf.generate(
@@ -123,6 +135,8 @@ def _run_transformers(n: int, vocab: int) -> float:
             do_sample=False,
             pad_token_id=0,
         )
+    if device != "cpu":
+        torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     return (out.shape[1] - PROMPT_LEN) * n / wall
 
@@ -134,7 +148,7 @@ def write_table(args: argparse.Namespace, rows: list[tuple], machine: Ceilings |
         f"# Engine offline throughput, {dt.datetime.now():%Y-%m-%d %H:%M}",
         "",
         f"`{tunables}python -m bench.engine_bench --concurrency {args.concurrency} --dtype {args.dtype} "
-        f"--device {args.device} --int4-small-batch {args.int4_small_batch} --int8-lm-head {args.int8_lm_head}`; {PROMPT_LEN}-token prompts, "
+        f"--device {args.device}{f' --model {args.model}' if args.model else ''} --int4-small-batch {args.int4_small_batch} --int8-lm-head {args.int8_lm_head}`; {PROMPT_LEN}-token prompts, "
         f"{NEW_TOKENS} new tokens, greedy; torch {torch.__version__}, {torch.get_num_threads()} threads.",
         "",
         "| int4 small batch | concurrency | ours tok/s | decode step ms | median step ms "
@@ -159,6 +173,9 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,8,32,64")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--model", default=None, help="GGUF or HF folder (default: $SMOLLM2_MODEL, else the default GGUF)"
+    )
     ap.add_argument("--baseline", default="32", help="concurrencies to run transformers at ('' for none)")
     ap.add_argument("--int4-small-batch", default="off", help="comma-separated modes of off, auto, on")
     ap.add_argument("--int8-lm-head", default="auto", choices=INT4_MODES, help="int8 LM head for <= 4 rows")
@@ -185,7 +202,8 @@ def main() -> None:
     machine = measure() if args.device == "cpu" else None  # before the engine: a quiet machine
     if machine:
         print(machine.describe(), flush=True)
-    engine = build_engine(dtype, max(levels), args.device)
+    source = model_source(args.model)
+    engine = build_engine(source, dtype, max(levels), args.device)
     vocab = engine.runner.model.config.vocab_size
     rows, bases = [], {}
     for mode in modes:
@@ -199,8 +217,8 @@ def main() -> None:
         )
         for n in levels:
             tok_s, step_ms, median_ms = run_ours(engine, n, vocab)
-            if n in base_levels and args.device == "cpu" and n not in bases:
-                bases[n] = run_transformers(n, vocab)
+            if n in base_levels and n not in bases:
+                bases[n] = run_transformers(source, n, vocab, args.device)
             base = bases.get(n)
             rows.append((mode, model.int4_active, n, tok_s, step_ms, median_ms, base))
             print(

@@ -9,6 +9,7 @@
 #     from .gpu-kit/model (config + tokenizer, same shapes, so the timings hold but the text is noise).
 # Every step says what it does; a failed step is reported and the script goes on where it can.
 # Exit status: 0 when all ran and passed, 1 otherwise.
+# GPU_CHECK_DEVICE=cpu runs the same steps on the CPU (the gpu tests then skip): a dry run of this script.
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -17,6 +18,9 @@ WHEELS=${GPU_WHEELS:-$KIT/wheels}
 SCRATCH=${GPU_SCRATCH:-/tmp/smollm2-gpu}
 STAMP=$(date +%Y-%m-%d-%H%M)
 FAILED=()
+DEVICE=${GPU_CHECK_DEVICE:-cuda}
+LEVELS=${GPU_CHECK_CONCURRENCY:-1,32,64}          # the serving benchmark's
+ENGINE_LEVELS=${GPU_CHECK_CONCURRENCY:-1,8,32,64}  # the offline engine benchmark's
 step() { echo; echo "== $*"; }
 fail() { echo "!! $*"; FAILED+=("$*"); }
 
@@ -30,11 +34,15 @@ if ! "$PY" -c 'import torch' 2>/dev/null; then
   echo "!! torch is not importable with $PY: install a CUDA build of torch (or set PYTHON=...)"; exit 1
 fi
 echo "torch: $("$PY" -c 'import torch; print(torch.__version__, "cuda", torch.version.cuda)')"
-if ! has_cuda "$PY"; then
+if [ "$DEVICE" = cpu ]; then
+  echo "GPU_CHECK_DEVICE=cpu: a dry run of this script on the CPU"
+  GPU_NAME="CPU (dry run)"
+elif ! has_cuda "$PY"; then
   echo "!! torch.cuda.is_available() is False with $PY: no usable GPU here; nothing to check"; exit 1
+else
+  command -v nvidia-smi >/dev/null && nvidia-smi -L
+  GPU_NAME=$("$PY" -c 'import torch; print(torch.cuda.get_device_name(0))')
 fi
-command -v nvidia-smi >/dev/null && nvidia-smi -L
-GPU_NAME=$("$PY" -c 'import torch; print(torch.cuda.get_device_name(0))')
 
 step "checking the project's packages"
 MODULES="numpy fastapi uvicorn pydantic tokenizers prometheus_client gguf safetensors jinja2 httpx pytest pytest_asyncio"
@@ -110,15 +118,19 @@ if [ -z "$GPU_TESTS" ]; then
 else
   echo "files: $(echo $GPU_TESTS)"
   # shellcheck disable=SC2086
-  timeout 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider $GPU_TESTS
+  SMOLLM2_MODEL="$MODEL" timeout 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider $GPU_TESTS
   rc=$?
   if [ $rc -eq 5 ]; then echo "(no test selected)"; elif [ $rc -ne 0 ]; then fail "pytest -m gpu (rc=$rc)"; fi
 fi
 
 if [ -n "$MODEL" ]; then
-  step "serving benchmark: ours on cuda bf16, c=1,32,64 (limit 150 s)"
-  SMOLLM2_MODEL="$MODEL" SMOLLM2_DEVICE=cuda SMOLLM2_DTYPE=bfloat16 PYTHONUNBUFFERED=1 timeout 150 \
-    "$PY" -m bench.serve_bench --peers ours --concurrency 1,32,64 --requests-per-client 2 \
+  step "engine offline benchmark: $DEVICE bf16, c=$ENGINE_LEVELS, transformers fp32 at 32 (limit 120 s)"
+  PYTHONUNBUFFERED=1 timeout 120 "$PY" -m bench.engine_bench --device "$DEVICE" --model "$MODEL" \
+    --concurrency "$ENGINE_LEVELS" --baseline 32 --out bench/results || fail "engine benchmark (rc=$?)"
+
+  step "serving benchmark: ours on $DEVICE bf16, c=$LEVELS (limit 150 s)"
+  SMOLLM2_MODEL="$MODEL" SMOLLM2_DEVICE=$DEVICE SMOLLM2_DTYPE=bfloat16 PYTHONUNBUFFERED=1 timeout 150 \
+    "$PY" -m bench.serve_bench --peers ours --concurrency "$LEVELS" --requests-per-client 2 \
     --deadline 40 --label gpu --out bench/results || fail "serving benchmark (rc=$?)"
   REPORT=$(ls -t bench/results/gpu-*.md 2>/dev/null | head -1)
   if [ -n "$REPORT" ]; then
