@@ -54,7 +54,7 @@ EOF
 MISSING=$(missing)
 if [ -n "$MISSING" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
   echo "missing: $MISSING -> installing the wheels in $WHEELS into $SCRATCH/site (no index, no deps)"
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SCRATCH/site" "$WHEELS"/*.whl \
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SCRATCH/site" "$WHEELS"/*.whl \
     || fail "pip install from $WHEELS"
   export PYTHONPATH="$SCRATCH/site${PYTHONPATH:+:$PYTHONPATH}"
   MISSING=$(missing)

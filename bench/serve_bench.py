@@ -371,8 +371,11 @@ def results_table(table: dict[str, dict[int, Cell]], concurrencies: list[int]) -
     return "\n".join(lines)
 
 
-def roofline_lines(ours: dict[int, Cell], machine: Ceilings | None = None) -> list[str]:
-    """Our fraction of the issue's roofline figures and, when measured, of this machine's own."""
+def roofline_lines(ours: dict[int, Cell], machine: Ceilings | None = None, on_gpu: bool = False) -> list[str]:
+    """Our fraction of the issue's roofline figures and, when measured, of this machine's own. The
+    issue's figures are this project's CPU's: a server on a GPU gets a line saying so instead."""
+    if on_gpu:
+        return ["the decode roofline and single-stream floor are the CPU's: they do not apply to a GPU run"]
     out = []
     at32 = ours.get(32)
     if isinstance(at32, LoadResult):
@@ -401,6 +404,7 @@ def write_report(
     notes: list[str],
     label: str = "",
     machine: Ceilings | None = None,
+    on_gpu: bool = False,
 ) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = (f"{label}-" if label else "") + dt.datetime.now().strftime("%Y-%m-%d-%H%M")
@@ -415,7 +419,7 @@ def write_report(
         "",
         results_table(table, plan.concurrencies),
         "",
-        *[f"- {line}" for line in roofline_lines(table.get("ours", {}), machine) + notes],
+        *[f"- {line}" for line in roofline_lines(table.get("ours", {}), machine, on_gpu) + notes],
     ]
     md.write_text("\n".join(body) + "\n")
     raw = {
@@ -524,10 +528,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in plan.peers:  # one server up at a time
         table[name] = asyncio.run(bench_peer(name, plan, log))
     label = args.label or ("quick" if args.quick else "")
-    md = write_report(table, plan, args.out, notes=[], label=label, machine=machine)
+    md = write_report(table, plan, args.out, notes=[], label=label, machine=machine, on_gpu=on_gpu)
     print()
     print(results_table(table, plan.concurrencies))
-    for line in roofline_lines(table.get("ours", {}), machine):
+    for line in roofline_lines(table.get("ours", {}), machine, on_gpu):
         print(line)
     print(f"\nwrote {md} (+ .json, .png)")
     # Peers may be unavailable; our own server failing to run or erroring fails the command.

@@ -175,6 +175,8 @@ def test_roofline_lines_give_our_fraction_of_the_issue_and_the_machine_ceilings(
     assert "ITL p50 20.0 ms = 25% of the single-stream floor (5 ms/token), 50% of this machine's" in lines[1]
     assert "test cpu" in lines[2]
     assert len(roofline_lines(ours)) == 2  # no machine measured: the issue's figures only
+    (gpu,) = roofline_lines(ours, on_gpu=True)  # the CPU's roofline is no yardstick for a GPU run
+    assert "do not apply" in gpu and "%" not in gpu
 
 
 def test_machine_ceilings_are_measured() -> None:
