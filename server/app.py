@@ -151,7 +151,7 @@ def make_llm_engine(model: Any, eos_token_id: int | None, settings: Settings) ->
         ) from e
     runner = ModelRunner(
         model, num_blocks, settings.block_size, eos, cuda_graphs=settings.cuda_graphs,
-        max_num_seqs=settings.max_num_seqs, max_model_len=max_model_len,
+        max_num_seqs=settings.max_num_seqs, max_model_len=max_model_len, capture_graphs_now=True,
     )  # fmt: skip
     engine = LLMEngine.from_config(
         runner, EngineConfig(scheduler=scheduler, max_waiting=settings.max_waiting)

@@ -3,7 +3,9 @@
 A decode step of a 135M model on a GPU is a few hundred tiny kernels; launching them costs more than
 running them. Capturing the step once per shape and replaying it removes that cost. Shapes are bucketed:
 the batch is padded up to the next size in BATCH_BUCKETS and the block table up to the next power of two,
-so a handful of graphs cover a serving run. Graphs are captured lazily, the first time a bucket is needed.
+so a handful of graphs cover a serving run. The server captures the common buckets at start-up (batch
+buckets up to max_num_seqs x block-table widths up to STARTUP_WIDTH_BLOCKS), as vLLM does, so no request
+waits on a capture; rarer ones (longer contexts) are captured lazily, the first time they are needed.
 
 Padding rows write their (ignored) K/V into a scratch block that the block allocator never hands out, and
 attend to that block only; their outputs are dropped.
@@ -23,11 +25,12 @@ log = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 MIN_WIDTH_BLOCKS = 4
+STARTUP_WIDTH_BLOCKS = 64  # block tables up to 64 x 16 = 1,024 tokens are captured at start-up
 
 
 @dataclass
 class _Graph:
-    graph: torch.cuda.CUDAGraph
+    graph: torch.cuda.CUDAGraph | None  # None only until captured
     input_ids: torch.Tensor  # (B,)
     positions: torch.Tensor  # (B,)
     slots: torch.Tensor  # (B,)
@@ -56,7 +59,7 @@ class DecodeGraphs:
         scratch_block: int,
         max_batch: int,
         max_blocks: int,
-        max_graphs: int = 64,
+        max_graphs: int = 128,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
@@ -66,11 +69,48 @@ class DecodeGraphs:
         self.max_blocks = max_blocks
         self.max_graphs = max_graphs
         self.device = model.device
-        self.pool = torch.cuda.graph_pool_handle()
+        self.pool = None  # the graphs' shared memory pool, made at the first capture
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.disabled = False
         # the graphs must never grow the RoPE cache while capturing (a host sync)
         model.model.rotary_emb._grow(max_blocks * block_size + 1)
+
+    def capture_common(self, max_width_blocks: int = STARTUP_WIDTH_BLOCKS) -> int:
+        """Capture every batch bucket up to max_batch for every width up to max_width_blocks, largest
+        batch first (the later, smaller graphs reuse its memory pool). Returns the number captured."""
+        widths = []
+        w = MIN_WIDTH_BLOCKS
+        while w <= min(max_width_blocks, self.max_blocks):
+            widths.append(w)
+            w *= 2
+        batches = [b for b in BATCH_BUCKETS if b <= self.max_batch]
+        if self.max_batch not in batches and (top := batch_bucket(self.max_batch)) is not None:
+            batches.append(top)  # max_num_seqs 20 pads to the bucket of 24
+        count = 0
+        for B in sorted(batches, reverse=True):
+            for width in widths:
+                if self.disabled or len(self.graphs) >= self.max_graphs:
+                    return count
+                if (B, width) not in self.graphs:
+                    if self._get(B, width) is None:
+                        return count
+                    count += 1
+        return count
+
+    def _get(self, B: int, width: int) -> _Graph | None:
+        """The graph of (B, width), captured now if it is new; None when capture is off or failed."""
+        g = self.graphs.get((B, width))
+        if g is None:
+            if len(self.graphs) >= self.max_graphs:
+                return None
+            try:
+                g = self._capture(B, width)
+            except RuntimeError as e:  # a failed capture must not take the server down: run eagerly
+                log.warning("CUDA graph capture failed (%s); decode runs eagerly", e)
+                self.disabled = True
+                return None
+            self.graphs[(B, width)] = g
+        return g
 
     def run(
         self,
@@ -86,17 +126,9 @@ class DecodeGraphs:
         width = width_bucket(max(len(t) for t in tables))
         if self.disabled or B is None or B > self.max_batch or width > self.max_blocks:
             return None
-        g = self.graphs.get((B, width))
+        g = self._get(B, width)
         if g is None:
-            if len(self.graphs) >= self.max_graphs:
-                return None
-            try:
-                g = self._capture(B, width)
-            except RuntimeError as e:  # a failed capture must not take the server down: run eagerly
-                log.warning("CUDA graph capture failed (%s); decode runs eagerly", e)
-                self.disabled = True
-                return None
-            self.graphs[(B, width)] = g
+            return None
         pad = B - D
         scratch_slot = self.scratch_block * self.block_size
         g.input_ids.copy_(torch.tensor(input_ids + [0] * pad), non_blocking=True)
@@ -106,6 +138,7 @@ class DecodeGraphs:
         rows += [[self.scratch_block] * width] * pad
         g.tables.copy_(torch.tensor(rows), non_blocking=True)
         g.lens.copy_(torch.tensor(lens + [1] * pad), non_blocking=True)
+        assert g.graph is not None
         g.graph.replay()
         return g.logits[:D]
 
@@ -123,13 +156,12 @@ class DecodeGraphs:
         hidden = self.model.forward_paged(g.input_ids, g.positions, meta, self.kv_caches)
         return self.model.compute_logits(hidden)
 
-    @torch.inference_mode()
-    def _capture(self, B: int, width: int) -> _Graph:
-        log.info("capturing a CUDA graph for decode batch %d, %d blocks", B, width)
+    def _buffers(self, B: int, width: int) -> _Graph:
+        """A graph's static inputs, set to a harmless step: every row on the scratch block."""
         dev = self.device
         scratch = self.scratch_block
-        g = _Graph(
-            graph=torch.cuda.CUDAGraph(),
+        return _Graph(
+            graph=None,
             input_ids=torch.zeros(B, dtype=torch.long, device=dev),
             positions=torch.zeros(B, dtype=torch.long, device=dev),
             slots=torch.full((B,), scratch * self.block_size, dtype=torch.long, device=dev),
@@ -137,6 +169,14 @@ class DecodeGraphs:
             lens=torch.ones(B, dtype=torch.long, device=dev),
             logits=torch.empty(0, device=dev),
         )
+
+    @torch.inference_mode()
+    def _capture(self, B: int, width: int) -> _Graph:
+        log.debug("capturing a CUDA graph for decode batch %d, %d blocks", B, width)
+        g = self._buffers(B, width)
+        g.graph = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up outside the graph (cuBLAS handles, allocator)

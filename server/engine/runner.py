@@ -6,6 +6,8 @@ runs the model over the paged KV cache, computes logits only for the rows that n
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +24,8 @@ from model.modeling import SmolLM2ForCausalLM
 from model.sampling import SamplingBatch, make_generator, prompt_logprobs, sample
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.request import Request, SampleResult
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -65,7 +69,10 @@ class ModelRunner:
         cuda_graphs: bool = True,
         max_num_seqs: int = 64,
         max_model_len: int = 8192,
+        capture_graphs_now: bool = False,
     ) -> None:
+        """capture_graphs_now: on CUDA, capture the common decode graphs here (the server does, so the
+        first requests do not wait on captures); otherwise each is captured when first needed."""
         self.model = model
         self.device = model.device
         self.dtype = model.dtype
@@ -94,6 +101,10 @@ class ModelRunner:
             self.graphs = DecodeGraphs(
                 model, self.kv_caches, block_size, num_blocks, max_num_seqs, max_blocks
             )
+            if capture_graphs_now:
+                t0 = time.perf_counter()
+                n = self.graphs.capture_common()
+                log.info("captured %d CUDA graphs for decode in %.1f s", n, time.perf_counter() - t0)
 
     @torch.inference_mode()
     def execute(self, plan) -> dict[str, SampleResult]:  # plan: scheduler.SchedulerOutput

@@ -39,7 +39,7 @@ def _model(dtype: torch.dtype):  # type: ignore[no-untyped-def]
     return SmolLM2ForCausalLM(SmolLM2Config()).to("cuda", dtype).eval()
 
 
-def _engine(model, cuda_graphs: bool, max_num_seqs: int = 16) -> LLMEngine:  # type: ignore[no-untyped-def]
+def _engine(model, cuda_graphs: bool, max_num_seqs: int = 16, capture_now: bool = False) -> LLMEngine:  # type: ignore[no-untyped-def]
     cfg = SchedulerConfig(
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=512,
@@ -54,6 +54,7 @@ def _engine(model, cuda_graphs: bool, max_num_seqs: int = 16) -> LLMEngine:  # t
         cuda_graphs=cuda_graphs,
         max_num_seqs=max_num_seqs,
         max_model_len=cfg.max_model_len,
+        capture_graphs_now=capture_now,
     )
     return LLMEngine(runner, Scheduler(cfg))
 
@@ -166,3 +167,20 @@ def test_cuda_abort_frees_blocks_and_later_requests_still_replay() -> None:
     assert engine.scheduler.allocator.usage == 0.0
     out = _run(engine, _prompts(3, seed=6), 8)
     assert sorted(len(v) for v in out.values()) == [8, 8, 8]
+
+
+def test_cuda_graphs_captured_at_start_cover_a_run() -> None:
+    """As the server builds it: every batch bucket up to max_num_seqs (12 -> 16) x widths 4..64 blocks
+    captured up front; a run inside those sizes captures nothing more and still equals generate()."""
+    model = _model(torch.float32)
+    engine = _engine(model, cuda_graphs=True, max_num_seqs=12, capture_now=True)
+    graphs = engine.runner.graphs
+    assert graphs is not None and not graphs.disabled
+    assert set(graphs.graphs) == {(b, w) for b in (1, 2, 4, 8, 16) for w in (4, 8, 16, 32, 64)}
+    prompts = _prompts(12, seed=9)
+    want = {
+        f"g{i}": model.generate(torch.tensor([p], device="cuda"), 24, temperature=0.0)[0, len(p) :].tolist()
+        for i, p in enumerate(prompts)
+    }
+    assert _run(engine, prompts, 24, stagger=5) == want
+    assert len(graphs.graphs) == 25
