@@ -11,10 +11,13 @@ Order of operations (as vLLM v1):
 Design choices driven by the 2-core CPU this runs on (see bench/sampling_bench.py):
   - Everything not used by any row of the batch is skipped; an all-greedy batch without processors is a
     single argmax.
-  - Drawing: inverse CDF with ONE uniform per row (exp, cumsum, searchsorted, all in place). The exponential-race trick
-    (argmax of probs / q, q ~ Exp(1)) needs V exponentials per row; on this CPU drawing those costs ~20x a
-    softmax, so it would dominate the step. A seeded row draws its uniform from its own torch.Generator and
-    every operation is row-wise, so a seeded request yields the same tokens whatever else is in the batch.
+  - Drawing: inverse CDF with ONE uniform per row (exp, cumsum, searchsorted, all in place). The race
+    (argmax of logit + Gumbel noise, vLLM's exponential race) needs V random numbers per row; on this CPU
+    that costs ~20x a softmax, so unseeded rows do not use it. Seeded rows do, from their own
+    torch.Generator: every operation is row-wise, and the race only changes its token when float
+    rounding (another batch composition) reorders the top two noisy scores, where an inverse-CDF draw
+    moves whenever the shift of any CDF boundary covers the uniform (in float32 on the real model, a
+    seeded request alone and in a batch of 7 parted at the 9th token that way).
   - top-k / top-p never sort the vocabulary when they can avoid it: one topk takes each such row's K=256
     best logits; a row whose top-k <= K, or whose nucleus ends inside those K, is finished (temperature,
     nucleus, min-p, draw) on the (R, K) candidates. Only rows with top-k > K or a nucleus wider than K
@@ -38,9 +41,12 @@ from model import paged_kernel
 from server.engine.request import SamplingParams, TokenLogprob
 
 _EPS = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS)
-_CANDIDATES = (
-    256  # top-k / top-p rows are sampled among their this many best logits when these hold the support
-)
+# top-k / top-p rows are sampled among their 256 best logits when these hold the support, else among their
+# 4,096 best; only a support wider than that (top-k > 4,096, a nucleus in a near-uniform distribution)
+# sorts the vocabulary. SmolLM2-135M at temperature 1 needs more than 256 for a 0.95 nucleus in half of
+# its steps (max ~3,100): a (32, 49152) sort costs ~62 ms here, a topk of 4,096 ~11 ms.
+_CANDIDATES = 256
+_CANDIDATES_WIDE = 4096
 
 
 @dataclass(slots=True)
@@ -312,34 +318,75 @@ def _sample_random(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     (one topk over the vocabulary, the rest on (R, K)); the others take the full-vocabulary path. A row's path
     depends on its own logits and parameters only, so seeded rows stay batch-independent.
     """
-    u = _uniforms(batch, x.shape[0]).to(x.device)  # (R, 1)
+    noise = _Noise.draw(batch, x.shape[0], x.shape[1], x.device)
     if batch.temperature is not None:
         x.div_(batch.temperature)  # in place: a fresh (R, V) tensor costs more than the division here
     cand = batch.candidate_rows
     if cand is None:
-        return _sample_full(x, batch, None, u)
-    all_cand = cand.shape[0] == x.shape[0]
-    tokens, covered = _sample_candidates(x if all_cand else x.index_select(0, cand), batch, cand, u[cand])
-    if bool(covered.all()) and all_cand:
+        return _sample_full(x, batch, None, noise)
+    R = x.shape[0]
+    tokens, covered = _sample_candidates(
+        x if cand.shape[0] == R else x.index_select(0, cand), batch, cand, noise.take(cand), _CANDIDATES
+    )
+    if cand.shape[0] == R and bool(covered.all()):
         return tokens
-    out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    out = torch.empty(R, dtype=torch.long, device=x.device)
     out[cand] = tokens
-    full = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-    full[cand[covered]] = False
+    todo = cand[~covered]  # nucleus (or top-k) wider than the first candidates
+    if todo.numel() > 0 and min(_CANDIDATES_WIDE, x.shape[1]) > min(_CANDIDATES, x.shape[1]):
+        tokens, covered = _sample_candidates(
+            x.index_select(0, todo), batch, todo, noise.take(todo), _CANDIDATES_WIDE
+        )
+        out[todo] = tokens
+        todo = todo[~covered]
+    full = torch.ones(R, dtype=torch.bool, device=x.device)
+    full[cand] = False
+    full[todo] = True
     rows = full.nonzero().view(-1)
     if rows.numel() > 0:
-        out[rows] = _sample_full(x.index_select(0, rows), batch, rows, u[rows])
+        out[rows] = _sample_full(x.index_select(0, rows), batch, rows, noise.take(rows))
     return out
 
 
-def _uniforms(batch: SamplingBatch, num_rows: int) -> torch.Tensor:
-    """One U[0, 1) per random row: seeded rows from their own generator, the rest in one global draw."""
-    u = torch.empty(num_rows, 1, dtype=torch.float32)
-    if batch.unseeded is not None:
-        u[batch.unseeded] = torch.rand(batch.unseeded.shape[0], 1)
-    for pos, gen in batch.seeded:
-        u[pos] = torch.rand(1, generator=gen, device=gen.device).cpu()
-    return u
+@dataclass(slots=True)
+class _Noise:
+    """The randomness of one step's random rows.
+
+    Unseeded rows draw one U[0, 1) each (an inverse-CDF draw: one number, the cheapest). Seeded rows
+    draw a Gumbel variate per vocabulary entry from their own generator and take argmax(logit + noise),
+    the exponential race vLLM's sampler uses: a logit that moves by float rounding (another batch
+    composition, another GEMM path) then changes the token only at a near-tie of the top two scores,
+    where an inverse-CDF draw moves at the boundary of every token in the support (bench/NOTES.md).
+    A seeded row consumes V numbers a step whatever its path, so its stream stays batch-independent.
+    """
+
+    u: torch.Tensor  # (R, 1) uniforms; unused in raced rows
+    gumbel: torch.Tensor | None  # (R, V), or (R, K) once gathered for candidates; zeros in unseeded rows
+    raced: torch.Tensor | None  # (R,) bool: seeded rows
+
+    @classmethod
+    def draw(cls, batch: SamplingBatch, num_rows: int, vocab: int, device: torch.device) -> _Noise:
+        u = torch.full((num_rows, 1), 0.5, dtype=torch.float32)
+        if batch.unseeded is not None:
+            u[batch.unseeded] = torch.rand(batch.unseeded.shape[0], 1)
+        if not batch.seeded:
+            return cls(u.to(device), None, None)
+        gumbel = torch.zeros(num_rows, vocab, dtype=torch.float32, device=device)
+        raced = torch.zeros(num_rows, dtype=torch.bool)
+        for pos, gen in batch.seeded:
+            uniform = torch.rand(vocab, generator=gen, device=gen.device)
+            gumbel[pos] = uniform.to(device).log_().neg_().log_().neg_()  # -log(-log u)
+            raced[pos] = True
+        return cls(u.to(device), gumbel, raced.to(device))
+
+    def take(self, rows: torch.Tensor) -> _Noise:
+        if self.gumbel is None or self.raced is None:
+            return _Noise(self.u[rows], None, None)
+        return _Noise(self.u[rows], self.gumbel.index_select(0, rows), self.raced[rows])
+
+    def at(self, ids: torch.Tensor) -> _Noise:
+        """The noise of candidate columns: ids (R, K) token ids per row."""
+        return self if self.gumbel is None else _Noise(self.u, self.gumbel.gather(1, ids), self.raced)
 
 
 def _take(t: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
@@ -347,14 +394,14 @@ def _take(t: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | N
 
 
 def _sample_candidates(
-    x: torch.Tensor, batch: SamplingBatch, rows: torch.Tensor, u: torch.Tensor
+    x: torch.Tensor, batch: SamplingBatch, rows: torch.Tensor, noise: _Noise, num: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample rows of x (C, V) among their K best logits -> (tokens (C,), covered (C,) bool).
+    """Sample rows of x (C, V) among their `num` best logits -> (tokens (C,), covered (C,) bool).
 
     Where covered is False the row's nucleus extends past the candidates and its token must be redrawn.
     """
     top_k, top_p = _take(batch.top_k, rows), _take(batch.top_p, rows)
-    num = min(_CANDIDATES, x.shape[1])
+    num = min(num, x.shape[1])
     vals, ids = x.topk(num, dim=-1)  # (C, K) descending
     covered = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     if top_k is not None:
@@ -373,11 +420,11 @@ def _sample_candidates(
         covered |= inside
         vals.masked_fill_(torch.arange(num, device=x.device) >= num_kept, -math.inf)
     _apply_min_p(vals, vals[:, :1], _take(batch.min_p, rows))
-    return ids.gather(1, _draw(vals, u).view(-1, 1)).view(-1), covered
+    return ids.gather(1, _draw(vals, noise.at(ids)).view(-1, 1)).view(-1), covered
 
 
 def _sample_full(
-    x: torch.Tensor, batch: SamplingBatch, rows: torch.Tensor | None, u: torch.Tensor
+    x: torch.Tensor, batch: SamplingBatch, rows: torch.Tensor | None, noise: _Noise
 ) -> torch.Tensor:
     """Sample rows of x (F, V), tempered, over the whole vocabulary (in place); rows index batch's tensors."""
     top_k, top_p = _take(batch.top_k, rows), _take(batch.top_p, rows)
@@ -393,7 +440,7 @@ def _sample_full(
     min_p = _take(batch.min_p, rows)
     if min_p is not None:
         _apply_min_p(x, x.amax(dim=-1, keepdim=True), min_p)
-    return _draw(x, u)
+    return _draw(x, noise)
 
 
 def _apply_min_p(x: torch.Tensor, row_max: torch.Tensor, min_p: torch.Tensor | None) -> None:
@@ -417,14 +464,21 @@ def _nucleus(desc: torch.Tensor, lse: torch.Tensor, top_p: torch.Tensor) -> tupl
     return num_kept, (inside & ~off).view(-1)
 
 
-def _draw(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draw of one column per row of x (R, N) logits (destroyed), given u (R, 1) uniforms -> (R,)."""
+def _draw(x: torch.Tensor, noise: _Noise) -> torch.Tensor:
+    """One column per row of x (R, N) logits (destroyed): an inverse-CDF draw with noise.u (R, 1), or in
+    raced rows the argmax of logit + Gumbel noise -> (R,)."""
+    race = None
+    if noise.gumbel is not None:
+        race = (x + noise.gumbel).argmax(dim=-1)  # -inf logits (masked tokens) stay out
+    u = noise.u
     cdf = x.sub_(x.amax(dim=-1, keepdim=True)).exp_().cumsum_(dim=-1)  # unnormalised, in place
     total = cdf[:, -1:]
     cols = torch.searchsorted(cdf, u * total, right=True).view(-1)  # first column whose cdf exceeds u * total
     overflow = cols >= x.shape[1]  # u * total rounded up to total: ~2^-24 chance per row
     if bool(overflow.any()):  # take the last column with mass: where the cdf first reaches its total
         cols = torch.where(overflow, torch.searchsorted(cdf, total).view(-1), cols)
+    if race is not None:
+        cols = torch.where(noise.raced, race, cols)  # type: ignore[arg-type]
     # a row with no finite logit (every token banned; the engine refuses such input) has a NaN cdf:
     # keep its id in range rather than crash the step
     return cols.clamp_(max=x.shape[1] - 1)

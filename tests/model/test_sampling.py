@@ -7,7 +7,15 @@ import math
 import pytest
 import torch
 
-from model.sampling import SamplingBatch, _apply_processors, _draw, make_generator, prompt_logprobs, sample
+from model.sampling import (
+    SamplingBatch,
+    _apply_processors,
+    _draw,
+    _Noise,
+    make_generator,
+    prompt_logprobs,
+    sample,
+)
 from server.engine.request import SamplingParams
 
 V = 50
@@ -27,9 +35,12 @@ def _batch(
     )
 
 
-def _draw_many(logits: torch.Tensor, params: SamplingParams, draws: int) -> torch.Tensor:
-    """Sample `draws` times from one row of logits (V,) as one batch -> (draws,) token ids."""
-    batch = _batch([params] * draws)
+def _draw_many(
+    logits: torch.Tensor, params: SamplingParams, draws: int, seeded: bool = False
+) -> torch.Tensor:
+    """Sample `draws` times from one row of logits (V,) as one batch -> (draws,) token ids; seeded: each
+    row with its own seed (the race path)."""
+    batch = _batch([params] * draws, seeds=list(range(draws)) if seeded else None)
     return torch.tensor(sample(logits.expand(draws, -1).clone(), batch).token_ids)
 
 
@@ -84,6 +95,37 @@ def test_top_p_nucleus_beyond_candidates_falls_back_to_full_sort() -> None:
     assert len(drawn) > 0.9 * len(nucleus)  # tokens beyond the first 256 candidates are reachable
 
 
+def test_wide_supports_take_the_second_candidate_stage_or_the_sort_and_stay_exact() -> None:
+    """A real-sized vocabulary: nuclei of ~150 (first 256 candidates), ~2,000 (the 4,096-wide stage) and
+    ~6,000 tokens (the sort), top-k 3,000 (wide stage) and 5,000 (sort), in one batch."""
+    vocab, reps = 12000, 800
+    row = torch.linspace(0.0, -3.0, vocab)  # p_i ~ exp(-3 i / V): the cumulative mass is known
+    probs = torch.softmax(row, -1)
+
+    def nucleus(top_p: float) -> int:
+        return int((probs.cumsum(-1) - probs < top_p).sum())
+
+    params = [
+        SamplingParams(top_p=0.04),
+        SamplingParams(top_p=0.41),
+        SamplingParams(top_p=0.82),
+        SamplingParams(top_k=3000),
+        SamplingParams(top_k=5000),
+    ]
+    sizes = [nucleus(0.04), nucleus(0.41), nucleus(0.82), 3000, 5000]
+    assert sizes[0] < 256 < sizes[1] < 4096 < sizes[2]
+    batch = _batch(params * reps)
+    tokens = torch.tensor(sample(row.expand(len(params) * reps, -1).clone(), batch).token_ids).view(reps, 5)
+    for col, size in enumerate(sizes):
+        assert tokens[:, col].max() < size and tokens[:, col].max() > 0.9 * size, (col, size)
+    # the wide stage draws in proportion: 4 bins of the ~2,000-token nucleus against renormalised mass
+    edges = torch.linspace(0, sizes[1], 5).long()
+    mass = torch.stack([probs[a:b].sum() for a, b in zip(edges[:-1], edges[1:], strict=True)])
+    expected = mass / mass.sum() * reps
+    observed = torch.bucketize(tokens[:, 1], edges[1:-1], right=True).bincount(minlength=4).float()
+    assert ((observed - expected) ** 2 / expected).sum().item() < 20.0  # 3 degrees of freedom
+
+
 def test_top_k_and_top_p_together() -> None:
     row = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]).log()
     # top_k=3 renormalises to 0.588/0.235/0.176; top_p=0.8 then keeps {0, 1}
@@ -121,14 +163,15 @@ def test_rows_on_different_paths_in_one_batch_keep_their_own_support() -> None:
 @pytest.mark.parametrize(("u", "token"), [(0.0, 1), (0.49, 1), (0.5, 3), (1.0, 3)])
 def test_draw_boundaries_never_pick_a_token_without_mass(u: float, token: int) -> None:
     row = torch.tensor([[-math.inf, 0.0, -math.inf, 0.0, -math.inf]])  # mass on 1 and 3 only
-    assert _draw(row, torch.tensor([[u]])).item() == token  # u = 1 stands for u * total rounding up
+    assert _draw(row, _Noise(torch.tensor([[u]]), None, None)).item() == token  # u = 1: u * total rounds up
 
 
+@pytest.mark.parametrize("seeded", [False, True])  # inverse CDF; the race of seeded rows
 @pytest.mark.parametrize("top_k", [-1, 6])  # full-vocabulary path; candidate path (top_k = V keeps all)
-def test_frequencies_match_softmax_of_tempered_logits(top_k: int) -> None:
+def test_frequencies_match_softmax_of_tempered_logits(top_k: int, seeded: bool) -> None:
     row = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
     draws, temp = 20000, 0.7
-    drawn = _draw_many(row, SamplingParams(temperature=temp, top_k=top_k), draws)
+    drawn = _draw_many(row, SamplingParams(temperature=temp, top_k=top_k), draws, seeded)
     expected = torch.softmax(row / temp, -1) * draws
     observed = torch.bincount(drawn, minlength=len(row)).float()
     chi2 = ((observed - expected) ** 2 / expected).sum().item()
@@ -153,6 +196,29 @@ def test_seed_gives_same_tokens_whatever_the_batch(logits: torch.Tensor) -> None
         mixed.append(sample(rows, SamplingBatch.build(params, [[]] * 4, [[1]] * 4, gens, "cpu")).token_ids[2])
     assert alone == mixed
     assert len(set(alone)) > 1  # it really sampled
+
+
+@pytest.mark.parametrize(
+    "params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.9, top_p=0.95)]
+)
+def test_seeded_draws_survive_float_rounding_of_the_logits(params: SamplingParams) -> None:
+    """Another batch composition gives a request's hidden state float-rounding differences (logits off by
+    ~1e-4, as measured in float32 on the real model). Over a real-sized vocabulary a seeded request must
+    still draw the same tokens. With one inverse-CDF uniform per row the top-p case parted 1-2 times in
+    60 steps here (near-equal candidates swap places in the sorted order); the race parts only at near-ties
+    of the two best noisy scores."""
+    g = torch.Generator().manual_seed(0)
+    steps, vocab, hidden = 120, 49152, 64
+    head = torch.randn(hidden, vocab, generator=g) * (1.5 / hidden**0.5)
+    h = torch.randn(steps, hidden, generator=g)
+    rounded = h * (1 + 1e-5 * torch.randn(steps, hidden, generator=g))
+    runs = []
+    for states in (h, rounded):
+        gen, logits = make_generator(11), states @ head
+        batches = (SamplingBatch.build([params], [[]], [[1]], [gen]) for _ in range(steps))
+        runs.append([sample(logits[i : i + 1].clone(), b).token_ids[0] for i, b in enumerate(batches)])
+    assert runs[0] == runs[1]
+    assert len(set(runs[0])) > steps // 2  # it really sampled a flat distribution
 
 
 def test_different_seeds_differ(logits: torch.Tensor) -> None:
