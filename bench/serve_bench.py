@@ -436,7 +436,57 @@ def write_report(
     return md
 
 
-async def bench_peer(name: str, plan: BenchPlan, log: Any) -> dict[int, Cell]:
+SERVER_SIDE = ("time_to_first_token_seconds", "request_queue_time_seconds", "inter_token_latency_seconds")
+
+
+def scrape_latency_sums(base_url: str) -> dict[str, tuple[float, float]]:
+    """(sum, count) of the server's own latency histograms (ours: `smollm2:`, vLLM: `vllm:` prefix), or {}
+    when it exposes none. Two scrapes around a run give the server-side means over that run."""
+    try:
+        return parse_latency_sums(httpx.get(f"{base_url}/metrics", timeout=5.0, trust_env=False).text)
+    except (httpx.HTTPError, ValueError):
+        return {}
+
+
+def parse_latency_sums(text: str) -> dict[str, tuple[float, float]]:
+    out: dict[str, list[float]] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        key, _, value = line.rpartition(" ")
+        metric = key.split("{")[0].split(":")[-1]
+        for name in SERVER_SIDE:
+            for part, i in (("_sum", 0), ("_count", 1)):
+                if metric == name + part:
+                    out.setdefault(name, [0.0, 0.0])[i] += float(value)
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def server_side_line(
+    name: str,
+    c: int,
+    before: dict[str, tuple[float, float]],
+    after: dict[str, tuple[float, float]],
+    result: Cell,
+) -> str | None:
+    """Server-side mean TTFT / queue time / ITL over one run next to the client's mean TTFT: a gap between
+    the two is time spent outside the engine's view (HTTP, SSE, the load client)."""
+    means = {}
+    for key in SERVER_SIDE:
+        if key in before and key in after and after[key][1] > before[key][1]:
+            means[key] = 1000 * (after[key][0] - before[key][0]) / (after[key][1] - before[key][1])
+    if not means or not isinstance(result, LoadResult) or not result.ttft_ms:
+        return None
+    parts = [
+        f"{label} {means[k]:.1f} ms"
+        for k, label in zip(SERVER_SIDE, ("TTFT", "queue", "ITL"), strict=True)
+        if k in means
+    ]
+    client = sum(result.ttft_ms) / len(result.ttft_ms)
+    return f"{name} c={c}: server-side means {', '.join(parts)}; the client's mean TTFT {client:.1f} ms"
+
+
+async def bench_peer(name: str, plan: BenchPlan, log: Any, notes: list[str] | None = None) -> dict[int, Cell]:
     """Start one peer per concurrency (or once when its config does not depend on it) and measure."""
     from bench.peers import PeerUnavailable, get_peer
 
@@ -465,11 +515,16 @@ async def bench_peer(name: str, plan: BenchPlan, log: Any) -> dict[int, Cell]:
                 warm = {"num_requests": min(c, 8), "max_tokens": 16, "deadline_s": 60.0}
                 await run_load(LoadConfig(**{**cfg.__dict__, **warm, "extra_body": peer.extra_body(16)}))
             log(f"[{name}] c={c}: {cfg.num_requests} requests, deadline {cfg.deadline_s:.0f} s")
+            before = scrape_latency_sums(server.base_url)
             row[c] = await run_load_measured(cfg, server.pid)
             d = row[c].to_dict()  # type: ignore[union-attr]
             log(
                 f"[{name}] c={c}: {d['tok_per_s']} tok/s, ITL p50 {_fmt(d['itl_p50_ms'])} ms, errors {d['errors']}"
             )
+            if line := server_side_line(name, c, before, scrape_latency_sums(server.base_url), row[c]):
+                log(f"[{name}] {line}")
+                if notes is not None:
+                    notes.append(line)
     except PeerUnavailable as exc:
         for c in plan.concurrencies:
             row.setdefault(c, f"unavailable: {exc}")
@@ -525,10 +580,11 @@ def main(argv: list[str] | None = None) -> int:
     if machine:
         log(machine.describe())
     table: dict[str, dict[int, Cell]] = {}
+    notes: list[str] = []
     for name in plan.peers:  # one server up at a time
-        table[name] = asyncio.run(bench_peer(name, plan, log))
+        table[name] = asyncio.run(bench_peer(name, plan, log, notes))
     label = args.label or ("quick" if args.quick else "")
-    md = write_report(table, plan, args.out, notes=[], label=label, machine=machine, on_gpu=on_gpu)
+    md = write_report(table, plan, args.out, notes=notes, label=label, machine=machine, on_gpu=on_gpu)
     print()
     print(results_table(table, plan.concurrencies))
     for line in roofline_lines(table.get("ours", {}), machine, on_gpu):

@@ -22,11 +22,13 @@ from bench.serve_bench import (
     LoadResult,
     _proc_tree_cpu_seconds_procfs,
     make_prompts,
+    parse_latency_sums,
     percentile,
     require_loopback,
     results_table,
     roofline_lines,
     run_load,
+    server_side_line,
 )
 
 TTFT_S = 0.3  # the fake server's delay before the first token
@@ -184,3 +186,21 @@ def test_machine_ceilings_are_measured() -> None:
     assert machine.threads >= 1 and machine.cpu
     assert machine.gemm_gflops_m32 > 1.0 and machine.read_gb_s > 0.5
     assert "GFLOPS at M=32" in machine.describe()
+
+
+def test_server_side_means_come_from_two_scrapes_of_the_latency_histograms() -> None:
+    scrape = """# HELP smollm2:time_to_first_token_seconds arrival to first token
+smollm2:time_to_first_token_seconds_bucket{le="0.1"} 3.0
+smollm2:time_to_first_token_seconds_sum 0.5
+smollm2:time_to_first_token_seconds_count 4.0
+vllm:request_queue_time_seconds_sum{model_name="m"} 0.25
+vllm:request_queue_time_seconds_count{model_name="m"} 4.0
+smollm2:generation_tokens_total 400.0
+"""
+    before = parse_latency_sums(scrape)
+    assert before == {"time_to_first_token_seconds": (0.5, 4.0), "request_queue_time_seconds": (0.25, 4.0)}
+    after = {"time_to_first_token_seconds": (2.5, 14.0), "request_queue_time_seconds": (0.25, 4.0)}
+    result = LoadResult(8, 2.0, 10, 0, 1280, [300.0, 500.0], [10.0])
+    line = server_side_line("ours", 8, before, after, result)
+    assert line == "ours c=8: server-side means TTFT 200.0 ms; the client's mean TTFT 400.0 ms"
+    assert server_side_line("ours", 8, before, before, result) is None  # nothing observed in between
