@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from model import paged_kernel
+from model.threads import run_wide
 
 
 @dataclass(slots=True)
@@ -158,10 +159,12 @@ def fresh_prefill_attention(q: torch.Tensor, kv: torch.Tensor, seqs: list[Prefil
     nkv = kv.shape[1] // 2
     qb = q.view(G, T, nh, hd).transpose(1, 2)  # (G, nh, T, hd)
     kvb = kv.view(G, T, 2 * nkv, hd).transpose(1, 2)  # (G, 2nkv, T, hd)
-    out = F.scaled_dot_product_attention(
-        qb, kvb[:, :nkv], kvb[:, nkv:], is_causal=True, scale=1.0, enable_gqa=nkv != nh
-    )
+    out = run_wide(_causal_sdpa, qb, kvb[:, :nkv], kvb[:, nkv:], nkv != nh)  # CPU: on the GEMM threads
     return out.transpose(1, 2).reshape(G * T, nh * hd)
+
+
+def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0, enable_gqa=gqa)
 
 
 def _fresh_runs(prefills: list[PrefillSeq]) -> list[tuple[bool, list[PrefillSeq]]]:
