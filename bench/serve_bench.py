@@ -94,6 +94,7 @@ class LoadConfig:
     max_tokens: int = 128
     deadline_s: float = 120.0  # hard limit for the whole run
     extra_body: dict[str, Any] = field(default_factory=dict)  # server-specific fields (ignore_eos...)
+    sampling: dict[str, float] = field(default_factory=lambda: {"temperature": 0.0})  # the same for all
     prompts: list[str] = field(default_factory=make_prompts)
 
 
@@ -170,7 +171,7 @@ async def stream_one(client: httpx.AsyncClient, cfg: LoadConfig, prompt: str) ->
         "model": cfg.model,
         "prompt": prompt,
         "max_tokens": cfg.max_tokens,
-        "temperature": 0.0,
+        **cfg.sampling,
         "stream": True,
         **cfg.extra_body,
     }
@@ -330,6 +331,13 @@ class BenchPlan:
     min_requests: int
     deadline_s: float
     warmup: bool = True
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+    @property
+    def sampling(self) -> dict[str, float]:
+        """The request's sampling fields: greedy by default, as vLLM's and SGLang's published runs."""
+        return {"temperature": self.temperature} | ({"top_p": self.top_p} if self.top_p < 1.0 else {})
 
     def num_requests(self, concurrency: int) -> int:
         return max(self.min_requests, concurrency * self.requests_per_client)
@@ -397,6 +405,10 @@ def roofline_lines(ours: dict[int, Cell], machine: Ceilings | None = None, on_gp
     return out
 
 
+def _sampling_text(plan: BenchPlan) -> str:
+    return ", ".join(f"{k.replace('_', '-')} {v:g}" for k, v in plan.sampling.items())
+
+
 def write_report(
     table: dict[str, dict[int, Cell]],
     plan: BenchPlan,
@@ -413,7 +425,7 @@ def write_report(
         f"# Serving benchmark {stamp}",
         "",
         f"Command: `{' '.join(['python -m bench.serve_bench', *sys.argv[1:]])}`",
-        f"Load: ~64-token prompts, 128 tokens out, temperature 0, ignore_eos; "
+        f"Load: ~64-token prompts, 128 tokens out, {_sampling_text(plan)}, ignore_eos; "
         f"requests = max({plan.min_requests}, {plan.requests_per_client} x c); deadline {plan.deadline_s:.0f} s "
         f"per run; times in ms; CPU % of one core for the server process tree.",
         "",
@@ -510,6 +522,7 @@ async def bench_peer(name: str, plan: BenchPlan, log: Any, notes: list[str] | No
                 num_requests=plan.num_requests(c),
                 deadline_s=plan.deadline_s,
                 extra_body=peer.extra_body(128),
+                sampling=plan.sampling,
             )
             if plan.warmup:
                 warm = {"num_requests": min(c, 8), "max_tokens": 16, "deadline_s": 60.0}
@@ -544,6 +557,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--deadline", type=float, default=None, help="hard limit per run, seconds")
     ap.add_argument("--no-warmup", action="store_true")
     ap.add_argument("--label", default="", help="file name prefix of the report, e.g. gpu -> gpu-<date>.md")
+    ap.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0, greedy)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, e.g. 0.95 (default 1, off)")
     return ap.parse_args(argv)
 
 
@@ -559,6 +574,8 @@ def make_plan(args: argparse.Namespace) -> BenchPlan:
         min_requests=4 if args.quick else 8,
         deadline_s=args.deadline or (60.0 if args.quick else 150.0),
         warmup=not args.no_warmup,
+        temperature=args.temperature,
+        top_p=args.top_p,
     )
 
 

@@ -21,7 +21,9 @@ from bench.serve_bench import (
     LoadConfig,
     LoadResult,
     _proc_tree_cpu_seconds_procfs,
+    make_plan,
     make_prompts,
+    parse_args,
     parse_latency_sums,
     percentile,
     require_loopback,
@@ -33,6 +35,7 @@ from bench.serve_bench import (
 
 TTFT_S = 0.3  # the fake server's delay before the first token
 GAP_S = 0.05  # and between tokens
+BODIES: list[dict] = []  # request bodies the fake server received
 
 
 def fake_app() -> FastAPI:
@@ -42,6 +45,7 @@ def fake_app() -> FastAPI:
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request) -> Response:
         body = await request.json()
+        BODIES.append(body)
         prompt, n = body["prompt"], int(body["max_tokens"])
         if prompt == "fail":
             return JSONResponse({"error": {"message": "boom"}}, status_code=500)
@@ -204,3 +208,13 @@ smollm2:generation_tokens_total 400.0
     line = server_side_line("ours", 8, before, after, result)
     assert line == "ours c=8: server-side means TTFT 200.0 ms; the client's mean TTFT 400.0 ms"
     assert server_side_line("ours", 8, before, before, result) is None  # nothing observed in between
+
+
+async def test_sampling_fields_reach_the_server_and_default_to_greedy(fake_url: str) -> None:
+    assert make_plan(parse_args([])).sampling == {"temperature": 0.0}
+    plan = make_plan(parse_args(["--temperature", "1", "--top-p", "0.95"]))
+    assert plan.sampling == {"temperature": 1.0, "top_p": 0.95}
+    BODIES.clear()
+    res = await run_load(_cfg(fake_url, ["ok"], num_requests=2, sampling=plan.sampling))
+    assert res.completed == 2
+    assert [(b["temperature"], b["top_p"], b["stream"]) for b in BODIES] == [(1.0, 0.95, True)] * 2
