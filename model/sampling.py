@@ -20,8 +20,9 @@ Design choices driven by the 2-core CPU this runs on (see bench/sampling_bench.p
     seeded request alone and in a batch of 7 parted at the 9th token that way).
   - top-k / top-p never sort the vocabulary when they can avoid it: one topk takes each such row's K=256
     best logits; a row whose top-k <= K, or whose nucleus ends inside those K, is finished (temperature,
-    nucleus, min-p, draw) on the (R, K) candidates. Only rows with top-k > K or a nucleus wider than K
-    (a very flat distribution) go to the full-vocabulary path, which sorts just those rows for top-p.
+    nucleus, min-p, draw) on the (R, K) candidates. The other rows try again among their 4,096 best
+    (one wider topk); only rows with top-k > 4,096 or a nucleus wider than that (a near-uniform
+    distribution) go to the full-vocabulary path, which sorts just those rows for top-p.
     Which path a row takes depends on its own logits and parameters alone (K is fixed), which keeps
     seeded rows batch-independent. min-p is a threshold in logit space (logit >= max + log(min_p)).
   - Penalties gather/scatter at the ids a row has seen ((B, P + L) lists), never build (B, V) counts.
@@ -315,8 +316,9 @@ def _sample_random(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """x (R, V): processed logits of the random rows -> (R,) sampled token ids.
 
     Rows with top-k <= K or a nucleus inside their K best logits are sampled among those K candidates
-    (one topk over the vocabulary, the rest on (R, K)); the others take the full-vocabulary path. A row's path
-    depends on its own logits and parameters only, so seeded rows stay batch-independent.
+    (one topk over the vocabulary, the rest on (R, K)), first with K = 256, then 4,096; the others take the
+    full-vocabulary path. A row's path depends on its own logits and parameters only, so seeded rows stay
+    batch-independent.
     """
     noise = _Noise.draw(batch, x.shape[0], x.shape[1], x.device)
     if batch.temperature is not None:
