@@ -124,7 +124,7 @@ class DecodeGraphs:
         D = len(input_ids)
         B = batch_bucket(D)
         width = width_bucket(max(len(t) for t in tables))
-        if self.disabled or B is None or B > self.max_batch or width > self.max_blocks:
+        if self.disabled or B is None or D > self.max_batch or width > self.max_blocks:
             return None
         g = self._get(B, width)
         if g is None:
