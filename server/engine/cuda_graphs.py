@@ -89,19 +89,18 @@ class DecodeGraphs:
         count = 0
         for B in sorted(batches, reverse=True):
             for width in widths:
-                if self.disabled or len(self.graphs) >= self.max_graphs:
+                if (B, width) in self.graphs:
+                    continue
+                if self._get(B, width) is None:  # capture off, failed, or the graph limit reached
                     return count
-                if (B, width) not in self.graphs:
-                    if self._get(B, width) is None:
-                        return count
-                    count += 1
+                count += 1
         return count
 
     def _get(self, B: int, width: int) -> _Graph | None:
         """The graph of (B, width), captured now if it is new; None when capture is off or failed."""
         g = self.graphs.get((B, width))
         if g is None:
-            if len(self.graphs) >= self.max_graphs:
+            if self.disabled or len(self.graphs) >= self.max_graphs:
                 return None
             try:
                 g = self._capture(B, width)
