@@ -185,10 +185,31 @@ class Int4Weight:
         )
 
 
+def pack_bf16_tiles(weight: torch.Tensor) -> torch.Tensor:
+    """(N, K) bf16 -> (N / 16, K / 2, 16, 2): the layout of the C++ bf16 GEMM (model/csrc/bf16_gemm.cpp)."""
+    n, k = weight.shape
+    return weight.detach().reshape(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def bf16_tiles_supported(weight: torch.Tensor) -> bool:
+    """The C++ bf16 GEMM serves this weight: CPU, bfloat16, N a multiple of 16, K even, kernels built."""
+    n, k = weight.shape
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.bfloat16
+        and n % 16 == 0
+        and k % 2 == 0
+        and paged_kernel.use_kernel(weight.device)
+        and bool(torch.ops.smollm2.bf16_gemm_available())
+    )
+
+
 class PackedLinear:
-    """y = x @ W^T for the serving path. On CPU in bfloat16 the weight is pre-packed once into oneDNN's
-    blocked layout: a plain bf16 GEMM reorders the weight on every call, which made the decode step's
-    GEMMs 1.3-2x slower (bench/NOTES.md). Elsewhere it is a plain mm on the transposed view.
+    """y = x @ W^T for the serving path. On CPU in bfloat16 the weight is packed once: into the tiles of our
+    C++ GEMM (model/csrc/bf16_gemm.cpp) when the kernels are built and the CPU has AVX512-BF16, which
+    streams the weights from memory at ~1.3x oneDNN's rate (bench/NOTES.md, sixth round); else into
+    oneDNN's blocked layout (a plain bf16 GEMM reorders the weight on every call, which made the decode
+    step's GEMMs 1.3-2x slower). Elsewhere it is a plain mm on the transposed view.
 
     With an int4 copy (``int4``, set by prepare_for_serving), inputs of at most int4_max_rows rows take the
     int4 GEMV instead: at one stream the step streams a quarter of the weight bytes. Likewise an int8 copy
@@ -203,7 +224,10 @@ class PackedLinear:
         self.int4_max_rows = 0
         self.int8: Int8Weight | None = None
         self.int8_max_rows = 0
-        if (
+        self.tiles: torch.Tensor | None = None
+        if bf16_tiles_supported(weight):
+            self.tiles = pack_bf16_tiles(weight)
+        elif (
             weight.device.type == "cpu"
             and weight.dtype == torch.bfloat16
             and torch.backends.mkldnn.is_available()
@@ -224,6 +248,8 @@ class PackedLinear:
             return self.int8(x)
         if self.int4 is not None and x.shape[0] <= self.int4_max_rows:
             return self.int4(x)
+        if self.tiles is not None:
+            return torch.ops.smollm2.bf16_linear(x, self.tiles)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none", [], "")
         return torch.mm(x, self.weight.t())

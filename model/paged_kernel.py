@@ -7,7 +7,8 @@
 - ``torch``: always the torch path (gather, baddbmm, softmax, bmm).
 
 The same library holds the other C++ ops of the serving path (model/csrc/fused_ops.cpp: RMSNorm, RoPE,
-SwiGLU, KV write; model/csrc/quant_ops.cpp: int8 LM head, argmax); ``torch`` mode uses none of them.
+SwiGLU, KV write; model/csrc/quant_ops.cpp: int8 LM head, argmax; model/csrc/bf16_gemm.cpp: the bf16 GEMM of the
+layer linears and the LM head); ``torch`` mode uses none of them.
 
 CUDA always takes the torch path. The kernels are compiled once per machine with torch.utils.cpp_extension
 (needs a C++ compiler and ``ninja``, -O3 -march=native) into ``$SMOLLM2_KERNEL_CACHE`` if set, else
@@ -41,6 +42,7 @@ MODES = ("auto", "cpp", "torch")
 SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
 FUSED_SOURCE = Path(__file__).parent / "csrc" / "fused_ops.cpp"  # residual add + RMSNorm, RoPE
 QUANT_SOURCE = Path(__file__).parent / "csrc" / "quant_ops.cpp"  # int8 LM head, row argmax
+GEMM_SOURCE = Path(__file__).parent / "csrc" / "bf16_gemm.cpp"  # the bf16 GEMM of PackedLinear
 _lock = threading.Lock()
 _mode: str | None = None  # set_attention_kernel's choice; None: read the environment
 _loaded: bool | None = None  # None: not tried yet in this process
@@ -145,7 +147,7 @@ def _build_and_load() -> None:
     with FileLock(str(build) + ".lock", timeout=600):
         cpp_extension.load(
             name="smollm2_paged_attention",
-            sources=[str(SOURCE), str(FUSED_SOURCE), str(QUANT_SOURCE)],
+            sources=[str(SOURCE), str(FUSED_SOURCE), str(QUANT_SOURCE), str(GEMM_SOURCE)],
             extra_cflags=["-O3", "-march=native", "-fopenmp", f"-DSMOLLM2_HEADERS={_headers_hash()}"],
             extra_ldflags=["-fopenmp"],
             build_directory=str(build),

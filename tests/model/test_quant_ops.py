@@ -15,6 +15,7 @@ from model.modeling import (
     Int8Weight,
     PackedLinear,
     int8_reconstruction_error,
+    pack_bf16_tiles,
     quantize_int8,
 )
 from model.sampling import _argmax
@@ -166,3 +167,53 @@ def test_real_gguf_int8_head_is_lossless_and_closer_to_float32_than_bf16(real_bf
     int8_err, bf16_err = (int8 - exact).abs().max().item(), (bf16 - exact).abs().max().item()
     assert int8_err <= bf16_err, (int8_err, bf16_err)
     assert torch.equal(int8.argmax(-1), exact.argmax(-1))
+
+
+@pytest.mark.parametrize("shape", [(16, 2), (48, 34), (80, 96), (960, 576), (576, 1536)])
+def test_bf16_linear_equals_a_float_matmul_rounded_to_bf16(shape: tuple[int, int]) -> None:
+    """Every row block (1-4 rows, several passes) and panel width (1-4 tiles of 16 outputs, with the tails a
+    thread's share leaves) of the C++ bf16 GEMM against float64 sums: within one bf16 rounding of the output
+    plus float32 summation error."""
+    if not torch.ops.smollm2.bf16_gemm_available():
+        pytest.skip("this CPU has no AVX512-BF16")
+    n, k = shape
+    g = torch.Generator().manual_seed(n + k)
+    w = (torch.randn(n, k, generator=g) * 0.05).to(torch.bfloat16)
+    tiles = pack_bf16_tiles(w)
+    assert tiles.shape == (n // 16, k // 2, 16, 2)
+    for m in (1, 2, 3, 4, 5, 7, 33, 130):
+        x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+        got = torch.ops.smollm2.bf16_linear(x, tiles)
+        assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+        ref = x.double() @ w.double().t()
+        err = (got.double() - ref).abs()
+        assert (err <= ref.abs() * 2**-8 + 1e-4 * (k**0.5)).all(), (m, err.max().item())
+        strided = torch.randn(m, 2 * k, generator=g).to(torch.bfloat16)[:, ::2]  # a non-contiguous input
+        torch.testing.assert_close(
+            torch.ops.smollm2.bf16_linear(strided, tiles), torch.ops.smollm2.bf16_linear(strided.contiguous(), tiles)
+        )
+
+
+def test_bf16_linear_rejects_bad_arguments() -> None:
+    if not torch.ops.smollm2.bf16_gemm_available():
+        pytest.skip("this CPU has no AVX512-BF16")
+    tiles = pack_bf16_tiles(torch.randn(32, 64).to(torch.bfloat16))
+    with pytest.raises(RuntimeError, match="K = 64"):
+        torch.ops.smollm2.bf16_linear(torch.randn(2, 48).to(torch.bfloat16), tiles)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        torch.ops.smollm2.bf16_linear(torch.randn(2, 64), tiles)
+    with pytest.raises(RuntimeError, match="tiles"):
+        torch.ops.smollm2.bf16_linear(torch.randn(2, 64).to(torch.bfloat16), tiles.float())
+
+
+def test_packed_linear_takes_the_cpp_gemm_when_built_and_onednn_in_torch_mode() -> None:
+    w = (torch.randn(96, 64) * 0.1).to(torch.bfloat16)
+    x = torch.randn(5, 64).to(torch.bfloat16)
+    lin = PackedLinear(w)
+    assert (lin.tiles is not None) == bool(torch.ops.smollm2.bf16_gemm_available())
+    paged_kernel.set_attention_kernel("torch")  # the pure-torch mode builds nothing of ours
+    plain = PackedLinear(w)
+    assert plain.tiles is None
+    torch.testing.assert_close(lin(x), plain(x), rtol=2**-7, atol=1e-2)  # both round to bf16 once
+    odd = PackedLinear((torch.randn(20, 64) * 0.1).to(torch.bfloat16))  # N not a multiple of 16
+    assert odd.tiles is None and odd(x).shape == (5, 20)
