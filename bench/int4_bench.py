@@ -1,10 +1,11 @@
-"""Where the int4 GEMV stops beating the pre-packed bf16 GEMM (model.modeling.INT4_MAX_ROWS).
+"""Where the int4 GEMV stops beating the bf16 GEMM of PackedLinear (model.modeling.INT4_MAX_ROWS).
 
     python -m bench.int4_bench [--rows 1,2,3,4,5,6,8,16] [--out bench/results]
 
 Times the four layer linears of SmolLM2-135M (fused qkv 960x576, o 576x576, fused gate/up 3072x576, down
 576x1536) over 30 layers' worth of distinct random weights, so they stream from memory as in a decode
-step, for M input rows: PackedLinear's bf16 oneDNN path against the same weights as int4 (groups of 32).
+step, for M input rows: PackedLinear's bf16 path (the C++ GEMM, else oneDNN) against the same weights as int4
+(groups of 32).
 """
 
 from __future__ import annotations

@@ -39,12 +39,12 @@ class SmolLM2RMSNorm(nn.Module):
 
 
 INT4_GROUP = 32  # weights per (scale, zero) pair along the input dim, as in GGUF's Q4_0/Q4_1 blocks
-# Up to this many rows the int4 GEMV is at least as fast as the pre-packed bf16 GEMM; its cost steps
-# up every 4 rows. Over 30 layers of the 135M model's shapes streamed from memory
-# (bench/int4_bench.py) it took 5-8 ms for M = 1..4 and ~12 ms for 5..8 against 11-17 ms for bf16 at
-# any M <= 8, then 17-23 ms for 9..16 where bf16 wins. In the engine at 8 streams int4 was level with
-# bf16 or up to 3 ms a step faster (bench/engine_bench.py); at 1 stream the step went ~27 -> ~17 ms.
-INT4_MAX_ROWS = 8
+# Up to this many rows the int4 GEMV is faster than the bf16 GEMM; its cost steps up every 4 rows. Over 30
+# layers of the 135M model's shapes streamed from memory (`python -m bench.int4_bench`) int4 took 4.2-6.7 ms
+# for M = 1..4 and 11-12 ms for 5..8 against 7.7-10 ms for the C++ bf16 GEMM at any M <= 8 (against
+# oneDNN's 11-17 ms, int4 had been level up to 8 rows). At 1 stream the engine's step went ~27 -> ~17 ms
+# with int4 when bf16 was oneDNN's.
+INT4_MAX_ROWS = 4
 # Largest int4_reconstruction_error still called lossless: weights that already sit on a 4-bit groupwise
 # grid come back within bf16 rounding: 0.0059 at worst over the Q4_1 GGUF's layers in bf16 (0 in
 # float32). Rounding arbitrary weights to 16 levels is off by up to half a step: 0.069 for normal ones.

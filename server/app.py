@@ -180,6 +180,7 @@ def model_source(settings: Settings) -> str:
 
 def load_llm_engine(settings: Settings) -> tuple[Any, int]:
     """Load the model named by `settings` and build its LLMEngine (in whichever process runs the steps)."""
+    from model.modeling import INT4_MAX_ROWS
     from model.weights import load_model
 
     source = model_source(settings)
@@ -201,7 +202,11 @@ def load_llm_engine(settings: Settings) -> tuple[Any, int]:
     )  # fmt: skip
     model.prepare_for_serving(int4_small_batch=settings.int4_small_batch, int8_lm_head=settings.int8_lm_head)
     if model.int4_active:
-        log.info("int4 weights for steps of <= 8 tokens (reconstruction error %.4f)", model.int4_error)
+        log.info(
+            "int4 weights for steps of <= %d tokens (reconstruction error %.4f)",
+            INT4_MAX_ROWS,
+            model.int4_error,
+        )
     elif settings.int4_small_batch != "off" and model.int4_error is not None:
         log.info("int4 weights off: they would change the model (error %.4f > lossless)", model.int4_error)
     if model.int8_head_active:

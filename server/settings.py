@@ -97,7 +97,7 @@ class Settings:
     )
     int4_small_batch: str = _opt(
         "auto",
-        "int4 copies of the layer weights for steps of at most 8 tokens on CPU in bfloat16 (a quarter of "
+        "int4 copies of the layer weights for steps of at most 4 tokens on CPU in bfloat16 (a quarter of "
         "the bytes to stream per token): auto = only when lossless (weights already 4-bit groupwise, as "
         "in the Q4_1 GGUF), on = always (lossy for other weights), off",
     )

@@ -190,7 +190,8 @@ def test_bf16_linear_equals_a_float_matmul_rounded_to_bf16(shape: tuple[int, int
         assert (err <= ref.abs() * 2**-8 + 1e-4 * (k**0.5)).all(), (m, err.max().item())
         strided = torch.randn(m, 2 * k, generator=g).to(torch.bfloat16)[:, ::2]  # a non-contiguous input
         torch.testing.assert_close(
-            torch.ops.smollm2.bf16_linear(strided, tiles), torch.ops.smollm2.bf16_linear(strided.contiguous(), tiles)
+            torch.ops.smollm2.bf16_linear(strided, tiles),
+            torch.ops.smollm2.bf16_linear(strided.contiguous(), tiles),
         )
 
 
