@@ -185,19 +185,26 @@ class Int4Weight:
         )
 
 
-def pack_bf16_tiles(weight: torch.Tensor) -> torch.Tensor:
-    """(N, K) bf16 -> (N / 16, K / 2, 16, 2): the layout of the C++ bf16 GEMM (model/csrc/bf16_gemm.cpp)."""
+def pack_bf16_tiles(weight: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
+    """(N, K) bf16 -> (N / 16, K / 2, 16, 2): the layout of the C++ bf16 GEMM (model/csrc/bf16_gemm.cpp).
+
+    swiglu: weight is [gate; up] (2 I, K); their tiles are interleaved (gate 0, up 0, gate 1, ...) for
+    bf16_linear_swiglu, which needs I a multiple of 16."""
     n, k = weight.shape
-    return weight.detach().reshape(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+    w = weight.detach()
+    if swiglu:
+        w = w.reshape(2, n // 32, 16, k).transpose(0, 1)
+    return w.reshape(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
 
 
-def bf16_tiles_supported(weight: torch.Tensor) -> bool:
-    """The C++ bf16 GEMM serves this weight: CPU, bfloat16, N a multiple of 16, K even, kernels built."""
+def bf16_tiles_supported(weight: torch.Tensor, swiglu: bool = False) -> bool:
+    """The C++ bf16 GEMM serves this weight: CPU, bfloat16, N a multiple of 16 (of 32 for [gate; up] with
+    swiglu), K even, kernels built."""
     n, k = weight.shape
     return (
         weight.device.type == "cpu"
         and weight.dtype == torch.bfloat16
-        and n % 16 == 0
+        and n % (32 if swiglu else 16) == 0
         and k % 2 == 0
         and paged_kernel.use_kernel(weight.device)
         and bool(torch.ops.smollm2.bf16_gemm_available())
@@ -215,18 +222,24 @@ class PackedLinear:
     int4 GEMV instead: at one stream the step streams a quarter of the weight bytes. Likewise an int8 copy
     (``int8``, the LM head's) for at most int8_max_rows rows, with a float32 result. More rows go to the
     bf16 GEMM, which wins there.
+
+    swiglu: the weight is an MLP's [gate; up] and swiglu(x) gives silu(x @ gate^T) * (x @ up^T); with the
+    C++ GEMM its tiles are interleaved and the SwiGLU is the GEMM's epilogue (bit-identical to the GEMM then
+    smollm2::silu_mul, without writing the (M, 2 I) product).
     """
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, swiglu: bool = False) -> None:
         self.weight = weight
+        self.swiglu_tiles = False  # tiles interleave gate and up
         self.packed: torch.Tensor | None = None
         self.int4: Int4Weight | None = None
         self.int4_max_rows = 0
         self.int8: Int8Weight | None = None
         self.int8_max_rows = 0
         self.tiles: torch.Tensor | None = None
-        if bf16_tiles_supported(weight):
-            self.tiles = pack_bf16_tiles(weight)
+        if bf16_tiles_supported(weight, swiglu):
+            self.tiles = pack_bf16_tiles(weight, swiglu)
+            self.swiglu_tiles = swiglu
         elif (
             weight.device.type == "cpu"
             and weight.dtype == torch.bfloat16
@@ -249,10 +262,20 @@ class PackedLinear:
         if self.int4 is not None and x.shape[0] <= self.int4_max_rows:
             return self.int4(x)
         if self.tiles is not None:
-            return torch.ops.smollm2.bf16_linear(x, self.tiles)
+            y = torch.ops.smollm2.bf16_linear(x, self.tiles)
+            if self.swiglu_tiles:  # back to [gate | up] columns
+                y = y.view(len(x), -1, 2, 16).transpose(1, 2).reshape(len(x), -1)
+            return y
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none", [], "")
         return torch.mm(x, self.weight.t())
+
+    def swiglu(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of the [gate; up] weight, as smollm2::silu_mul(self(x)) rounds (C++ kernels only)."""
+        if self.swiglu_tiles and not (self.int4 is not None and x.shape[0] <= self.int4_max_rows):
+            assert self.tiles is not None
+            return run_wide(torch.ops.smollm2.bf16_linear_swiglu, x, self.tiles)
+        return torch.ops.smollm2.silu_mul(self(x))
 
 
 def _rms_norm(x: torch.Tensor, norm: SmolLM2RMSNorm, dtype: torch.dtype) -> torch.Tensor:
@@ -349,9 +372,9 @@ class SmolLM2MLP(nn.Module):
     def forward_flat(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
         """Serving path (no autograd; after prepare_for_serving): SiLU and the product run in place.
         fused: both in one C++ pass (model/csrc/fused_ops.cpp), same roundings."""
-        gate_up = self.gate_up_linear(x)
         if fused:
-            return self.down_linear(torch.ops.smollm2.silu_mul(gate_up))
+            return self.down_linear(self.gate_up_linear.swiglu(x))
+        gate_up = self.gate_up_linear(x)
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_linear(F.silu(gate, inplace=True).mul_(up))
 
@@ -691,7 +714,7 @@ class SmolLM2ForCausalLM(nn.Module):
                 mlp.gate_up_weight = _fuse(mlp.gate_proj, mlp.up_proj)
                 attn.qkv_linear = PackedLinear(attn.qkv_weight)
                 attn.o_linear = PackedLinear(attn.o_proj.weight)
-                mlp.gate_up_linear = PackedLinear(mlp.gate_up_weight)
+                mlp.gate_up_linear = PackedLinear(mlp.gate_up_weight, swiglu=True)
                 mlp.down_linear = PackedLinear(mlp.down_proj.weight)
             self.lm_head_linear = PackedLinear(self.lm_head.weight)
             self.prepared_for_serving = True

@@ -12,6 +12,7 @@ from model.modeling import (
     INT8_BLOCK,
     INT8_HEAD_MAX_ROWS,
     INT8_LOSSLESS_ERROR,
+    Int4Weight,
     Int8Weight,
     PackedLinear,
     int8_reconstruction_error,
@@ -218,3 +219,24 @@ def test_packed_linear_takes_the_cpp_gemm_when_built_and_onednn_in_torch_mode() 
     torch.testing.assert_close(lin(x), plain(x), rtol=2**-7, atol=1e-2)  # both round to bf16 once
     odd = PackedLinear((torch.randn(20, 64) * 0.1).to(torch.bfloat16))  # N not a multiple of 16
     assert odd.tiles is None and odd(x).shape == (5, 20)
+
+
+@pytest.mark.parametrize("inter", [16, 48, 1536])
+def test_swiglu_epilogue_is_bit_identical_to_the_gemm_then_silu_mul(inter: int) -> None:
+    """The MLP's gate/up GEMM with SwiGLU as its epilogue gives exactly silu_mul of the plain GEMM's output,
+    for any row count and for one or several (gate, up) tile pairs per thread; PackedLinear(swiglu=True)
+    still gives [gate | up] columns when called plainly, and takes int4 then silu_mul at few rows."""
+    if not torch.ops.smollm2.bf16_gemm_available():
+        pytest.skip("this CPU has no AVX512-BF16")
+    g = torch.Generator().manual_seed(inter)
+    w = (torch.randn(2 * inter, 96, generator=g) * 0.2).to(torch.bfloat16)
+    lin, fused = PackedLinear(w), PackedLinear(w, swiglu=True)
+    assert fused.swiglu_tiles and not lin.swiglu_tiles
+    for m in (1, 3, 4, 9, 70):
+        x = torch.randn(m, 96, generator=g).to(torch.bfloat16)
+        want = torch.ops.smollm2.silu_mul(lin(x))
+        assert torch.equal(fused.swiglu(x), want), m
+        assert torch.equal(fused(x), lin(x)), m
+    fused.int4, fused.int4_max_rows = Int4Weight.from_weight(w), 4
+    x = torch.randn(3, 96, generator=g).to(torch.bfloat16)
+    assert torch.equal(fused.swiglu(x), torch.ops.smollm2.silu_mul(fused.int4(x)))
