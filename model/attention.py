@@ -9,7 +9,9 @@ KV views made bmm copy them, 40% of a prototype's step).
 
 A step's flat batch is ordered decodes first (one query token each), then prefill chunks. Decodes are
 attended together with two batched matmuls, the query heads of each KV head grouped (no repeat_kv copy);
-prefill chunks, which are few and large, go one by one through scaled_dot_product_attention.
+prefill chunks, which are few and large, go one by one through scaled_dot_product_attention. On CPU with the
+C++ kernel, a step whose whole prompts are at most KERNEL_PROMPT_MAX tokens is one kernel call over all its
+rows (step_rows).
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ class AttentionMetadata:
     block_size: int = 16
     decode_context_lens: torch.Tensor | None = None  # (D,) int64; the C++ kernel reads it instead of the mask
     use_kernel: bool | None = None  # the C++ kernel or not, decided once per step; None: ask paged_kernel
+    # every row's block table and context length for one kernel call over the whole step (step_rows);
+    # built by the first layer that needs them
+    row_tables: torch.Tensor | None = None
+    row_lens: torch.Tensor | None = None
 
 
 def _kernel(meta: AttentionMetadata, device: torch.device) -> bool:
@@ -181,12 +187,50 @@ def _fresh_runs(prefills: list[PrefillSeq]) -> list[tuple[bool, list[PrefillSeq]
     return runs
 
 
+# Whole prompts up to this long go through the C++ kernel with the step's other rows; longer ones through
+# SDPA. 32 prompts x 64 tokens, per layer: kernel 2.4-2.9 ms, SDPA 4.2-4.4; 8 x 256: 6.9-7.3 vs 10.6-12.6;
+# 1 x 1024: 18.4 vs 13.0 (bench/NOTES.md, sixth round).
+KERNEL_PROMPT_MAX = 256
+
+
+def step_rows(meta: AttentionMetadata, n_rows: int) -> bool:
+    """Fill meta.row_tables (n_rows, W) and meta.row_lens (n_rows,) so one kernel call attends every row of
+    the step: decode rows with their tables, and row i of a prefill chunk with its sequence's table and
+    context_len - query_len + i + 1 tokens. False when a whole prompt is longer than KERNEL_PROMPT_MAX
+    (SDPA is faster there). Built once per step, by the first layer."""
+    if meta.row_tables is not None:
+        return True
+    if any(s.query_len == s.context_len and s.query_len > KERNEL_PROMPT_MAX for s in meta.prefills):
+        return False
+    D = meta.num_decode_tokens
+    dec = meta.decode_block_tables if D else None
+    width = max([len(s.block_table) for s in meta.prefills] + ([dec.shape[1]] if dec is not None else []))
+    tables = torch.zeros(n_rows, width, dtype=torch.long)
+    lens = torch.empty(n_rows, dtype=torch.long)
+    if dec is not None:
+        assert meta.decode_context_lens is not None
+        tables[:D, : dec.shape[1]] = dec
+        lens[:D] = meta.decode_context_lens
+    for s in meta.prefills:
+        a, b = s.query_start, s.query_start + s.query_len
+        tables[a:b, : len(s.block_table)] = s.block_table
+        torch.arange(s.context_len - s.query_len + 1, s.context_len + 1, out=lens[a:b])
+    meta.row_tables, meta.row_lens = tables, lens
+    return True
+
+
 def paged_attention(
     q: torch.Tensor, kv: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
 ) -> torch.Tensor:
     """q: (N, nh, hd) scaled queries, kv: (N, 2 * nkv, hd) the step's new keys and values -> (N, nh * hd)."""
     if _kernel(meta, kv_cache.device):  # CPU only
         torch.ops.smollm2.write_kv_(kv_cache, kv, meta.slot_mapping)  # row copies: index_copy_ was ~35 us
+        if meta.prefills and (meta.decode_context_lens is not None or not meta.num_decode_tokens):
+            if step_rows(meta, q.shape[0]):  # the whole step in one call, the work split by tokens read
+                assert meta.row_tables is not None and meta.row_lens is not None
+                return paged_kernel.paged_decode_attention(
+                    q, kv_cache, meta.row_tables, meta.row_lens, meta.block_size
+                )
     else:
         kv_cache.index_copy_(1, meta.slot_mapping, kv.transpose(0, 1))
     D = meta.num_decode_tokens

@@ -341,12 +341,22 @@ void run(const at::Tensor& q, const at::Tensor& cache, at::Tensor& out, const Pr
   scalar_t* op = out.data_ptr<scalar_t>();
   const AttendFn<scalar_t> fn = pick_kernel<scalar_t>(g, p.hd);
   const int64_t q_row_stride = q.stride(0);
-  // A fork costs a few microseconds: below ~1k (token, KV head) pairs (~20 us) one thread does it all.
+  // Rows differ in length (a step mixes decodes with long contexts and prompt rows with short ones), so the
+  // (row, KV head) items are split into one contiguous chunk per thread of about equal work (tokens read,
+  // plus a per-item overhead of ~16 tokens' worth), not of equal count.
+  constexpr int64_t kItemCost = 16;
   int64_t work = 0;
-  for (int64_t d = 0; d < D; ++d) work += p.lens[d] * p.nkv;
-  const int64_t grain = work < 1024 ? D * p.nkv : 1;
-  at::parallel_for(0, D * p.nkv, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
+  for (int64_t d = 0; d < D; ++d) work += (p.lens[d] + kItemCost) * p.nkv;
+  // A fork costs a few microseconds: below ~1k (token, KV head) pairs (~20 us) one thread does it all.
+  const int64_t chunks = work < 1024 ? 1 : std::min<int64_t>(at::get_num_threads(), D * p.nkv);
+  std::vector<int64_t> bounds(chunks + 1, D * p.nkv);
+  bounds[0] = 0;
+  for (int64_t d = 0, c = 1, done = 0; d < D && c < chunks; ++d) {
+    done += (p.lens[d] + kItemCost) * p.nkv;
+    while (c < chunks && done * chunks >= work * c) bounds[c++] = (d + 1) * p.nkv;
+  }
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t i = bounds[c0]; i < bounds[c1]; ++i) {
       const int64_t d = i / p.nkv, h = i % p.nkv;
       fn(qp + d * q_row_stride + h * g * p.q_head_stride, cp, p, d, h, op + (d * p.nh + h * g) * p.hd);
     }

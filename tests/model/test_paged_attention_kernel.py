@@ -14,10 +14,12 @@ import torch
 
 from model import paged_kernel
 from model.attention import (
+    KERNEL_PROMPT_MAX,
     AttentionMetadata,
     PrefillSeq,
     build_decode_mask,
     decode_attention,
+    paged_attention,
     prefill_attention,
 )
 
@@ -131,6 +133,53 @@ def test_prefill_chunk_equals_torch_path(dtype: torch.dtype, T: int, S: int) -> 
     torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
     rows = reference(q, cache, table.view(1, -1).expand(T, -1), torch.arange(S - T + 1, S + 1), 16)
     torch.testing.assert_close(out.double(), rows, atol=tol if dtype == torch.float32 else 5e-3, rtol=tol)
+
+
+@pytest.mark.parametrize("long_prompt", [False, True])
+def test_a_mixed_step_in_one_kernel_call_equals_the_torch_path(long_prompt: bool) -> None:
+    """Decodes, two whole prompts of different lengths and a chunk after cached tokens: on CPU one kernel
+    call attends every row (step_rows); a whole prompt over KERNEL_PROMPT_MAX sends the step down the
+    per-part path (SDPA for it). Both equal the torch path, and the cache gets the step's K/V either way."""
+    g = torch.Generator().manual_seed(7)
+    bs, nkv, nh, hd = 16, 3, 9, 64
+    cache0 = torch.randn(2 * nkv, 120 * bs, hd, generator=g)
+    order = torch.randperm(120, generator=g)
+    dec_lens = [5, 40, 17]
+    dec_tables = order[:9].view(3, 3)
+    prompt_lens = [KERNEL_PROMPT_MAX + 3 if long_prompt else 20, 7]
+    chunk_len, chunk_ctx = 12, 50
+    tables, start, prefills, used = [], len(dec_lens), [], 9
+    for n in prompt_lens + [chunk_len]:
+        ctx = chunk_ctx if n == chunk_len else n
+        table = order[used : used + (ctx + bs - 1) // bs]
+        used += len(table)
+        prefills.append(PrefillSeq(start, n, ctx, table))
+        start += n
+    N = start
+    slots = [int(dec_tables[d, (n - 1) // bs]) * bs + (n - 1) % bs for d, n in enumerate(dec_lens)]
+    for s in prefills:
+        slots += [
+            int(s.block_table[t // bs]) * bs + t % bs
+            for t in range(s.context_len - s.query_len, s.context_len)
+        ]
+    q = torch.randn(N, nh, hd, generator=g) / 4
+    kv = torch.randn(N, 2 * nkv, hd, generator=g)
+
+    def run(mode: str) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        paged_kernel.set_attention_kernel(mode)
+        lens = torch.tensor(dec_lens)
+        meta = AttentionMetadata(
+            torch.tensor(slots), len(dec_lens), dec_tables, build_decode_mask(lens, 3 * bs, nkv, q.dtype),
+            prefills, bs, lens,
+        )  # fmt: skip
+        cache = cache0.clone()
+        return paged_attention(q, kv, cache, meta), cache, meta
+
+    out, cache, meta = run("cpp")
+    expected, expected_cache, _ = run("torch")
+    assert (meta.row_tables is None) == long_prompt
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(cache, expected_cache)
 
 
 def test_rejects_lengths_and_block_ids_outside_the_cache() -> None:
