@@ -238,3 +238,37 @@ def test_real_gguf_greedy_equals_transformers(real_gguf: Path) -> None:
         bf = load_model(real_gguf, dtype=torch.bfloat16)(ids).logits[0]
     assert (bf - ref).abs().max().item() < 1.5
     assert (bf.argmax(-1) == ref.argmax(-1)).float().mean().item() > 0.9
+
+
+def test_fresh_prompts_of_different_lengths_share_one_padded_attention_call(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Adjacent whole prompts of lengths 8, 13, 6 (padding them to 13 costs < 2x) go through one SDPA call
+    on the torch path (as on a GPU) and equal each prompt's own causal attention; a 40-token prompt next to
+    them would pad too wastefully and starts a run of its own."""
+    from model import attention
+
+    calls = []
+    sdpa = attention.F.scaled_dot_product_attention
+    monkeypatch.setattr(
+        attention.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(a[0].shape) or sdpa(*a, **k)
+    )
+    monkeypatch.setenv(paged_kernel.ENV_VAR, "torch")
+    lens, nh, nkv, hd = [8, 13, 6], 6, 2, 16
+    starts = [0, 8, 21]
+    seqs = [PrefillSeq(s, n, n, torch.tensor([i])) for i, (s, n) in enumerate(zip(starts, lens, strict=True))]
+    q, kv = torch.randn(27, nh, hd), torch.randn(27, 2 * nkv, hd)
+    assert attention._fresh_runs(seqs) == [(True, seqs)]
+    meta = AttentionMetadata(torch.empty(0), 0, None, None, seqs, 16)
+    out = attention.fresh_prefill_attention(q, kv, seqs, meta)
+    assert calls == [(3, nh, 13, hd)] and len(meta.padding_index) == 1
+    for s in seqs:
+        rows = slice(s.query_start, s.query_start + s.query_len)
+        k = kv[rows, :nkv].transpose(0, 1).repeat_interleave(nh // nkv, 0)
+        v = kv[rows, nkv:].transpose(0, 1).repeat_interleave(nh // nkv, 0)
+        want = (
+            sdpa(q[rows].transpose(0, 1), k, v, is_causal=True, scale=1.0)
+            .transpose(0, 1)
+            .reshape(-1, nh * hd)
+        )
+        torch.testing.assert_close(out[rows], want, atol=1e-5, rtol=1e-5)
+    long = PrefillSeq(27, 40, 40, torch.tensor([3, 4, 5]))
+    assert attention._fresh_runs([*seqs, long]) == [(True, seqs), (True, [long])]
