@@ -148,7 +148,7 @@ def test_a_mixed_step_in_one_kernel_call_equals_the_torch_path(long_prompt: bool
     dec_tables = order[:9].view(3, 3)
     prompt_lens = [KERNEL_PROMPT_MAX + 3 if long_prompt else 20, 7]
     chunk_len, chunk_ctx = 12, 50
-    tables, start, prefills, used = [], len(dec_lens), [], 9
+    start, prefills, used = len(dec_lens), [], 9
     for n in prompt_lens + [chunk_len]:
         ctx = chunk_ctx if n == chunk_len else n
         table = order[used : used + (ctx + bs - 1) // bs]
