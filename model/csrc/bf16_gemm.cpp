@@ -36,13 +36,14 @@ namespace {
 constexpr int kRows = 4;   // rows of x per register block
 constexpr int kPanel = 4;  // tiles of 16 outputs per panel
 
-// MR rows x NR tiles: out[i, 16 j + c] = sum_k x[i, k] W[16 j + c, k]. Each k-pair also prefetches one line
-// of the next panel while lines remain (pf_lines of them from pf).
 // bf16 round trip: v rounded to bfloat16 (nearest even) and widened back
 inline __m512 round_bf16(__m512 v) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
 }
 
+// MR rows x NR tiles: out[i, 16 j + c] = sum_k x[i, k] W[16 j + c, k] (SWIGLU: tiles 2 j, 2 j + 1 are the gate
+// and up halves of out[i, 16 j + c]). Each k-pair also prefetches one line of the next panel while lines
+// remain (pf_lines of them from pf).
 template <int MR, int NR, bool SWIGLU>
 inline void block(const uint16_t* __restrict x, int64_t K, const uint16_t* __restrict w, int64_t tile_elems,
                   uint16_t* __restrict out, int64_t N, const char* pf, int64_t pf_lines) {
