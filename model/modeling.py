@@ -279,9 +279,10 @@ class PackedLinear:
 
 
 def _rms_norm(x: torch.Tensor, norm: SmolLM2RMSNorm, dtype: torch.dtype) -> torch.Tensor:
-    """SmolLM2RMSNorm of a float32 x, returned in `dtype`, in fewer kernels than F.rms_norm on CPU."""
-    r = x.square().mean(-1, keepdim=True).add_(norm.variance_epsilon).rsqrt_()
-    return (x * r).to(dtype).mul_(norm.weight)
+    """SmolLM2RMSNorm of a float32 x, returned in `dtype` (the roundings of SmolLM2RMSNorm.forward: the
+    normalized x to `dtype`, then the weight's product). torch.rms_norm is one fused kernel on CUDA (7
+    launches -> 3 per norm, 60 norms a step); on CPU it is the same five ops as x * rsqrt(mean(x^2) + eps)."""
+    return torch.rms_norm(x, (x.shape[-1],), None, norm.variance_epsilon).to(dtype).mul_(norm.weight)
 
 
 def _precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0) -> torch.Tensor:
