@@ -7,7 +7,9 @@
 Each concurrency level submits that many requests at once (64-token prompts, 128 new tokens, greedy,
 ignore_eos) and steps the engine until all finish; tok/s counts generated tokens over wall time,
 prefill included. The baseline is transformers' LlamaForCausalLM.generate on the same weights in
-float32 with a static batch of the same size (the figure the issue quotes, ~236 tok/s at 32).
+float32 with a static batch of the same size (the figure the issue quotes, ~236 tok/s at 32). At the
+baseline levels ours and transformers run --repeat times, alternating, and the table gives the median of
+each and the median of the pairs' ratios: on a shared box either side's figure moves 10-25% from run to run.
 
 --int4-small-batch runs every level once per listed mode of prepare_for_serving(int4_small_batch=...)
 on the same engine. --profile-decode N prints torch.profiler's top ops over N decode steps at one stream,
@@ -148,15 +150,19 @@ def write_table(args: argparse.Namespace, rows: list[tuple], machine: Ceilings |
         f"# Engine offline throughput, {dt.datetime.now():%Y-%m-%d %H:%M}",
         "",
         f"`{tunables}python -m bench.engine_bench --concurrency {args.concurrency} --dtype {args.dtype} "
-        f"--device {args.device}{f' --model {args.model}' if args.model else ''} --int4-small-batch {args.int4_small_batch} --int8-lm-head {args.int8_lm_head}`; {PROMPT_LEN}-token prompts, "
+        f"--device {args.device}{f' --model {args.model}' if args.model else ''} --int4-small-batch {args.int4_small_batch} --int8-lm-head {args.int8_lm_head} --repeat {args.repeat}`; "
+        f"{PROMPT_LEN}-token prompts, "
         f"{NEW_TOKENS} new tokens, greedy; torch {torch.__version__}, {torch.get_num_threads()} threads.",
+        "",
+        f"At the baseline levels: medians of {max(1, args.repeat)} alternating ours / transformers runs, and the "
+        "median of their ratios.",
         "",
         "| int4 small batch | concurrency | ours tok/s | decode step ms | median step ms "
         "| transformers fp32 tok/s | ratio | roofline fraction | this machine's ceiling fraction |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for mode, active, n, tok_s, step_ms, median_ms, base in rows:
-        ratio = f"{tok_s / base:.2f}x" if base else "-"
+    for mode, active, n, tok_s, step_ms, median_ms, base, pair_ratio in rows:
+        ratio = f"{pair_ratio:.2f}x" if pair_ratio else "-"
         roof = f"{tok_s / ROOFLINE_TOK_S:.0%}" if args.device == "cpu" else "-"  # the CPU's roofline
         lines.append(
             f"| {mode}{' (active)' if active else ''} | {n} | {tok_s:.0f} | {step_ms:.1f} | {median_ms:.1f} | "
@@ -181,6 +187,7 @@ def main() -> None:
         "--model", default=None, help="GGUF or HF folder (default: $SMOLLM2_MODEL, else the default GGUF)"
     )
     ap.add_argument("--baseline", default="32", help="concurrencies to run transformers at ('' for none)")
+    ap.add_argument("--repeat", type=int, default=3, help="ours/transformers pairs at the baseline levels")
     ap.add_argument("--int4-small-batch", default="off", help="comma-separated modes of off, auto, on")
     ap.add_argument("--int8-lm-head", default="auto", choices=INT4_MODES, help="int8 LM head for <= 4 rows")
     ap.add_argument("--profile-decode", type=int, default=0, help="decode steps to profile at 1 stream")
@@ -220,16 +227,30 @@ def main() -> None:
             flush=True,
         )
         for n in levels:
-            tok_s, step_ms, median_ms = run_ours(engine, n, vocab)
-            if n in base_levels and n not in bases:
-                bases[n] = run_transformers(source, n, vocab, args.device)
-            base = bases.get(n)
-            rows.append((mode, model.int4_active, n, tok_s, step_ms, median_ms, base))
-            print(
-                f"c={n}: ours {tok_s:.0f} tok/s ({step_ms:.1f} ms/decode step, median {median_ms:.1f})"
-                + (f", transformers fp32 {base:.0f} tok/s, ratio {tok_s / base:.2f}x" if base else ""),
-                flush=True,
-            )
+            runs, ratios = [], []
+            for _ in range(max(1, args.repeat) if n in base_levels else 1):
+                runs.append(run_ours(engine, n, vocab))
+                if n in base_levels:  # alternating, so a slow spell of the box hits both sides
+                    bases.setdefault(n, []).append(run_transformers(source, n, vocab, args.device))
+                    ratios.append(runs[-1][0] / bases[n][-1])
+                print(
+                    f"c={n}: ours {runs[-1][0]:.0f} tok/s ({runs[-1][1]:.1f} ms/decode step, median "
+                    f"{runs[-1][2]:.1f})"
+                    + (
+                        f", transformers fp32 {bases[n][-1]:.0f} tok/s, ratio {ratios[-1]:.2f}x"
+                        if ratios
+                        else ""
+                    ),
+                    flush=True,
+                )
+            tok_s, step_ms, median_ms = (statistics.median(r[i] for r in runs) for i in range(3))
+            base = statistics.median(bases[n]) if n in bases else None
+            ratio = statistics.median(ratios) if ratios else None
+            if len(runs) > 1:
+                print(
+                    f"c={n}: medians of {len(runs)}: ours {tok_s:.0f}, transformers {base:.0f}, ratio {ratio:.2f}x"
+                )
+            rows.append((mode, model.int4_active, n, tok_s, step_ms, median_ms, base, ratio))
         if args.profile_decode:
             print(profile_decode(engine, vocab, args.profile_decode), flush=True)
     write_table(args, rows, machine)

@@ -126,7 +126,7 @@ fi
 if [ -n "$MODEL" ]; then
   step "engine offline benchmark: $DEVICE bf16, c=$ENGINE_LEVELS, transformers fp32 at 32 (limit 120 s)"
   PYTHONUNBUFFERED=1 timeout 120 "$PY" -m bench.engine_bench --device "$DEVICE" --model "$MODEL" \
-    --concurrency "$ENGINE_LEVELS" --baseline 32 --out bench/results || fail "engine benchmark (rc=$?)"
+    --concurrency "$ENGINE_LEVELS" --baseline 32 --repeat 1 --out bench/results || fail "engine benchmark (rc=$?)"
 
   step "serving benchmark: ours on $DEVICE bf16, c=$LEVELS (limit 150 s)"
   SMOLLM2_MODEL="$MODEL" SMOLLM2_DEVICE=$DEVICE SMOLLM2_DTYPE=bfloat16 PYTHONUNBUFFERED=1 timeout 150 \
