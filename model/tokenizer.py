@@ -260,6 +260,7 @@ class Tokenizer:
         self.chat_template = chat_template
         self.add_bos_token = add_bos_token
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
+        self._max_chars_per_token: int | None | bool = False  # False: not computed yet
         self._template: jinja2.Template | None = None
 
     # ---- construction ----
@@ -397,6 +398,18 @@ class Tokenizer:
             raise ValueError(f"token id {token_id} has no token")
         return token
 
+    @property
+    def max_chars_per_token(self) -> int | None:
+        """An upper bound on the characters of text one token stands for, so that a text of C
+        characters has at least C / bound tokens (None when a normalizer could delete characters and
+        no such bound holds). Token strings are byte-level or metaspace forms of their text, never
+        shorter in UTF-8 bytes than the text they decode to in characters."""
+        if self._max_chars_per_token is False:
+            vocab = self._backend.get_vocab(with_added_tokens=True)
+            bound = max((len(token.encode("utf-8", "surrogatepass")) for token in vocab), default=1)
+            self._max_chars_per_token = None if self._backend.normalizer is not None else max(bound, 1)
+        return self._max_chars_per_token  # type: ignore[return-value]
+
     def check_ids(self, ids: Sequence[int]) -> None:
         """Raise ValueError naming the first id outside the vocabulary (`tokenizers` would drop it silently)."""
         n = self.vocab_size
@@ -458,6 +471,9 @@ def _bounded(chunks: Iterator[str]) -> Iterator[str]:
         yield chunk
 
 
+_MAX_INCOMPLETE_IDS = 8
+
+
 class IncrementalDecoder:
     """Turns a stream of token ids into text pieces that never split a UTF-8 character.
 
@@ -493,7 +509,9 @@ class IncrementalDecoder:
         self._tok.check_ids(ids)
         self._window.extend(ids)
         text = self._pending_text()
-        if not text.endswith("\ufffd"):
+        # A character is at most 4 bytes: ids still incomplete after that many are not UTF-8 and never
+        # will be; emitting them (as U+FFFD) keeps the window, and each push's cost, bounded.
+        if not text.endswith("\ufffd") or len(self._window) - self._read > _MAX_INCOMPLETE_IDS:
             return self._advance(text)
         # Characters before the incomplete one cannot change as more bytes arrive.
         complete = text.rstrip("\ufffd")

@@ -8,9 +8,10 @@ import sys
 from collections.abc import Sequence
 
 import uvicorn
+from fastapi import FastAPI
 
 from server.app import create_app
-from server.engine.process import LOG_FORMAT
+from server.engine.core import LOG_FORMAT
 from server.settings import Settings
 
 
@@ -21,11 +22,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(f"error: {e}")
     logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT, force=True)
     logging.getLogger("server").info("settings: %r", settings)  # Settings.__repr__ masks the API key
+    app = create_app(settings)
     # uvicorn drains on SIGTERM, then re-raises the signal so that its default action ends the process
-    # (status 143). A drained shutdown is a clean one: exit 0 instead.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # (status 143). A drained shutdown is a clean one: exit 0 instead, unless the engine gave up.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(_exit_code(app)))
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
@@ -33,6 +35,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         # shutdown drains the engine.
         timeout_graceful_shutdown=int(settings.shutdown_timeout),
     )
+    sys.exit(_exit_code(app))
+
+
+def _exit_code(app: FastAPI) -> int:
+    fatal = app.state.fatal_error
+    if fatal is None:
+        return 0
+    print(f"error: the engine failed and could not be recovered: {fatal}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
-from collections.abc import AsyncIterator
+import signal
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -18,10 +20,12 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model.tokenizer import Tokenizer
+from server.engine.core import EngineCore
+from server.engine.engine import AsyncEngine, SupervisorConfig
 from server.metrics import ServerMetrics
 from server.protocol import APIError
 from server.routes import error_response, misc, v1
-from server.serving import ServingChat, ServingCompletion
+from server.serving import RequestLimits, ServingChat, ServingCompletion
 from server.settings import Settings
 
 log = logging.getLogger("server")
@@ -125,11 +129,11 @@ def resolve_device_dtype(settings: Settings) -> tuple[str, str]:
     return device, dtype
 
 
-def make_llm_engine(model: Any, eos_token_id: int | None, settings: Settings) -> tuple[Any, int]:
-    """Size the KV cache from `kv_cache_memory`; build runner + scheduler + LLMEngine."""
-    from server.engine.engine import EngineConfig, LLMEngine
+def make_core(model: Any, eos_token_id: int | None, settings: Settings) -> EngineCore:
+    """Size the KV cache from `kv_cache_memory`; build runner + scheduler + EngineCore."""
+    from server.engine.core import EngineConfig, EngineCore
     from server.engine.runner import ModelRunner, num_blocks_for_memory
-    from server.engine.scheduler import SchedulerConfig
+    from server.engine.scheduler import Scheduler, SchedulerConfig
 
     max_model_len = settings.max_model_len or min(model.config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
     eos = eos_token_id if eos_token_id is not None else model.config.eos_token_id
@@ -142,6 +146,7 @@ def make_llm_engine(model: Any, eos_token_id: int | None, settings: Settings) ->
         num_blocks=num_blocks,
         enable_prefix_caching=settings.enable_prefix_caching,
         eos_token_id=eos,
+        max_seqs_per_request=settings.seqs_per_request,
     )
     try:
         scheduler.validate()
@@ -153,23 +158,32 @@ def make_llm_engine(model: Any, eos_token_id: int | None, settings: Settings) ->
         model, num_blocks, settings.block_size, eos, cuda_graphs=settings.cuda_graphs,
         max_num_seqs=settings.max_num_seqs, max_model_len=max_model_len, capture_graphs_now=True,
     )  # fmt: skip
-    engine = LLMEngine.from_config(
-        runner, EngineConfig(scheduler=scheduler, max_waiting=settings.max_waiting)
+    core = EngineCore(
+        runner, Scheduler(scheduler), EngineConfig(scheduler=scheduler, max_waiting=settings.max_waiting)
     )
     log.info(
         "KV cache: %d blocks x %d tokens = %d tokens (%s bytes); max_model_len %d, max_num_seqs %d",
         num_blocks, settings.block_size, num_blocks * settings.block_size, settings.kv_cache_memory,
         max_model_len, settings.max_num_seqs,
     )  # fmt: skip
-    return engine, max_model_len
+    return core
 
 
-def make_engine(model: Any, tokenizer: Tokenizer, settings: Settings) -> tuple[Any, int]:
-    """An AsyncEngine (not started) over `model` in this process: for tests and `--engine-process false`."""
-    from server.engine.engine import AsyncEngine
+def supervisor_config(settings: Settings) -> SupervisorConfig:
+    return SupervisorConfig(
+        max_restarts=settings.max_engine_restarts,
+        restart_window=settings.engine_restart_window,
+        step_timeout=settings.step_timeout or None,
+    )
 
-    engine, max_model_len = make_llm_engine(model, tokenizer.eos_token_id, settings)
-    return AsyncEngine(engine), max_model_len
+
+def make_engine(
+    model: Any, tokenizer: Tokenizer, settings: Settings, on_fatal: Callable[[str], None] | None = None
+) -> AsyncEngine:
+    """An AsyncEngine (not started) whose core runs on a thread over `model`: for tests and
+    `--engine-process false`. A restart builds a new runner and scheduler around the same model."""
+    build = functools.partial(make_core, model, tokenizer.eos_token_id, settings)
+    return AsyncEngine.in_thread(build, config=supervisor_config(settings), on_fatal=on_fatal)
 
 
 def model_source(settings: Settings) -> str:
@@ -178,10 +192,10 @@ def model_source(settings: Settings) -> str:
     return settings.model or str(require_default_model())
 
 
-def load_llm_engine(settings: Settings) -> tuple[Any, int]:
-    """Load the model named by `settings` and build its LLMEngine (in whichever process runs the steps)."""
+def load_core(settings: Settings) -> EngineCore:
+    """Load the model named by `settings` and build its EngineCore (in whichever process runs the steps)."""
     from model.modeling import INT4_MAX_ROWS
-    from model.weights import load_model
+    from model.prepared import load_prepared
 
     source = model_source(settings)
     device, dtype = resolve_device_dtype(settings)
@@ -194,13 +208,14 @@ def load_llm_engine(settings: Settings) -> tuple[Any, int]:
         torch.set_num_threads(threads)
         set_compute_threads(os.cpu_count() or 1)
         log.info("CPU: %d thread(s) for element-wise ops, GEMMs on all %d cores", threads, os.cpu_count())
-    model = load_model(source, dtype, device)
+    model = load_prepared(
+        source, dtype, device, settings.int4_small_batch, settings.int8_lm_head, settings.prepared_cache
+    )
     cfg = model.config
     log.info(
         "loaded %s: %d layers, hidden %d, vocab %d, context %d, %s on %s",
         source, cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size, cfg.max_position_embeddings, dtype, device,
     )  # fmt: skip
-    model.prepare_for_serving(int4_small_batch=settings.int4_small_batch, int8_lm_head=settings.int8_lm_head)
     if model.int4_active:
         log.info(
             "int4 weights for steps of <= %d tokens (reconstruction error %.4f)",
@@ -216,40 +231,68 @@ def load_llm_engine(settings: Settings) -> tuple[Any, int]:
     elif settings.int8_lm_head != "off" and model.int8_head_error is not None:
         log.info("int8 LM head off: it would change the model (error %.4f > lossless)", model.int8_head_error)
     eos = Tokenizer.from_file(source).eos_token_id
-    return make_llm_engine(model, eos, settings)
+    return make_core(model, eos, settings)
 
 
 def default_torch_threads(settings: Settings) -> int:
-    """All cores but one for ATen's element-wise loops (oneDNN GEMMs, on the engine-loop thread, use
-    every core): on 2 cores, two OpenMP threads on each of a step's ~3,000 small ops cost more than
-    they gave (one-stream ITL 51 -> 37 ms with one, bench/NOTES.md)."""
+    """All cores but one for ATen's element-wise loops (our GEMMs switch to every core around each
+    call): on 2 cores, two OpenMP threads on each of a step's ~3,000 small ops cost more than they
+    gave (bench/NOTES.md)."""
     return max(1, (os.cpu_count() or 1) - 1)
 
 
-def build_engine(settings: Settings) -> tuple[Any, Tokenizer, int]:
-    """Load model and tokenizer from `settings.model` (default: the default GGUF) and build the engine:
-    its loop in a child process (`--engine-process`, the default) or in a thread of this one."""
-    from server.engine.engine import AsyncEngine
-
+def build_engine(
+    settings: Settings, on_fatal: Callable[[str], None] | None = None
+) -> tuple[AsyncEngine, Tokenizer]:
+    """The tokenizer of `settings.model` (default: the default GGUF) and an AsyncEngine (not started)
+    whose core loads the model: in a child process (`--engine-process`, the default) or on a thread."""
     source = model_source(settings)
     tokenizer = Tokenizer.from_file(source)
+    config = supervisor_config(settings)
     if settings.engine_process:
-        from server.engine.process import EngineProcess
+        engine = AsyncEngine.in_process(
+            load_core, settings, log_level=settings.log_level, config=config, on_fatal=on_fatal
+        )
+    else:
+        engine = AsyncEngine.in_thread(
+            functools.partial(load_core, settings), config=config, on_fatal=on_fatal
+        )
+    return engine, tokenizer
 
-        proxy = EngineProcess(load_llm_engine, settings, log_level=settings.log_level)
-        log.info("engine process %s ready", proxy.pid)
-        return AsyncEngine(proxy), tokenizer, proxy.info.max_model_len
-    engine, max_model_len = load_llm_engine(settings)
-    return AsyncEngine(engine), tokenizer, max_model_len
+
+def request_limits(settings: Settings) -> RequestLimits:
+    return RequestLimits(
+        max_prompts=settings.max_prompts_per_request,
+        max_stop_strings=settings.max_stop_strings,
+        max_stop_string_length=settings.max_stop_string_length,
+        max_logit_bias=settings.max_logit_bias,
+        max_stop_token_ids=settings.max_stop_token_ids,
+        max_logprob_entries=settings.max_logprob_entries,
+    )
 
 
 def _attach(app: FastAPI, engine: Any, tokenizer: Tokenizer, max_model_len: int) -> None:
     state = app.state
-    args = (engine, tokenizer, state.settings.served_model_name, max_model_len, state.metrics)
+    settings = state.settings
+    args = (
+        engine,
+        tokenizer,
+        settings.served_model_name,
+        max_model_len,
+        state.metrics,
+        request_limits(settings),
+    )
     state.completion = ServingCompletion(*args)
     state.chat = ServingChat(*args)
     state.max_model_len = max_model_len
     state.engine = engine  # last: /health turns 200 once everything above is ready
+
+
+def _fatal(app: FastAPI, reason: str) -> None:
+    """The engine gave up: stop serving and exit non-zero, so that the orchestrator restarts us."""
+    app.state.fatal_error = reason
+    log.critical("the engine cannot be recovered (%s): shutting the server down", reason)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def create_app(settings: Settings, engine: Any = None, tokenizer: Tokenizer | None = None) -> FastAPI:
@@ -259,14 +302,17 @@ def create_app(settings: Settings, engine: Any = None, tokenizer: Tokenizer | No
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if engine is not None:
             assert tokenizer is not None, "pass the tokenizer with the engine"
-            length = settings.max_model_len or int(getattr(engine, "max_model_len", DEFAULT_MAX_MODEL_LEN))
+            length = settings.max_model_len or int(
+                getattr(engine, "max_model_len", None) or DEFAULT_MAX_MODEL_LEN
+            )
             _attach(app, engine, tokenizer, length)
             yield
             return
-        built, tok, length = await asyncio.to_thread(build_engine, settings)
+        built, tok = await asyncio.to_thread(build_engine, settings, functools.partial(_fatal, app))
         app.state.model_source = settings.model or "default"
-        built.start()
-        _attach(app, built, tok, length)
+        await built.start()
+        assert built.max_model_len is not None
+        _attach(app, built, tok, built.max_model_len)
         log.info("serving %s on http://%s:%d", settings.served_model_name, settings.host, settings.port)
         try:
             yield
@@ -278,6 +324,7 @@ def create_app(settings: Settings, engine: Any = None, tokenizer: Tokenizer | No
 
     app = FastAPI(title="smollm2-server", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
+    app.state.fatal_error = None
     app.state.engine = None
     app.state.max_model_len = settings.max_model_len or DEFAULT_MAX_MODEL_LEN
     app.state.model_source = settings.model

@@ -9,7 +9,14 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+)
 
 # Integer fields are bounded so that no client value can overflow a C integer further down.
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
@@ -45,9 +52,32 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
 
+def _check_text(value: Any) -> Any:
+    """JSON may carry lone UTF-16 surrogates ("\\ud800"); they are no text and cannot be encoded,
+    tokenized or echoed back, so refuse them at the edge."""
+    if isinstance(value, str):
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError("the text holds a lone surrogate, which is not valid Unicode") from e
+    elif isinstance(value, list) and value and not isinstance(value[0], int | float):
+        for item in value:  # validated lists are homogeneous: a list of numbers holds no text
+            _check_text(item)
+    elif isinstance(value, dict):
+        for key in value:
+            _check_text(key)
+    return value
+
+
 class _Request(BaseModel):
     # Unknown fields are ignored (as OpenAI SDKs send new ones); NaN/inf are rejected.
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        return _check_text(value)
 
 
 class StreamOptions(_Request):

@@ -153,9 +153,9 @@ async def tokenize(
     chat = _serving(request, "chat")
     chat.check_model(body.model)
     if isinstance(body, TokenizeChatRequest):
-        ids = chat.prompt_ids(body.messages, body.add_generation_prompt)
+        ids = await chat.prompt_ids(body.messages, body.add_generation_prompt)
     else:
-        ids = chat.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        ids = (await chat.encode([body.prompt], add_special_tokens=body.add_special_tokens))[0]
     return TokenizeResponse(count=len(ids), max_model_len=chat.max_model_len, tokens=ids)
 
 

@@ -13,12 +13,13 @@ import asyncio
 import functools
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from model.tokenizer import Tokenizer
+from server.engine.engine import EngineDeadError, QueueFullError
 from server.engine.request import CompletionOutput, RequestOutput, SamplingParams, TokenLogprob
 from server.metrics import RequestTimer, ServerMetrics
 from server.protocol import (
@@ -41,26 +42,34 @@ from server.protocol import (
     SamplingFields,
     UsageInfo,
 )
-
-try:  # the engine may land after this module; the names only matter once it exists
-    from server.engine.engine import EngineDeadError, QueueFullError
-except ImportError:  # pragma: no cover
-
-    class QueueFullError(Exception):  # type: ignore[no-redef]
-        pass
-
-    class EngineDeadError(Exception):  # type: ignore[no-redef]
-        pass
-
+from server.stop_strings import StopMatcher, stop_matcher
 
 OutputHook = Callable[[int, RequestOutput], None]
 
 
 class EngineClient(Protocol):
+    def check_capacity(self, num_sequences: int) -> None: ...
     def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        group_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]: ...
     def abort(self, request_id: str, index: int | None = None) -> Any: ...
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Bounds on what one request may ask for, checked before work proportional to it is done."""
+
+    max_prompts: int = 2048
+    max_stop_strings: int = 64
+    max_stop_string_length: int = 256
+    max_logit_bias: int = 1024
+    max_stop_token_ids: int = 1024
+    max_logprob_entries: int = 300_000
+    tokenize_inline_chars: int = 4096  # longer texts are tokenized on a worker thread
 
 
 # ---- text of one choice -----------------------------------------------------------------------------
@@ -79,13 +88,15 @@ class ChoiceText:
 
     Text that could be the start of a stop string is held back until it is known not to be one, so a
     stop string spanning several tokens is cut cleanly while streaming, and the joined stream equals
-    the non-streamed text.
+    the non-streamed text. Stop strings are looked for in the generated text only (not in an echoed
+    prompt), at a bounded cost per character (server/stop_strings.py).
     """
 
-    def __init__(self, index: int, tokenizer: Tokenizer, stop: Sequence[str], prefix: str = "") -> None:
+    def __init__(self, index: int, tokenizer: Tokenizer, stop: StopMatcher | None, prefix: str = "") -> None:
         self.index = index
         self._decoder = tokenizer.incremental_decoder(skip_special_tokens=True)
-        self._stop = [s for s in stop if s]
+        self._stop = stop
+        self._state = 0  # the stop matcher's state
         self._pending = prefix  # decoded, not yet released
         self._pending_lp: list[tuple[TokenLogprob | None, int]] = []
         self._offset = len(prefix)  # length of all text decoded so far (offsets of logprobs)
@@ -109,37 +120,32 @@ class ChoiceText:
                 self._pending_lp.append((out.logprobs[k], self._offset))
             piece = self._decoder.push([token_id])
             self._offset += len(piece)
-            self._pending += piece
-            if self._cut_at_stop():
+            if self._append(piece):
                 return self._release()
         if out.finish_reason is not None:
             tail = self._decoder.flush()
-            self._pending += tail
             self._offset += len(tail)
-            if not self._cut_at_stop():
+            if not self._append(tail):
                 self.finish_reason = out.finish_reason
         return self._release()
 
-    def _cut_at_stop(self) -> bool:
-        hits = [i for i in (self._pending.find(s) for s in self._stop) if i >= 0]
-        if not hits:
+    def _append(self, piece: str) -> bool:
+        """Add decoded text; True when it completes a stop string (the text is cut where it begins)."""
+        if self._stop is None or not piece:
+            self._pending += piece
             return False
-        self._pending = self._pending[: min(hits)]
+        self._state, hit = self._stop.feed(self._state, piece)
+        if hit is None:
+            self._pending += piece
+            return False
+        end, length = hit
+        keep = len(self._pending) + end - length
+        self._pending = (self._pending + piece[:end])[:keep]
         self.finish_reason = "stop"
         return True
 
-    def _holdback(self) -> int:
-        """Length of the longest suffix of the pending text that begins some stop string."""
-        best = 0
-        for s in self._stop:
-            for k in range(min(len(s) - 1, len(self._pending)), best, -1):
-                if self._pending.endswith(s[:k]):
-                    best = k
-                    break
-        return best
-
     def _release(self) -> TextDelta | None:
-        keep = 0 if self.finished else self._holdback()
+        keep = 0 if self.finished or self._stop is None else self._stop.held(self._state)
         cut = len(self._pending) - keep
         text, self._pending = self._pending[:cut], self._pending[cut:]
         if not text and not self._pending_lp and not self.finished:
@@ -225,12 +231,78 @@ class OpenAIServing:
         model_name: str,
         max_model_len: int,
         metrics: ServerMetrics | None,
+        limits: RequestLimits | None = None,
     ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.metrics = metrics
+        self.limits = limits or RequestLimits()
+
+    # ---- bounds checked before the work they bound ----------------------------------------------
+    def check_text_length(self, chars: int, param: str) -> None:
+        """Refuse, before tokenizing, text that holds more tokens than the context allows whatever the
+        tokenization (each token covers at most `max_chars_per_token` characters)."""
+        per_token = self.tokenizer.max_chars_per_token
+        if per_token is not None and -(-chars // per_token) >= self.max_model_len:
+            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens; the "
+                           f"{param} has {chars} characters, which is more than that many tokens.",
+                           param=param)  # fmt: skip
+
+    async def encode(
+        self, texts: list[str], param: str = "prompt", add_special_tokens: bool = False
+    ) -> list[list[int]]:
+        """Token ids of each text; long inputs are tokenized on a worker thread, not the event loop."""
+        for text in texts:
+            self.check_text_length(len(text), param)
+
+        def encode_all() -> list[list[int]]:
+            return [self.tokenizer.encode(t, add_special_tokens) for t in texts]
+
+        if sum(len(t) for t in texts) <= self.limits.tokenize_inline_chars:
+            return encode_all()
+        return await asyncio.to_thread(encode_all)
+
+    def check_sizes(self, req: SamplingFields, num_prompts: int) -> None:
+        """Bounds on the request's lists, and room in the queue for all its sequences (429 at once)."""
+        lim = self.limits
+        stops = self.stop_strings(req.stop)
+        checks = [
+            (len(stops) <= lim.max_stop_strings, "stop", f"at most {lim.max_stop_strings} stop strings are "
+             f"allowed, got {len(stops)}"),
+            (all(len(s) <= lim.max_stop_string_length for s in stops), "stop",
+             f"each stop string may have at most {lim.max_stop_string_length} characters"),
+            (len(req.logit_bias or ()) <= lim.max_logit_bias, "logit_bias",
+             f"at most {lim.max_logit_bias} logit_bias entries are allowed, got {len(req.logit_bias or ())}"),
+            (len(req.stop_token_ids or ()) <= lim.max_stop_token_ids, "stop_token_ids",
+             f"at most {lim.max_stop_token_ids} stop_token_ids are allowed, got {len(req.stop_token_ids or ())}"),
+        ]  # fmt: skip
+        for ok, param, message in checks:
+            if not ok:
+                raise APIError(400, message[0].upper() + message[1:] + ".", param=param)
+        self.reserve(req.n * num_prompts)
+
+    def reserve(self, num_sequences: int) -> None:
+        try:
+            self.engine.check_capacity(num_sequences)
+        except QueueFullError as e:
+            raise APIError(429, f"The server is at capacity: {e}. Retry later.", "rate_limit_error") from e
+        except EngineDeadError as e:
+            raise APIError(503, f"The engine is not running: {e}", "service_unavailable") from e
+        except ValueError as e:
+            raise APIError(400, f"{str(e)[0].upper()}{str(e)[1:]}.", param="n") from e
+
+    def check_logprob_budget(self, n: int, tokens: int, top: int | None, param: str) -> None:
+        """Log-probability entries are built, held and serialized per token: bound their total."""
+        if top is None:
+            return
+        entries = n * tokens * (top + 1)
+        limit = self.limits.max_logprob_entries
+        if entries > limit:
+            raise APIError(400, f"The request could produce {entries} log-probability entries (choices x "
+                           f"tokens x (top logprobs + 1)); the limit is {limit}. Lower n, max_tokens or "
+                           f"{param}.", param=param)  # fmt: skip
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
@@ -301,12 +373,15 @@ class OpenAIServing:
     def stop_strings(stop: str | list[str] | None) -> list[str]:
         return [stop] if isinstance(stop, str) else list(stop or [])
 
+    def stop_matcher(self, stop: str | list[str] | None) -> StopMatcher | None:
+        return stop_matcher(tuple(self.stop_strings(stop)))
+
     def _submit(
-        self, request_id: str, prompt: PromptInput, params: SamplingParams
+        self, request_id: str, prompt: PromptInput, params: SamplingParams, group_id: str
     ) -> AsyncIterator[RequestOutput]:
         """Queue one engine request. The engine refuses at once (full queue, dead), before any response byte."""
         try:
-            return self.engine.generate(request_id, prompt.token_ids, params)
+            return self.engine.generate(request_id, prompt.token_ids, params, group_id)
         except QueueFullError as e:
             raise APIError(429, f"The server is at capacity: {e}. Retry later.", "rate_limit_error") from e
         except EngineDeadError as e:
@@ -325,7 +400,7 @@ class OpenAIServing:
         streams: list[AsyncIterator[RequestOutput]] = []
         try:
             for rid, prompt, sp in zip(run.engine_ids, run.prompts, params, strict=True):
-                streams.append(self._submit(rid, prompt, sp))
+                streams.append(self._submit(rid, prompt, sp, run.request_id))
         except BaseException:
             for s in streams:
                 await s.aclose()  # type: ignore[attr-defined]
@@ -389,37 +464,46 @@ def _finite(x: float) -> float:
 
 
 class ServingCompletion(OpenAIServing):
-    def prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[PromptInput]:
+    @staticmethod
+    def prompt_items(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
         if isinstance(prompt, str):
-            items: list[str | list[int]] = [prompt]
-        elif prompt and all(isinstance(x, int) for x in prompt):
-            items = [prompt]  # type: ignore[list-item]
-        else:
-            items = list(prompt)  # type: ignore[arg-type]
+            return [prompt]
+        if prompt and all(isinstance(x, int) for x in prompt):
+            return [prompt]  # type: ignore[list-item]
+        return list(prompt)  # type: ignore[arg-type]
+
+    async def prompts(self, items: list[str | list[int]]) -> list[PromptInput]:
         if not items:
             raise APIError(400, "The prompt is empty; send at least one token.", param="prompt")
-        out = []
-        for item in items:
-            p = (
-                PromptInput(self.tokenizer.encode(item), item)
-                if isinstance(item, str)
-                else PromptInput(list(item))
-            )
+        texts = [item for item in items if isinstance(item, str)]
+        encoded = iter(await self.encode(texts))
+        out = [
+            PromptInput(next(encoded), item) if isinstance(item, str) else PromptInput(list(item))
+            for item in items
+        ]
+        for p in out:
             self.check_prompt(p.token_ids)
-            out.append(p)
         return out
 
     async def prepare(self, req: CompletionRequest) -> tuple[_Run, AsyncIterator[tuple[int, RequestOutput]]]:
         self.check_model(req.model)
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed when stream is true.", param="stream_options")
-        prompts = self.prompts(req.prompt)
+        items = self.prompt_items(req.prompt)
+        if len(items) > self.limits.max_prompts:
+            raise APIError(400, f"At most {self.limits.max_prompts} prompts are allowed in one request, got "
+                           f"{len(items)}.", param="prompt")  # fmt: skip
+        self.check_sizes(req, len(items))
+        prompts = await self.prompts(items)
         params = [self.sampling_params(req, req.max_tokens, req.logprobs, len(p.token_ids)) for p in prompts]
+        echoed = sum(len(p.token_ids) for p in prompts) if req.echo else 0
+        produced = sum(sp.max_tokens or 0 for sp in params)
+        self.check_logprob_budget(req.n, produced + echoed, req.logprobs, "logprobs")
         if req.echo and req.logprobs is not None:
             for sp in params:
                 sp.prompt_logprobs = req.logprobs
         run = _Run(_new_id("cmpl"), prompts, req.n)
-        stop = self.stop_strings(req.stop)
+        stop = self.stop_matcher(req.stop)
         for p in prompts:
             echo = (p.text if p.text is not None else self.tokenizer.decode(p.token_ids)) if req.echo else ""
             base = len(run.choices)
@@ -504,18 +588,28 @@ class ServingCompletion(OpenAIServing):
 
 
 class ServingChat(OpenAIServing):
-    def prompt_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+    async def prompt_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+        """The rendered chat template's token ids; long conversations render and tokenize on a worker
+        thread."""
         plain = [{"role": m.role, "content": m.text()} for m in messages]
+        chars = sum(len(m["content"]) for m in plain)
+        self.check_text_length(chars, "messages")
+        if chars <= self.limits.tokenize_inline_chars:
+            text = self._render(plain, add_generation_prompt)
+            return self.tokenizer.encode(text)
+        text = await asyncio.to_thread(self._render, plain, add_generation_prompt)
+        return (await self.encode([text], "messages"))[0]
+
+    def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         try:
-            text = self.tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt)
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
         except ValueError as e:
             raise APIError(
                 400, f"The messages could not be rendered with the chat template: {e}", param="messages"
             ) from e
-        return self.tokenizer.encode(text)
 
-    def prompt(self, req: ChatCompletionRequest) -> PromptInput:
-        prompt = PromptInput(self.prompt_ids(req.messages, req.add_generation_prompt))
+    async def prompt(self, req: ChatCompletionRequest) -> PromptInput:
+        prompt = PromptInput(await self.prompt_ids(req.messages, req.add_generation_prompt))
         self.check_prompt(prompt.token_ids)
         return prompt
 
@@ -527,12 +621,14 @@ class ServingChat(OpenAIServing):
             raise APIError(400, "stream_options is only allowed when stream is true.", param="stream_options")
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true.", param="top_logprobs")
-        prompt = self.prompt(req)
+        self.check_sizes(req, 1)
+        prompt = await self.prompt(req)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = self.sampling_params(req, max_tokens, logprobs, len(prompt.token_ids))
+        self.check_logprob_budget(req.n, params.max_tokens or 0, logprobs, "top_logprobs")
         run = _Run(_new_id("chatcmpl"), [prompt], req.n)
-        stop = self.stop_strings(req.stop)
+        stop = self.stop_matcher(req.stop)
         run.choices = [ChoiceText(i, self.tokenizer, stop) for i in range(req.n)]
         return run, await self.start(run, [params])
 

@@ -112,6 +112,42 @@ class Settings:
         "capture decode steps in CUDA graphs on a GPU (false = eager, like vLLM's --enforce-eager)",
         parse_bool,
     )
+    max_seqs_per_request: int | None = _opt(
+        None,
+        "most sequences (n x prompts) of one request running at once; the rest wait without blocking "
+        "other requests. Default: half of --max-num-seqs",
+        int,
+    )
+    max_prompts_per_request: int = _opt(2048, "most prompts in one /v1/completions request", int)
+    max_stop_strings: int = _opt(64, "most stop strings in one request", int)
+    max_stop_string_length: int = _opt(256, "longest stop string, in characters", int)
+    max_logit_bias: int = _opt(1024, "most logit_bias entries in one request", int)
+    max_stop_token_ids: int = _opt(1024, "most stop_token_ids in one request", int)
+    max_logprob_entries: int = _opt(
+        300_000,
+        "most log-probability entries one request may produce: choices x tokens (output, and prompt "
+        "with echo) x (top logprobs + 1)",
+        int,
+    )
+    max_engine_restarts: int = _opt(
+        3,
+        "engine core failures tolerated within --engine-restart-window; one more and the server exits "
+        "non-zero so that its supervisor (Docker, Kubernetes, systemd) restarts it",
+        int,
+    )
+    engine_restart_window: float = _opt(600.0, "seconds over which engine failures are counted", float)
+    step_timeout: float = _opt(
+        120.0,
+        "seconds a busy engine may take to finish one step before it is treated as hung: /health turns "
+        "503 and the engine core is restarted (0: off)",
+        float,
+    )
+    prepared_cache: bool = _opt(
+        True,
+        "keep the model prepared for serving on CPU in the cache folder, so later starts and engine "
+        "restarts skip preparing it (true/false)",
+        parse_bool,
+    )
     api_key: str | None = _opt(None, "require `Authorization: Bearer <key>` on /v1 routes", secret=True)
     cors_origins: list[str] = _opt(
         [], "comma-separated origins allowed by CORS (empty: CORS off)", parse_list
@@ -121,6 +157,10 @@ class Settings:
     )
     log_level: str = _opt("info", "log level: debug, info, warning, error")
     shutdown_timeout: float = _opt(30.0, "seconds in-flight requests get to finish on SIGTERM", float)
+
+    @property
+    def seqs_per_request(self) -> int:
+        return self.max_seqs_per_request or max(1, self.max_num_seqs // 2)
 
     def __repr__(self) -> str:  # never print the API key
         shown = {
@@ -148,6 +188,40 @@ class Settings:
                 f"max_model_len must be positive, got {self.max_model_len}",
             ),
             (self.max_waiting >= 0, f"max_waiting must be non-negative, got {self.max_waiting}"),
+            (
+                self.max_seqs_per_request is None or self.max_seqs_per_request >= 1,
+                f"max_seqs_per_request must be at least 1, got {self.max_seqs_per_request}",
+            ),
+            (
+                1 <= self.max_prompts_per_request <= 1_000_000,
+                f"max_prompts_per_request must be in [1, 1000000], got {self.max_prompts_per_request}",
+            ),
+            (
+                self.max_stop_strings >= 0,
+                f"max_stop_strings must be non-negative, got {self.max_stop_strings}",
+            ),
+            (
+                self.max_stop_string_length >= 1,
+                f"max_stop_string_length must be at least 1, got {self.max_stop_string_length}",
+            ),
+            (self.max_logit_bias >= 0, f"max_logit_bias must be non-negative, got {self.max_logit_bias}"),
+            (
+                self.max_stop_token_ids >= 0,
+                f"max_stop_token_ids must be non-negative, got {self.max_stop_token_ids}",
+            ),
+            (
+                self.max_logprob_entries >= 1,
+                f"max_logprob_entries must be at least 1, got {self.max_logprob_entries}",
+            ),
+            (
+                self.max_engine_restarts >= 0,
+                f"max_engine_restarts must be non-negative, got {self.max_engine_restarts}",
+            ),
+            (
+                self.engine_restart_window > 0,
+                f"engine_restart_window must be positive, got {self.engine_restart_window}",
+            ),
+            (self.step_timeout >= 0, f"step_timeout must be non-negative, got {self.step_timeout}"),
             (self.max_body_bytes >= 1, f"max_body_bytes must be positive, got {self.max_body_bytes}"),
             (self.dtype in ("auto", "bfloat16", "float16", "float32"), f"unknown dtype {self.dtype!r}"),
             (

@@ -1,11 +1,17 @@
-"""The engine loop: LLMEngine (synchronous steps) and AsyncEngine (one background thread + asyncio).
+"""The server's side of the engine boundary: `AsyncEngine`, one asyncio client of one engine core.
 
-`LLMEngine.step()` is schedule -> run -> update, then turns what changed into delta RequestOutputs,
-one per caller-visible request (n > 1 children are merged back under their parent id).
+`AsyncEngine.generate()` validates a request once (the core's `RequestChecker`), checks the queue has
+room, fans n > 1 out into core sequences (`OutputProcessor`) and sends them as one typed message; it
+returns a `RequestStream` of delta `RequestOutput`s. Everything here runs on the event loop: the core's
+messages arrive from its own thread (or its process's receiver thread) through
+`loop.call_soon_threadsafe`, and sends are queue puts that never block.
 
-`AsyncEngine` owns the only thread that touches the LLMEngine. The event loop talks to it through a
-lock-protected inbox (adds, aborts) drained at the start of each step, and gets deltas back through
-`loop.call_soon_threadsafe` into one asyncio.Queue per request.
+It also supervises the core. A core that dies (a step raised, its process was killed) ends every open
+stream with an error and is started again (`/health` is 503 meanwhile); after `max_restarts` deaths
+within `restart_window` seconds it gives up and calls `on_fatal`, so the server exits and its
+orchestrator restarts it. A watchdog treats a step that takes longer than `step_timeout` as a death.
+
+`LLMEngine` is the same core and output processor driven synchronously, for tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -13,353 +19,88 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import threading
+import enum
+import functools
+import logging
+import time
 import weakref
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
-from server.engine.request import (
-    CompletionOutput,
-    Request,
-    RequestOutput,
-    SampleResult,
-    SamplingParams,
-    TokenLogprob,
+from server.engine.client import CoreHandle, CoreStartError, OnMessage, ProcessCore, ThreadCore
+from server.engine.core import EngineConfig, EngineCore, Runner
+from server.engine.messages import (
+    AbortRequests,
+    AddRequests,
+    CoreDead,
+    CoreOutput,
+    EngineStats,
+    RequestChecker,
+    StepOutputs,
 )
-from server.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from server.engine.output import OutputProcessor, merge_outputs
+from server.engine.request import RequestOutput, SamplingParams
+from server.engine.scheduler import Scheduler
+
+__all__ = [
+    "AsyncEngine",
+    "EngineConfig",
+    "EngineDeadError",
+    "EngineStats",
+    "LLMEngine",
+    "QueueFullError",
+    "RequestStream",
+    "SupervisorConfig",
+    "merge_outputs",
+]
+log = logging.getLogger("server.engine")
+CoreFactory = Callable[[OnMessage], CoreHandle]
 
 
 class QueueFullError(RuntimeError):
-    """Too many requests are waiting; the HTTP layer answers 429/503."""
+    """Too many requests are waiting; the HTTP layer answers 429."""
 
 
 class EngineDeadError(RuntimeError):
-    """The engine loop failed (or shut down) and accepts no more requests."""
+    """The engine is not taking requests (starting, restarting, shutting down or given up)."""
 
 
-class Runner(Protocol):
-    def execute(self, plan: SchedulerOutput) -> dict[str, SampleResult]:
-        """Run one step; return a result for each scheduled sequence whose `sample` is set."""
-        ...
-
-
-@dataclass
-class EngineConfig:
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    max_waiting: int = 256  # requests (n>1 children count one each) queued before QueueFullError
-    vocab_size: int | None = None  # None: the runner's (`runner.vocab_size` or its model's config)
-
-
-@dataclass(slots=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float  # fraction of blocks in use
-    num_preemptions: int  # total since start
-    prefix_cache_queries: int  # tokens looked up
-    prefix_cache_hits: int  # tokens found
-    num_prompt_tokens: int  # total, of requests that finished
-    num_generation_tokens: int  # total sampled
-    num_finished: dict[str, int]  # by finish reason
-    num_steps: int
-    healthy: bool = True
-
-
-@dataclass
-class _Group:
-    """A caller-visible request: its n children and the prompt logprobs gathered so far."""
-
-    request_id: str
-    children: list[Request]
-    prompt_logprobs: list[TokenLogprob | None] | None  # None when not asked for
-    prompt_logprobs_sent: bool = False
-    queue_time_sent: bool = False
-
-    @property
-    def finished(self) -> bool:
-        return all(child.is_finished for child in self.children)
+class _State(enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    RESTARTING = "restarting"
+    STOPPING = "stopping"
+    DEAD = "dead"
 
 
 @dataclass(frozen=True)
-class RequestChecker:
-    """What a request must satisfy before it may enter a step; needs only the engine's configuration,
-    so the HTTP side can check requests without the engine (which may live in another process)."""
-
-    max_model_len: int
-    max_waiting: int
-    vocab_size: int | None
-    eos_token_id: int | None
-
-    def check(self, prompt_token_ids: list[int], params: SamplingParams) -> SamplingParams:
-        """Raise ValueError for any input that could fail inside a step; return the params to run.
-
-        A step runs every request together, so one bad request must never reach it: an exception there
-        kills the loop for all. AsyncEngine calls this on the caller's thread, so the caller hears at once.
-        """
-        max_len = self.max_model_len
-        if not 0 < len(prompt_token_ids) <= max_len:
-            raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens; it must have 1 to {max_len}")
-        if params.n > self.max_waiting:
-            raise ValueError(f"n={params.n} is more than the engine can queue ({self.max_waiting})")
-        if self.vocab_size is None:
-            return params
-        params.validate(self.vocab_size)
-        low, high = min(prompt_token_ids), max(prompt_token_ids)
-        if low < 0 or high >= self.vocab_size:
-            bad = low if low < 0 else high
-            raise ValueError(
-                f"the prompt holds token id {bad}, outside the vocabulary [0, {self.vocab_size})"
-            )
-        if params.min_tokens > 0 and len(self.banned_until_min_tokens(params)) >= self.vocab_size:
-            raise ValueError(
-                "stop_token_ids (with EOS) hold every token: none could be drawn before min_tokens"
-            )
-        if params.top_k >= self.vocab_size:  # keeps every token: the same as off (and torch.topk cannot)
-            params = dataclasses.replace(params, top_k=-1)
-        return params
-
-    def banned_until_min_tokens(self, params: SamplingParams) -> set[int]:
-        banned = set(params.stop_token_ids)
-        if self.eos_token_id is not None and not params.ignore_eos:
-            banned.add(self.eos_token_id)
-        return banned
-
-
-class LLMEngine:
-    def __init__(self, runner: Runner, scheduler: Scheduler, config: EngineConfig | None = None) -> None:
-        self.runner = runner
-        self.scheduler = scheduler
-        self.config = config or EngineConfig(scheduler=scheduler.config)
-        self._groups: dict[str, _Group] = {}
-        self.num_steps = 0
-        self.num_generation_tokens = 0
-        self.num_prompt_tokens = 0
-        self.num_finished: dict[str, int] = collections.Counter()
-        self.vocab_size = self.config.vocab_size or _runner_vocab_size(runner)
-
-    @classmethod
-    def from_config(cls, runner: Runner, config: EngineConfig) -> LLMEngine:
-        return cls(runner, Scheduler(config.scheduler), config)
-
-    # ---- requests ------------------------------------------------------------------------------
-    @property
-    def checker(self) -> RequestChecker:
-        return RequestChecker(
-            max_model_len=self.scheduler.config.max_model_len,
-            max_waiting=self.config.max_waiting,
-            vocab_size=self.vocab_size,
-            eos_token_id=self.scheduler.config.eos_token_id,
-        )
-
-    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> SamplingParams:
-        """Raise ValueError for any input that could fail inside a step; return the params to run."""
-        return self.checker.check(prompt_token_ids, params)
-
-    @property
-    def num_waiting(self) -> int:
-        return self.scheduler.num_waiting
-
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        if request_id in self._groups:
-            raise ValueError(f"request id {request_id!r} is already running")
-        params = self.check_request(prompt_token_ids, params)
-        children = _fan_out(request_id, list(prompt_token_ids), params)
-        for child in children:
-            if child.request_id in self.scheduler.requests:
-                raise ValueError(f"request id {child.request_id!r} is already running")
-        for child in children:
-            self.scheduler.add(child)  # cannot fail: check_request covered what it checks
-        prompt_logprobs: list[TokenLogprob | None] | None = None if params.prompt_logprobs is None else [None]
-        self._groups[request_id] = _Group(request_id, children, prompt_logprobs)
-
-    def abort_request(self, request_id: str, index: int | None = None) -> RequestOutput | None:
-        """Abort every child, or only choice `index` (the others go on); return the output that ends
-        them (finish_reason "abort"), or None if the request or choice is unknown or already done."""
-        group = self._groups.get(request_id)
-        if group is None:
-            return None
-        children = group.children if index is None else [c for c in group.children if c.index == index]
-        completions = [self._abort_child(child) for child in children if not child.is_finished]
-        if not completions:
-            return None
-        return self._request_output(group, completions)
-
-    def abort_all(self) -> list[RequestOutput]:
-        outputs = [self.abort_request(rid) for rid in list(self._groups)]
-        return [out for out in outputs if out is not None]
-
-    def has_unfinished(self) -> bool:
-        return bool(self._groups)
-
-    @property
-    def num_requests(self) -> int:
-        return len(self._groups)
-
-    # ---- the step ------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        plan = self.scheduler.schedule()
-        sampled = self.runner.execute(plan) if plan.scheduled else {}
-        finished = self.scheduler.update(plan, sampled)
-        return self._make_outputs(plan, sampled, finished)
-
-    def _make_outputs(
-        self, plan: SchedulerOutput, sampled: dict[str, SampleResult], finished: list[Request]
-    ) -> list[RequestOutput]:
-        self.num_steps += 1
-        for request in plan.preempted:
-            self._reset_prompt_logprobs(request)
-        deltas: dict[str, list[CompletionOutput]] = {}
-        for seq in plan.scheduled:
-            request, result = seq.request, sampled.get(seq.request.request_id)
-            group = self._groups[request.output_id]
-            if result is not None and request.index == 0:
-                self._gather_prompt_logprobs(group, result)
-            if seq.sample and result is not None:
-                deltas.setdefault(group.request_id, []).append(_completion(request, result))
-                self.num_generation_tokens += 1
-        for request in finished:
-            self.num_finished[request.status.finish_reason or "?"] += 1
-            self.num_prompt_tokens += request.num_prompt_tokens
-        return [self._request_output(self._groups[rid], completions) for rid, completions in deltas.items()]
-
-    def _request_output(self, group: _Group, completions: list[CompletionOutput]) -> RequestOutput:
-        leader = group.children[0]
-        prompt_logprobs = None
-        if group.prompt_logprobs is not None and not group.prompt_logprobs_sent and leader.num_output_tokens:
-            prompt_logprobs, group.prompt_logprobs_sent = group.prompt_logprobs, True
-        queue_time = None
-        if not group.queue_time_sent and leader.first_scheduled_time is not None:
-            queue_time, group.queue_time_sent = leader.first_scheduled_time - leader.arrival_time, True
-        finished = group.finished
-        if finished:
-            del self._groups[group.request_id]
-        return RequestOutput(
-            request_id=group.request_id,
-            outputs=completions,
-            finished=finished,
-            num_prompt_tokens=leader.num_prompt_tokens,
-            prompt_logprobs=prompt_logprobs,
-            num_cached_tokens=leader.num_cached_tokens,
-            queue_time=queue_time,
-        )
-
-    def _gather_prompt_logprobs(self, group: _Group, result: SampleResult) -> None:
-        if group.prompt_logprobs is None or group.prompt_logprobs_sent or not result.prompt_logprobs:
-            return
-        room = group.children[0].num_prompt_tokens - len(group.prompt_logprobs)
-        group.prompt_logprobs.extend(result.prompt_logprobs[:room])
-
-    def _reset_prompt_logprobs(self, request: Request) -> None:
-        group = self._groups.get(request.output_id)
-        if (
-            group is not None
-            and request.index == 0
-            and group.prompt_logprobs
-            and not group.prompt_logprobs_sent
-        ):
-            group.prompt_logprobs = [None]  # the prompt is recomputed from position 0
-
-    def _abort_child(self, child: Request) -> CompletionOutput:
-        self.scheduler.abort(child.request_id)
-        self.num_finished["abort"] += 1
-        return CompletionOutput(child.index, [], finish_reason="abort")
-
-    def stats(self) -> EngineStats:
-        allocator = self.scheduler.allocator
-        return EngineStats(
-            num_running=self.scheduler.num_running,
-            num_waiting=self.scheduler.num_waiting,
-            kv_cache_usage=allocator.usage,
-            num_preemptions=self.scheduler.num_preemptions,
-            prefix_cache_queries=allocator.prefix_queries,
-            prefix_cache_hits=allocator.prefix_hits,
-            num_prompt_tokens=self.num_prompt_tokens,
-            num_generation_tokens=self.num_generation_tokens,
-            num_finished=dict(self.num_finished),
-            num_steps=self.num_steps,
-        )
-
-
-def _runner_vocab_size(runner: Runner) -> int | None:
-    """ModelRunner knows it through its model; a test runner may state it."""
-    size = getattr(runner, "vocab_size", None)
-    model = getattr(runner, "model", None)
-    if size is None and model is not None:
-        size = model.config.vocab_size
-    return size
-
-
-def _fan_out(request_id: str, prompt: list[int], params: SamplingParams) -> list[Request]:
-    if params.n == 1:
-        return [Request(request_id, prompt, params)]
-    children = []
-    for i in range(params.n):
-        # Distinct seeds, or the n seeded choices would all be the same.
-        seed = None if params.seed is None else params.seed + i
-        child_params = dataclasses.replace(params, n=1, seed=seed)
-        children.append(Request(f"{request_id}-{i}", prompt, child_params, parent_id=request_id, index=i))
-    return children
-
-
-def _completion(request: Request, result: SampleResult) -> CompletionOutput:
-    assert result.token_id is not None
-    want_logprobs = request.params.logprobs is not None and result.logprobs is not None
-    return CompletionOutput(
-        index=request.index,
-        new_token_ids=[result.token_id],
-        logprobs=[result.logprobs] if want_logprobs else None,  # type: ignore[list-item]
-        finish_reason=request.status.finish_reason,
-        stop_token_id=request.stop_token_id,
-    )
-
-
-def merge_outputs(first: RequestOutput, later: RequestOutput) -> RequestOutput:
-    """One delta equal to `first` followed by `later` (for a consumer slower than the engine)."""
-    by_index = {c.index: dataclasses.replace(c, new_token_ids=list(c.new_token_ids)) for c in first.outputs}
-    for c in later.outputs:
-        merged = by_index.get(c.index)
-        if merged is None:
-            by_index[c.index] = c
-            continue
-        merged.new_token_ids.extend(c.new_token_ids)
-        if merged.logprobs is not None or c.logprobs is not None:
-            merged.logprobs = (merged.logprobs or []) + (c.logprobs or [])
-        merged.finish_reason = c.finish_reason or merged.finish_reason
-        merged.stop_token_id = c.stop_token_id if c.stop_token_id is not None else merged.stop_token_id
-    return dataclasses.replace(
-        later,
-        outputs=sorted(by_index.values(), key=lambda c: c.index),
-        prompt_logprobs=first.prompt_logprobs if first.prompt_logprobs is not None else later.prompt_logprobs,
-        error=later.error or first.error,
-        queue_time=first.queue_time if first.queue_time is not None else later.queue_time,
-    )
-
-
-# ---- async side ------------------------------------------------------------------------------------
+class SupervisorConfig:
+    max_restarts: int = 3  # core deaths tolerated within restart_window; one more is fatal
+    restart_window: float = 600.0  # seconds
+    step_timeout: float | None = None  # seconds a busy core may go without finishing a step; None: off
+    close_timeout: float = 10.0  # seconds a core gets to stop before it is killed
 
 
 class _Stream:
-    """The engine thread's handle on one generate() call: where to send its deltas."""
+    """Where the deltas of one caller request go."""
 
-    def __init__(self, request_id: str, n: int, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, request_id: str, n: int) -> None:
         self.request_id = request_id
         self.n = n
-        self.loop = loop
         self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self.finished_indices: set[int] = set()
 
 
 class RequestStream(AsyncIterator[RequestOutput]):
     """Deltas of one request. Leaving early (break, cancel, aclose, garbage) aborts the request."""
 
     def __init__(self, engine: AsyncEngine, stream: _Stream) -> None:
-        self._engine = engine
         self._stream = stream
         self._done = False
-        # Runs when the iterator is dropped unfinished (e.g. `break` out of `async for`).
-        self._finalizer = weakref.finalize(self, engine._abort_stream, stream)
+        # Runs when the iterator is dropped unfinished (e.g. `break` out of `async for`), on any thread.
+        self._finalizer = weakref.finalize(self, engine._abort_stream_threadsafe, stream)
         self._finalizer.atexit = False
+        self._engine = engine
 
     @property
     def request_id(self) -> str:
@@ -392,185 +133,334 @@ class RequestStream(AsyncIterator[RequestOutput]):
 
 
 class AsyncEngine:
-    def __init__(self, llm_engine: LLMEngine) -> None:
-        self.engine = llm_engine
-        self.checker = llm_engine.checker
-        self.max_waiting = self.checker.max_waiting
-        self._lock = threading.Lock()
-        self._inbox: list[tuple[str, Any]] = []
-        self._num_inbox_adds = 0  # children, for the queue limit
-        self._abort_later: collections.deque[_Stream] = collections.deque()  # lock-free, for finalizers
-        self._wakeup = threading.Event()
+    def __init__(
+        self,
+        factory: CoreFactory,
+        config: SupervisorConfig | None = None,
+        on_fatal: Callable[[str], None] | None = None,
+    ) -> None:
+        self._factory = factory
+        self.config = config or SupervisorConfig()
+        self._on_fatal = on_fatal
+        self._state = _State.STARTING
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._core: CoreHandle | None = None
+        self._gen = 0  # which core generation's messages count
+        self._launch_death: str | None = None  # a death reported before its launch returned
+        self._kill_reason: str | None = None
+        self.checker: RequestChecker | None = None
+        self.max_model_len: int | None = None
+        self._processor = OutputProcessor()
         self._streams: dict[str, _Stream] = {}
-        self._thread: threading.Thread | None = None
-        self._accepting = True
-        self._stopping = False
+        self._stats = EngineStats()
+        self._unseen_adds: collections.deque[tuple[int, int]] = collections.deque()  # (seq, sequences)
+        self._add_seq = 0
+        self._last_progress = time.monotonic()
+        self._deaths: collections.deque[float] = collections.deque()
+        self._num_restarts = 0
         self._dead_reason: str | None = None
+        self._idle = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    def in_thread(cls, build: Callable[[], EngineCore], **kwargs: Any) -> AsyncEngine:
+        """The core on a thread of this process; `build` makes a fresh core (again after a death)."""
+        return cls(functools.partial(ThreadCore, build), **kwargs)
+
+    @classmethod
+    def in_process(
+        cls, build: Callable[..., EngineCore], *args: Any, log_level: str = "info",
+        start_timeout: float | None = None, **kwargs: Any,
+    ) -> AsyncEngine:  # fmt: skip
+        """The core in a child process running `build(*args)` (picklable, importable)."""
+
+        def factory(on_message: OnMessage) -> CoreHandle:
+            return ProcessCore(build, args, on_message, log_level, start_timeout)
+
+        return cls(factory, **kwargs)
 
     # ---- lifecycle -----------------------------------------------------------------------------
-    def start(self) -> None:
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
-                self._thread.start()
+    async def start(self) -> None:
+        """Start the core (raises CoreStartError if it cannot be built) and the watchdog."""
+        self._loop = asyncio.get_running_loop()
+        self._idle.set()
+        await self._launch()
+        self._spawn(self._watch())
+
+    async def _launch(self) -> None:
+        self._gen += 1
+        gen, self._launch_death = self._gen, None
+        on_message = functools.partial(self._from_core_thread, gen)
+        core = await asyncio.to_thread(self._factory, on_message)
+        self._core = core
+        self.checker = core.info.checker
+        self.max_model_len = core.info.max_model_len
+        self._stats = EngineStats()
+        self._unseen_adds.clear()
+        if self._state in (_State.STOPPING, _State.DEAD):
+            await asyncio.to_thread(core.close, self.config.close_timeout)
+            return
+        self._state = _State.RUNNING
+        if self._launch_death is not None:
+            self._core_died(self._launch_death)
 
     @property
     def is_healthy(self) -> bool:
-        """True while the engine takes requests: False once it died or began shutting down."""
-        thread_ok = self._thread is None or self._thread.is_alive()
-        alive = getattr(self.engine, "alive", None)  # an engine in another process may die while idle
-        return self._dead_reason is None and not self._stopping and thread_ok and (alive is None or alive())
+        """True while the engine takes requests: False while it starts, restarts, stops or is dead."""
+        return self._state is _State.RUNNING and self._core is not None and self._core.alive()
+
+    @property
+    def state(self) -> str:
+        return self._state.value
 
     async def shutdown(self, graceful: bool = True, timeout: float | None = None) -> None:
-        """Stop accepting; let in-flight requests finish (or abort them), then stop the thread."""
-        with self._lock:
-            self._accepting = False
-            self._stopping = True
-            if not graceful:
-                self._inbox.append(("abort_all", None))
-        self._wakeup.set()
-        if self._thread is None:
-            close = getattr(self.engine, "close", None)  # never started: nothing to drain
-            if close is not None:
-                await asyncio.to_thread(close)
+        """Stop accepting; let in-flight requests finish (or abort them), then stop the core."""
+        if self._state is _State.DEAD and self._core is None:
             return
-        await asyncio.to_thread(self._thread.join, timeout)
-        if self._thread.is_alive():  # graceful took too long: abort what is left
-            with self._lock:
-                self._inbox.append(("abort_all", None))
-            self._wakeup.set()
-            await asyncio.to_thread(self._thread.join)
+        self._state = _State.STOPPING
+        if graceful and self._processor.has_unfinished():
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout)
+            except TimeoutError:
+                log.warning("shutdown: %d requests did not finish in time; aborting them", len(self._streams))
+        for request_id in list(self._streams):
+            self.abort(request_id)
+        for task in list(self._tasks):
+            task.cancel()
+        core, self._core = self._core, None
+        self._state = _State.DEAD
+        self._dead_reason = self._dead_reason or "shut down"
+        if core is not None:
+            await asyncio.to_thread(core.close, self.config.close_timeout)
 
     # ---- requests ------------------------------------------------------------------------------
-    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestStream:
+    def check_capacity(self, num_sequences: int) -> None:
+        """Raise at once unless `num_sequences` more sequences fit in the waiting queue now."""
+        self._check_accepting()
+        assert self.checker is not None
+        limit = self.checker.max_waiting
+        if num_sequences > limit:
+            raise ValueError(
+                f"the request needs {num_sequences} sequences (n x prompts); the queue holds at most {limit}"
+            )
+        waiting = self._stats.num_waiting + sum(count for _, count in self._unseen_adds)
+        if waiting + num_sequences > limit:
+            raise QueueFullError(f"{waiting} of {limit} queue places are taken")
+
+    def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        group_id: str | None = None,
+    ) -> RequestStream:
         """Queue the request now (raising QueueFullError / EngineDeadError / ValueError at once) and
-        return its stream of deltas, for `async for out in engine.generate(...)`."""
-        params = self.checker.check(prompt_token_ids, params)  # reads only config: thread-safe
-        loop = asyncio.get_running_loop()
-        stream = _Stream(request_id, params.n, loop)
-        with self._lock:
-            if self._dead_reason is not None:
-                raise EngineDeadError(f"engine is dead: {self._dead_reason}")
-            if not self._accepting:
-                raise EngineDeadError("engine is shutting down")
-            if request_id in self._streams:
-                raise ValueError(f"request id {request_id!r} is already running")
-            if self.engine.num_waiting + self._num_inbox_adds + params.n > self.max_waiting:
-                raise QueueFullError(f"{self.max_waiting} requests are already waiting")
-            self._streams[request_id] = stream
-            self._inbox.append(("add", (request_id, list(prompt_token_ids), params)))
-            self._num_inbox_adds += params.n
-        self.start()
-        self._wakeup.set()
+        return its stream of deltas, for `async for out in engine.generate(...)`. Call on the loop."""
+        self._check_accepting()
+        assert self.checker is not None and self._core is not None
+        params = self.checker.check(prompt_token_ids, params)
+        self.check_capacity(params.n)
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already running")
+        requests = self._processor.add(request_id, list(prompt_token_ids), params, group_id)
+        stream = _Stream(request_id, params.n)
+        self._streams[request_id] = stream
+        if self._idle.is_set():
+            self._idle.clear()
+            self._last_progress = time.monotonic()  # the watchdog times steps, not idle time
+        self._add_seq += 1
+        self._unseen_adds.append((self._add_seq, len(requests)))
+        self._core.send(AddRequests(requests, self._add_seq))
         return RequestStream(self, stream)
 
     def abort(self, request_id: str, index: int | None = None) -> None:
-        """Abort from any thread: the whole request, or only its choice `index` (n > 1; the others go
-        on). The stream gets an "abort" output for what was aborted. Unknown ids are ignored."""
-        with self._lock:
-            self._inbox.append(("abort", (request_id, index)))
-        self._wakeup.set()
-
-    def _abort_stream(self, stream: _Stream) -> None:
-        """Abort on behalf of a stream its consumer left. Runs from garbage collection too, possibly
-        while this thread holds _lock, so it takes no lock; the engine thread checks the stream is
-        still the one registered, so a finished request's id reused by a new request is not hit."""
-        self._abort_later.append(stream)
-        self._wakeup.set()
+        """Abort the whole request, or only its choice `index` (n > 1; the others go on). The stream
+        gets an "abort" output for what was aborted. Unknown ids are ignored. Call on the loop."""
+        core_ids, out = self._processor.abort(request_id, index)
+        if core_ids and self._core is not None:
+            self._core.send(AbortRequests(core_ids))
+        if out is not None:
+            self._deliver([out])
 
     def stats(self) -> EngineStats:
-        stats = self.engine.stats()  # plain ints read across threads: a snapshot, not a transaction
-        stats.num_waiting += self._num_inbox_adds
-        stats.healthy = self.is_healthy
-        return stats
+        waiting = self._stats.num_waiting + sum(count for _, count in self._unseen_adds)
+        return dataclasses.replace(
+            self._stats,
+            num_waiting=waiting,
+            num_finished=dict(self._stats.num_finished),
+            healthy=self.is_healthy,
+            num_engine_restarts=self._num_restarts,
+        )
 
-    # ---- the engine thread ---------------------------------------------------------------------
-    def _run(self) -> None:
+    def _check_accepting(self) -> None:
+        if self._state is _State.RUNNING:
+            return
+        if self._state is _State.DEAD:
+            raise EngineDeadError(f"the engine is not running: {self._dead_reason}")
+        raise EngineDeadError(f"the engine is {self._state.value}")
+
+    def _abort_stream(self, stream: _Stream) -> None:
+        if self._streams.get(stream.request_id) is stream:  # not a new request reusing a finished id
+            self.abort(stream.request_id)
+
+    def _abort_stream_threadsafe(self, stream: _Stream) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
         try:
-            while True:
-                self._wakeup.clear()
-                self._drain_inbox()
-                if not self.engine.has_unfinished():
-                    if self._stopping:
-                        return
-                    self._wakeup.wait()
-                    continue
-                self._deliver(self.engine.step())
-        except Exception as exc:  # noqa: BLE001 - any failure kills the loop; streams must hear of it
-            self._die(f"{type(exc).__name__}: {exc}")
-        finally:
-            close = getattr(self.engine, "close", None)  # e.g. stop an engine process
-            if close is not None:
-                close()
+            loop.call_soon_threadsafe(self._abort_stream, stream)
+        except RuntimeError:  # the loop closed meanwhile: nobody is listening
+            pass
 
-    def _drain_inbox(self) -> None:
-        with self._lock:
-            inbox, self._inbox = self._inbox, []
-            outputs: list[RequestOutput] = []
-            for verb, arg in inbox:
-                outputs.extend(self._apply(verb, arg))
-            self._num_inbox_adds = 0
-            while self._abort_later:
-                stream = self._abort_later.popleft()
-                if self._streams.get(stream.request_id) is stream:
-                    outputs.extend(self._apply("abort", (stream.request_id, None)))
-        if outputs:
-            self._deliver(outputs)
+    # ---- messages from the core ----------------------------------------------------------------
+    def _from_core_thread(self, gen: int, message: CoreOutput) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(self._on_message, gen, message)
+        except RuntimeError:
+            pass
 
-    def _apply(self, verb: str, arg: Any) -> list[RequestOutput]:
-        if verb == "add":
-            request_id, prompt, params = arg
-            try:
-                self.engine.add_request(request_id, prompt, params)
-            except ValueError as exc:  # e.g. prompt too long: end that stream, not the engine
-                return [_error_output(self._streams[request_id], str(exc))]
-            return []
-        if verb == "abort":
-            out = self.engine.abort_request(*arg)
-            return [out] if out is not None else []
-        return self.engine.abort_all()
+    def _on_message(self, gen: int, message: CoreOutput) -> None:
+        if gen != self._gen:
+            return  # from a core that was already replaced
+        match message:
+            case StepOutputs(outputs=outputs, stats=stats, last_add_seq=seq):
+                self._last_progress = time.monotonic()
+                self._stats = stats
+                while self._unseen_adds and self._unseen_adds[0][0] <= seq:
+                    self._unseen_adds.popleft()
+                self._deliver(self._processor.process(outputs))
+            case CoreDead(reason=reason):
+                if self._state is _State.RUNNING:
+                    self._core_died(self._kill_reason or reason)
+                elif self._state in (_State.STARTING, _State.RESTARTING):
+                    self._launch_death = reason
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
-        batches: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
-        with self._lock:
-            for out in outputs:
-                stream = self._streams.get(out.request_id)
-                if stream is None:
-                    continue
-                stream.finished_indices.update(c.index for c in out.outputs if c.finish_reason)
-                if out.finished:
-                    del self._streams[out.request_id]
-                batches.setdefault(stream.loop, []).append((stream, out))
-        for loop, items in batches.items():
-            _call_soon(loop, _put_all, items)
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            if out.finished:
+                del self._streams[out.request_id]
+            stream.queue.put_nowait(out)
+        if not self._processor.has_unfinished():
+            self._idle.set()
 
-    def _die(self, reason: str) -> None:
-        with self._lock:
-            self._dead_reason = reason
-            self._accepting = False
-            streams, self._streams = list(self._streams.values()), {}
-            self._inbox = []
-            self._num_inbox_adds = 0
-        for stream in streams:
-            _call_soon(stream.loop, _put_all, [(stream, _error_output(stream, reason))])
+    # ---- supervision ---------------------------------------------------------------------------
+    def _core_died(self, reason: str) -> None:
+        log.error("engine core died: %s", reason)
+        self._kill_reason = None
+        self._deliver(self._processor.fail_all(reason))
+        self._unseen_adds.clear()
+        now = time.monotonic()
+        self._deaths.append(now)
+        while self._deaths and self._deaths[0] < now - self.config.restart_window:
+            self._deaths.popleft()
+        if len(self._deaths) > self.config.max_restarts:
+            self._give_up(
+                f"{reason} ({len(self._deaths)} engine failures within {self.config.restart_window:.0f} s)"
+            )
+            return
+        self._state = _State.RESTARTING
+        self._spawn(self._restart())
+
+    async def _restart(self) -> None:
+        old, self._core = self._core, None
+        if old is not None:
+            await asyncio.to_thread(old.close, self.config.close_timeout)
+        try:
+            await self._launch()
+        except CoreStartError as exc:
+            self._give_up(f"the engine could not be restarted: {exc}")
+            return
+        if self._state is _State.RUNNING:
+            self._num_restarts += 1
+            log.info("engine core restarted (%d restarts so far)", self._num_restarts)
+
+    def _give_up(self, reason: str) -> None:
+        log.critical("giving up on the engine: %s", reason)
+        self._state = _State.DEAD
+        self._dead_reason = reason
+        self._deliver(self._processor.fail_all(reason))
+        if self._on_fatal is not None:
+            self._on_fatal(reason)
+
+    async def _watch(self) -> None:
+        timeout = self.config.step_timeout
+        if not timeout or timeout <= 0:
+            return
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            core = self._core
+            busy = self._processor.has_unfinished()
+            if self._state is not _State.RUNNING or core is None or not busy:
+                continue
+            if time.monotonic() - self._last_progress <= timeout:
+                continue
+            reason = f"no engine step finished within --step-timeout {timeout:g} s"
+            log.error("%s: stopping the engine core", reason)
+            self._kill_reason = reason
+            if not core.kill():  # a thread cannot be stopped: this process must go
+                self._give_up(reason)
+                return
+            self._last_progress = time.monotonic()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
 
-def _error_output(stream: _Stream, reason: str) -> RequestOutput:
-    completions = [
-        CompletionOutput(i, [], finish_reason="error")
-        for i in range(stream.n)
-        if i not in stream.finished_indices
-    ]
-    return RequestOutput(stream.request_id, completions, finished=True, error=reason)
+# ---- synchronous driver ---------------------------------------------------------------------------
 
 
-def _put_all(items: list[tuple[_Stream, RequestOutput]]) -> None:
-    for stream, out in items:
-        stream.queue.put_nowait(out)
+class LLMEngine:
+    """An `EngineCore` and an `OutputProcessor` on the caller's thread: add requests, call `step()`."""
 
+    def __init__(self, runner: Runner, scheduler: Scheduler, config: EngineConfig | None = None) -> None:
+        self.core = EngineCore(runner, scheduler, config)
+        self.processor = OutputProcessor()
 
-def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
-    try:
-        loop.call_soon_threadsafe(fn, *args)
-    except RuntimeError:  # the consumer's loop is closed: nobody is listening
-        pass
+    @classmethod
+    def from_config(cls, runner: Runner, config: EngineConfig) -> LLMEngine:
+        return cls(runner, Scheduler(config.scheduler), config)
+
+    @property
+    def runner(self) -> Runner:
+        return self.core.runner
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.core.scheduler
+
+    @property
+    def checker(self) -> RequestChecker:
+        return self.core.info.checker
+
+    @property
+    def num_waiting(self) -> int:
+        return self.core.scheduler.num_waiting
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        params = self.checker.check(prompt_token_ids, params)
+        for request in self.processor.add(request_id, list(prompt_token_ids), params):
+            error = self.core.add(request)
+            if error is not None:
+                raise ValueError(error.error)
+
+    def abort_request(self, request_id: str, index: int | None = None) -> RequestOutput | None:
+        core_ids, out = self.processor.abort(request_id, index)
+        self.core.abort(core_ids)
+        return out
+
+    def has_unfinished(self) -> bool:
+        return self.processor.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        return self.processor.process(self.core.step())
+
+    def stats(self) -> EngineStats:
+        return self.core.stats()

@@ -73,8 +73,9 @@ class SamplingParams:
             ),
             (0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}"),
             (
-                0.0 < self.repetition_penalty <= 2.0,
-                f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}",
+                # Logits are divided by it: a tiny penalty overflows them to inf (NaN after softmax).
+                0.01 <= self.repetition_penalty <= 2.0,
+                f"repetition_penalty must be in [0.01, 2], got {self.repetition_penalty}",
             ),
             (
                 -2.0 <= self.presence_penalty <= 2.0,
@@ -175,6 +176,7 @@ class Request:
     params: SamplingParams
     parent_id: str | None = None  # the caller-visible request id when fanned out (n > 1)
     index: int = 0  # choice index within the parent
+    group_id: str | None = None  # the HTTP request it belongs to (its running slots are capped)
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
@@ -186,6 +188,7 @@ class Request:
     last_token_time: float | None = None
     num_preemptions: int = 0
     stop_token_id: int | None = None
+    first_output_sent: bool = False  # queue time and cached tokens go out once
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -210,3 +213,8 @@ class Request:
     @property
     def output_id(self) -> str:
         return self.parent_id if self.parent_id is not None else self.request_id
+
+    @property
+    def slot_group(self) -> str:
+        """The key under which running slots are counted: the HTTP request, else the caller's request."""
+        return self.group_id if self.group_id is not None else self.output_id

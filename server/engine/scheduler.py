@@ -34,6 +34,9 @@ class SchedulerConfig:
     enable_prefix_caching: bool = True
     long_prefill_token_threshold: int = 0  # > 0: at most this many prompt tokens per request per step
     eos_token_id: int | None = None
+    # > 0: at most this many running sequences per HTTP request (its n x prompts), so one request
+    # cannot hold every slot; its other sequences wait without blocking later requests.
+    max_seqs_per_request: int = 0
 
     def validate(self) -> None:
         if self.num_blocks * self.block_size < self.max_model_len:
@@ -78,6 +81,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}  # every unfinished request
         self._leaders: dict[str, Request] = {}  # parent id -> child 0 of an n > 1 request
         self._finished_ids: list[str] = []
+        self._running_per_group: dict[str, int] = {}
         self.num_preemptions = 0
 
     @property
@@ -108,6 +112,7 @@ class Scheduler:
             return None
         if request.status == RequestStatus.RUNNING:
             self.running.remove(request)
+            self._count_running(request, -1)
         else:
             self.waiting.remove(request)
         self._finish(request, RequestStatus.FINISHED_ABORTED)
@@ -156,7 +161,7 @@ class Scheduler:
         held: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            if self._is_held(request):
+            if self._is_held(request) or self._is_capped(request):
                 held.append(self.waiting.popleft())
                 continue
             if not self._admit(request, budget, scheduled):
@@ -180,8 +185,21 @@ class Scheduler:
             request.num_cached_tokens = num_cached
         request.status = RequestStatus.RUNNING
         self.running.append(request)
+        self._count_running(request, 1)
         scheduled.append(ScheduledSeq(request, num_tokens))
         return True
+
+    def _is_capped(self, request: Request) -> bool:
+        cap = self.config.max_seqs_per_request
+        return cap > 0 and self._running_per_group.get(request.slot_group, 0) >= cap
+
+    def _count_running(self, request: Request, delta: int) -> None:
+        group = request.slot_group
+        count = self._running_per_group.get(group, 0) + delta
+        if count:
+            self._running_per_group[group] = count
+        else:
+            del self._running_per_group[group]
 
     def _is_held(self, request: Request) -> bool:
         if request.parent_id is None or request.index == 0 or not self.config.enable_prefix_caching:
@@ -190,6 +208,7 @@ class Scheduler:
         return leader is not None and leader.num_computed_tokens < leader.num_prompt_tokens
 
     def _preempt(self, request: Request) -> None:
+        self._count_running(request, -1)
         self.allocator.free(request)
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
@@ -219,6 +238,7 @@ class Scheduler:
             status = self._stop_status(request, token_id)
             if status is not None:
                 self.running.remove(request)
+                self._count_running(request, -1)
                 self._finish(request, status)
                 finished.append(request)
         return finished

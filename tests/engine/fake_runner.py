@@ -26,7 +26,7 @@ def next_token(context: Sequence[int], vocab_size: int) -> int:
 
 def fake_logprob(token_id: int, top_n: int) -> TokenLogprob:
     lp = -(token_id % 10) / 10
-    return TokenLogprob(token_id, lp, 1, [(token_id, lp)] * top_n)
+    return TokenLogprob(token_id, lp, 1, [(token_id, lp) for _ in range(top_n)])  # distinct, as real ones
 
 
 def reference_tokens(
@@ -57,8 +57,10 @@ class FakeRunner:
         vocab_size: int = 1000,
         step_delay: float = 0.0,
         fail_at_step: int | None = None,
+        hang_on_token: int | None = None,
     ) -> None:
         self.block_size = block_size
+        self.hang_on_token = hang_on_token  # a step holding a prompt with this token never ends
         self.vocab_size = vocab_size
         self.kv: list[list[int | None]] = [[None] * block_size for _ in range(num_blocks)]
         self.step_delay = step_delay
@@ -74,6 +76,10 @@ class FakeRunner:
             raise RuntimeError("fake runner failure")
         if self.step_delay:
             time.sleep(self.step_delay)
+        if self.hang_on_token is not None and any(
+            self.hang_on_token in s.request.prompt_token_ids for s in plan.scheduled
+        ):
+            time.sleep(3600)
         self.batch_sizes.append(len(plan.scheduled))
         self.batched_tokens.append(sum(seq.num_tokens for seq in plan.scheduled))
         assert plan.num_batched_tokens == self.batched_tokens[-1]

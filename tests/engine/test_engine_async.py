@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
+from collections.abc import Callable
 
 import pytest
 
+from server.engine.client import ThreadCore
+from server.engine.core import EngineCore
 from server.engine.engine import (
     AsyncEngine,
     EngineConfig,
     EngineDeadError,
-    LLMEngine,
     QueueFullError,
+    SupervisorConfig,
     merge_outputs,
 )
 from server.engine.request import CompletionOutput, RequestOutput, SamplingParams
@@ -23,9 +27,9 @@ VOCAB = 1000
 pytestmark = pytest.mark.timeout(30)
 
 
-def make_async(
+def fake_core(
     step_delay: float = 0.0, fail_at_step: int | None = None, max_waiting: int = 256, **sched: object
-) -> AsyncEngine:
+) -> EngineCore:
     fields: dict = dict(
         max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256, block_size=4, num_blocks=128
     )
@@ -34,9 +38,28 @@ def make_async(
     runner = FakeRunner(
         config.scheduler.num_blocks, config.scheduler.block_size, VOCAB, step_delay, fail_at_step
     )
-    engine = AsyncEngine(LLMEngine(runner, Scheduler(config.scheduler), config))
-    engine.start()
+    return EngineCore(runner, Scheduler(config.scheduler), config)
+
+
+async def make_async(
+    step_delay: float = 0.0,
+    fail_at_step: int | None = None,
+    max_waiting: int = 256,
+    supervisor: SupervisorConfig | None = None,
+    on_fatal: Callable[[str], None] | None = None,
+    **sched: object,
+) -> AsyncEngine:
+    """An AsyncEngine whose core (fake runner) runs on a thread; a restart builds a fresh one."""
+    build = functools.partial(fake_core, step_delay, fail_at_step, max_waiting, **sched)
+    engine = AsyncEngine.in_thread(build, config=supervisor, on_fatal=on_fatal)
+    await engine.start()
     return engine
+
+
+def core_of(engine: AsyncEngine) -> EngineCore:
+    handle = engine._core
+    assert isinstance(handle, ThreadCore)
+    return handle.core
 
 
 async def collect(
@@ -57,11 +80,12 @@ async def wait_until(predicate, timeout: float = 5.0) -> None:  # type: ignore[n
 
 
 def idle(engine: AsyncEngine) -> bool:
-    return not engine.engine.has_unfinished() and engine.engine.scheduler.allocator.usage == 0.0
+    core = core_of(engine)
+    return not core.has_unfinished() and core.scheduler.allocator.usage == 0.0
 
 
 async def test_many_concurrent_streams_get_their_own_tokens() -> None:
-    engine = make_async()
+    engine = await make_async()
     prompts = {f"r{i}": [i + 1, 2 * i + 3, 7] * (1 + i % 4) for i in range(40)}
     params = SamplingParams(max_tokens=12)
     results = await asyncio.gather(*(collect(engine, rid, p, params) for rid, p in prompts.items()))
@@ -71,12 +95,12 @@ async def test_many_concurrent_streams_get_their_own_tokens() -> None:
         assert all(not out.finished for out in outputs[:-1])
     stats = engine.stats()
     assert stats.num_finished == {"length": 40} and stats.num_generation_tokens == 40 * 12
-    engine.engine.scheduler.allocator.check_integrity()
+    core_of(engine).scheduler.allocator.check_integrity()
     await engine.shutdown()
 
 
 async def test_n_choices_stream_under_one_id() -> None:
-    engine = make_async()
+    engine = await make_async()
     outputs = await collect(engine, "multi", [4, 5, 6, 7, 8, 9], SamplingParams(n=3, max_tokens=5))
     expected = reference_tokens([4, 5, 6, 7, 8, 9], SamplingParams(max_tokens=5), VOCAB)
     assert all(out.request_id == "multi" for out in outputs)
@@ -86,7 +110,7 @@ async def test_n_choices_stream_under_one_id() -> None:
 
 
 async def test_slow_consumer_gets_merged_deltas() -> None:
-    engine = make_async(step_delay=0.002)
+    engine = await make_async(step_delay=0.002)
     params = SamplingParams(max_tokens=30, logprobs=0)
     seen = []
     async for out in engine.generate("slow", [1, 2, 3], params):
@@ -101,7 +125,7 @@ async def test_slow_consumer_gets_merged_deltas() -> None:
 
 
 async def test_consumer_leaving_early_aborts_the_request() -> None:
-    engine = make_async(step_delay=0.002)
+    engine = await make_async(step_delay=0.002)
     async for out in engine.generate(
         "quitter", [1, 2, 3], SamplingParams(max_tokens=10_000, ignore_eos=True)
     ):
@@ -113,9 +137,9 @@ async def test_consumer_leaving_early_aborts_the_request() -> None:
 
 
 async def test_cancelled_consumer_aborts_the_request() -> None:
-    engine = make_async(step_delay=0.002)
+    engine = await make_async(step_delay=0.002)
     task = asyncio.create_task(collect(engine, "cancelled", [1, 2], SamplingParams(max_tokens=10_000)))
-    await wait_until(lambda: engine.engine.scheduler.num_running == 1)
+    await wait_until(lambda: core_of(engine).scheduler.num_running == 1)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -125,7 +149,7 @@ async def test_cancelled_consumer_aborts_the_request() -> None:
 
 
 async def test_dropping_a_finished_stream_does_not_abort_a_reused_id() -> None:
-    engine = make_async()
+    engine = await make_async()
     stream = engine.generate("same", [1, 2], SamplingParams(max_tokens=3))
     # Finished in the engine and its final output sent; the consumer never read it.
     await wait_until(lambda: idle(engine) and "same" not in engine._streams)
@@ -139,7 +163,7 @@ async def test_dropping_a_finished_stream_does_not_abort_a_reused_id() -> None:
 
 
 async def test_abort_ends_the_stream_with_abort() -> None:
-    engine = make_async(step_delay=0.002)
+    engine = await make_async(step_delay=0.002)
     stream = engine.generate("a", [1, 2], SamplingParams(max_tokens=10_000))
     first = await stream.__anext__()
     engine.abort("a")
@@ -151,7 +175,7 @@ async def test_abort_ends_the_stream_with_abort() -> None:
 
 
 async def test_queue_full_is_raised_before_queueing() -> None:
-    engine = make_async(step_delay=0.01, max_waiting=2, max_num_seqs=1)
+    engine = await make_async(step_delay=0.01, max_waiting=2, max_num_seqs=1)
     params = SamplingParams(max_tokens=200)
     running = engine.generate("running", [1], params)
     await running.__anext__()  # admitted: the queue is empty again
@@ -166,7 +190,7 @@ async def test_queue_full_is_raised_before_queueing() -> None:
 
 
 async def test_bad_prompt_is_refused_at_once() -> None:
-    engine = make_async(max_model_len=16, num_blocks=8)
+    engine = await make_async(max_model_len=16, num_blocks=8)
     with pytest.raises(ValueError, match="1 to 16"):
         engine.generate("long", list(range(17)), SamplingParams())
     with pytest.raises(ValueError):
@@ -175,8 +199,8 @@ async def test_bad_prompt_is_refused_at_once() -> None:
     await engine.shutdown()
 
 
-async def test_runner_failure_errors_every_stream_and_kills_the_engine() -> None:
-    engine = make_async(step_delay=0.002, fail_at_step=5, max_num_seqs=2)
+async def test_runner_failure_errors_every_stream_then_the_core_restarts() -> None:
+    engine = await make_async(step_delay=0.002, fail_at_step=5, max_num_seqs=2)
     params = SamplingParams(max_tokens=1000)
     started = time.monotonic()
     results = await asyncio.gather(*(collect(engine, f"r{i}", [i + 1, 5], params) for i in range(4)))
@@ -185,31 +209,60 @@ async def test_runner_failure_errors_every_stream_and_kills_the_engine() -> None
         last = outputs[-1]
         assert last.finished and last.error and "fake runner failure" in last.error
         assert last.outputs[0].finish_reason == "error"
-    assert not engine.is_healthy
-    assert not engine.stats().healthy
+    await wait_until(lambda: engine.is_healthy)  # a fresh core, a fresh fake runner
+    assert engine.stats().num_engine_restarts == 1
+    short = SamplingParams(max_tokens=3)
+    assert tokens_of(await collect(engine, "after", [1, 2], short)) == reference_tokens([1, 2], short, VOCAB)
+    await engine.shutdown()
+
+
+async def test_too_many_core_failures_give_up_and_call_on_fatal() -> None:
+    fatal: list[str] = []
+    supervisor = SupervisorConfig(max_restarts=1, restart_window=60.0)
+    engine = await make_async(fail_at_step=1, supervisor=supervisor, on_fatal=fatal.append)
+    params = SamplingParams(max_tokens=50)
+    first = await collect(engine, "a", [1, 2], params)
+    assert first[-1].error
+    await wait_until(lambda: engine.is_healthy)
+    second = await collect(engine, "b", [1, 2], params)
+    assert second[-1].error
+    await wait_until(lambda: bool(fatal))
+    assert "2 engine failures" in fatal[0] and not engine.is_healthy
     with pytest.raises(EngineDeadError):
         engine.generate("late", [1], params)
+    await engine.shutdown()
+
+
+async def test_a_hung_step_on_a_thread_is_fatal() -> None:
+    fatal: list[str] = []
+    supervisor = SupervisorConfig(step_timeout=0.3)
+    engine = await make_async(step_delay=5.0, supervisor=supervisor, on_fatal=fatal.append)
+    stream = engine.generate("slow", [1, 2], SamplingParams(max_tokens=2))
+    outputs = [out async for out in stream]
+    assert outputs[-1].error and "step-timeout" in outputs[-1].error
+    assert fatal and not engine.is_healthy  # a thread cannot be stopped: the server must exit
 
 
 async def test_graceful_shutdown_finishes_in_flight_requests() -> None:
-    engine = make_async(step_delay=0.002)
+    engine = await make_async(step_delay=0.002)
     params = SamplingParams(max_tokens=20)
     prompts = {f"r{i}": [i + 1, 9] for i in range(5)}
     tasks = [asyncio.create_task(collect(engine, rid, p, params)) for rid, p in prompts.items()]
-    await wait_until(lambda: engine.engine.scheduler.num_running == 5)
+    await wait_until(lambda: core_of(engine).scheduler.num_running == 5)
+    core = core_of(engine)
     await engine.shutdown(graceful=True)
-    with pytest.raises(EngineDeadError, match="shutting down"):
+    with pytest.raises(EngineDeadError, match="shut down"):
         engine.generate("late", [1], params)
     for (_rid, prompt), task in zip(prompts.items(), tasks, strict=True):
         outputs = await task
         assert tokens_of(outputs) == reference_tokens(prompt, params, VOCAB)
         assert outputs[-1].outputs[0].finish_reason == "length"
-    assert idle(engine)
+    assert not core.has_unfinished() and core.scheduler.allocator.usage == 0.0
     assert not engine.is_healthy and not engine.stats().healthy  # stopped: /health answers 503
 
 
 async def test_idle_engine_thread_waits_without_spinning() -> None:
-    engine = make_async()
+    engine = await make_async()
     await collect(engine, "one", [1, 2], SamplingParams(max_tokens=2))
     steps = engine.stats().num_steps
     await asyncio.sleep(0.2)
@@ -232,7 +285,7 @@ def test_merge_outputs_concatenates_deltas() -> None:
 
 
 async def test_queue_time_comes_once_on_the_first_output() -> None:
-    engine = make_async(step_delay=0.005, max_num_seqs=1)
+    engine = await make_async(step_delay=0.005, max_num_seqs=1)
     params = SamplingParams(max_tokens=10)
     first, second = await asyncio.gather(
         collect(engine, "first", [1, 2], params), collect(engine, "second", [3, 4], params)
@@ -249,7 +302,7 @@ async def test_queue_time_comes_once_on_the_first_output() -> None:
 
 
 async def test_aborting_one_choice_lets_the_others_finish() -> None:
-    engine = make_async(step_delay=0.002)
+    engine = await make_async(step_delay=0.002)
     params = SamplingParams(n=3, max_tokens=40)
     stream = engine.generate("multi", [4, 5, 6], params)
     outputs = [await stream.__anext__()]
@@ -262,7 +315,7 @@ async def test_aborting_one_choice_lets_the_others_finish() -> None:
     assert len(tokens_of(outputs, 1)) < 10  # stopped within a step or two, not run to the end
     assert engine.stats().num_finished == {"abort": 1, "length": 2}
     await wait_until(lambda: idle(engine))
-    engine.engine.scheduler.allocator.check_integrity()
+    core_of(engine).scheduler.allocator.check_integrity()
     engine.abort("multi", index=0)  # finished: ignored
     await engine.shutdown()
 
@@ -283,10 +336,10 @@ async def test_aborting_one_choice_lets_the_others_finish() -> None:
 async def test_bad_params_are_refused_before_the_loop(
     prompt: list[int], params: SamplingParams, words: str
 ) -> None:
-    engine = make_async()
+    engine = await make_async()
     with pytest.raises(ValueError, match=words):
         engine.generate("bad", prompt, params)
-    assert engine.is_healthy and not engine.engine.has_unfinished()
+    assert engine.is_healthy and not core_of(engine).has_unfinished()
     await engine.shutdown()
 
 
@@ -302,7 +355,7 @@ EXTREME_PARAMS = [
     SamplingParams(logprobs=0, prompt_logprobs=0, n=2),
     SamplingParams(top_k=0), SamplingParams(top_k=1), SamplingParams(top_k=TINY_VOCAB - 1),
     SamplingParams(top_k=TINY_VOCAB), SamplingParams(top_k=10**12),
-    SamplingParams(repetition_penalty=1e-9, presence_penalty=2.0, frequency_penalty=-2.0),
+    SamplingParams(repetition_penalty=0.01, presence_penalty=2.0, frequency_penalty=-2.0),
     SamplingParams(repetition_penalty=2.0, presence_penalty=-2.0, frequency_penalty=2.0),
     SamplingParams(logit_bias={0: 100.0, TINY_VOCAB - 1: -100.0}),
     SamplingParams(logit_bias={t: -100.0 for t in range(TINY_VOCAB)}),
@@ -315,7 +368,7 @@ EXTREME_PROMPTS = [[TINY_VOCAB - 1] * TINY_LEN, [0], list(range(TINY_VOCAB))[: T
 
 
 @pytest.fixture(scope="module")
-def tiny_runner_engine() -> LLMEngine:
+def tiny_runner_core() -> EngineCore:
     import torch
 
     from model.config import SmolLM2Config
@@ -332,17 +385,17 @@ def tiny_runner_engine() -> LLMEngine:
     runner = ModelRunner(
         SmolLM2ForCausalLM(config).eval(), sched.num_blocks, sched.block_size, eos_token_id=1
     )
-    return LLMEngine(runner, Scheduler(sched), EngineConfig(sched))
+    return EngineCore(runner, Scheduler(sched), EngineConfig(sched))
 
 
 @pytest.mark.slow
 async def test_extreme_params_on_the_real_runner_keep_the_engine_healthy(
-    tiny_runner_engine: LLMEngine,
+    tiny_runner_core: EngineCore,
 ) -> None:
     """Every SamplingParams field at the edges of what validation accepts, all in one batch (with
     preemptions, as the pool is small), plus what it refuses: the loop must survive them all."""
-    engine = AsyncEngine(tiny_runner_engine)
-    engine.start()
+    engine = AsyncEngine.in_thread(lambda: tiny_runner_core)
+    await engine.start()
     for bad in (SamplingParams(top_k=-2), SamplingParams(temperature=-1.0), SamplingParams(n=0)):
         with pytest.raises(ValueError):
             engine.generate("bad", [1], bad)
@@ -362,6 +415,6 @@ async def test_extreme_params_on_the_real_runner_keep_the_engine_healthy(
         reasons = {c.finish_reason for out in outputs for c in out.outputs if c.finish_reason}
         assert reasons <= {"stop", "length"}, reasons
         assert all(0 <= t < TINY_VOCAB for out in outputs for c in out.outputs for t in c.new_token_ids)
-    assert engine.is_healthy
-    tiny_runner_engine.scheduler.allocator.check_integrity()
+    assert engine.is_healthy and engine.stats().num_engine_restarts == 0
+    tiny_runner_core.scheduler.allocator.check_integrity()
     await engine.shutdown()

@@ -57,6 +57,12 @@ class FakeEngine:
     def stats(self) -> dict[str, Any]:
         return {"num_running": len(self.running), "num_waiting": 0, "kv_cache_usage": 0.1 * len(self.running)}
 
+    def check_capacity(self, num_sequences: int) -> None:
+        if self.dead:
+            raise EngineDeadError("the engine loop died")
+        if len(self.running) + num_sequences > self.max_waiting:
+            raise QueueFullError(f"{len(self.running)} requests are waiting (limit {self.max_waiting})")
+
     def abort(self, request_id: str, index: int | None = None) -> None:
         if index is not None:
             self.aborted_choices.append((request_id, index))
@@ -79,7 +85,11 @@ class FakeEngine:
         return TokenLogprob(token_id, -0.25, 1, top[: params.logprobs])
 
     def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        group_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Refuses at once, as the real engine does; the stream itself is lazy."""
         if self.dead:
@@ -195,15 +205,14 @@ def tiny_engine(tokenizer: Tokenizer, settings: Settings) -> Any:
         eos_token_id=tokenizer.eos_token_id,
     )
     model = SmolLM2ForCausalLM(config).eval()
-    engine, _ = make_engine(model, tokenizer, settings)
-    return engine
+    return make_engine(model, tokenizer, settings)
 
 
 @pytest.fixture
 async def tiny_client(tokenizer: Tokenizer) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
     settings = tiny_settings()
     engine = tiny_engine(tokenizer, settings)
-    engine.start()
+    await engine.start()
     app = create_app(settings, engine=engine, tokenizer=tokenizer)
     try:
         async with app.router.lifespan_context(app):

@@ -42,7 +42,7 @@ async def test_burst_of_disconnects_frees_running_slots_and_kv(tokenizer: Tokeni
     port = free_port()
     settings = tiny_settings(port=port)
     engine = tiny_engine(tokenizer, settings)
-    engine.start()
+    await engine.start()
     app = create_app(settings, engine=engine, tokenizer=tokenizer)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     serving = asyncio.create_task(server.serve())
@@ -87,7 +87,7 @@ async def test_shutdown_lets_in_flight_requests_finish(tokenizer: Tokenizer) -> 
     port = free_port()
     settings = tiny_settings(port=port)
     engine = tiny_engine(tokenizer, settings)
-    engine.start()
+    await engine.start()
     app = create_app(settings, engine=engine, tokenizer=tokenizer)
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=30)

@@ -84,7 +84,7 @@ EXTREMES = [
     {"top_k": 10**12}, {"top_k": 0}, {"seed": 2**63 - 1, "n": 3}, {"seed": -(2**63)}, {"n": 128},
     {"logprobs": 20}, {"logit_bias": {"0": 100, "49151": -100}}, {"min_p": 1.0}, {"top_p": 1e-9},
     {"repetition_penalty": 2.0, "presence_penalty": 2, "frequency_penalty": -2}, {"temperature": 1e-9},
-    {"min_tokens": 2, "stop_token_ids": [0, 49151]}, {"stop": ["", "a" * 1000]}, {"echo": True, "logprobs": 20},
+    {"min_tokens": 2, "stop_token_ids": [0, 49151]}, {"stop": ["", "a" * 256]}, {"echo": True, "logprobs": 20},
     {"prompt": [49151] * 10}, {"prompt": [[0], [1, 2]], "n": 2},
 ]  # fmt: skip
 

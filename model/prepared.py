@@ -1,0 +1,108 @@
+"""A disk cache of models prepared for serving on CPU, so that a start or an engine restart after the
+first one skips the slow part (dequantizing the GGUF, packing GEMM tiles, building int4/int8 copies).
+
+The prepared model is saved whole with `torch.save` under ``$SMOLLM2_HOME/prepared/`` and read back
+with `torch.load(weights_only=False)`: the file is one this program wrote, in the user's own cache
+folder. Its name holds a hash of everything the result depends on: the source file (path, size,
+modification time), dtype and quantization options, the torch version, this package's source code and
+the CPU's instruction-set flags. A stale or unreadable file is rebuilt; older files of the same model
+are removed when a new one is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from model.defaults import cache_dir
+from model.modeling import SmolLM2ForCausalLM
+from model.weights import load_model
+
+log = logging.getLogger("model")
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def load_prepared(
+    source: str, dtype: str, device: str, int4_small_batch: str, int8_lm_head: str, use_cache: bool = True
+) -> SmolLM2ForCausalLM:
+    """`load_model(source)` + `prepare_for_serving(...)`, through the disk cache on CPU."""
+    if not use_cache or device != "cpu":
+        return _build(source, dtype, device, int4_small_batch, int8_lm_head)
+    path = prepared_path(source, dtype, int4_small_batch, int8_lm_head)
+    if path.exists():
+        t0 = time.perf_counter()
+        try:
+            model = torch.load(path, weights_only=False, map_location="cpu")
+        except Exception as exc:  # noqa: BLE001 - a damaged cache entry is rebuilt, not fatal
+            log.warning("prepared model %s unreadable (%s): rebuilding it", path.name, exc)
+        else:
+            if isinstance(model, SmolLM2ForCausalLM):
+                log.info("prepared model read from the cache in %.1f s", time.perf_counter() - t0)
+                return model.eval()
+    model = _build(source, dtype, device, int4_small_batch, int8_lm_head)
+    _save(model, path)
+    return model
+
+
+def _build(source: str, dtype: str, device: str, int4: str, int8: str) -> SmolLM2ForCausalLM:
+    t0 = time.perf_counter()
+    model = load_model(source, dtype, device)
+    model.prepare_for_serving(int4_small_batch=int4, int8_lm_head=int8)
+    log.info("model loaded and prepared for serving in %.1f s", time.perf_counter() - t0)
+    return model
+
+
+def _save(model: SmolLM2ForCausalLM, path: Path) -> None:
+    tmp: Path | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
+            tmp = Path(f.name)
+            torch.save(model, f)
+        os.replace(tmp, path)  # readers see the whole file or none
+        for old in path.parent.glob(path.name.rsplit("-", 1)[0] + "-*.pt"):
+            if old != path:
+                old.unlink(missing_ok=True)
+        log.info("prepared model cached as %s (%.0f MB)", path, path.stat().st_size / 1e6)
+    except OSError as exc:  # a read-only or full disk only costs the next start its time
+        log.warning("could not cache the prepared model: %s", exc)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+
+
+def prepared_path(source: str, dtype: str, int4: str, int8: str) -> Path:
+    digest = hashlib.sha256()
+    for part in (_source_identity(Path(source)), dtype, int4, int8, torch.__version__, _code_identity(),
+                 _cpu_identity()):  # fmt: skip
+        digest.update(part.encode())
+        digest.update(b"\0")
+    stem = Path(source).name.replace("-", "_")
+    return cache_dir() / "prepared" / f"{stem}-{digest.hexdigest()[:20]}.pt"
+
+
+def _source_identity(source: Path) -> str:
+    source = source.resolve()
+    files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
+    return "|".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+
+
+def _code_identity() -> str:
+    digest = hashlib.sha256()
+    for path in sorted([*_PACKAGE.glob("*.py"), *_PACKAGE.glob("csrc/*")]):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _cpu_identity() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return torch.backends.cpu.get_cpu_capability()

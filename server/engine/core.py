@@ -1,0 +1,253 @@
+"""The engine core: scheduler + runner + the step loop, one sequence per request (n = 1).
+
+`EngineCore.step()` is schedule -> run -> update, then one `SeqOutput` per sequence that produced
+something. It knows nothing of n > 1 choices, prompt-logprob assembly or streams: the client's
+`OutputProcessor` does that on the other side of the boundary (server/engine/output.py).
+
+`run_core_loop` drives a core from an inbox of typed messages and emits one `StepOutputs` per loop
+turn. The same loop runs on a thread of the server (`--engine-process false`) or in a child process
+(`core_process_main`), where a reader thread fills the inbox and a writer thread empties the outbox,
+so that neither side ever blocks on a send while the other blocks on its own: the pipes are always
+being read.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import signal
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any, Protocol
+
+from server.engine.messages import (
+    AbortRequests,
+    AddRequests,
+    CoreDead,
+    CoreInfo,
+    CoreInput,
+    CoreOutput,
+    CoreReady,
+    CoreRequest,
+    EngineStats,
+    RequestChecker,
+    SeqOutput,
+    Shutdown,
+    StepOutputs,
+)
+from server.engine.request import Request, SampleResult
+from server.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+
+log = logging.getLogger("server.engine")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # as server.__main__'s
+
+
+class Runner(Protocol):
+    def execute(self, plan: SchedulerOutput) -> dict[str, SampleResult]:
+        """Run one step; return a result for each scheduled sequence whose `sample` is set."""
+        ...
+
+
+@dataclass
+class EngineConfig:
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    max_waiting: int = 256  # sequences (n>1 choices count one each) queued before QueueFullError
+    vocab_size: int | None = None  # None: the runner's (`runner.vocab_size` or its model's config)
+
+
+class EngineCore:
+    def __init__(self, runner: Runner, scheduler: Scheduler, config: EngineConfig | None = None) -> None:
+        self.runner = runner
+        self.scheduler = scheduler
+        self.config = config or EngineConfig(scheduler=scheduler.config)
+        self.num_steps = 0
+        self.num_generation_tokens = 0
+        self.num_prompt_tokens = 0
+        self.num_finished: collections.Counter[str] = collections.Counter()
+        self.vocab_size = self.config.vocab_size or _runner_vocab_size(runner)
+
+    @property
+    def info(self) -> CoreInfo:
+        sched = self.scheduler.config
+        checker = RequestChecker(
+            sched.max_model_len, self.config.max_waiting, self.vocab_size, sched.eos_token_id
+        )
+        return CoreInfo(checker, sched.max_model_len, sched.num_blocks, sched.block_size)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def add(self, req: CoreRequest) -> SeqOutput | None:
+        """Queue one sequence; an error output (not an exception) if it cannot be: the client validated
+        it already, so this only guards the step against a request that slipped through."""
+        request = Request(
+            req.request_id, req.prompt_token_ids, req.params, parent_id=req.parent_id, index=req.index,
+            arrival_time=req.arrival_time, group_id=req.group_id,
+        )  # fmt: skip
+        try:
+            self.scheduler.add(request)
+        except ValueError as exc:
+            return SeqOutput(req.request_id, finish_reason="error", error=str(exc))
+        return None
+
+    def abort(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            if self.scheduler.abort(request_id) is not None:
+                self.num_finished["abort"] += 1
+
+    def step(self) -> list[SeqOutput]:
+        plan = self.scheduler.schedule()
+        sampled = self.runner.execute(plan) if plan.scheduled else {}
+        finished = self.scheduler.update(plan, sampled)
+        return self._outputs(plan, sampled, finished)
+
+    def _outputs(
+        self, plan: SchedulerOutput, sampled: dict[str, SampleResult], finished: list[Request]
+    ) -> list[SeqOutput]:
+        self.num_steps += 1
+        outputs = [
+            SeqOutput(r.request_id, reset_prompt_logprobs=True)
+            for r in plan.preempted
+            if r.params.prompt_logprobs is not None
+        ]
+        for seq in plan.scheduled:
+            request, result = seq.request, sampled.get(seq.request.request_id)
+            if result is None:
+                continue
+            out = SeqOutput(request.request_id, prompt_logprobs=result.prompt_logprobs or None)
+            if seq.sample and result.token_id is not None:
+                out.new_token_ids = [result.token_id]
+                if request.params.logprobs is not None and result.logprobs is not None:
+                    out.logprobs = [result.logprobs]
+                out.finish_reason = request.status.finish_reason
+                out.stop_token_id = request.stop_token_id
+                self.num_generation_tokens += 1
+            if not request.first_output_sent and request.first_scheduled_time is not None:
+                request.first_output_sent = True
+                out.queue_time = request.first_scheduled_time - request.arrival_time
+                out.num_cached_tokens = request.num_cached_tokens
+            outputs.append(out)
+        for request in finished:
+            self.num_finished[request.status.finish_reason or "?"] += 1
+            self.num_prompt_tokens += request.num_prompt_tokens
+        return outputs
+
+    def stats(self) -> EngineStats:
+        allocator = self.scheduler.allocator
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_cache_usage=allocator.usage,
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=allocator.prefix_queries,
+            prefix_cache_hits=allocator.prefix_hits,
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_generation_tokens=self.num_generation_tokens,
+            num_finished=dict(self.num_finished),
+            num_steps=self.num_steps,
+            num_kv_blocks_used=allocator.num_blocks - allocator.num_free_blocks,
+        )
+
+
+def _runner_vocab_size(runner: Runner) -> int | None:
+    """ModelRunner knows it through its model; a test runner may state it."""
+    size = getattr(runner, "vocab_size", None)
+    model = getattr(runner, "model", None)
+    if size is None and model is not None:
+        size = model.config.vocab_size
+    return size
+
+
+# ---- the loop ---------------------------------------------------------------------------------------
+
+
+def run_core_loop(
+    core: EngineCore, inbox: queue.SimpleQueue[CoreInput], emit: Callable[[CoreOutput], None]
+) -> None:
+    """Take in every message waiting, run one step if there is work, emit its outputs; block on the
+    inbox only while idle. Returns on `Shutdown`; a failing step emits `CoreDead` and returns."""
+    last_add = 0
+    try:
+        while True:
+            messages = [] if core.has_unfinished() else [inbox.get()]
+            while not inbox.empty():
+                messages.append(inbox.get())
+            outputs: list[SeqOutput] = []
+            for message in messages:
+                match message:
+                    case Shutdown():
+                        return
+                    case AddRequests(requests=requests, seq=seq):
+                        last_add = seq
+                        outputs.extend(out for r in requests if (out := core.add(r)) is not None)
+                    case AbortRequests(request_ids=ids):
+                        core.abort(ids)
+            if core.has_unfinished():
+                outputs.extend(core.step())
+            emit(StepOutputs(outputs, core.stats(), last_add))
+    except Exception as exc:  # noqa: BLE001 - a failed step: the client fails the streams and restarts us
+        log.error("engine step failed:\n%s", traceback.format_exc())
+        emit(CoreDead(f"{type(exc).__name__}: {exc}"))
+
+
+# ---- the child process ------------------------------------------------------------------------------
+
+
+def core_process_main(
+    in_conn: Connection, out_conn: Connection, build: Callable[..., EngineCore], args: tuple[Any, ...],
+    log_level: str,
+) -> None:  # fmt: skip
+    """Entry point of the engine process: build the core, then serve it until Shutdown or EOF."""
+    # The server decides when we stop: a Ctrl-C or `docker stop` reaches the whole process group, and
+    # the server drains its requests first, then sends Shutdown (or closes the pipe).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT, force=True)
+    try:
+        core = build(*args)
+    except BaseException as exc:  # noqa: BLE001 - report any failure to the parent, then exit
+        log.error("engine process failed to start:\n%s", traceback.format_exc())
+        _send_quietly(out_conn, CoreDead(f"{type(exc).__name__}: {exc}", during_start=True))
+        return
+    inbox: queue.SimpleQueue[CoreInput] = queue.SimpleQueue()
+    outbox: queue.SimpleQueue[CoreOutput | None] = queue.SimpleQueue()
+    outbox.put(CoreReady(core.info))
+    writer = threading.Thread(target=_write_all, args=(outbox, out_conn), name="core-writer", daemon=True)
+    reader = threading.Thread(target=_read_all, args=(in_conn, inbox), name="core-reader", daemon=True)
+    writer.start()
+    reader.start()
+    # Steps run on their own thread (not the main one): torch.set_num_threads(), called by `build` on
+    # this thread, caps ATen's element-wise loops, while our GEMMs switch to every core around each
+    # call (model/threads.py); a thread started here inherits the capped OpenMP count.
+    loop = threading.Thread(target=run_core_loop, args=(core, inbox, outbox.put), name="engine-loop")
+    loop.start()
+    loop.join()
+    outbox.put(None)
+    writer.join(10)
+
+
+def _read_all(conn: Connection, inbox: queue.SimpleQueue[CoreInput]) -> None:
+    try:
+        while True:
+            inbox.put(conn.recv())
+    except (EOFError, OSError):  # the server went away: nobody is listening
+        inbox.put(Shutdown())
+
+
+def _write_all(outbox: queue.SimpleQueue[CoreOutput | None], conn: Connection) -> None:
+    while (message := outbox.get()) is not None:
+        try:
+            conn.send(message)
+        except OSError:
+            return
+
+
+def _send_quietly(conn: Connection, message: CoreOutput) -> None:
+    try:
+        conn.send(message)
+    except OSError:
+        pass
