@@ -11,6 +11,7 @@ are never stale; per-request counters and histograms are observed by the serving
 | `smollm2:num_preemptions_total` | counter | | sequences preempted (blocks freed, recomputed later) |
 | `smollm2:prefix_cache_queries_total` | counter | | prompt tokens looked up in the prefix cache |
 | `smollm2:prefix_cache_hits_total` | counter | | prompt tokens found in the prefix cache |
+| `smollm2:engine_restarts_total` | counter | | times the engine core died and was restarted |
 | `smollm2:prompt_tokens_total` | counter | | prompt tokens of admitted requests |
 | `smollm2:generation_tokens_total` | counter | | tokens generated (and delivered) |
 | `smollm2:request_success_total` | counter | `finished_reason` | finished choices by reason: stop, length, abort |
@@ -87,6 +88,7 @@ _ENGINE_METRICS = [
         "Prompt tokens looked up in the prefix cache.",
     ),
     ("prefix_cache_hits", "counter", "prefix_cache_hits", "Prompt tokens served from the prefix cache."),
+    ("engine_restarts", "counter", "num_engine_restarts", "Times the engine core died and was restarted."),
 ]
 
 

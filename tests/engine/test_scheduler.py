@@ -257,3 +257,21 @@ def test_fake_model_depends_on_every_position() -> None:
 def test_config_rejects_a_pool_smaller_than_one_sequence() -> None:
     with pytest.raises(ValueError, match="smaller than max_model_len"):
         Scheduler(SchedulerConfig(max_model_len=100, block_size=4, num_blocks=10))
+
+
+def test_one_request_cannot_hold_every_running_slot() -> None:
+    """n = 6 with a cap of 2 slots per request: the big request runs two choices at a time, and a
+    request that arrives after it is admitted at once instead of waiting behind it."""
+    engine, _ = make_engine(max_num_seqs=4, max_seqs_per_request=2, enable_prefix_caching=False)
+    params = SamplingParams(n=6, max_tokens=20, ignore_eos=True)
+    engine.add_request("big", [1, 2, 3], params)
+    engine.add_request("small", [4, 5], SamplingParams(max_tokens=20, ignore_eos=True))
+    engine.step()
+    running = [r.request_id for r in engine.scheduler.running]
+    assert sum(rid.startswith("big-") for rid in running) == 2 and "small" in running
+    most = 0
+    while engine.has_unfinished():
+        engine.step()
+        most = max(most, sum(r.request_id.startswith("big-") for r in engine.scheduler.running))
+    assert most == 2
+    assert engine.stats().num_finished == {"length": 7}

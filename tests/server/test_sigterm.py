@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -37,10 +38,12 @@ def tiny_model_folder(tokenizer: Tokenizer, folder: Path) -> Path:
     return save_hf_folder(SmolLM2ForCausalLM(config).eval(), folder, tokenizer)
 
 
-def start_server(model: Path, port: int) -> subprocess.Popen[str]:
+def start_server(model: Path, port: int, new_session: bool = False) -> subprocess.Popen[str]:
     cmd = [sys.executable, "-m", "server", "--model", str(model), "--port", str(port), "--dtype", "float32",
            "--kv-cache-memory", "8MiB", "--max-model-len", "1024", "--shutdown-timeout", "60"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=new_session
+    )
     deadline = time.monotonic() + 120
     while True:
         assert proc.poll() is None, f"server exited: {proc.communicate()[0]}"
@@ -53,9 +56,14 @@ def start_server(model: Path, port: int) -> subprocess.Popen[str]:
         time.sleep(0.2)
 
 
-def test_sigterm_drains_the_in_flight_stream_then_exits_zero(tokenizer: Tokenizer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("whole_group", [False, True], ids=["server", "process-group"])
+def test_sigterm_drains_the_in_flight_stream_then_exits_zero(
+    tokenizer: Tokenizer, tmp_path: Path, whole_group: bool
+) -> None:
+    """`kill` of the server, or `docker stop` / Ctrl-C, which signal the whole process group: the engine
+    process must outlive the signal until the server has drained."""
     port = free_port()
-    proc = start_server(tiny_model_folder(tokenizer, tmp_path / "tiny"), port)
+    proc = start_server(tiny_model_folder(tokenizer, tmp_path / "tiny"), port, new_session=whole_group)
     url = f"http://127.0.0.1:{port}/v1/completions"
     body = {"model": MODEL, "prompt": "Once", "max_tokens": MAX_TOKENS, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}  # fmt: skip
@@ -64,7 +72,10 @@ def test_sigterm_drains_the_in_flight_stream_then_exits_zero(tokenizer: Tokenize
         with httpx.stream("POST", url, json=body, timeout=60) as r:
             lines = (line for line in r.iter_lines() if line.startswith("data: "))
             events.append(next(lines))
-            proc.send_signal(signal.SIGTERM)
+            if whole_group:
+                os.killpg(proc.pid, signal.SIGTERM)
+            else:
+                proc.send_signal(signal.SIGTERM)
             time.sleep(0.5)  # uvicorn notices the signal and closes its listener
             with pytest.raises(httpx.TransportError):  # no new request gets in during the drain
                 httpx.post(url, json={**body, "stream": False, "max_tokens": 1}, timeout=5)
@@ -79,3 +90,49 @@ def test_sigterm_drains_the_in_flight_stream_then_exits_zero(tokenizer: Tokenize
     finishes = [c["finish_reason"] for chunk in chunks for c in chunk["choices"] if c["finish_reason"]]
     assert finishes == ["length"] and chunks[-1]["usage"]["completion_tokens"] == MAX_TOKENS
     assert sum(1 for chunk in chunks for _ in chunk["choices"]) <= MAX_TOKENS
+
+
+def engine_pid(server_pid: int) -> int:
+    """The engine process: the server's child started by multiprocessing's spawn (not its resource tracker)."""
+    tasks = Path(f"/proc/{server_pid}/task").glob("*/children")  # children of every thread
+    children = [pid for task in tasks for pid in task.read_text().split()]
+    for pid in children:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        if b"spawn_main" in cmdline:
+            return int(pid)
+    raise AssertionError(f"no engine process among {children}")
+
+
+def test_a_killed_engine_core_fails_its_stream_then_the_server_recovers(
+    tokenizer: Tokenizer, tmp_path: Path
+) -> None:
+    port = free_port()
+    proc = start_server(tiny_model_folder(tokenizer, tmp_path / "tiny"), port)
+    base = f"http://127.0.0.1:{port}"
+    body = {"model": MODEL, "prompt": "Once", "max_tokens": MAX_TOKENS, "ignore_eos": True, "stream": True}
+    try:
+        first = engine_pid(proc.pid)
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as r:
+            lines = (line for line in r.iter_lines() if line.startswith("data: "))
+            next(lines)
+            os.kill(first, signal.SIGKILL)
+            events = list(lines)
+        assert events[-1] == "data: [DONE]"
+        error = json.loads(events[-2].removeprefix("data: "))["error"]
+        assert "engine" in error["message"] and error["code"] >= 500
+        deadline = time.monotonic() + 120
+        while httpx.get(f"{base}/health", timeout=5).status_code != 200:  # 503 while the core restarts
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.1)
+        assert engine_pid(proc.pid) != first
+        r2 = httpx.post(f"{base}/v1/completions", json={**body, "stream": False, "max_tokens": 5}, timeout=60)
+        assert r2.status_code == 200 and r2.json()["usage"]["completion_tokens"] == 5
+        metrics = httpx.get(f"{base}/metrics", timeout=5).text
+        assert "smollm2:engine_restarts_total" in metrics
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()

@@ -1,0 +1,213 @@
+"""Every input a client controls is bounded before work proportional to it is done: each limit answers
+a 4xx in OpenAI's shape naming the parameter, at once and without building what it bounds."""
+
+from __future__ import annotations
+
+import time
+import tracemalloc
+from typing import Any
+
+import httpx
+import pytest
+
+from model.tokenizer import Tokenizer
+from server.app import create_app
+from server.stop_strings import StopMatcher
+from tests.server.conftest import FakeEngine, fake_settings
+from tests.server.test_api import MODEL, assert_error
+
+QUICK_S = 1.0  # the limits answer in well under 100 ms on a quiet machine; CI machines are shared
+
+
+async def timed_post(client: httpx.AsyncClient, path: str, body: Any) -> tuple[httpx.Response, float, int]:
+    """The response, its latency and the peak of Python memory allocated while it was made."""
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    t0 = time.perf_counter()
+    try:
+        r = await client.post(path, json=body)
+        return r, time.perf_counter() - t0, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.fixture
+async def big_client(tokenizer: Tokenizer) -> Any:
+    """The fake engine behind the real HTTP layer, with OpenAI's 1 MiB-class body limit."""
+    engine = FakeEngine(tokenizer, max_waiting=256)
+    app = create_app(fake_settings(max_body_bytes=2 * 1024 * 1024), engine=engine, tokenizer=tokenizer)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as c:
+            yield c, engine
+
+
+async def test_many_prompts_times_n_is_refused_before_fan_out(big_client: Any) -> None:
+    client, engine = big_client
+    body = {"model": MODEL, "prompt": [[1]] * 16384, "n": 128, "max_tokens": 1}
+    r, seconds, peak = await timed_post(client, "/v1/completions", body)
+    assert_error(r, 400, "2048 prompts")
+    assert r.json()["error"]["param"] == "prompt"
+    assert seconds < QUICK_S and peak < 32 * 1024 * 1024, (seconds, peak)
+    # Under the prompt limit but over the queue: 429 before anything is tokenized or queued.
+    r, seconds, _ = await timed_post(client, "/v1/completions", {**body, "prompt": [[1]] * 200, "n": 2})
+    assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+    assert engine.submitted == [] and seconds < QUICK_S
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"stop": [f"s{i}" for i in range(20_000)]}, "stop"),
+        ({"stop": ["x" * 257]}, "stop"),
+        ({"logit_bias": {str(i): 1.0 for i in range(49_000)}}, "logit_bias"),
+        ({"stop_token_ids": list(range(5_000))}, "stop_token_ids"),
+        ({"echo": True, "logprobs": 20, "n": 128, "max_tokens": 200}, "logprobs"),
+        ({"repetition_penalty": 1e-300}, "repetition_penalty"),
+    ],
+    ids=["stop-count", "stop-length", "logit-bias", "stop-token-ids", "logprob-budget", "repetition-penalty"],
+)
+async def test_each_size_limit_is_a_quick_400_naming_its_parameter(
+    big_client: Any, extra: dict[str, Any], param: str
+) -> None:
+    client, engine = big_client
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 4, **extra}
+    r, seconds, _ = await timed_post(client, "/v1/completions", body)
+    error = assert_error(r, 400)
+    assert error["param"] == param, error
+    assert seconds < QUICK_S and engine.submitted == []
+
+
+async def test_chat_logprob_budget_counts_choices_and_top_logprobs(big_client: Any) -> None:
+    client, _ = big_client
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 128, "logprobs": True,
+            "top_logprobs": 20, "max_tokens": 200, "ignore_eos": True}  # fmt: skip
+    r = await client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs", r.text[:300]
+    r = await client.post("/v1/chat/completions", json={**body, "n": 2, "max_tokens": 20})
+    assert r.status_code == 200, r.text[:300]
+
+
+async def test_a_prompt_longer_than_any_context_is_refused_without_tokenizing(
+    big_client: Any, monkeypatch: pytest.MonkeyPatch, tokenizer: Tokenizer
+) -> None:
+    client, _ = big_client
+
+    def never(*args: Any, **kwargs: Any) -> list[int]:
+        raise AssertionError("tokenized a prompt that could not fit")
+
+    monkeypatch.setattr(tokenizer, "encode", never)
+    huge = "word " * 200_000  # 1 MB
+    for path, body in [
+        ("/v1/completions", {"model": MODEL, "prompt": huge}),
+        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": huge}]}),
+        ("/tokenize", {"model": MODEL, "prompt": huge}),
+    ]:
+        r, seconds, _ = await timed_post(client, path, body)
+        assert_error(r, 400, "context length")
+        assert seconds < QUICK_S, (path, seconds)
+
+
+async def test_long_prompts_that_fit_are_tokenized_off_the_event_loop(
+    big_client: Any, monkeypatch: pytest.MonkeyPatch, tokenizer: Tokenizer
+) -> None:
+    import threading
+
+    client, engine = big_client
+    threads: list[str] = []
+    real = tokenizer.encode
+
+    def spy(*args: Any, **kwargs: Any) -> list[int]:
+        threads.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "encode", spy)
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "ab " * 2000, "max_tokens": 1})
+    assert r.status_code == 400 or r.status_code == 200  # fits the fake engine's context or not: no matter
+    assert threads and threading.main_thread().name not in threads
+    threads.clear()
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "short", "max_tokens": 1})
+    assert r.status_code == 200 and threads == [threading.main_thread().name]  # no thread hop for short ones
+    assert engine.submitted
+
+
+async def test_lone_surrogates_are_a_400_not_a_500(big_client: Any) -> None:
+    client, _ = big_client
+    for body in (
+        '{"model": "\\ud800", "prompt": "hi"}',
+        '{"model": "SmolLM2-135M-Instruct", "prompt": "a\\udfff"}',
+        '{"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "\\ud83d"}]}',
+    ):
+        path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+        r = await client.post(path, content=body, headers={"content-type": "application/json"})
+        assert_error(r, 400, "surrogate")
+
+
+# ---- stop strings: a bounded cost per character ---------------------------------------------------------
+
+
+def feed_all(matcher: StopMatcher, pieces: list[str]) -> tuple[str, bool, int]:
+    """The text kept before the first stop string, whether one was found, and the last held count."""
+    state, text = 0, ""
+    for piece in pieces:
+        state, hit = matcher.feed(state, piece)
+        if hit is not None:
+            end, length = hit
+            return (text + piece[:end])[: len(text) + end - length], True, 0
+        text += piece
+    return text, False, matcher.held(state)
+
+
+@pytest.mark.parametrize(
+    ("stops", "pieces", "expected"),
+    [
+        (["END"], ["The ", "E", "N", "D"], ("The ", True, 0)),
+        (["abcd", "bc"], ["xab", "cd"], ("xa", True, 0)),  # "bc" completes first
+        (["aaab"], ["aa", "aa", "ab!"], ("aa", True, 0)),  # the match restarts inside a failed one
+        (["<|end|>", "\n\n"], ["one\n", "two <|e"], ("one\ntwo <|e", False, 3)),  # "<|e" held back
+        (["xyz"], ["abc"], ("abc", False, 0)),
+    ],
+)
+def test_stop_matcher_cuts_at_the_first_stop_and_holds_back_prefixes(
+    stops: list[str], pieces: list[str], expected: tuple[str, bool, int]
+) -> None:
+    assert feed_all(StopMatcher(stops), pieces) == expected
+
+
+def test_stop_matcher_agrees_with_a_plain_search() -> None:
+    import random
+
+    rng = random.Random(0)
+    for _ in range(300):
+        stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 4))]
+        text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 30)))
+        ends = [(text.find(s) + len(s), -len(s)) for s in stops if s in text]
+        kept, found, _ = feed_all(StopMatcher(stops), list(text))
+        if not ends:
+            assert not found and kept == text
+            continue
+        end, neg_len = min(ends)  # the earliest end, the longest stop string ending there
+        assert found and kept == text[: end + neg_len], (stops, text)
+
+
+def test_stop_matching_cost_does_not_grow_with_the_number_of_stop_strings() -> None:
+    few, many = StopMatcher(["zzzz"]), StopMatcher([f"{i:08d}z" for i in range(64)] + ["q" * 256])
+    text = "0123456789 " * 2000
+
+    def cost(matcher: StopMatcher) -> float:
+        t0 = time.perf_counter()
+        state = 0
+        for i in range(0, len(text), 4):
+            state, _ = matcher.feed(state, text[i : i + 4])
+        return time.perf_counter() - t0
+
+    cost(few)
+    assert cost(many) < 5 * cost(few) + 0.01
+
+
+def test_the_detokenizer_window_stays_bounded_on_invalid_utf8(tokenizer: Tokenizer) -> None:
+    broken = next(t for t in range(tokenizer.vocab_size) if tokenizer.decode([t]) == "\ufffd")
+    decoder = tokenizer.incremental_decoder()
+    text = "".join(decoder.push([broken]) for _ in range(2000)) + decoder.flush()
+    assert len(decoder._window) <= 16
+    assert text.count("\ufffd") >= 2000 // 16
