@@ -39,9 +39,8 @@ from dataclasses import dataclass
 import torch
 
 from model import paged_kernel
-from server.engine.request import SamplingParams, TokenLogprob
+from model.sampling_params import SamplingParams, TokenLogprob, clamp_top_k
 
-_EPS = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS)
 # top-k / top-p rows are sampled among their 256 best logits when these hold the support, else among their
 # 4,096 best; only a support wider than that (top-k > 4,096, a nucleus in a near-uniform distribution)
 # sorts the vocabulary. SmolLM2-135M at temperature 1 needs more than 256 for a 0.95 nucleus in half of
@@ -110,8 +109,8 @@ class SamplingBatch:
         keeps it across steps (see make_generator). `banned_token_ids[i]` lists the tokens row i may not
         produce this step (eos + stop ids while fewer than min_tokens were generated).
         """
-        greedy = [i for i, p in enumerate(params) if p.temperature < _EPS]
-        rand = [i for i, p in enumerate(params) if p.temperature >= _EPS]
+        greedy = [i for i, p in enumerate(params) if p.greedy]
+        rand = [i for i, p in enumerate(params) if not p.greedy]
         rand_params = [params[i] for i in rand]
         seen = [p + o for p, o in zip(prompt_token_ids, output_token_ids, strict=True)]
         rep = [p.repetition_penalty if s else 1.0 for p, s in zip(params, seen, strict=True)]
@@ -179,7 +178,7 @@ def _column(values: list[float], neutral: float, device: torch.device | str) -> 
 
 
 def _top_k(params: list[SamplingParams], device: torch.device | str) -> torch.Tensor | None:
-    ks = [max(p.top_k, 0) for p in params]
+    ks = [max(clamp_top_k(p.top_k), 0) for p in params]  # 0: off
     return torch.tensor(ks, dtype=torch.long, device=device) if any(ks) else None
 
 

@@ -22,6 +22,7 @@ from model.attention import (
 )
 from model.modeling import SmolLM2ForCausalLM
 from model.sampling import SamplingBatch, make_generator, prompt_logprobs, sample
+from model.sampling_params import banned_before_min_tokens
 from model.threads import run_wide
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.request import Request, SampleResult
@@ -249,12 +250,7 @@ class ModelRunner:
 
     def _banned(self, req: Request) -> list[int]:
         """While min_tokens are not reached, EOS and the stop token ids may not be drawn."""
-        if req.num_output_tokens >= req.params.min_tokens:
-            return []
-        stop = list(req.params.stop_token_ids)
-        if self.eos_token_id is not None and not req.params.ignore_eos:
-            stop.append(self.eos_token_id)
-        return stop
+        return sorted(banned_before_min_tokens(req.params, self.eos_token_id, req.num_output_tokens))
 
     def _drop_finished_generators(self) -> None:
         for rid in [rid for rid, (req, _) in self._generators.items() if req.is_finished]:

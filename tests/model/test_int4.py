@@ -163,8 +163,8 @@ def test_real_gguf_int4_auto_is_lossless_and_close_to_bf16(real_bf16) -> None:  
 @pytest.mark.slow
 @pytest.mark.real_model
 def test_real_gguf_int4_serving_path_says_paris(real_bf16) -> None:  # type: ignore[no-untyped-def]
+    from model.sampling_params import SamplingParams
     from server.engine.engine import LLMEngine
-    from server.engine.request import SamplingParams
     from server.engine.runner import ModelRunner
     from server.engine.scheduler import Scheduler, SchedulerConfig
 
