@@ -27,7 +27,7 @@ Design choices driven by the 2-core CPU this runs on (see bench/sampling_bench.p
     seeded rows batch-independent. min-p is a threshold in logit space (logit >= max + log(min_p)).
   - Penalties gather/scatter at the ids a row has seen ((B, P + L) lists), never build (B, V) counts.
   - sample() modifies the logits it is given in place (the runner makes them fresh every step): a fresh
-    (64, 49152) tensor cost ~9 ms of page faults on the measuring machine, more than the arithmetic.
+    (64, 49152) tensor costs more in page faults than the arithmetic on it.
 """
 
 from __future__ import annotations
@@ -39,12 +39,13 @@ from dataclasses import dataclass
 import torch
 
 from model import paged_kernel
+from model.kernels import Kernels
 from model.sampling_params import SamplingParams, TokenLogprob, clamp_top_k
 
 # top-k / top-p rows are sampled among their 256 best logits when these hold the support, else among their
 # 4,096 best; only a support wider than that (top-k > 4,096, a nucleus in a near-uniform distribution)
 # sorts the vocabulary. SmolLM2-135M at temperature 1 needs more than 256 for a 0.95 nucleus in half of
-# its steps (max ~3,100): a (32, 49152) sort costs ~62 ms here, a topk of 4,096 ~11 ms.
+# its steps (max ~3,100), and a sort of the vocabulary costs several times a topk of 4,096 (bench/NOTES.md).
 _CANDIDATES = 256
 _CANDIDATES_WIDE = 4096
 
@@ -79,6 +80,7 @@ class SamplingBatch:
     output_mask: torch.Tensor | None  # (B, L) float: 1 for real entries, 0 for padding
     logprobs: list[int | None]  # requested top-N per row (None = no logprobs for that row)
     logprob_rows: torch.Tensor | None  # (L,) rows that asked for logprobs
+    cpp_argmax: bool | None = None  # the C++ argmax for greedy rows (Kernels.cpp); None: if it is loaded
 
     @property
     def all_greedy(self) -> bool:
@@ -102,6 +104,7 @@ class SamplingBatch:
         generators: list[torch.Generator | None],
         device: torch.device | str = "cpu",
         banned_token_ids: list[list[int]] | None = None,
+        kernels: Kernels | None = None,
     ) -> SamplingBatch:
         """Gather the batch's parameters into tensors.
 
@@ -145,6 +148,7 @@ class SamplingBatch:
             logprob_rows=_index([i for i, n in enumerate(logprobs) if n is not None], device)
             if any(n is not None for n in logprobs)
             else None,
+            cpp_argmax=None if kernels is None else kernels.cpp,
         )
 
 
@@ -293,20 +297,22 @@ def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> None:
 
 def _choose(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     if batch.random_rows is None:
-        return _argmax(logits)
+        return _argmax(logits, batch.cpp_argmax)
     if batch.greedy_rows is None:
         return _sample_random(logits, batch)
     tokens = torch.empty(batch.num_rows, dtype=torch.long, device=logits.device)
-    tokens[batch.greedy_rows] = _argmax(logits.index_select(0, batch.greedy_rows))
+    tokens[batch.greedy_rows] = _argmax(logits.index_select(0, batch.greedy_rows), batch.cpp_argmax)
     tokens[batch.random_rows] = _sample_random(logits.index_select(0, batch.random_rows), batch)
     return tokens
 
 
-def _argmax(x: torch.Tensor) -> torch.Tensor:
-    """First maximum of each row (NaN counts as the maximum). On CPU the C++ kernel, once loaded, is ~10x
-    faster than ATen's reduction (1.4 ms -> 0.1 ms for 32 x 49152 logits); otherwise max(dim).indices,
-    about twice as fast as argmax."""
-    if x.dim() == 2 and x.dtype == torch.float32 and x.shape[1] > 0 and paged_kernel.ready(x.device):
+def _argmax(x: torch.Tensor, cpp: bool | None = None) -> torch.Tensor:
+    """First maximum of each row (NaN counts as the maximum). On CPU the C++ kernel (cpp; None: when it is
+    loaded) is ~10x faster than ATen's reduction over 49,152 logits (bench/NOTES.md); otherwise
+    max(dim).indices, about twice as fast as argmax."""
+    if cpp is None:
+        cpp = paged_kernel.ready(x.device)
+    if cpp and x.dim() == 2 and x.dtype == torch.float32 and x.shape[1] > 0:
         return torch.ops.smollm2.argmax_rows(x.contiguous())
     return x.max(dim=-1).indices
 

@@ -11,7 +11,7 @@ from server.engine.engine import LLMEngine
 from server.engine.request import RequestOutput, SamplingParams
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler, SchedulerConfig
-from tests.engine.conftest import TINY_VOCAB as VOCAB
+from tests.conftest import TINY_VOCAB as VOCAB
 
 
 def make_engine(model: SmolLM2ForCausalLM, **sched: object) -> LLMEngine:
