@@ -123,7 +123,7 @@ class SamplingBatch:
         logprobs = [p.logprobs for p in params]
         seeded = [(j, g) for j, i in enumerate(rand) if (g := generators[i]) is not None]
         unseeded = [j for j, i in enumerate(rand) if generators[i] is None]
-        cand = [j for j, p in enumerate(rand_params) if p.top_k > 0 or p.top_p < 1.0]
+        cand = [j for j, p in enumerate(rand_params) if clamp_top_k(p.top_k) > 0 or p.top_p < 1.0]
         out_ids, out_mask = _padded(output_token_ids, device) if use_out else (None, None)
         return cls(
             num_rows=len(params),
