@@ -26,6 +26,7 @@ serve: venv fetch-model
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check model server bench tests
+	$(VENV)/bin/mypy model server
 
 test: venv fetch-model lint
 	$(VENV)/bin/pytest -q

@@ -1,7 +1,7 @@
 """This machine's own ceilings, measured in a few seconds before a benchmark runs.
 
-The issue's roofline figures (2,300 tok/s at 32 streams, a 5 ms single-stream floor) come from
-shared/PERF-NOTES.md, measured on a Zen 5 host. Hosts of the same size differ: a Zen 4 EPYC runs
+The issue's roofline figures (2,300 tok/s at 32 streams, a 5 ms single-stream floor) were
+measured on a Zen 5 host. Hosts of the same size differ: a Zen 4 EPYC runs
 512-bit bf16 dot products on 256-bit units, so it has about half the bf16 GEMM rate per clock. The
 benchmarks therefore print our fraction of both: the issue's figures and this machine's, measured here.
 

@@ -30,7 +30,7 @@ import torch
 from bench.ceilings import Ceilings, measure
 from bench.report import save_table
 from model.defaults import require_default_model
-from model.modeling import INT4_MODES
+from model.quant import INT4_MODES
 from model.threads import set_compute_threads
 from model.weights import load_model
 from server.engine.engine import LLMEngine
@@ -39,7 +39,7 @@ from server.engine.runner import ModelRunner, num_blocks_for_memory
 from server.engine.scheduler import Scheduler, SchedulerConfig
 
 PROMPT_LEN, NEW_TOKENS = 64, 128
-ROOFLINE_TOK_S = 2300.0  # bf16 GEMM ceiling at 32 streams (shared/PERF-NOTES.md)
+ROOFLINE_TOK_S = 2300.0  # bf16 GEMM ceiling at 32 streams (the figure, a Zen 5 host)
 
 
 def prompts(n: int, vocab: int) -> list[list[int]]:
@@ -171,7 +171,7 @@ def write_table(args: argparse.Namespace, rows: list[tuple], machine: Ceilings |
         )
     lines += [
         "",
-        f"Roofline: the issue's {ROOFLINE_TOK_S:,.0f} tok/s at 32 streams on the CPU (shared/PERF-NOTES.md).",
+        f"Roofline: the issue's {ROOFLINE_TOK_S:,.0f} tok/s at 32 streams on the CPU (a Zen 5 host).",
     ]
     if machine:
         lines.append(f"Measured before the runs: {machine.describe()}.")

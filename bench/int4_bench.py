@@ -1,4 +1,4 @@
-"""Where the int4 GEMV stops beating the bf16 GEMM of PackedLinear (model.modeling.INT4_MAX_ROWS).
+"""Where the int4 GEMV stops beating the bf16 GEMM of PackedLinear (model.quant.INT4_MAX_ROWS).
 
     python -m bench.int4_bench [--rows 1,2,3,4,5,6,8,16] [--out bench/results]
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from bench.report import save_table
-from model.modeling import Int4Weight, PackedLinear
+from model.quant import Int4Weight, PackedLinear
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (N, K) per layer
 LAYERS = 30

@@ -34,7 +34,7 @@ import torch
 from bench.ceilings import Ceilings
 from bench.ceilings import measure as measure_ceilings
 
-# Figures from /work/shared/PERF-NOTES.md (bf16 GEMM rate and weight bandwidth on this CPU).
+# The issue's figures (bf16 GEMM rate and weight bandwidth of a Zen 5 host; bench/ceilings.py measures ours).
 DECODE_ROOFLINE_TOK_S_AT_32 = 2300.0
 SINGLE_STREAM_FLOOR_MS = 5.0
 
@@ -379,25 +379,56 @@ def results_table(table: dict[str, dict[int, Cell]], concurrencies: list[int]) -
     return "\n".join(lines)
 
 
+@dataclass(frozen=True, slots=True)
+class RooflineFractions:
+    """Our figures as fractions of the issue's ceilings and, when measured, of this machine's."""
+
+    tok_per_s_at_32: float | None = None
+    decode: float | None = None  # tok/s at 32 streams / the decode roofline
+    decode_machine: float | None = None
+    itl_p50_ms: float | None = None
+    single_stream: float | None = None  # the single-stream floor / ITL p50 at 1 stream
+    single_stream_machine: float | None = None
+
+
+def roofline_fractions(ours: dict[int, Cell], machine: Ceilings | None = None) -> RooflineFractions:
+    at32, at1 = ours.get(32), ours.get(1)
+    tok = at32.tok_per_s if isinstance(at32, LoadResult) else None
+    itl = percentile(at1.itl_ms, 50) if isinstance(at1, LoadResult) else None
+    itl = itl or None  # no inter-token gaps measured
+    return RooflineFractions(
+        tok_per_s_at_32=tok,
+        decode=None if tok is None else tok / DECODE_ROOFLINE_TOK_S_AT_32,
+        decode_machine=None if tok is None or machine is None else tok / machine.decode_tok_s_at_32,
+        itl_p50_ms=itl,
+        single_stream=None if itl is None else SINGLE_STREAM_FLOOR_MS / itl,
+        single_stream_machine=None
+        if itl is None or machine is None
+        else machine.single_stream_floor_ms / itl,
+    )
+
+
 def roofline_lines(ours: dict[int, Cell], machine: Ceilings | None = None, on_gpu: bool = False) -> list[str]:
-    """Our fraction of the issue's roofline figures and, when measured, of this machine's own. The
-    issue's figures are this project's CPU's: a server on a GPU gets a line saying so instead."""
+    """roofline_fractions as report lines. The issue's figures are this project's CPU's: a server on a GPU
+    gets a line saying so instead."""
     if on_gpu:
         return ["the decode roofline and single-stream floor are the CPU's: they do not apply to a GPU run"]
+    f = roofline_fractions(ours, machine)
     out = []
-    at32 = ours.get(32)
-    if isinstance(at32, LoadResult):
-        frac = at32.tok_per_s / DECODE_ROOFLINE_TOK_S_AT_32
-        mine = f", {at32.tok_per_s / machine.decode_tok_s_at_32:.0%} of this machine's" if machine else ""
+    if f.tok_per_s_at_32 is not None and f.decode is not None:
+        mine = f", {f.decode_machine:.0%} of this machine's" if f.decode_machine is not None else ""
         out.append(
-            f"ours at 32 streams: {at32.tok_per_s:.0f} tok/s = {frac:.0%} of the decode roofline "
+            f"ours at 32 streams: {f.tok_per_s_at_32:.0f} tok/s = {f.decode:.0%} of the decode roofline "
             f"({DECODE_ROOFLINE_TOK_S_AT_32:.0f} tok/s){mine}"
         )
-    at1 = ours.get(1)
-    if isinstance(at1, LoadResult) and (itl := percentile(at1.itl_ms, 50)):
-        mine = f", {machine.single_stream_floor_ms / itl:.0%} of this machine's" if machine else ""
+    if f.itl_p50_ms is not None and f.single_stream is not None:
+        mine = (
+            f", {f.single_stream_machine:.0%} of this machine's"
+            if f.single_stream_machine is not None
+            else ""
+        )
         out.append(
-            f"ours at 1 stream: ITL p50 {itl:.1f} ms = {SINGLE_STREAM_FLOOR_MS / itl:.0%} of the single-stream "
+            f"ours at 1 stream: ITL p50 {f.itl_p50_ms:.1f} ms = {f.single_stream:.0%} of the single-stream "
             f"floor ({SINGLE_STREAM_FLOOR_MS:.0f} ms/token){mine}"
         )
     if machine:

@@ -4,8 +4,8 @@ The KV cache of one layer is one tensor shaped ``(2 * num_kv_heads, num_blocks *
 (K heads then V heads): a slot ``s = block_id * block_size + offset`` holds one token's keys and values
 for every KV head, so one index_copy writes a step's K and V and one gather reads them. The
 head-major layout means a gather of whole blocks (``cache.view(nkv, nblocks, bs, hd)[:, table]``)
-yields ``(nkv, B, L, hd)`` that is contiguous and feeds ``bmm`` without another copy (PERF-NOTES: strided
-KV views made bmm copy them, 40% of a prototype's step).
+yields ``(nkv, B, L, hd)`` that is contiguous and feeds ``bmm`` without another copy (strided KV views
+made bmm copy them, which took a large share of a prototype's step).
 
 A step's flat batch is ordered decodes first (one query token each), then prefill chunks. Decodes are
 attended together with two batched matmuls, the query heads of each KV head grouped (no repeat_kv copy);
@@ -124,18 +124,18 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMet
 
 
 def prefill_attention(
-    q: torch.Tensor, kv_cache: torch.Tensor, seq: PrefillSeq, block_size: int
+    q: torch.Tensor, kv_cache: torch.Tensor, seq: PrefillSeq, block_size: int, use_kernel: bool | None = None
 ) -> torch.Tensor:
     """q: (T, nh, hd) for one chunk, already scaled -> (T, nh * hd); causal over the cached context.
 
     On CPU the chunk goes through the decode kernel as T rows sharing one block table (stride 0, no
     copy), row i seeing the first S - T + i + 1 tokens: faster here than SDPA with a mask at every size
-    measured (bench/attention_bench.py).
+    measured (bench/attention_bench.py). use_kernel: the step's choice (None: ask paged_kernel).
     """
     T, nh, hd = q.shape
     nkv = kv_cache.shape[0] // 2
     S = seq.context_len
-    if paged_kernel.use_kernel(q.device):
+    if paged_kernel.use_kernel(q.device) if use_kernel is None else use_kernel:
         lens = torch.arange(S - T + 1, S + 1, device=q.device)
         table = seq.block_table.view(1, -1).expand(T, -1)
         return paged_kernel.paged_decode_attention(q, kv_cache, table, lens, block_size)
@@ -228,8 +228,8 @@ def _fresh_runs(prefills: list[PrefillSeq]) -> list[tuple[bool, list[PrefillSeq]
 
 
 # Whole prompts up to this long go through the C++ kernel with the step's other rows; longer ones through
-# SDPA. 32 prompts x 64 tokens, per layer: kernel 2.4-2.9 ms, SDPA 4.2-4.4; 8 x 256: 6.9-7.3 vs 10.6-12.6;
-# 1 x 1024: 18.4 vs 13.0 (bench/NOTES.md, sixth round).
+# SDPA, whose batched GEMMs overtake the kernel's per-row loop somewhere between 256 and 1,024 tokens on
+# the 2-core CPU (bench/NOTES.md, "Figures behind the code's constants").
 KERNEL_PROMPT_MAX = 256
 
 
@@ -283,5 +283,6 @@ def paged_attention(
         if fresh:
             parts.append(fresh_prefill_attention(q[start:end], kv[start:end], seqs, meta))
         else:
-            parts.append(prefill_attention(q[start:end], kv_cache, seqs[0], meta.block_size))
+            kernel = _kernel(meta, q.device)
+            parts.append(prefill_attention(q[start:end], kv_cache, seqs[0], meta.block_size, kernel))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)

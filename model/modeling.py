@@ -9,16 +9,29 @@ share the weights:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import paged_kernel
 from model.attention import AttentionMetadata, paged_attention
 from model.config import SmolLM2Config
-from model.threads import run_wide
+from model.kernels import Kernels
+from model.quant import (
+    INT4_LOSSLESS_ERROR,
+    INT4_MAX_ROWS,
+    INT4_MODES,
+    INT8_HEAD_MAX_ROWS,
+    INT8_LOSSLESS_ERROR,
+    Int4Weight,
+    Int8Weight,
+    PackedLinear,
+    int4_supported,
+    int8_supported,
+)
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (B, nkv, S, hd) each
 
@@ -38,251 +51,27 @@ class SmolLM2RMSNorm(nn.Module):
         return self.weight * x.to(input_dtype)
 
 
-INT4_GROUP = 32  # weights per (scale, zero) pair along the input dim, as in GGUF's Q4_0/Q4_1 blocks
-# Up to this many rows the int4 GEMV is faster than the bf16 GEMM; its cost steps up every 4 rows. Over 30
-# layers of the 135M model's shapes streamed from memory (`python -m bench.int4_bench`) int4 took 4.2-6.7 ms
-# for M = 1..4 and 11-12 ms for 5..8 against 7.7-10 ms for the C++ bf16 GEMM at any M <= 8 (against
-# oneDNN's 11-17 ms, int4 had been level up to 8 rows). At 1 stream the engine's step went ~27 -> ~17 ms
-# with int4 when bf16 was oneDNN's.
-INT4_MAX_ROWS = 4
-# Largest int4_reconstruction_error still called lossless: weights that already sit on a 4-bit groupwise
-# grid come back within bf16 rounding: 0.0059 at worst over the Q4_1 GGUF's layers in bf16 (0 in
-# float32). Rounding arbitrary weights to 16 levels is off by up to half a step: 0.069 for normal ones.
-INT4_LOSSLESS_ERROR = 0.02
-INT4_MODES = ("off", "auto", "on")
-
-
-def int4_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """The int4 kernels exist for this build and serve this device and weight dtype (CPU, bfloat16)."""
-    return (
-        device.type == "cpu"
-        and dtype == torch.bfloat16
-        and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
-        and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
-    )
-
-
-def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, K) weight -> q (N, K) int32 in 0..15 and scales_and_zeros (K / 32, N, 2) in weight's dtype.
-
-    Asymmetric min/max per group of 32 along K, in the layout of torch's int4 kernels, which compute
-    w = (q - 8) * scale + zero: so zero = min + 8 * scale.
-    """
-    N, K = weight.shape
-    assert K % INT4_GROUP == 0, f"K={K} is not a multiple of {INT4_GROUP}"
-    w = weight.detach().float().view(N, K // INT4_GROUP, INT4_GROUP)  # (N, G, 32)
-    lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-    scale = (hi - lo) / 15  # (N, G, 1)
-    q = ((w - lo) / scale.where(scale > 0, 1.0)).round_().clamp_(0, 15).to(torch.int32).view(N, K)
-    zero = lo + 8 * scale
-    sz = torch.cat([scale, zero], dim=-1).transpose(0, 1).to(weight.dtype).contiguous()  # (G, N, 2)
-    return q, sz
-
-
-def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
-    """Inverse of quantize_int4 as the kernel sees it (scale and zero rounded to their dtype): (N, K) float32."""
-    N, K = q.shape
-    sz = scales_and_zeros.float().transpose(0, 1)  # (N, G, 2)
-    w = (q.view(N, K // INT4_GROUP, INT4_GROUP).float() - 8) * sz[..., :1] + sz[..., 1:]
-    return w.view(N, K)
-
-
-def int4_reconstruction_error(
-    weight: torch.Tensor, q: torch.Tensor | None = None, sz: torch.Tensor | None = None
-) -> float:
-    """max over groups of max |dequantize_int4(quantize_int4(w)) - w| / max |w| in that group.
-
-    About 2^-8 (bf16 rounding) when the weight already lies on a 4-bit groupwise grid, e.g. dequantized
-    from Q4_1; a few percent for arbitrary weights. Compare with INT4_LOSSLESS_ERROR.
-    """
-    if q is None or sz is None:
-        q, sz = quantize_int4(weight)
-    N, K = weight.shape
-    w = weight.detach().float().view(N, K // INT4_GROUP, INT4_GROUP)
-    err = (dequantize_int4(q, sz).view_as(w) - w).abs().amax(-1)  # (N, G)
-    mag = w.abs().amax(-1)
-    rel = torch.where(mag > 0, err / mag.clamp(min=torch.finfo(torch.float32).tiny), err)
-    return float(rel.max()) if rel.numel() else 0.0
-
-
-# The LM head (tied to the embedding; Q8_0 in the GGUF) as symmetric int8 in blocks of 32 along K with a
-# float32 scale per block (model/csrc/quant_ops.cpp). At one stream it streams 30 MB instead of 57 MB:
-# on both cores 1.3 vs 2.5-3.2 ms at M = 1, 1.3-1.4 vs 3.0-3.3 at 2, 1.8 vs 2.2-2.3 at 4; at 8 it is
-# level or behind (3.0 vs 2.7-3.6 ms) and at 16 it loses (6-8 vs 4-5 ms): compute-bound (bench/NOTES.md).
-INT8_BLOCK = 32
-INT8_HEAD_MAX_ROWS = 4
-# Largest int8_reconstruction_error still called lossless. It is relative to each element, not to its
-# block: weights on an 8-bit grid (dequantized from Q8_0) come back within bf16 rounding (2^-8, two
-# roundings), while int8 on arbitrary weights loses the small elements of a block entirely (error ~1).
-INT8_LOSSLESS_ERROR = 0.01
-
-
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, K) weight -> q (N, K) int8 in -127..127 and scales (N, K / 32) float32: w ~ q * scale."""
-    N, K = weight.shape
-    assert K % INT8_BLOCK == 0, f"K={K} is not a multiple of {INT8_BLOCK}"
-    w = weight.detach().float().view(N, K // INT8_BLOCK, INT8_BLOCK)
-    scale = w.abs().amax(-1) / 127  # (N, G)
-    q = (w / scale.where(scale > 0, 1.0).unsqueeze(-1)).round_().clamp_(-127, 127).to(torch.int8)
-    return q.view(N, K), scale.contiguous()
-
-
-def int8_reconstruction_error(weight: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> float:
-    """max over the nonzero elements of |q * scale - w| / |w| (zeros come back exactly)."""
-    N, K = weight.shape
-    worst = 0.0
-    for r0 in range(0, N, 4096):  # in slices: the 49152-row LM head would take ~0.5 GB at once in float32
-        w = weight[r0 : r0 + 4096].detach().float()
-        deq = (
-            q[r0 : r0 + 4096].view(-1, K // INT8_BLOCK, INT8_BLOCK).float() * scales[r0 : r0 + 4096, :, None]
-        )
-        err = (deq.view_as(w) - w).abs()
-        mag = w.abs()
-        rel = torch.where(mag > 0, err / mag.clamp(min=torch.finfo(torch.float32).tiny), err)
-        worst = max(worst, float(rel.max()) if rel.numel() else 0.0)
-    return worst
-
-
-def int8_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """The int8 LM head kernel serves this device and weight dtype (CPU in bfloat16, C++ kernels built)."""
-    return device.type == "cpu" and dtype == torch.bfloat16 and paged_kernel.use_kernel(device)
-
-
-@dataclass(frozen=True, slots=True)
-class Int8Weight:
-    """A weight as int8 blocks of 32 along K with a float32 scale each: y = x @ (q * scale)^T, in float32."""
-
-    qweight: torch.Tensor  # (N, K) int8
-    scales: torch.Tensor  # (N, K / 32) float32
-    error: float  # int8_reconstruction_error of the weight it was made from
-
-    @classmethod
-    def from_weight(cls, weight: torch.Tensor) -> Int8Weight:
-        q, scales = quantize_int8(weight)
-        return cls(q, scales, int8_reconstruction_error(weight, q, scales))
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.smollm2.int8_linear(x, self.qweight, self.scales)
-
-
-@dataclass(frozen=True, slots=True)
-class Int4Weight:
-    """A weight in torch's CPU int4 layout: y = x @ ((q - 8) * scale + zero)^T, groups of 32 along K."""
-
-    packed: torch.Tensor  # (N, K / 2) uint8, from _convert_weight_to_int4pack_for_cpu
-    scales_and_zeros: torch.Tensor  # (K / 32, N, 2)
-    error: float  # int4_reconstruction_error of the weight it was made from
-
-    @classmethod
-    def from_weight(cls, weight: torch.Tensor) -> Int4Weight:
-        q, sz = quantize_int4(weight)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        return cls(packed, sz, int4_reconstruction_error(weight, q, sz))
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.contiguous(), self.packed, INT4_GROUP, self.scales_and_zeros
-        )
-
-
-def pack_bf16_tiles(weight: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
-    """(N, K) bf16 -> (N / 16, K / 2, 16, 2): the layout of the C++ bf16 GEMM (model/csrc/bf16_gemm.cpp).
-
-    swiglu: weight is [gate; up] (2 I, K); their tiles are interleaved (gate 0, up 0, gate 1, ...) for
-    bf16_linear_swiglu, which needs I a multiple of 16."""
-    n, k = weight.shape
-    w = weight.detach()
-    if swiglu:
-        w = w.reshape(2, n // 32, 16, k).transpose(0, 1)
-    return w.reshape(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
-
-
-def bf16_tiles_supported(weight: torch.Tensor, swiglu: bool = False) -> bool:
-    """The C++ bf16 GEMM serves this weight: CPU, bfloat16, N a multiple of 16 (of 32 for [gate; up] with
-    swiglu), K even, kernels built."""
-    n, k = weight.shape
-    return (
-        weight.device.type == "cpu"
-        and weight.dtype == torch.bfloat16
-        and n % (32 if swiglu else 16) == 0
-        and k % 2 == 0
-        and paged_kernel.use_kernel(weight.device)
-        and bool(torch.ops.smollm2.bf16_gemm_available())
-    )
-
-
-class PackedLinear:
-    """y = x @ W^T for the serving path. On CPU in bfloat16 the weight is packed once: into the tiles of our
-    C++ GEMM (model/csrc/bf16_gemm.cpp) when the kernels are built and the CPU has AVX512-BF16, which
-    streams the weights from memory at ~1.3x oneDNN's rate (bench/NOTES.md, sixth round); else into
-    oneDNN's blocked layout (a plain bf16 GEMM reorders the weight on every call, which made the decode
-    step's GEMMs 1.3-2x slower). Elsewhere it is a plain mm on the transposed view.
-
-    With an int4 copy (``int4``, set by prepare_for_serving), inputs of at most int4_max_rows rows take the
-    int4 GEMV instead: at one stream the step streams a quarter of the weight bytes. Likewise an int8 copy
-    (``int8``, the LM head's) for at most int8_max_rows rows, with a float32 result. More rows go to the
-    bf16 GEMM, which wins there.
-
-    swiglu: the weight is an MLP's [gate; up] and swiglu(x) gives silu(x @ gate^T) * (x @ up^T); with the
-    C++ GEMM its tiles are interleaved and the SwiGLU is the GEMM's epilogue (bit-identical to the GEMM then
-    smollm2::silu_mul, without writing the (M, 2 I) product).
-    """
-
-    def __init__(self, weight: torch.Tensor, swiglu: bool = False) -> None:
-        self.weight = weight
-        self.swiglu_tiles = False  # tiles interleave gate and up
-        self.packed: torch.Tensor | None = None
-        self.int4: Int4Weight | None = None
-        self.int4_max_rows = 0
-        self.int8: Int8Weight | None = None
-        self.int8_max_rows = 0
-        self.tiles: torch.Tensor | None = None
-        if bf16_tiles_supported(weight, swiglu):
-            self.tiles = pack_bf16_tiles(weight, swiglu)
-            self.swiglu_tiles = swiglu
-        elif (
-            weight.device.type == "cpu"
-            and weight.dtype == torch.bfloat16
-            and torch.backends.mkldnn.is_available()
-        ):
-            try:
-                packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 32)
-                probe = torch.zeros(1, weight.shape[1], dtype=weight.dtype)
-                torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "")
-                self.packed = packed
-            except (RuntimeError, AttributeError):  # a torch build without these ops: plain mm
-                self.packed = None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return run_wide(self._matmul, x)
-
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int8 is not None and x.shape[0] <= self.int8_max_rows:
-            return self.int8(x)
-        if self.int4 is not None and x.shape[0] <= self.int4_max_rows:
-            return self.int4(x)
-        if self.tiles is not None:
-            y = torch.ops.smollm2.bf16_linear(x, self.tiles)
-            if self.swiglu_tiles:  # back to [gate | up] columns
-                y = y.view(len(x), -1, 2, 16).transpose(1, 2).reshape(len(x), -1)
-            return y
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none", [], "")
-        return torch.mm(x, self.weight.t())
-
-    def swiglu(self, x: torch.Tensor) -> torch.Tensor:
-        """silu(gate) * up of the [gate; up] weight, as smollm2::silu_mul(self(x)) rounds (C++ kernels only)."""
-        if self.swiglu_tiles and not (self.int4 is not None and x.shape[0] <= self.int4_max_rows):
-            assert self.tiles is not None
-            return run_wide(torch.ops.smollm2.bf16_linear_swiglu, x, self.tiles)
-        return torch.ops.smollm2.silu_mul(self(x))
-
-
 def _rms_norm(x: torch.Tensor, norm: SmolLM2RMSNorm, dtype: torch.dtype) -> torch.Tensor:
     """SmolLM2RMSNorm of a float32 x, returned in `dtype` (the roundings of SmolLM2RMSNorm.forward: the
-    normalized x to `dtype`, then the weight's product). torch.rms_norm is one fused kernel on CUDA (7
-    launches -> 3 per norm, 60 norms a step); on CPU it is the same five ops as x * rsqrt(mean(x^2) + eps)."""
+    normalized x to `dtype`, then the weight's product). torch.rms_norm is one fused kernel on CUDA (3
+    launches per norm instead of 7, 60 norms a step); on CPU it is the same five ops as x * rsqrt(...)."""
     return torch.rms_norm(x, (x.shape[-1],), None, norm.variance_epsilon).to(dtype).mul_(norm.weight)
+
+
+def _add_norm(
+    x: torch.Tensor, delta: torch.Tensor | None, norm: SmolLM2RMSNorm, dtype: torch.dtype, fused: bool
+) -> torch.Tensor:
+    """x += delta in place (x: the float32 residual stream (N, H)), then norm(x) in `dtype`.
+
+    fused: one pass of the C++ op (model/csrc/fused_ops.cpp) with the same roundings."""
+    if fused:
+        ops = torch.ops.smollm2
+        if delta is None:
+            return ops.rms_norm_cast(x, norm.weight, norm.variance_epsilon)
+        return ops.add_rms_norm_(x, delta, norm.weight, norm.variance_epsilon)
+    if delta is not None:
+        x.add_(delta)
+    return _rms_norm(x, norm, dtype)
 
 
 def _precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0) -> torch.Tensor:
@@ -294,6 +83,9 @@ def _precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0) -> torch.T
 
 class SmolLM2RotaryEmbedding(nn.Module):
     """cos/sin caches in the rotate-half layout; they grow when a longer sequence arrives."""
+
+    cos_cached: torch.Tensor  # (max_seq_len_cached, dim) buffers, registered by _build_cache
+    sin_cached: torch.Tensor
 
     def __init__(self, dim: int, max_position_embeddings: int = 2048, base: float = 10000.0) -> None:
         super().__init__()
@@ -362,7 +154,10 @@ class SmolLM2MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self.gate_up_weight: torch.Tensor | None = None  # fused view, set by prepare_for_serving()
+        # Set by prepare_for_serving(): the fused [gate; up] weight and the serving path's linears.
+        self.gate_up_weight: torch.Tensor | None = None
+        self.gate_up_linear: PackedLinear | None = None
+        self.down_linear: PackedLinear | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_weight is not None:
@@ -373,6 +168,7 @@ class SmolLM2MLP(nn.Module):
     def forward_flat(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
         """Serving path (no autograd; after prepare_for_serving): SiLU and the product run in place.
         fused: both in one C++ pass (model/csrc/fused_ops.cpp), same roundings."""
+        assert self.gate_up_linear is not None and self.down_linear is not None, "prepare_for_serving() first"
         if fused:
             return self.down_linear(self.gate_up_linear.swiglu(x))
         gate_up = self.gate_up_linear(x)
@@ -396,7 +192,10 @@ class SmolLM2Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.num_key_value_heads * hd, bias=False)
         self.v_proj = nn.Linear(h, self.num_key_value_heads * hd, bias=False)
         self.o_proj = nn.Linear(self.num_heads * hd, h, bias=False)
-        self.qkv_weight: torch.Tensor | None = None  # fused view, set by prepare_for_serving()
+        # Set by prepare_for_serving(): the fused [q; k; v] weight and the serving path's linears.
+        self.qkv_weight: torch.Tensor | None = None
+        self.qkv_linear: PackedLinear | None = None
+        self.o_linear: PackedLinear | None = None
 
     def forward(
         self,
@@ -443,6 +242,7 @@ class SmolLM2Attention(nn.Module):
         fused: RoPE in one C++ pass (model/csrc/fused_ops.cpp), same rounding."""
         N = x.shape[0]
         nh, nkv, hd = self.num_heads, self.num_key_value_heads, self.head_dim
+        assert self.qkv_linear is not None and self.o_linear is not None, "prepare_for_serving() first"
         qkv = self.qkv_linear(x).view(N, nh + 2 * nkv, hd)
         # rotate_half(x) * sin == roll(x, hd/2) * sign-folded sin. The tables leave V heads unchanged
         # (cos 1, sin 0) and carry the 1/sqrt(hd) query scale (a power of two, so exact).
@@ -484,18 +284,6 @@ class SmolLM2DecoderLayer(nn.Module):
         hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
         return hidden_states, present
 
-    def forward_paged(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        meta: AttentionMetadata,
-        kv_cache: torch.Tensor,
-    ) -> torch.Tensor:
-        """x: the float32 residual stream (N, H)."""
-        dtype = self.input_layernorm.weight.dtype
-        x = x + self.self_attn.forward_paged(_rms_norm(x, self.input_layernorm, dtype), rope, meta, kv_cache)
-        return x + self.mlp.forward_flat(_rms_norm(x, self.post_attention_layernorm, dtype))
-
 
 class SmolLM2Model(nn.Module):
     def __init__(self, config: SmolLM2Config) -> None:
@@ -507,6 +295,11 @@ class SmolLM2Model(nn.Module):
         self.rotary_emb = SmolLM2RotaryEmbedding(
             config.head_dim, config.max_position_embeddings, config.rope_theta
         )
+
+    @property
+    def decoder_layers(self) -> Sequence[SmolLM2DecoderLayer]:
+        """self.layers, typed (nn.ModuleList yields plain Modules to a type checker)."""
+        return cast(Sequence[SmolLM2DecoderLayer], self.layers)
 
     def forward(
         self,
@@ -532,7 +325,7 @@ class SmolLM2Model(nn.Module):
         if attention_mask is not None:  # (B, S) padding -> (B, 1, T, S) bool, with causality
             mask = attention_mask.bool()[:, None, None, :] & _causal_mask(T, S, h.device)[None, None]
         presents: list[KVCache] | None = [] if use_cache else None
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.decoder_layers):
             past = past_key_values[i] if past_key_values else None
             h, present = layer(h, cos, sin, mask, past, use_cache)
             if presents is not None and present is not None:
@@ -545,48 +338,27 @@ class SmolLM2Model(nn.Module):
         positions: torch.Tensor,
         meta: AttentionMetadata,
         kv_caches: list[torch.Tensor],
+        kernels: Kernels,
     ) -> torch.Tensor:
         """Flat batch: input_ids, positions (N,) -> final hidden states (N, H) in the model's dtype.
 
-        The residual stream is kept in float32 whatever the weights' dtype: in bfloat16 its norm grows to
+        The residual stream x is kept in float32 whatever the weights' dtype: in bfloat16 its norm grows to
         ~25k by the middle layers, where a bf16 step is 128, and the rounding flipped greedy answers
         (bench/NOTES.md). Norm outputs are cast back to the weights' dtype, so every GEMM stays in it.
+        Each residual add is folded into the next norm (_add_norm), which the C++ ops do in one pass.
         """
         dtype = self.embed_tokens.weight.dtype
-        h = self.embed_tokens(input_ids).float()
+        x = self.embed_tokens(input_ids).float()  # (N, H), a fresh tensor: updated in place below
         rope = self.rope_tables(positions, dtype)
-        meta.use_kernel = paged_kernel.use_kernel(h.device)  # once per step, not once per layer
-        if meta.use_kernel and dtype in (torch.float32, torch.bfloat16):
-            return self._forward_fused(h, rope, meta, kv_caches)
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            h = layer.forward_paged(h, rope, meta, kv_cache)
-        return _rms_norm(h, self.norm, dtype)
-
-    def _forward_fused(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        meta: AttentionMetadata,
-        kv_caches: list[torch.Tensor],
-    ) -> torch.Tensor:
-        """The same layers with the C++ element-wise ops: each residual add is folded into the next
-        RMSNorm (x += delta; norm(x) in one pass), RoPE is one pass, SwiGLU one pass."""
-        ops = torch.ops.smollm2
-        delta: torch.Tensor | None = None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            norm = layer.input_layernorm
-            if delta is None:
-                h = ops.rms_norm_cast(x, norm.weight, norm.variance_epsilon)
-            else:
-                h = ops.add_rms_norm_(x, delta, norm.weight, norm.variance_epsilon)
-            attn = layer.self_attn.forward_paged(h, rope, meta, kv_cache, fused=True)
-            norm = layer.post_attention_layernorm
-            delta = layer.mlp.forward_flat(
-                ops.add_rms_norm_(x, attn, norm.weight, norm.variance_epsilon), fused=True
-            )
-        if delta is None:
-            return ops.rms_norm_cast(x, self.norm.weight, self.norm.variance_epsilon)
-        return ops.add_rms_norm_(x, delta, self.norm.weight, self.norm.variance_epsilon)
+        meta.use_kernel = kernels.cpp  # the attention reads it, once per step
+        fused = kernels.cpp and dtype in (torch.float32, torch.bfloat16)
+        delta: torch.Tensor | None = None  # what the last block adds to x
+        for layer, kv_cache in zip(self.decoder_layers, kv_caches, strict=True):
+            h = _add_norm(x, delta, layer.input_layernorm, dtype, fused)
+            attn = layer.self_attn.forward_paged(h, rope, meta, kv_cache, fused)
+            h = _add_norm(x, attn, layer.post_attention_layernorm, dtype, fused)
+            delta = layer.mlp.forward_flat(h, fused)
+        return _add_norm(x, delta, self.norm, dtype, fused)
 
     def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, nh + 2 nkv, hd) cos and sign-folded sin for the fused q/k/v heads, built once per step.
@@ -623,6 +395,7 @@ class SmolLM2ForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.prepared_for_serving = False
+        self.kernels: Kernels | None = None  # decided by prepare_for_serving, once
         self.lm_head_linear: PackedLinear | None = None
         self.int4_active = False  # the layer linears take the int4 GEMV for small batches
         self.int4_error: float | None = None  # worst int4_reconstruction_error, once measured
@@ -674,9 +447,10 @@ class SmolLM2ForCausalLM(nn.Module):
         meta: AttentionMetadata,
         kv_caches: list[torch.Tensor],
     ) -> torch.Tensor:
-        if not self.prepared_for_serving:
+        if self.kernels is None:
             self.prepare_for_serving()
-        return self.model.forward_paged(input_ids, positions, meta, kv_caches)
+        assert self.kernels is not None
+        return self.model.forward_paged(input_ids, positions, meta, kv_caches, self.kernels)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(M, H) -> (M, V) float32; called only on the rows that need a token."""
@@ -686,7 +460,10 @@ class SmolLM2ForCausalLM(nn.Module):
 
     @torch.no_grad()
     def prepare_for_serving(
-        self, int4_small_batch: str | None = None, int8_lm_head: str | None = None
+        self,
+        int4_small_batch: str | None = None,
+        int8_lm_head: str | None = None,
+        kernels: Kernels | None = None,
     ) -> None:
         """Fuse q/k/v and gate/up weights into one matrix each (3 and 2 GEMMs become 1), once.
 
@@ -704,32 +481,43 @@ class SmolLM2ForCausalLM(nn.Module):
         GGUF's Q8_0, which is how the default model stores it) for at most INT8_HEAD_MAX_ROWS rows; "auto"
         keeps it only when int8_reconstruction_error <= INT8_LOSSLESS_ERROR. Needs the C++ kernels. The
         result is in int8_head_active and int8_head_error.
+
+        kernels: which compiled kernels to use, fixed by the first call (None: Kernels.detect for the
+        model's device, which builds the C++ library on CPU); kept in self.kernels.
         """
         for name, mode in (("int4_small_batch", int4_small_batch), ("int8_lm_head", int8_lm_head)):
             if mode is not None and mode not in INT4_MODES:
                 raise ValueError(f"{name} must be one of {INT4_MODES}, not {mode!r}")
+        if self.kernels is not None and kernels is not None and kernels != self.kernels:
+            raise ValueError(f"prepared for {self.kernels}; a model keeps its first kernels, not {kernels}")
         if not self.prepared_for_serving:
-            for layer in self.model.layers:
-                attn, mlp = layer.self_attn, layer.mlp
-                attn.qkv_weight = _fuse(attn.q_proj, attn.k_proj, attn.v_proj)
-                mlp.gate_up_weight = _fuse(mlp.gate_proj, mlp.up_proj)
-                attn.qkv_linear = PackedLinear(attn.qkv_weight)
-                attn.o_linear = PackedLinear(attn.o_proj.weight)
-                mlp.gate_up_linear = PackedLinear(mlp.gate_up_weight, swiglu=True)
-                mlp.down_linear = PackedLinear(mlp.down_proj.weight)
-            self.lm_head_linear = PackedLinear(self.lm_head.weight)
-            self.prepared_for_serving = True
+            self._pack(kernels if kernels is not None else Kernels.detect(self.device))
         if int4_small_batch is not None:
             self._set_int4(int4_small_batch)
         if int8_lm_head is not None:
             self._set_int8_head(int8_lm_head)
 
+    def _pack(self, kernels: Kernels) -> None:
+        """Fuse q/k/v and gate/up, and pack every serving linear for `kernels`."""
+        for layer in self.model.decoder_layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.qkv_weight = _fuse(attn.q_proj, attn.k_proj, attn.v_proj)
+            mlp.gate_up_weight = _fuse(mlp.gate_proj, mlp.up_proj)
+            attn.qkv_linear = PackedLinear(attn.qkv_weight, kernels=kernels)
+            attn.o_linear = PackedLinear(attn.o_proj.weight, kernels=kernels)
+            mlp.gate_up_linear = PackedLinear(mlp.gate_up_weight, swiglu=True, kernels=kernels)
+            mlp.down_linear = PackedLinear(mlp.down_proj.weight, kernels=kernels)
+        self.lm_head_linear = PackedLinear(self.lm_head.weight, kernels=kernels)
+        self.kernels = kernels
+        self.prepared_for_serving = True
+
     def _set_int8_head(self, mode: str) -> None:
         lin = self.lm_head_linear
         assert lin is not None
         known_lossy = self.int8_head_error is not None and self.int8_head_error > INT8_LOSSLESS_ERROR
+        assert self.kernels is not None
         use = (mode == "on" or (mode == "auto" and not known_lossy)) and int8_supported(
-            self.device, self.dtype
+            self.device, self.dtype, self.kernels
         )
         if use:
             if lin.int8 is None:
@@ -742,10 +530,11 @@ class SmolLM2ForCausalLM(nn.Module):
         lin.int8_max_rows = INT8_HEAD_MAX_ROWS if use else 0
 
     def _layer_linears(self) -> list[PackedLinear]:
-        out = []
-        for layer in self.model.layers:
+        out: list[PackedLinear] = []
+        for layer in self.model.decoder_layers:
             attn, mlp = layer.self_attn, layer.mlp
-            out += [attn.qkv_linear, attn.o_linear, mlp.gate_up_linear, mlp.down_linear]
+            linears = [attn.qkv_linear, attn.o_linear, mlp.gate_up_linear, mlp.down_linear]
+            out += [lin for lin in linears if lin is not None]
         return out
 
     def _set_int4(self, mode: str) -> None:

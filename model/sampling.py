@@ -27,7 +27,7 @@ Design choices driven by the 2-core CPU this runs on (see bench/sampling_bench.p
     seeded rows batch-independent. min-p is a threshold in logit space (logit >= max + log(min_p)).
   - Penalties gather/scatter at the ids a row has seen ((B, P + L) lists), never build (B, V) counts.
   - sample() modifies the logits it is given in place (the runner makes them fresh every step): a fresh
-    (64, 49152) tensor cost ~9 ms of page faults on the measuring machine, more than the arithmetic.
+    (64, 49152) tensor costs more in page faults than the arithmetic on it.
 """
 
 from __future__ import annotations
@@ -39,13 +39,13 @@ from dataclasses import dataclass
 import torch
 
 from model import paged_kernel
-from server.engine.request import SamplingParams, TokenLogprob
+from model.kernels import Kernels
+from model.sampling_params import SamplingParams, TokenLogprob, clamp_top_k
 
-_EPS = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS)
 # top-k / top-p rows are sampled among their 256 best logits when these hold the support, else among their
 # 4,096 best; only a support wider than that (top-k > 4,096, a nucleus in a near-uniform distribution)
 # sorts the vocabulary. SmolLM2-135M at temperature 1 needs more than 256 for a 0.95 nucleus in half of
-# its steps (max ~3,100): a (32, 49152) sort costs ~62 ms here, a topk of 4,096 ~11 ms.
+# its steps (max ~3,100), and a sort of the vocabulary costs several times a topk of 4,096 (bench/NOTES.md).
 _CANDIDATES = 256
 _CANDIDATES_WIDE = 4096
 
@@ -80,6 +80,7 @@ class SamplingBatch:
     output_mask: torch.Tensor | None  # (B, L) float: 1 for real entries, 0 for padding
     logprobs: list[int | None]  # requested top-N per row (None = no logprobs for that row)
     logprob_rows: torch.Tensor | None  # (L,) rows that asked for logprobs
+    cpp_argmax: bool | None = None  # the C++ argmax for greedy rows (Kernels.cpp); None: if it is loaded
 
     @property
     def all_greedy(self) -> bool:
@@ -103,6 +104,7 @@ class SamplingBatch:
         generators: list[torch.Generator | None],
         device: torch.device | str = "cpu",
         banned_token_ids: list[list[int]] | None = None,
+        kernels: Kernels | None = None,
     ) -> SamplingBatch:
         """Gather the batch's parameters into tensors.
 
@@ -110,8 +112,8 @@ class SamplingBatch:
         keeps it across steps (see make_generator). `banned_token_ids[i]` lists the tokens row i may not
         produce this step (eos + stop ids while fewer than min_tokens were generated).
         """
-        greedy = [i for i, p in enumerate(params) if p.temperature < _EPS]
-        rand = [i for i, p in enumerate(params) if p.temperature >= _EPS]
+        greedy = [i for i, p in enumerate(params) if p.greedy]
+        rand = [i for i, p in enumerate(params) if not p.greedy]
         rand_params = [params[i] for i in rand]
         seen = [p + o for p, o in zip(prompt_token_ids, output_token_ids, strict=True)]
         rep = [p.repetition_penalty if s else 1.0 for p, s in zip(params, seen, strict=True)]
@@ -121,7 +123,7 @@ class SamplingBatch:
         logprobs = [p.logprobs for p in params]
         seeded = [(j, g) for j, i in enumerate(rand) if (g := generators[i]) is not None]
         unseeded = [j for j, i in enumerate(rand) if generators[i] is None]
-        cand = [j for j, p in enumerate(rand_params) if p.top_k > 0 or p.top_p < 1.0]
+        cand = [j for j, p in enumerate(rand_params) if clamp_top_k(p.top_k) > 0 or p.top_p < 1.0]
         out_ids, out_mask = _padded(output_token_ids, device) if use_out else (None, None)
         return cls(
             num_rows=len(params),
@@ -146,6 +148,7 @@ class SamplingBatch:
             logprob_rows=_index([i for i, n in enumerate(logprobs) if n is not None], device)
             if any(n is not None for n in logprobs)
             else None,
+            cpp_argmax=None if kernels is None else kernels.cpp,
         )
 
 
@@ -179,7 +182,7 @@ def _column(values: list[float], neutral: float, device: torch.device | str) -> 
 
 
 def _top_k(params: list[SamplingParams], device: torch.device | str) -> torch.Tensor | None:
-    ks = [max(p.top_k, 0) for p in params]
+    ks = [max(clamp_top_k(p.top_k), 0) for p in params]  # 0: off
     return torch.tensor(ks, dtype=torch.long, device=device) if any(ks) else None
 
 
@@ -294,20 +297,22 @@ def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> None:
 
 def _choose(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     if batch.random_rows is None:
-        return _argmax(logits)
+        return _argmax(logits, batch.cpp_argmax)
     if batch.greedy_rows is None:
         return _sample_random(logits, batch)
     tokens = torch.empty(batch.num_rows, dtype=torch.long, device=logits.device)
-    tokens[batch.greedy_rows] = _argmax(logits.index_select(0, batch.greedy_rows))
+    tokens[batch.greedy_rows] = _argmax(logits.index_select(0, batch.greedy_rows), batch.cpp_argmax)
     tokens[batch.random_rows] = _sample_random(logits.index_select(0, batch.random_rows), batch)
     return tokens
 
 
-def _argmax(x: torch.Tensor) -> torch.Tensor:
-    """First maximum of each row (NaN counts as the maximum). On CPU the C++ kernel, once loaded, is ~10x
-    faster than ATen's reduction (1.4 ms -> 0.1 ms for 32 x 49152 logits); otherwise max(dim).indices,
-    about twice as fast as argmax."""
-    if x.dim() == 2 and x.dtype == torch.float32 and x.shape[1] > 0 and paged_kernel.ready(x.device):
+def _argmax(x: torch.Tensor, cpp: bool | None = None) -> torch.Tensor:
+    """First maximum of each row (NaN counts as the maximum). On CPU the C++ kernel (cpp; None: when it is
+    loaded) is ~10x faster than ATen's reduction over 49,152 logits (bench/NOTES.md); otherwise
+    max(dim).indices, about twice as fast as argmax."""
+    if cpp is None:
+        cpp = paged_kernel.ready(x.device)
+    if cpp and x.dim() == 2 and x.dtype == torch.float32 and x.shape[1] > 0:
         return torch.ops.smollm2.argmax_rows(x.contiguous())
     return x.max(dim=-1).indices
 

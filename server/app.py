@@ -194,8 +194,8 @@ def model_source(settings: Settings) -> str:
 
 def load_core(settings: Settings) -> EngineCore:
     """Load the model named by `settings` and build its EngineCore (in whichever process runs the steps)."""
-    from model.modeling import INT4_MAX_ROWS
     from model.prepared import load_prepared
+    from model.quant import INT4_MAX_ROWS
 
     source = model_source(settings)
     device, dtype = resolve_device_dtype(settings)

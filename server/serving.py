@@ -18,6 +18,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from model.sampling_params import clamp_top_k
 from model.tokenizer import Tokenizer
 from server.engine.engine import EngineDeadError, QueueFullError
 from server.engine.request import CompletionOutput, RequestOutput, SamplingParams, TokenLogprob
@@ -335,7 +336,7 @@ class OpenAIServing:
             min_tokens=req.min_tokens,
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=self._top_k(req.top_k),
+            top_k=clamp_top_k(req.top_k, self.tokenizer.vocab_size),
             min_p=req.min_p or 0.0,
             repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
             presence_penalty=req.presence_penalty,
@@ -351,12 +352,6 @@ class OpenAIServing:
         except ValueError as e:
             raise APIError(400, str(e), param=str(e).split(" ", 1)[0]) from e
         return params
-
-    def _top_k(self, top_k: int | None) -> int:
-        # top_k at or above the vocabulary keeps every token: the same as off, and torch.topk cannot take it.
-        if top_k is None or top_k >= self.tokenizer.vocab_size:
-            return -1
-        return top_k
 
     @staticmethod
     def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:

@@ -2,15 +2,15 @@
 //
 // bf16_linear(x (M, K) bfloat16, tiles (N / 16, K / 2, 16, 2) bfloat16) -> (M, N) bfloat16:
 //   y = x @ W^T for W (N, K) stored in column tiles of 16 outputs, each tile as K / 2 pairs of 16 x 2
-//   (pack_bf16_tiles in model/modeling.py). One k-pair of a tile is one 64-byte line: a vdpbf16ps
+//   (pack_bf16_tiles in model/quant.py). One k-pair of a tile is one 64-byte line: a vdpbf16ps
 //   multiplies it by one row's broadcast pair of inputs and adds into 16 float32 sums.
 //
 // Why not oneDNN: the engine's weights (270 MB) stream from memory every step, and oneDNN's packed GEMM
-// ran at ~240-290 GFLOPS over the 30 layers streamed against ~350-410 with its weight in cache (bench/NOTES.md,
-// sixth round). This kernel walks a thread's columns in panels of up to 4 tiles (64 outputs), all rows of x
-// through each panel in blocks of 4 rows (16 accumulators + 4 weight vectors in registers; the panel is reused
-// from L1/L2 by every row block), and while it computes one panel it prefetches the next one into L2, one line
-// per k-pair, so the panel after this one is in cache when its turn comes. Sums are float32 in k order;
+// ran well below its in-cache rate when they did (figures in bench/NOTES.md). This kernel walks a thread's
+// columns in panels of up to 4 tiles (64 outputs), all rows of x through each panel in blocks of 4 rows
+// (16 accumulators + 4 weight vectors in registers; the panel is reused from L1/L2 by every row block), and
+// while it computes one panel it prefetches the next one into L2, one line per k-pair, so the panel after
+// this one is in cache when its turn comes. Sums are float32 in k order;
 // the output is rounded to bfloat16 (nearest even), as oneDNN's bf16 output is.
 //
 // bf16_linear_swiglu(x (M, K), tiles of [gate; up] (2 I, K) with gate and up tiles interleaved) -> (M, I):

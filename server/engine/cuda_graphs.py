@@ -69,7 +69,9 @@ class DecodeGraphs:
         self.max_blocks = max_blocks
         self.max_graphs = max_graphs
         self.device = model.device
-        self.pool = None  # the graphs' shared memory pool, made at the first capture
+        self.pool: torch.cuda._POOL_HANDLE | None = (
+            None  # the graphs' shared memory pool, made at the first capture
+        )
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.disabled = False
         # the graphs must never grow the RoPE cache while capturing (a host sync)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from server.engine.request import SamplingParams, TokenLogprob
+from model.sampling_params import SamplingParams, TokenLogprob, banned_before_min_tokens, clamp_top_k
 
 
 @dataclass(slots=True)
@@ -115,19 +115,12 @@ class RequestChecker:
             raise ValueError(
                 f"the prompt holds token id {bad}, outside the vocabulary [0, {self.vocab_size})"
             )
-        if params.min_tokens > 0 and len(self.banned_until_min_tokens(params)) >= self.vocab_size:
+        if len(banned_before_min_tokens(params, self.eos_token_id)) >= self.vocab_size:
             raise ValueError(
                 "stop_token_ids (with EOS) hold every token: none could be drawn before min_tokens"
             )
-        if params.top_k >= self.vocab_size:  # keeps every token: the same as off (and torch.topk cannot)
-            params = dataclasses.replace(params, top_k=-1)
-        return params
-
-    def banned_until_min_tokens(self, params: SamplingParams) -> set[int]:
-        banned = set(params.stop_token_ids)
-        if self.eos_token_id is not None and not params.ignore_eos:
-            banned.add(self.eos_token_id)
-        return banned
+        top_k = clamp_top_k(params.top_k, self.vocab_size)
+        return params if top_k == params.top_k else dataclasses.replace(params, top_k=top_k)
 
 
 @dataclass(frozen=True)

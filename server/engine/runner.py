@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-from model import paged_kernel
 from model.attention import (
     AttentionMetadata,
     PrefillSeq,
@@ -22,6 +21,7 @@ from model.attention import (
 )
 from model.modeling import SmolLM2ForCausalLM
 from model.sampling import SamplingBatch, make_generator, prompt_logprobs, sample
+from model.sampling_params import banned_before_min_tokens
 from model.threads import run_wide
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.request import Request, SampleResult
@@ -81,8 +81,9 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.vocab_size = model.config.vocab_size
         self.eos_token_id = eos_token_id if eos_token_id is not None else model.config.eos_token_id
-        model.prepare_for_serving()
-        paged_kernel.use_kernel(self.device)  # build the CPU attention kernel now, not in the first step
+        model.prepare_for_serving()  # builds the CPU kernels now (Kernels.detect), not in the first step
+        assert model.kernels is not None
+        self.kernels = model.kernels
         cfg = model.config
         use_graphs = cuda_graphs and self.device.type == "cuda"
         # with CUDA graphs, one extra block past the allocator's range takes the padding rows' writes
@@ -124,8 +125,7 @@ class ModelRunner:
                 logits = self.model.compute_logits(hidden.index_select(0, last))
         if sampling:
             assert logits is not None
-            # (R, V) passes (top-k, top-p sorts, softmax) gain from every core: T 1 / top-p 0.95 at 32 rows
-            # of real logits 19.5 -> 14.2 ms; greedy rows 1.4 -> 1.2 ms (bench/NOTES.md)
+            # (R, V) passes (top-k, top-p sorts, softmax) gain from every core (bench/NOTES.md)
             out = run_wide(sample, logits, self._sampling_batch(sampling))
             for i, r in enumerate(sampling):
                 res = results.get(r.request.request_id)
@@ -217,7 +217,7 @@ class ModelRunner:
         table = torch.tensor(padded, dtype=torch.long, device=self.device)  # (D, width)
         lens_t = torch.tensor(lens, dtype=torch.long, device=self.device)
         nkv = self.model.config.num_key_value_heads
-        if paged_kernel.use_kernel(self.device):  # the C++ kernel reads the lengths; no mask to build
+        if self.kernels.cpp:  # the C++ kernel reads the lengths; no mask to build
             return table, None, lens_t
         return table, build_decode_mask(lens_t, width * self.block_size, nkv, self.dtype), lens_t
 
@@ -236,6 +236,7 @@ class ModelRunner:
             [self._generator(q) for q in reqs],
             self.device,
             banned_token_ids=[self._banned(q) for q in reqs],
+            kernels=self.kernels,
         )
 
     def _generator(self, req: Request) -> torch.Generator | None:
@@ -249,12 +250,7 @@ class ModelRunner:
 
     def _banned(self, req: Request) -> list[int]:
         """While min_tokens are not reached, EOS and the stop token ids may not be drawn."""
-        if req.num_output_tokens >= req.params.min_tokens:
-            return []
-        stop = list(req.params.stop_token_ids)
-        if self.eos_token_id is not None and not req.params.ignore_eos:
-            stop.append(self.eos_token_id)
-        return stop
+        return sorted(banned_before_min_tokens(req.params, self.eos_token_id, req.num_output_tokens))
 
     def _drop_finished_generators(self) -> None:
         for rid in [rid for rid, (req, _) in self._generators.items() if req.is_finished]:

@@ -11,7 +11,7 @@ from server.engine.engine import LLMEngine
 from server.engine.request import RequestOutput, SamplingParams
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler, SchedulerConfig
-from tests.engine.conftest import TINY_VOCAB as VOCAB
+from tests.conftest import TINY_VOCAB as VOCAB
 
 
 def make_engine(model: SmolLM2ForCausalLM, **sched: object) -> LLMEngine:
@@ -192,8 +192,8 @@ def test_burst_of_equal_length_prompts_batched_prefill(tiny_model) -> None:  # t
 
 
 def test_sampling_runs_on_the_compute_threads(tiny_model, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """sample() passes over (rows, vocab) tensors (top-p sorts): on both cores of the 2-core CPU, T 1 /
-    top-p 0.95 at 32 streams served 399 / 382 -> 473 / 424 tok/s."""
+    """sample() passes over (rows, vocab) tensors (top-p sorts), which gain from both cores of the 2-core CPU
+    (bench/NOTES.md): it must run on the compute threads."""
     import server.engine.runner as runner_module
     from model.threads import get_compute_threads, set_compute_threads
 

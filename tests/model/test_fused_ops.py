@@ -4,12 +4,14 @@ forward equals its unfused one."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
-from model import paged_kernel
-from model.config import SmolLM2Config
+from model.kernels import TORCH_ONLY, Kernels
 from model.modeling import SmolLM2ForCausalLM, SmolLM2RMSNorm, _rms_norm
+from tests.tiny import make_tiny_model
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -102,19 +104,20 @@ def test_bad_input_is_refused() -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_forward_equals_unfused(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fused_forward_equals_unfused(dtype: torch.dtype) -> None:
     """A whole serving step (decodes + a prefill chunk) through the C++ ops vs the torch ops."""
     from model.attention import allocate_kv_cache
     from tests.model.test_modeling import _paged_step
 
-    model = _tiny().to(dtype)
-    cfg, bs = model.config, 4
+    base = _tiny().to(dtype)
+    cfg, bs = base.config, 4
     g = torch.Generator().manual_seed(3)
     seqs = [torch.randint(0, cfg.vocab_size, (n,), generator=g) for n in (9, 14, 11)]
     tables = [[5, 2, 9], [7, 1, 12, 3], [30, 4, 8]]
     hidden = {}
-    for mode in ("torch", "cpp"):
-        monkeypatch.setenv(paged_kernel.ENV_VAR, mode)
+    for mode, kernels in (("torch", TORCH_ONLY), ("cpp", Kernels(cpp=True))):  # the same GEMMs in both
+        model = copy.deepcopy(base)
+        model.prepare_for_serving(kernels=kernels)
         caches = allocate_kv_cache(
             cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 32, bs, dtype, "cpu"
         )
@@ -130,9 +133,10 @@ def test_fused_forward_equals_unfused(dtype: torch.dtype, monkeypatch: pytest.Mo
 
 
 def _tiny() -> SmolLM2ForCausalLM:
-    cfg = SmolLM2Config(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return SmolLM2ForCausalLM(cfg).eval()
+    return make_tiny_model(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+    )

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import SmolLM2Config, SmolLM2ForCausalLM
+from model import SmolLM2ForCausalLM
 from model.attention import AttentionMetadata, allocate_kv_cache, build_decode_mask
-from model.modeling import (
+from model.quant import (
     INT4_GROUP,
     INT4_LOSSLESS_ERROR,
     INT4_MAX_ROWS,
@@ -20,6 +20,7 @@ from model.modeling import (
     quantize_int4,
 )
 from tests.model.test_modeling import PROMPTS  # the same prompts as the bf16 checks
+from tests.tiny import make_tiny_model
 
 pytestmark = pytest.mark.skipif(
     not int4_supported(torch.device("cpu"), torch.bfloat16), reason="this torch has no CPU int4 kernels"
@@ -72,17 +73,8 @@ def test_lossless_detector() -> None:
 
 
 def tiny_model(init: str) -> SmolLM2ForCausalLM:
-    torch.manual_seed(0)
-    cfg = SmolLM2Config(
-        vocab_size=256,
-        hidden_size=96,
-        intermediate_size=192,
-        num_hidden_layers=2,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    model = SmolLM2ForCausalLM(cfg).eval().to(torch.bfloat16)
+    """The tiny model in bfloat16; init "grid": its layer weights on a Q4_1-like grid."""
+    model = make_tiny_model(dtype=torch.bfloat16)
     if init == "grid":
         with torch.no_grad():
             for i, (name, p) in enumerate(model.named_parameters()):
@@ -163,8 +155,8 @@ def test_real_gguf_int4_auto_is_lossless_and_close_to_bf16(real_bf16) -> None:  
 @pytest.mark.slow
 @pytest.mark.real_model
 def test_real_gguf_int4_serving_path_says_paris(real_bf16) -> None:  # type: ignore[no-untyped-def]
+    from model.sampling_params import SamplingParams
     from server.engine.engine import LLMEngine
-    from server.engine.request import SamplingParams
     from server.engine.runner import ModelRunner
     from server.engine.scheduler import Scheduler, SchedulerConfig
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from model import (
     rotate_half,
 )
 from model.attention import AttentionMetadata, PrefillSeq, allocate_kv_cache, build_decode_mask
+from model.kernels import Kernels
 
 TINY = dict(
     vocab_size=300,
@@ -98,8 +100,10 @@ def test_kv_cache_decoding_equals_full_forward(pair) -> None:  # type: ignore[no
 def test_paged_forward_equals_full_forward(pair, kernel: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """One flat step holding two decodes and a prefill chunk over a scattered block table, with the
     decodes on the torch path and on the C++ kernel."""
-    ours, _ = pair
     monkeypatch.setenv(paged_kernel.ENV_VAR, kernel)
+    ours = copy.deepcopy(pair[0])  # a model keeps the kernels it was first prepared with
+    ours.prepare_for_serving(kernels=Kernels.detect(torch.device("cpu")))
+    assert ours.kernels is not None and ours.kernels.cpp == (kernel == "cpp")
     cfg, bs = ours.config, 4
     caches = allocate_kv_cache(
         cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 32, bs, torch.float32, "cpu"

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import SmolLM2Config, SmolLM2ForCausalLM, paged_kernel
-from model.modeling import (
+from model import SmolLM2ForCausalLM, paged_kernel
+from model.quant import (
     INT8_BLOCK,
     INT8_HEAD_MAX_ROWS,
     INT8_LOSSLESS_ERROR,
@@ -20,6 +20,7 @@ from model.modeling import (
     quantize_int8,
 )
 from model.sampling import _argmax
+from tests.tiny import make_tiny_model
 
 pytestmark = pytest.mark.usefixtures("kernels", "kernel_mode_reset")
 
@@ -86,10 +87,8 @@ def test_packed_linear_takes_int8_only_up_to_its_rows() -> None:
 
 
 def tiny_model(init: str, dtype: torch.dtype = torch.bfloat16) -> SmolLM2ForCausalLM:
-    torch.manual_seed(0)
-    cfg = SmolLM2Config(vocab_size=320, hidden_size=96, intermediate_size=192, num_hidden_layers=2,
-                        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
-    model = SmolLM2ForCausalLM(cfg).eval().to(dtype)
+    """The tiny model (vocabulary 320); init "q8": its LM head on a Q8_0-like grid."""
+    model = make_tiny_model(dtype=dtype, vocab_size=320)
     if init == "q8":
         with torch.no_grad():
             model.lm_head.weight.copy_(q8_weight(*model.lm_head.weight.shape))

@@ -16,7 +16,7 @@ from model.sampling import (
     prompt_logprobs,
     sample,
 )
-from server.engine.request import SamplingParams
+from model.sampling_params import SamplingParams
 
 V = 50
 
@@ -358,7 +358,7 @@ def test_cuda_batch_respects_params_like_cpu(logits: torch.Tensor) -> None:
 
 def test_row_with_every_token_banned_stays_in_range() -> None:
     from model.sampling import SamplingBatch, sample
-    from server.engine.request import SamplingParams
+    from model.sampling_params import SamplingParams
 
     logits = torch.full((2, 50), float("-inf"))
     logits[1, 7] = 0.0

@@ -179,7 +179,9 @@ def test_stop_matcher_agrees_with_a_plain_search() -> None:
 
     rng = random.Random(0)
     for _ in range(300):
-        stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 4))]
+        stops = [
+            "".join(rng.choice("ab") for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 4))
+        ]
         text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 30)))
         ends = [(text.find(s) + len(s), -len(s)) for s in stops if s in text]
         kept, found, _ = feed_all(StopMatcher(stops), list(text))

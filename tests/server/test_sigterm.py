@@ -42,7 +42,12 @@ def start_server(model: Path, port: int, new_session: bool = False) -> subproces
     cmd = [sys.executable, "-m", "server", "--model", str(model), "--port", str(port), "--dtype", "float32",
            "--kv-cache-memory", "8MiB", "--max-model-len", "1024", "--shutdown-timeout", "60"]  # fmt: skip
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=new_session
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=new_session,
     )
     deadline = time.monotonic() + 120
     while True:

@@ -1,0 +1,255 @@
+"""Quantized and packed copies of the serving path's weights (gpt-fast keeps its quantize.py apart too).
+
+- int4 (groups of 32 along K, torch's CPU int4 kernels) for the layer linears of small batches;
+- int8 (blocks of 32 along K, a float32 scale each; model/csrc/quant_ops.cpp) for the LM head;
+- bf16 tiles for our AVX512-BF16 GEMM (model/csrc/bf16_gemm.cpp);
+- PackedLinear, which holds a weight and those copies and picks one per call by the number of rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from model.kernels import Kernels
+from model.threads import run_wide
+
+INT4_GROUP = 32  # weights per (scale, zero) pair along the input dim, as in GGUF's Q4_0/Q4_1 blocks
+# Up to this many rows the int4 GEMV is faster than the bf16 GEMM: it streams a quarter of the bytes, but
+# its cost steps up every 4 rows while the GEMM's barely moves below 8 (`python -m bench.int4_bench`
+# measures the crossover; bench/NOTES.md, "Figures behind the code's constants").
+INT4_MAX_ROWS = 4
+# Largest int4_reconstruction_error still called lossless: weights that already sit on a 4-bit groupwise
+# grid come back within bf16 rounding: 0.0059 at worst over the Q4_1 GGUF's layers in bf16 (0 in
+# float32). Rounding arbitrary weights to 16 levels is off by up to half a step: 0.069 for normal ones.
+INT4_LOSSLESS_ERROR = 0.02
+INT4_MODES = ("off", "auto", "on")
+
+
+def int4_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """The int4 kernels exist for this build and serve this device and weight dtype (CPU, bfloat16)."""
+    return (
+        device.type == "cpu"
+        and dtype == torch.bfloat16
+        and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+        and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+    )
+
+
+def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) weight -> q (N, K) int32 in 0..15 and scales_and_zeros (K / 32, N, 2) in weight's dtype.
+
+    Asymmetric min/max per group of 32 along K, in the layout of torch's int4 kernels, which compute
+    w = (q - 8) * scale + zero: so zero = min + 8 * scale.
+    """
+    N, K = weight.shape
+    assert K % INT4_GROUP == 0, f"K={K} is not a multiple of {INT4_GROUP}"
+    w = weight.detach().float().view(N, K // INT4_GROUP, INT4_GROUP)  # (N, G, 32)
+    lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    scale = (hi - lo) / 15  # (N, G, 1)
+    q = ((w - lo) / scale.where(scale > 0, 1.0)).round_().clamp_(0, 15).to(torch.int32).view(N, K)
+    zero = lo + 8 * scale
+    sz = torch.cat([scale, zero], dim=-1).transpose(0, 1).to(weight.dtype).contiguous()  # (G, N, 2)
+    return q, sz
+
+
+def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """Inverse of quantize_int4 as the kernel sees it (scale and zero rounded to their dtype): (N, K) float32."""
+    N, K = q.shape
+    sz = scales_and_zeros.float().transpose(0, 1)  # (N, G, 2)
+    w = (q.view(N, K // INT4_GROUP, INT4_GROUP).float() - 8) * sz[..., :1] + sz[..., 1:]
+    return w.view(N, K)
+
+
+def int4_reconstruction_error(
+    weight: torch.Tensor, q: torch.Tensor | None = None, sz: torch.Tensor | None = None
+) -> float:
+    """max over groups of max |dequantize_int4(quantize_int4(w)) - w| / max |w| in that group.
+
+    About 2^-8 (bf16 rounding) when the weight already lies on a 4-bit groupwise grid, e.g. dequantized
+    from Q4_1; a few percent for arbitrary weights. Compare with INT4_LOSSLESS_ERROR.
+    """
+    if q is None or sz is None:
+        q, sz = quantize_int4(weight)
+    N, K = weight.shape
+    w = weight.detach().float().view(N, K // INT4_GROUP, INT4_GROUP)
+    err = (dequantize_int4(q, sz).view_as(w) - w).abs().amax(-1)  # (N, G)
+    mag = w.abs().amax(-1)
+    rel = torch.where(mag > 0, err / mag.clamp(min=torch.finfo(torch.float32).tiny), err)
+    return float(rel.max()) if rel.numel() else 0.0
+
+
+# The LM head (tied to the embedding; Q8_0 in the GGUF) as symmetric int8 in blocks of 32 along K with a
+# float32 scale per block (model/csrc/quant_ops.cpp). It streams 30 MB instead of 57 MB, which wins while
+# the product is memory-bound (up to 4 rows); from 8 rows on it is compute-bound and the bf16 GEMM is level
+# or ahead (bench/NOTES.md, "Figures behind the code's constants").
+INT8_BLOCK = 32
+INT8_HEAD_MAX_ROWS = 4
+# Largest int8_reconstruction_error still called lossless. It is relative to each element, not to its
+# block: weights on an 8-bit grid (dequantized from Q8_0) come back within bf16 rounding (2^-8, two
+# roundings), while int8 on arbitrary weights loses the small elements of a block entirely (error ~1).
+INT8_LOSSLESS_ERROR = 0.01
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) weight -> q (N, K) int8 in -127..127 and scales (N, K / 32) float32: w ~ q * scale."""
+    N, K = weight.shape
+    assert K % INT8_BLOCK == 0, f"K={K} is not a multiple of {INT8_BLOCK}"
+    w = weight.detach().float().view(N, K // INT8_BLOCK, INT8_BLOCK)
+    scale = w.abs().amax(-1) / 127  # (N, G)
+    q = (w / scale.where(scale > 0, 1.0).unsqueeze(-1)).round_().clamp_(-127, 127).to(torch.int8)
+    return q.view(N, K), scale.contiguous()
+
+
+def int8_reconstruction_error(weight: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> float:
+    """max over the nonzero elements of |q * scale - w| / |w| (zeros come back exactly)."""
+    N, K = weight.shape
+    worst = 0.0
+    for r0 in range(0, N, 4096):  # in slices: the 49152-row LM head would take ~0.5 GB at once in float32
+        w = weight[r0 : r0 + 4096].detach().float()
+        deq = (
+            q[r0 : r0 + 4096].view(-1, K // INT8_BLOCK, INT8_BLOCK).float() * scales[r0 : r0 + 4096, :, None]
+        )
+        err = (deq.view_as(w) - w).abs()
+        mag = w.abs()
+        rel = torch.where(mag > 0, err / mag.clamp(min=torch.finfo(torch.float32).tiny), err)
+        worst = max(worst, float(rel.max()) if rel.numel() else 0.0)
+    return worst
+
+
+def int8_supported(device: torch.device, dtype: torch.dtype, kernels: Kernels) -> bool:
+    """The int8 LM head kernel serves this device and weight dtype (CPU in bfloat16, C++ kernels built)."""
+    return device.type == "cpu" and dtype == torch.bfloat16 and kernels.cpp
+
+
+@dataclass(frozen=True, slots=True)
+class Int8Weight:
+    """A weight as int8 blocks of 32 along K with a float32 scale each: y = x @ (q * scale)^T, in float32."""
+
+    qweight: torch.Tensor  # (N, K) int8
+    scales: torch.Tensor  # (N, K / 32) float32
+    error: float  # int8_reconstruction_error of the weight it was made from
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor) -> Int8Weight:
+        q, scales = quantize_int8(weight)
+        return cls(q, scales, int8_reconstruction_error(weight, q, scales))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.smollm2.int8_linear(x, self.qweight, self.scales)
+
+
+@dataclass(frozen=True, slots=True)
+class Int4Weight:
+    """A weight in torch's CPU int4 layout: y = x @ ((q - 8) * scale + zero)^T, groups of 32 along K."""
+
+    packed: torch.Tensor  # (N, K / 2) uint8, from _convert_weight_to_int4pack_for_cpu
+    scales_and_zeros: torch.Tensor  # (K / 32, N, 2)
+    error: float  # int4_reconstruction_error of the weight it was made from
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor) -> Int4Weight:
+        q, sz = quantize_int4(weight)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        return cls(packed, sz, int4_reconstruction_error(weight, q, sz))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.contiguous(), self.packed, INT4_GROUP, self.scales_and_zeros
+        )
+
+
+def pack_bf16_tiles(weight: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
+    """(N, K) bf16 -> (N / 16, K / 2, 16, 2): the layout of the C++ bf16 GEMM (model/csrc/bf16_gemm.cpp).
+
+    swiglu: weight is [gate; up] (2 I, K); their tiles are interleaved (gate 0, up 0, gate 1, ...) for
+    bf16_linear_swiglu, which needs I a multiple of 16."""
+    n, k = weight.shape
+    w = weight.detach()
+    if swiglu:
+        w = w.reshape(2, n // 32, 16, k).transpose(0, 1)
+    return w.reshape(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def bf16_tiles_supported(weight: torch.Tensor, kernels: Kernels, swiglu: bool = False) -> bool:
+    """The C++ bf16 GEMM serves this weight: CPU, bfloat16, N a multiple of 16 (of 32 for [gate; up] with
+    swiglu), K even, kernels built."""
+    n, k = weight.shape
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.bfloat16
+        and n % (32 if swiglu else 16) == 0
+        and k % 2 == 0
+        and kernels.bf16_gemm
+    )
+
+
+class PackedLinear:
+    """y = x @ W^T for the serving path. On CPU in bfloat16 the weight is packed once: into the tiles of our
+    C++ GEMM (model/csrc/bf16_gemm.cpp) when the kernels are built and the CPU has AVX512-BF16, which
+    streams the weights from memory faster than oneDNN (bench/NOTES.md); else into oneDNN's blocked
+    layout (a plain bf16 GEMM reorders the weight on every call). Elsewhere it is a plain mm on the
+    transposed view.
+
+    With an int4 copy (``int4``, set by prepare_for_serving), inputs of at most int4_max_rows rows take the
+    int4 GEMV instead: at one stream the step streams a quarter of the weight bytes. Likewise an int8 copy
+    (``int8``, the LM head's) for at most int8_max_rows rows, with a float32 result. More rows go to the
+    bf16 GEMM, which wins there.
+
+    swiglu: the weight is an MLP's [gate; up] and swiglu(x) gives silu(x @ gate^T) * (x @ up^T); with the
+    C++ GEMM its tiles are interleaved and the SwiGLU is the GEMM's epilogue (bit-identical to the GEMM then
+    smollm2::silu_mul, without writing the (M, 2 I) product).
+    """
+
+    def __init__(self, weight: torch.Tensor, swiglu: bool = False, kernels: Kernels | None = None) -> None:
+        """kernels: what the model decided to use (None: Kernels.detect for the weight's device)."""
+        if kernels is None:
+            kernels = Kernels.detect(weight.device)
+        self.weight = weight
+        self.swiglu_tiles = False  # tiles interleave gate and up
+        self.packed: torch.Tensor | None = None
+        self.int4: Int4Weight | None = None
+        self.int4_max_rows = 0
+        self.int8: Int8Weight | None = None
+        self.int8_max_rows = 0
+        self.tiles: torch.Tensor | None = None
+        if bf16_tiles_supported(weight, kernels, swiglu):
+            self.tiles = pack_bf16_tiles(weight, swiglu)
+            self.swiglu_tiles = swiglu
+        elif (
+            weight.device.type == "cpu"
+            and weight.dtype == torch.bfloat16
+            and torch.backends.mkldnn.is_available()
+        ):
+            try:
+                packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 32)
+                probe = torch.zeros(1, weight.shape[1], dtype=weight.dtype)
+                torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "")
+                self.packed = packed
+            except (RuntimeError, AttributeError):  # a torch build without these ops: plain mm
+                self.packed = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return run_wide(self._matmul, x)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8 is not None and x.shape[0] <= self.int8_max_rows:
+            return self.int8(x)
+        if self.int4 is not None and x.shape[0] <= self.int4_max_rows:
+            return self.int4(x)
+        if self.tiles is not None:
+            y = torch.ops.smollm2.bf16_linear(x, self.tiles)
+            if self.swiglu_tiles:  # back to [gate | up] columns
+                y = y.view(len(x), -1, 2, 16).transpose(1, 2).reshape(len(x), -1)
+            return y
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none", [], "")
+        return torch.mm(x, self.weight.t())
+
+    def swiglu(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of the [gate; up] weight, as smollm2::silu_mul(self(x)) rounds (C++ kernels only)."""
+        if self.swiglu_tiles and not (self.int4 is not None and x.shape[0] <= self.int4_max_rows):
+            assert self.tiles is not None
+            return run_wide(torch.ops.smollm2.bf16_linear_swiglu, x, self.tiles)
+        return torch.ops.smollm2.silu_mul(self(x))
