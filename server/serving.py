@@ -313,13 +313,13 @@ class OpenAIServing:
     def check_prompt(self, ids: list[int]) -> None:
         if not ids:
             raise APIError(400, "The prompt is empty; send at least one token.", param="prompt")
+        if len(ids) >= self.max_model_len:
+            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens, but the prompt "
+                           f"has {len(ids)} tokens, which leaves no room for output.", param="prompt")  # fmt: skip
         try:
             self.tokenizer.check_ids(ids)
         except ValueError as e:
             raise APIError(400, str(e), param="prompt") from e
-        if len(ids) >= self.max_model_len:
-            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens, but the prompt "
-                           f"has {len(ids)} tokens, which leaves no room for output.", param="prompt")  # fmt: skip
 
     def sampling_params(
         self, req: SamplingFields, max_tokens: int | None, logprobs: int | None, prompt_len: int
@@ -444,6 +444,9 @@ class OpenAIServing:
             for c in run.choices:
                 if not c.finished and run.timers:
                     run.timers[c.index // run.n].finished("abort")
+
+
+_INLINE_MESSAGES = 64  # longer conversations render on a worker thread, however short each message
 
 
 def _new_id(prefix: str) -> str:
@@ -589,7 +592,7 @@ class ServingChat(OpenAIServing):
         plain = [{"role": m.role, "content": m.text()} for m in messages]
         chars = sum(len(m["content"]) for m in plain)
         self.check_text_length(chars, "messages")
-        if chars <= self.limits.tokenize_inline_chars:
+        if chars <= self.limits.tokenize_inline_chars and len(plain) <= _INLINE_MESSAGES:
             text = self._render(plain, add_generation_prompt)
             return self.tokenizer.encode(text)
         text = await asyncio.to_thread(self._render, plain, add_generation_prompt)
