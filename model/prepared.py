@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from model.defaults import cache_dir
+from model.kernels import Kernels
 from model.modeling import SmolLM2ForCausalLM
 from model.weights import load_model
 
@@ -42,9 +43,12 @@ def load_prepared(
         except Exception as exc:  # noqa: BLE001 - a damaged cache entry is rebuilt, not fatal
             log.warning("prepared model %s unreadable (%s): rebuilding it", path.name, exc)
         else:
-            if isinstance(model, SmolLM2ForCausalLM):
+            # The packed weights assume the kernels they were prepared for; detecting them here also
+            # loads the C++ library into this process.
+            if isinstance(model, SmolLM2ForCausalLM) and model.kernels == Kernels.detect(torch.device("cpu")):
                 log.info("prepared model read from the cache in %.1f s", time.perf_counter() - t0)
                 return model.eval()
+            log.warning("prepared model %s was made for other kernels: rebuilding it", path.name)
     model = _build(source, dtype, device, int4_small_batch, int8_lm_head)
     _save(model, path)
     return model
@@ -78,8 +82,9 @@ def _save(model: SmolLM2ForCausalLM, path: Path) -> None:
 
 def prepared_path(source: str, dtype: str, int4: str, int8: str) -> Path:
     digest = hashlib.sha256()
+    kernel_choice = os.environ.get("SMOLLM2_ATTENTION_KERNEL", "auto")
     for part in (_source_identity(Path(source)), dtype, int4, int8, torch.__version__, _code_identity(),
-                 _cpu_identity()):  # fmt: skip
+                 _cpu_identity(), kernel_choice):  # fmt: skip
         digest.update(part.encode())
         digest.update(b"\0")
     stem = Path(source).name.replace("-", "_")

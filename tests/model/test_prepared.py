@@ -1,0 +1,92 @@
+"""The prepared-model disk cache: a second load (in a fresh process, as an engine restart is) reads the
+cache, serves the same tokens, and a change of the source or of the options is a new entry."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.prepared import load_prepared, prepared_path
+from model.weights import save_hf_folder
+from tests.tiny import make_tiny_model
+
+ROOT = Path(__file__).resolve().parents[2]
+GREEDY = """
+import logging, sys
+logging.basicConfig(level="INFO")
+from model.prepared import load_prepared
+from server.engine.core import EngineConfig
+from server.engine.engine import LLMEngine
+from server.engine.request import SamplingParams
+from server.engine.runner import ModelRunner
+from server.engine.scheduler import Scheduler, SchedulerConfig
+
+model = load_prepared(sys.argv[1], "bfloat16", "cpu", "auto", "auto")
+cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64, block_size=16, num_blocks=16)
+engine = LLMEngine(ModelRunner(model, 16, 16), Scheduler(cfg), EngineConfig(cfg))
+engine.add_request("a", [1, 2, 3, 4, 5], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+tokens = []
+while engine.has_unfinished():
+    tokens += [t for out in engine.step() for c in out.outputs for t in c.new_token_ids]
+print(" ".join(map(str, tokens)))
+"""
+
+
+def greedy_in_a_new_process(folder: Path, home: Path) -> tuple[list[int], str]:
+    # A fresh home for the cache, the usual one for the kernels (built once, not per test).
+    env = {**os.environ, "SMOLLM2_HOME": str(home), "PYTHONPATH": str(ROOT)}
+    env["SMOLLM2_KERNEL_CACHE"] = os.environ.get("SMOLLM2_KERNEL_CACHE") or str(_kernel_root())
+    done = subprocess.run([sys.executable, "-c", GREEDY, str(folder)], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return [int(t) for t in done.stdout.split()], done.stderr
+
+
+def _kernel_root() -> Path:
+    from model import paged_kernel
+
+    return paged_kernel._kernel_root()
+
+
+@pytest.mark.slow
+def test_a_fresh_process_reads_the_cache_and_serves_the_same_tokens(tmp_path: Path) -> None:
+    folder = save_hf_folder(make_tiny_model(), tmp_path / "tiny")
+    home = tmp_path / "home"
+    first, log1 = greedy_in_a_new_process(folder, home)
+    entries = list((home / "prepared").glob("*.pt"))
+    assert len(entries) == 1 and "cached as" in log1
+    stamp = entries[0].stat().st_mtime_ns
+    second, log2 = greedy_in_a_new_process(folder, home)
+    assert "read from the cache" in log2 and entries[0].stat().st_mtime_ns == stamp
+    assert second == first and len(first) == 12
+
+
+def test_the_cache_key_follows_the_source_and_the_options(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SMOLLM2_HOME", str(tmp_path / "home"))
+    folder = save_hf_folder(make_tiny_model(), tmp_path / "tiny")
+    key = prepared_path(str(folder), "bfloat16", "auto", "auto")
+    assert key == prepared_path(str(folder), "bfloat16", "auto", "auto")
+    assert key != prepared_path(str(folder), "float32", "auto", "auto")
+    assert key != prepared_path(str(folder), "bfloat16", "off", "auto")
+    save_hf_folder(make_tiny_model(seed=1), folder)  # new weights in the same place
+    assert key != prepared_path(str(folder), "bfloat16", "auto", "auto")
+
+
+def test_a_damaged_entry_is_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SMOLLM2_HOME", str(tmp_path / "home"))
+    folder = save_hf_folder(make_tiny_model(), tmp_path / "tiny")
+    path = prepared_path(str(folder), "float32", "off", "off")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a checkpoint")
+    model = load_prepared(str(folder), "float32", "cpu", "off", "off")
+    ids = torch.tensor([[1, 2, 3]])
+    expected = make_tiny_model()(ids).logits
+    assert torch.allclose(model(ids).logits, expected, atol=1e-5)
+    assert path.stat().st_size > 1000  # rewritten
