@@ -3,6 +3,7 @@
 Order of operations (as vLLM v1):
   1. log-probabilities for the output are taken from the raw logits (log_softmax before any processing);
   2. logit_bias is added, banned tokens (min_tokens: eos + stop ids) are set to -inf;
+     tokens a row's grammar forbids (structured output) are set to -inf, after the bias so none comes back;
   3. repetition penalty over prompt + output tokens (HF/vLLM: divide positive logits, multiply negative ones);
   4. presence / frequency penalties over output tokens only (OpenAI: logit -= freq * count + pres * [count > 0]);
   5. greedy rows take the argmax of the processed logits; random rows go on with
@@ -70,6 +71,7 @@ class SamplingBatch:
     # Per row (all rows):
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (rows, token ids, values)
     banned: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) forced to -inf
+    allowed: tuple[torch.Tensor, torch.Tensor] | None  # (rows (S,), allowed (S, V) bool): grammar masks
     # Penalties touch only the tokens a row has seen, so they work on (B, L) id lists, not (B, V) counts.
     # Lists are padded with the row's first id: a write through a pad repeats the write of a real entry.
     repetition_penalty: torch.Tensor | None  # (B, 1); 1 for rows with no tokens
@@ -103,12 +105,14 @@ class SamplingBatch:
         generators: list[torch.Generator | None],
         device: torch.device | str = "cpu",
         banned_token_ids: list[list[int]] | None = None,
+        allowed: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> SamplingBatch:
         """Gather the batch's parameters into tensors.
 
         `generators[i]` is the persistent generator of a seeded request (None if unseeded); the runner
         keeps it across steps (see make_generator). `banned_token_ids[i]` lists the tokens row i may not
-        produce this step (eos + stop ids while fewer than min_tokens were generated).
+        produce this step (eos + stop ids while fewer than min_tokens were generated). `allowed` is
+        (rows, (S, V) bool): the only tokens those rows may produce (their grammar's next tokens).
         """
         greedy = [i for i, p in enumerate(params) if p.temperature < _EPS]
         rand = [i for i, p in enumerate(params) if p.temperature >= _EPS]
@@ -136,6 +140,7 @@ class SamplingBatch:
             unseeded=_index(unseeded, "cpu") if unseeded else None,
             logit_bias=_logit_bias(params, device),
             banned=_banned(banned_token_ids, device),
+            allowed=allowed,
             repetition_penalty=_column(rep, 1.0, device),
             seen_ids=_padded(seen, device)[0] if use_rep else None,
             presence_penalty=_column(pres, 0.0, device),
@@ -275,6 +280,12 @@ def _apply_processors(logits: torch.Tensor, batch: SamplingBatch) -> None:
         logits.index_put_(batch.banned, torch.tensor(-math.inf, device=logits.device))
     if batch.needs_penalties:
         _apply_penalties(logits, batch)
+    if batch.allowed is not None:  # last: penalties keep -inf at -inf, and no bias lifts a forbidden token
+        rows, allowed = batch.allowed
+        if rows.numel() == batch.num_rows:
+            logits.masked_fill_(~allowed, -math.inf)
+        else:
+            logits.index_copy_(0, rows, logits.index_select(0, rows).masked_fill_(~allowed, -math.inf))
 
 
 def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> None:

@@ -125,11 +125,15 @@ def resolve_device_dtype(settings: Settings) -> tuple[str, str]:
     return device, dtype
 
 
-def make_llm_engine(model: Any, eos_token_id: int | None, settings: Settings) -> tuple[Any, int]:
-    """Size the KV cache from `kv_cache_memory`; build runner + scheduler + LLMEngine."""
+def make_llm_engine(
+    model: Any, eos_token_id: int | None, settings: Settings, tokenizer: Tokenizer | None = None
+) -> tuple[Any, int]:
+    """Size the KV cache from `kv_cache_memory`; build runner + scheduler + LLMEngine. With `tokenizer`,
+    the runner can constrain outputs (structured output needs the vocabulary's text)."""
     from server.engine.engine import EngineConfig, LLMEngine
     from server.engine.runner import ModelRunner, num_blocks_for_memory
     from server.engine.scheduler import SchedulerConfig
+    from server.engine.structured import StructuredOutputs
 
     max_model_len = settings.max_model_len or min(model.config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
     eos = eos_token_id if eos_token_id is not None else model.config.eos_token_id
@@ -152,6 +156,7 @@ def make_llm_engine(model: Any, eos_token_id: int | None, settings: Settings) ->
     runner = ModelRunner(
         model, num_blocks, settings.block_size, eos, cuda_graphs=settings.cuda_graphs,
         max_num_seqs=settings.max_num_seqs, max_model_len=max_model_len, capture_graphs_now=True,
+        structured=None if tokenizer is None else StructuredOutputs(tokenizer, model.config.vocab_size),
     )  # fmt: skip
     engine = LLMEngine.from_config(
         runner, EngineConfig(scheduler=scheduler, max_waiting=settings.max_waiting)
@@ -168,7 +173,7 @@ def make_engine(model: Any, tokenizer: Tokenizer, settings: Settings) -> tuple[A
     """An AsyncEngine (not started) over `model` in this process: for tests and `--engine-process false`."""
     from server.engine.engine import AsyncEngine
 
-    engine, max_model_len = make_llm_engine(model, tokenizer.eos_token_id, settings)
+    engine, max_model_len = make_llm_engine(model, tokenizer.eos_token_id, settings, tokenizer)
     return AsyncEngine(engine), max_model_len
 
 
@@ -215,8 +220,8 @@ def load_llm_engine(settings: Settings) -> tuple[Any, int]:
         )
     elif settings.int8_lm_head != "off" and model.int8_head_error is not None:
         log.info("int8 LM head off: it would change the model (error %.4f > lossless)", model.int8_head_error)
-    eos = Tokenizer.from_file(source).eos_token_id
-    return make_llm_engine(model, eos, settings)
+    tokenizer = Tokenizer.from_file(source)
+    return make_llm_engine(model, tokenizer.eos_token_id, settings, tokenizer)
 
 
 def default_torch_threads(settings: Settings) -> int:

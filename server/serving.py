@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import threading
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
@@ -19,7 +20,14 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from model.tokenizer import Tokenizer
-from server.engine.request import CompletionOutput, RequestOutput, SamplingParams, TokenLogprob
+from server.engine.request import (
+    CompletionOutput,
+    RequestOutput,
+    SamplingParams,
+    StructuredSpec,
+    TokenLogprob,
+)
+from server.guided import structured_spec
 from server.metrics import RequestTimer, ServerMetrics
 from server.protocol import (
     APIError,
@@ -231,6 +239,8 @@ class OpenAIServing:
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.metrics = metrics
+        self._grammars: Any = None  # a GrammarCache, built at the first structured request
+        self._grammars_lock = threading.Lock()
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
@@ -296,6 +306,27 @@ class OpenAIServing:
             raise APIError(
                 400, f"logit_bias keys must be token ids (integers as strings): {e}", param="logit_bias"
             ) from e
+
+    async def structured(self, req: SamplingFields) -> StructuredSpec | None:
+        """The request's output constraint, compiled once here (in a worker thread) so that a bad schema,
+        regex or grammar is a 400 naming its field before anything is queued."""
+        found = structured_spec(req)
+        if found is None:
+            return None
+        spec, field = found
+        try:
+            await asyncio.to_thread(self._compile, spec)
+        except ValueError as e:
+            raise APIError(400, f"Invalid {field}: {e}", param=field) from e
+        return spec
+
+    def _compile(self, spec: StructuredSpec) -> None:
+        from server.engine.structured import GrammarCache, tokenizer_info  # xgrammar takes seconds to import
+
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = GrammarCache(tokenizer_info(self.tokenizer))
+        self._grammars.get(spec)
 
     @staticmethod
     def stop_strings(stop: str | list[str] | None) -> list[str]:
@@ -415,6 +446,9 @@ class ServingCompletion(OpenAIServing):
             raise APIError(400, "stream_options is only allowed when stream is true.", param="stream_options")
         prompts = self.prompts(req.prompt)
         params = [self.sampling_params(req, req.max_tokens, req.logprobs, len(p.token_ids)) for p in prompts]
+        spec = await self.structured(req)
+        for sp in params:
+            sp.structured = spec
         if req.echo and req.logprobs is not None:
             for sp in params:
                 sp.prompt_logprobs = req.logprobs
@@ -531,6 +565,7 @@ class ServingChat(OpenAIServing):
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = self.sampling_params(req, max_tokens, logprobs, len(prompt.token_ids))
+        params.structured = await self.structured(req)
         run = _Run(_new_id("chatcmpl"), [prompt], req.n)
         stop = self.stop_strings(req.stop)
         run.choices = [ChoiceText(i, self.tokenizer, stop) for i in range(req.n)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Literal, Protocol
 
 
 class RequestStatus(enum.Enum):
@@ -33,6 +34,29 @@ _FINISH_REASONS = {
 }
 
 
+StructuredKind = Literal["json", "json_object", "regex", "choice", "grammar"]
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredSpec:
+    """A constraint on the output, small and picklable: the grammar itself is compiled where it is used
+    (server/engine/structured.py), since compiled grammars and matchers do not cross processes.
+
+    kind "json": `source` is a JSON schema (text); "json_object": any JSON object (`source` empty);
+    "regex": a regular expression; "choice": a JSON list of the allowed strings; "grammar": EBNF (GBNF).
+    """
+
+    kind: StructuredKind
+    source: str = ""
+
+
+class TokenMatcher(Protocol):
+    """The engine's view of a grammar matcher (xgrammar's GrammarMatcher has this shape)."""
+
+    def accept_token(self, token_id: int) -> bool: ...
+    def is_terminated(self) -> bool: ...
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -51,6 +75,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # top-N log-probabilities of each sampled token (0 = just the token's)
     prompt_logprobs: int | None = None  # same for the prompt tokens
+    structured: StructuredSpec | None = None  # constrained decoding (JSON schema, regex, choice, grammar)
 
     def validate(self, vocab_size: int) -> None:
         """Raise ValueError naming the bad field; the HTTP layer turns it into a 400."""
@@ -186,6 +211,9 @@ class Request:
     last_token_time: float | None = None
     num_preemptions: int = 0
     stop_token_id: int | None = None
+    # The grammar state of a structured request, built by the runner at its first sample; it has
+    # accepted every output token, which a preemption keeps, so a recompute needs no rollback.
+    grammar: TokenMatcher | None = None
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,6 +26,9 @@ from model.sampling import SamplingBatch, make_generator, prompt_logprobs, sampl
 from model.threads import run_wide
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.request import Request, SampleResult
+
+if TYPE_CHECKING:  # xgrammar is imported only where structured output is on
+    from server.engine.structured import StructuredOutputs
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +75,11 @@ class ModelRunner:
         max_num_seqs: int = 64,
         max_model_len: int = 8192,
         capture_graphs_now: bool = False,
+        structured: StructuredOutputs | None = None,
     ) -> None:
         """capture_graphs_now: on CUDA, capture the common decode graphs here (the server does, so the
-        first requests do not wait on captures); otherwise each is captured when first needed."""
+        first requests do not wait on captures); otherwise each is captured when first needed.
+        structured: grammar matchers for constrained requests (without it, such requests are refused)."""
         self.model = model
         self.device = model.device
         self.dtype = model.dtype
@@ -81,6 +87,7 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.vocab_size = model.config.vocab_size
         self.eos_token_id = eos_token_id if eos_token_id is not None else model.config.eos_token_id
+        self.structured = structured
         model.prepare_for_serving()
         paged_kernel.use_kernel(self.device)  # build the CPU attention kernel now, not in the first step
         cfg = model.config
@@ -229,6 +236,7 @@ class ModelRunner:
             p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params
         )
         empty: list[int] = []
+        allowed = self.structured.allowed(reqs, self.device) if self.structured is not None else None
         return SamplingBatch.build(
             params,
             [q.output_token_ids for q in reqs] if use_penalties else [empty] * len(reqs),
@@ -236,6 +244,7 @@ class ModelRunner:
             [self._generator(q) for q in reqs],
             self.device,
             banned_token_ids=[self._banned(q) for q in reqs],
+            allowed=None if allowed is None else (allowed.rows, allowed.mask),
         )
 
     def _generator(self, req: Request) -> torch.Generator | None:
@@ -248,8 +257,9 @@ class ModelRunner:
         return entry[1]
 
     def _banned(self, req: Request) -> list[int]:
-        """While min_tokens are not reached, EOS and the stop token ids may not be drawn."""
-        if req.num_output_tokens >= req.params.min_tokens:
+        """While min_tokens are not reached, EOS and the stop token ids may not be drawn. A grammar
+        decides for itself when EOS may come (banning it could leave a complete grammar no token)."""
+        if req.num_output_tokens >= req.params.min_tokens or req.params.structured is not None:
             return []
         stop = list(req.params.stop_token_ids)
         if self.eos_token_id is not None and not req.params.ignore_eos:
