@@ -46,9 +46,13 @@ from server.protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    FunctionCallDelta,
     SamplingFields,
+    ToolCall,
+    ToolCallDelta,
     UsageInfo,
 )
+from server.tools import ToolPlan, ToolTextFilter, render_messages, tool_plan
 
 try:  # the engine may land after this module; the names only matter once it exists
     from server.engine.engine import EngineDeadError, QueueFullError
@@ -213,6 +217,7 @@ class _Run:
     choices: list[ChoiceText] = field(default_factory=list)
     timers: list[RequestTimer] = field(default_factory=list)
     engine_ids: list[str] = field(default_factory=list)  # the engine request of each prompt
+    tools: ToolPlan = field(default_factory=lambda: ToolPlan("none"))  # chat: what tool calls mean
 
     def usage(self) -> UsageInfo:
         prompt = sum(len(p.token_ids) for p in self.prompts)
@@ -241,6 +246,13 @@ class OpenAIServing:
         self.metrics = metrics
         self._grammars: Any = None  # a GrammarCache, built at the first structured request
         self._grammars_lock = threading.Lock()
+
+    @staticmethod
+    def check_refused(req: Any) -> None:
+        """A field the SDK can send that this server cannot honour is a 400 naming it, never ignored."""
+        refused = req.refused_field()
+        if refused is not None:
+            raise APIError(400, f"{refused[0]}: {refused[1]}", param=refused[0])
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
@@ -313,7 +325,10 @@ class OpenAIServing:
         found = structured_spec(req)
         if found is None:
             return None
-        spec, field = found
+        return await self.compiled(*found)
+
+    async def compiled(self, spec: StructuredSpec, field: str) -> StructuredSpec:
+        """`spec` once it compiled (in a worker thread); a 400 naming `field` if it does not."""
         try:
             await asyncio.to_thread(self._compile, spec)
         except ValueError as e:
@@ -442,6 +457,7 @@ class ServingCompletion(OpenAIServing):
 
     async def prepare(self, req: CompletionRequest) -> tuple[_Run, AsyncIterator[tuple[int, RequestOutput]]]:
         self.check_model(req.model)
+        self.check_refused(req)
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed when stream is true.", param="stream_options")
         prompts = self.prompts(req.prompt)
@@ -538,18 +554,25 @@ class ServingCompletion(OpenAIServing):
 
 
 class ServingChat(OpenAIServing):
-    def prompt_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
-        plain = [{"role": m.role, "content": m.text()} for m in messages]
+    def prompt_ids(
+        self, messages: list[ChatMessage], add_generation_prompt: bool = True, tools: ToolPlan | None = None
+    ) -> list[int]:
+        tools = tools or ToolPlan("none")
+        native = "tools" in (self.tokenizer.chat_template or "")  # the template renders tools itself
+        plain = render_messages(messages, tools, native)
+        listed = [t.model_dump(exclude_none=True) for t in tools.tools] if native and tools.tools else None
         try:
-            text = self.tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt)
+            text = self.tokenizer.apply_chat_template(
+                plain, add_generation_prompt=add_generation_prompt, tools=listed
+            )
         except ValueError as e:
             raise APIError(
                 400, f"The messages could not be rendered with the chat template: {e}", param="messages"
             ) from e
         return self.tokenizer.encode(text)
 
-    def prompt(self, req: ChatCompletionRequest) -> PromptInput:
-        prompt = PromptInput(self.prompt_ids(req.messages, req.add_generation_prompt))
+    def prompt(self, req: ChatCompletionRequest, tools: ToolPlan) -> PromptInput:
+        prompt = PromptInput(self.prompt_ids(req.messages, req.add_generation_prompt, tools))
         self.check_prompt(prompt.token_ids)
         return prompt
 
@@ -557,16 +580,24 @@ class ServingChat(OpenAIServing):
         self, req: ChatCompletionRequest
     ) -> tuple[_Run, AsyncIterator[tuple[int, RequestOutput]]]:
         self.check_model(req.model)
+        self.check_refused(req)
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed when stream is true.", param="stream_options")
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true.", param="top_logprobs")
-        prompt = self.prompt(req)
+        tools = tool_plan(req)
+        prompt = self.prompt(req, tools)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = self.sampling_params(req, max_tokens, logprobs, len(prompt.token_ids))
         params.structured = await self.structured(req)
-        run = _Run(_new_id("chatcmpl"), [prompt], req.n)
+        if tools.spec is not None:
+            if params.structured is not None:
+                raise APIError(400, "response_format (or another output constraint) cannot be combined with "
+                               f"tool_choice {req.tool_choice!r}, which constrains the output to a tool call.",
+                               param="tool_choice")  # fmt: skip
+            params.structured = await self.compiled(tools.spec, "tools")
+        run = _Run(_new_id("chatcmpl"), [prompt], req.n, tools=tools)
         stop = self.stop_strings(req.stop)
         run.choices = [ChoiceText(i, self.tokenizer, stop) for i in range(req.n)]
         return run, await self.start(run, [params])
@@ -593,17 +624,19 @@ class ServingChat(OpenAIServing):
         async for d in self.deltas(run, stream):
             logprobs[d.index] += d.logprobs
         choices = [
-            ChatChoice(
-                index=c.index,
-                message=ChatResponseMessage(content=c.text),
-                logprobs=self._logprobs(logprobs[c.index]) if req.logprobs else None,
-                finish_reason=c.finish_reason,
-            )
+            self._chat_choice(run.tools, c, self._logprobs(logprobs[c.index]) if req.logprobs else None)
             for c in run.choices
         ]
         return ChatCompletionResponse(
             id=run.request_id, model=self.model_name, choices=choices, usage=run.usage()
         )
+
+    @staticmethod
+    def _chat_choice(tools: ToolPlan, c: ChoiceText, logprobs: ChatLogprobs | None) -> ChatChoice:
+        content, calls = tools.parse(c.text)
+        reason = "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason
+        message = ChatResponseMessage(content=content, tool_calls=calls)
+        return ChatChoice(index=c.index, message=message, logprobs=logprobs, finish_reason=reason)
 
     async def stream(self, req: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
         run, stream = await self.prepare(req)
@@ -621,16 +654,33 @@ class ServingChat(OpenAIServing):
 
         for i in range(req.n):  # OpenAI's first chunk of each choice carries the role
             yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+        filters = [ToolTextFilter(run.tools) for _ in range(req.n)] if run.tools.mode != "none" else None
         async with aclosing(self.deltas(run, stream)) as deltas:  # closed at once if the client leaves
             async for d in deltas:
                 logprobs = self._logprobs(d.logprobs) if req.logprobs else None
-                delta = DeltaMessage(content=d.text)
+                if filters is None:
+                    delta, reason = DeltaMessage(content=d.text), d.finish_reason
+                else:
+                    delta, reason = self._tool_delta(filters[d.index], d)
                 yield chunk(
-                    [
-                        ChatStreamChoice(
-                            index=d.index, delta=delta, logprobs=logprobs, finish_reason=d.finish_reason
-                        )
-                    ]
+                    [ChatStreamChoice(index=d.index, delta=delta, logprobs=logprobs, finish_reason=reason)]
                 )
         if req.stream_options and req.stream_options.include_usage:
             yield chunk([], run.usage())
+
+    @staticmethod
+    def _tool_delta(tools: ToolTextFilter, d: TextDelta) -> tuple[DeltaMessage, str | None]:
+        """Content that cannot be part of a tool call streams as it comes; the calls go whole in the
+        choice's last chunk (id, name and arguments together), whose finish_reason is "tool_calls"."""
+        content = tools.feed(d.text)
+        if d.finish_reason is None:
+            return DeltaMessage(content=content), None
+        rest, calls = tools.finish()
+        deltas = [_call_delta(i, call) for i, call in enumerate(calls)] or None
+        reason = "tool_calls" if calls and d.finish_reason == "stop" else d.finish_reason
+        return DeltaMessage(content=(content + rest) or None, tool_calls=deltas), reason
+
+
+def _call_delta(index: int, call: ToolCall) -> ToolCallDelta:
+    function = FunctionCallDelta(name=call.function.name, arguments=call.function.arguments)
+    return ToolCallDelta(index=index, id=call.id, type="function", function=function)
