@@ -71,7 +71,7 @@ class SamplingBatch:
     # Per row (all rows):
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (rows, token ids, values)
     banned: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) forced to -inf
-    allowed: tuple[torch.Tensor, torch.Tensor] | None  # (rows (S,), allowed (S, V) bool): grammar masks
+    grammar_bias: tuple[torch.Tensor, torch.Tensor] | None  # (rows (S,), (S, V) of 0 / -inf): grammar masks
     # Penalties touch only the tokens a row has seen, so they work on (B, L) id lists, not (B, V) counts.
     # Lists are padded with the row's first id: a write through a pad repeats the write of a real entry.
     repetition_penalty: torch.Tensor | None  # (B, 1); 1 for rows with no tokens
@@ -105,14 +105,14 @@ class SamplingBatch:
         generators: list[torch.Generator | None],
         device: torch.device | str = "cpu",
         banned_token_ids: list[list[int]] | None = None,
-        allowed: tuple[torch.Tensor, torch.Tensor] | None = None,
+        grammar_bias: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> SamplingBatch:
         """Gather the batch's parameters into tensors.
 
         `generators[i]` is the persistent generator of a seeded request (None if unseeded); the runner
         keeps it across steps (see make_generator). `banned_token_ids[i]` lists the tokens row i may not
-        produce this step (eos + stop ids while fewer than min_tokens were generated). `allowed` is
-        (rows, (S, V) bool): the only tokens those rows may produce (their grammar's next tokens).
+        produce this step (eos + stop ids while fewer than min_tokens were generated). `grammar_bias`
+        is (rows, (S, V) float32): 0 for the tokens those rows' grammars allow next, -inf for the others.
         """
         greedy = [i for i, p in enumerate(params) if p.temperature < _EPS]
         rand = [i for i, p in enumerate(params) if p.temperature >= _EPS]
@@ -140,7 +140,7 @@ class SamplingBatch:
             unseeded=_index(unseeded, "cpu") if unseeded else None,
             logit_bias=_logit_bias(params, device),
             banned=_banned(banned_token_ids, device),
-            allowed=allowed,
+            grammar_bias=grammar_bias,
             repetition_penalty=_column(rep, 1.0, device),
             seen_ids=_padded(seen, device)[0] if use_rep else None,
             presence_penalty=_column(pres, 0.0, device),
@@ -280,12 +280,12 @@ def _apply_processors(logits: torch.Tensor, batch: SamplingBatch) -> None:
         logits.index_put_(batch.banned, torch.tensor(-math.inf, device=logits.device))
     if batch.needs_penalties:
         _apply_penalties(logits, batch)
-    if batch.allowed is not None:  # last: penalties keep -inf at -inf, and no bias lifts a forbidden token
-        rows, allowed = batch.allowed
+    if batch.grammar_bias is not None:  # last: no logit_bias or penalty lifts a forbidden token back
+        rows, bias = batch.grammar_bias
         if rows.numel() == batch.num_rows:
-            logits.masked_fill_(~allowed, -math.inf)
+            logits.add_(bias)  # an add: a masked_fill with the (S, V) mask was ~6x slower on CPU
         else:
-            logits.index_copy_(0, rows, logits.index_select(0, rows).masked_fill_(~allowed, -math.inf))
+            logits.index_add_(0, rows, bias)
 
 
 def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> None:

@@ -79,7 +79,8 @@ class ModelRunner:
     ) -> None:
         """capture_graphs_now: on CUDA, capture the common decode graphs here (the server does, so the
         first requests do not wait on captures); otherwise each is captured when first needed.
-        structured: grammar matchers for constrained requests (without it, such requests are refused)."""
+        structured: grammar matchers for constrained requests; the server always passes one (a runner
+        built without it, as in model-only tests, samples such requests unconstrained)."""
         self.model = model
         self.device = model.device
         self.dtype = model.dtype
@@ -236,7 +237,7 @@ class ModelRunner:
             p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params
         )
         empty: list[int] = []
-        allowed = self.structured.allowed(reqs, self.device) if self.structured is not None else None
+        grammar = self.structured.grammar_bias(reqs, self.device) if self.structured is not None else None
         return SamplingBatch.build(
             params,
             [q.output_token_ids for q in reqs] if use_penalties else [empty] * len(reqs),
@@ -244,7 +245,7 @@ class ModelRunner:
             [self._generator(q) for q in reqs],
             self.device,
             banned_token_ids=[self._banned(q) for q in reqs],
-            allowed=None if allowed is None else (allowed.rows, allowed.mask),
+            grammar_bias=None if grammar is None else (grammar.rows, grammar.bias),
         )
 
     def _generator(self, req: Request) -> torch.Generator | None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -74,15 +75,20 @@ def test_invalid_specs_raise_a_readable_value_error(
     assert not str(info.value).startswith("[")  # xgrammar's C++ location prefix is cut
 
 
-def test_unpack_matches_the_bitmask(tokenizer: Tokenizer) -> None:
+def test_bias_matches_the_bitmask(tokenizer: Tokenizer) -> None:
     so = StructuredOutputs(tokenizer, TINY_VOCAB)
     bitmask = torch.randint(-(2**31), 2**31 - 1, (3, TINY_VOCAB // 32), dtype=torch.int32)
-    mask = so.unpack(bitmask)
-    assert mask.shape == (3, TINY_VOCAB)
+    bias = so.bias_from_bitmask(bitmask)
+    assert bias.shape == (3, TINY_VOCAB) and bias.dtype == torch.float32
     for row in range(3):
-        for token in (0, 1, 31, 32, 200, TINY_VOCAB - 1):
+        for token in range(TINY_VOCAB):
             word = int(bitmask[row, token // 32]) & 0xFFFFFFFF
-            assert bool(mask[row, token]) == bool((word >> (token % 32)) & 1)
+            assert (bias[row, token] == 0) == bool((word >> (token % 32)) & 1)
+    # xgrammar's own kernel agrees
+    logits = torch.randn(3, TINY_VOCAB)
+    expected = logits.clone()
+    xgr.apply_token_bitmask_inplace(expected, bitmask, backend="cpu")
+    assert torch.equal(logits + bias, expected)
 
 
 def make_engine(
@@ -176,3 +182,24 @@ def test_length_cut_is_reported_as_length(tiny_model: SmolLM2ForCausalLM, tokeni
     params = SamplingParams(max_tokens=5, temperature=0.0, structured=spec)
     ids, reason, _ = run(make_engine(tiny_model, tokenizer), params)[0]
     assert reason == "length" and len(ids) == 5
+
+
+def test_sampler_masks_after_logprobs_and_logit_bias() -> None:
+    from model.sampling import SamplingBatch, sample
+
+    vocab = 8
+    logits = torch.tensor([[0.0, 5.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]] * 2)
+    raw = torch.log_softmax(logits[0], dim=-1)
+    params = [
+        SamplingParams(temperature=0.0, logprobs=1, logit_bias={1: 100.0}),
+        SamplingParams(temperature=0.0),
+    ]
+    bias = torch.full((1, vocab), -math.inf)
+    bias[0, 2] = 0.0  # row 0 may only produce token 2
+    batch = SamplingBatch.build(
+        params, [[], []], [[], []], [None, None], grammar_bias=(torch.tensor([0]), bias)
+    )
+    out = sample(logits.clone(), batch)
+    assert out.token_ids == [2, 1]  # the +100 bias does not bring token 1 back in row 0; row 1 is free
+    lp = out.logprobs[0]  # type: ignore[index]
+    assert lp is not None and lp.top[0][0] == 1 and abs(lp.logprob - float(raw[2])) < 1e-5  # raw distribution
