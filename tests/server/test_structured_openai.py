@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 import openai
 import pytest
@@ -26,13 +26,13 @@ class Person(BaseModel):
 
 class Pet(BaseModel):
     kind: Literal["cat", "dog", "fish"]
-    names: list[str] = Field(max_length=3)
+    names: list[Annotated[str, Field(max_length=12)]] = Field(max_length=3)
     vaccinated: bool
 
 
 class Family(BaseModel):
     surname: str = Field(max_length=20)
-    members: list[Person] = Field(max_length=3)
+    members: list[Person] = Field(max_length=2)
     pet: Pet | None = None
 
 
