@@ -662,6 +662,8 @@ class ServingChat(OpenAIServing):
                     delta, reason = DeltaMessage(content=d.text), d.finish_reason
                 else:
                     delta, reason = self._tool_delta(filters[d.index], d)
+                    if not (delta.content or delta.tool_calls or reason or logprobs):
+                        continue  # text held back as a possible tool call: nothing to send yet
                 yield chunk(
                     [ChatStreamChoice(index=d.index, delta=delta, logprobs=logprobs, finish_reason=reason)]
                 )
