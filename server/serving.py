@@ -17,7 +17,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from model.tokenizer import Tokenizer
 from server.engine.request import (
@@ -53,6 +53,9 @@ from server.protocol import (
     UsageInfo,
 )
 from server.tools import ToolPlan, ToolTextFilter, render_messages, tool_plan
+
+if TYPE_CHECKING:  # xgrammar takes seconds to import: server.engine.structured loads at first use
+    from server.engine.structured import GrammarCache
 
 try:  # the engine may land after this module; the names only matter once it exists
     from server.engine.engine import EngineDeadError, QueueFullError
@@ -244,7 +247,7 @@ class OpenAIServing:
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.metrics = metrics
-        self._grammars: Any = None  # a GrammarCache, built at the first structured request
+        self._grammars: GrammarCache | None = None  # built at the first structured request
         self._grammars_lock = threading.Lock()
 
     @staticmethod
@@ -336,12 +339,13 @@ class OpenAIServing:
         return spec
 
     def _compile(self, spec: StructuredSpec) -> None:
-        from server.engine.structured import GrammarCache, tokenizer_info  # xgrammar takes seconds to import
+        from server.engine.structured import GrammarCache, tokenizer_info
 
         with self._grammars_lock:
             if self._grammars is None:
                 self._grammars = GrammarCache(tokenizer_info(self.tokenizer))
-        self._grammars.get(spec)
+            grammars = self._grammars
+        grammars.get(spec)
 
     @staticmethod
     def stop_strings(stop: str | list[str] | None) -> list[str]:
