@@ -184,12 +184,16 @@ def test_length_cut_is_reported_as_length(tiny_model: SmolLM2ForCausalLM, tokeni
     assert reason == "length" and len(ids) == 5
 
 
-def test_sampler_masks_after_logprobs_and_logit_bias() -> None:
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs CUDA")])],
+)  # fmt: skip
+def test_sampler_masks_after_logprobs_and_logit_bias(device: str) -> None:
     from model.sampling import SamplingBatch, sample
 
     vocab = 8
-    logits = torch.tensor([[0.0, 5.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]] * 2)
-    raw = torch.log_softmax(logits[0], dim=-1)
+    logits = torch.tensor([[0.0, 5.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]] * 2, device=device)
+    raw = torch.log_softmax(logits[0], dim=-1).cpu()
     params = [
         SamplingParams(temperature=0.0, logprobs=1, logit_bias={1: 100.0}),
         SamplingParams(temperature=0.0),
