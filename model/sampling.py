@@ -3,6 +3,7 @@
 Order of operations (as vLLM v1):
   1. log-probabilities for the output are taken from the raw logits (log_softmax before any processing);
   2. logit_bias is added, banned tokens (min_tokens: eos + stop ids) are set to -inf;
+     tokens a row's grammar forbids (structured output) are set to -inf, after the bias so none comes back;
   3. repetition penalty over prompt + output tokens (HF/vLLM: divide positive logits, multiply negative ones);
   4. presence / frequency penalties over output tokens only (OpenAI: logit -= freq * count + pres * [count > 0]);
   5. greedy rows take the argmax of the processed logits; random rows go on with
@@ -70,6 +71,7 @@ class SamplingBatch:
     # Per row (all rows):
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (rows, token ids, values)
     banned: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) forced to -inf
+    grammar_bias: tuple[torch.Tensor, torch.Tensor] | None  # (rows (S,), (S, V) of 0 / -inf): grammar masks
     # Penalties touch only the tokens a row has seen, so they work on (B, L) id lists, not (B, V) counts.
     # Lists are padded with the row's first id: a write through a pad repeats the write of a real entry.
     repetition_penalty: torch.Tensor | None  # (B, 1); 1 for rows with no tokens
@@ -105,12 +107,14 @@ class SamplingBatch:
         device: torch.device | str = "cpu",
         banned_token_ids: list[list[int]] | None = None,
         kernels: Kernels | None = None,
+        grammar_bias: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> SamplingBatch:
         """Gather the batch's parameters into tensors.
 
         `generators[i]` is the persistent generator of a seeded request (None if unseeded); the runner
         keeps it across steps (see make_generator). `banned_token_ids[i]` lists the tokens row i may not
-        produce this step (eos + stop ids while fewer than min_tokens were generated).
+        produce this step (eos + stop ids while fewer than min_tokens were generated). `grammar_bias`
+        is (rows, (S, V) float32): 0 for the tokens those rows' grammars allow next, -inf for the others.
         """
         greedy = [i for i, p in enumerate(params) if p.greedy]
         rand = [i for i, p in enumerate(params) if not p.greedy]
@@ -138,6 +142,7 @@ class SamplingBatch:
             unseeded=_index(unseeded, "cpu") if unseeded else None,
             logit_bias=_logit_bias(params, device),
             banned=_banned(banned_token_ids, device),
+            grammar_bias=grammar_bias,
             repetition_penalty=_column(rep, 1.0, device),
             seen_ids=_padded(seen, device)[0] if use_rep else None,
             presence_penalty=_column(pres, 0.0, device),
@@ -278,6 +283,12 @@ def _apply_processors(logits: torch.Tensor, batch: SamplingBatch) -> None:
         logits.index_put_(batch.banned, torch.tensor(-math.inf, device=logits.device))
     if batch.needs_penalties:
         _apply_penalties(logits, batch)
+    if batch.grammar_bias is not None:  # last: no logit_bias or penalty lifts a forbidden token back
+        rows, bias = batch.grammar_bias
+        if rows.numel() == batch.num_rows:
+            logits.add_(bias)  # an add: a masked_fill with the (S, V) mask was ~6x slower on CPU
+        else:
+            logits.index_add_(0, rows, bias)
 
 
 def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> None:

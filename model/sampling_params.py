@@ -8,8 +8,25 @@ the tokens banned before min_tokens are decided.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 GREEDY_EPS = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS)
+
+
+StructuredKind = Literal["json", "json_object", "regex", "choice", "grammar"]
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredSpec:
+    """A constraint on the output, small and picklable: the grammar itself is compiled where it is used
+    (server/engine/structured.py), since compiled grammars and matchers do not cross processes.
+
+    kind "json": `source` is a JSON schema (text); "json_object": any JSON object (`source` empty);
+    "regex": a regular expression; "choice": a JSON list of the allowed strings; "grammar": EBNF (GBNF).
+    """
+
+    kind: StructuredKind
+    source: str = ""
 
 
 @dataclass
@@ -30,6 +47,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # top-N log-probabilities of each sampled token (0 = just the token's)
     prompt_logprobs: int | None = None  # same for the prompt tokens
+    structured: StructuredSpec | None = None  # constrained decoding (JSON schema, regex, choice, grammar)
 
     def validate(self, vocab_size: int) -> None:
         """Raise ValueError naming the bad field; the HTTP layer turns it into a 400."""

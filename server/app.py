@@ -129,11 +129,15 @@ def resolve_device_dtype(settings: Settings) -> tuple[str, str]:
     return device, dtype
 
 
-def make_core(model: Any, eos_token_id: int | None, settings: Settings) -> EngineCore:
-    """Size the KV cache from `kv_cache_memory`; build runner + scheduler + EngineCore."""
+def make_core(
+    model: Any, eos_token_id: int | None, settings: Settings, tokenizer: Tokenizer | None = None
+) -> EngineCore:
+    """Size the KV cache from `kv_cache_memory`; build runner + scheduler + EngineCore. With `tokenizer`,
+    the runner can constrain outputs (structured output needs the vocabulary's text)."""
     from server.engine.core import EngineConfig, EngineCore
     from server.engine.runner import ModelRunner, num_blocks_for_memory
     from server.engine.scheduler import Scheduler, SchedulerConfig
+    from server.engine.structured import StructuredOutputs
 
     max_model_len = settings.max_model_len or min(model.config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
     eos = eos_token_id if eos_token_id is not None else model.config.eos_token_id
@@ -157,6 +161,7 @@ def make_core(model: Any, eos_token_id: int | None, settings: Settings) -> Engin
     runner = ModelRunner(
         model, num_blocks, settings.block_size, eos, cuda_graphs=settings.cuda_graphs,
         max_num_seqs=settings.max_num_seqs, max_model_len=max_model_len, capture_graphs_now=True,
+        structured=None if tokenizer is None else StructuredOutputs(tokenizer, model.config.vocab_size),
     )  # fmt: skip
     core = EngineCore(
         runner, Scheduler(scheduler), EngineConfig(scheduler=scheduler, max_waiting=settings.max_waiting)
@@ -182,7 +187,7 @@ def make_engine(
 ) -> AsyncEngine:
     """An AsyncEngine (not started) whose core runs on a thread over `model`: for tests and
     `--engine-process false`. A restart builds a new runner and scheduler around the same model."""
-    build = functools.partial(make_core, model, tokenizer.eos_token_id, settings)
+    build = functools.partial(make_core, model, tokenizer.eos_token_id, settings, tokenizer)
     return AsyncEngine.in_thread(build, config=supervisor_config(settings), on_fatal=on_fatal)
 
 
@@ -230,8 +235,8 @@ def load_core(settings: Settings) -> EngineCore:
         )
     elif settings.int8_lm_head != "off" and model.int8_head_error is not None:
         log.info("int8 LM head off: it would change the model (error %.4f > lossless)", model.int8_head_error)
-    eos = Tokenizer.from_file(source).eos_token_id
-    return make_core(model, eos, settings)
+    tokenizer = Tokenizer.from_file(source)
+    return make_core(model, tokenizer.eos_token_id, settings, tokenizer)
 
 
 def default_torch_threads(settings: Settings) -> int:

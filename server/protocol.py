@@ -84,6 +84,32 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Request):
+    """OpenAI's response_format.json_schema. `strict` is accepted either way: the schema is always enforced."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsParams(_Request):
+    """vLLM's `structured_outputs`: exactly one of these constraints."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
+    json_: dict[str, Any] | str | bool | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 class SamplingFields(_Request):
     """Sampling fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -106,6 +132,13 @@ class SamplingFields(_Request):
     min_tokens: int = Field(0, ge=_I64_MIN, le=_I64_MAX)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    # structured output: OpenAI's response_format, vLLM's structured_outputs and its older guided_* names
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_json: dict[str, Any] | str | bool | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -113,6 +146,16 @@ class CompletionRequest(SamplingFields):
     max_tokens: int | None = Field(16, ge=_I64_MIN, le=_I64_MAX)
     logprobs: int | None = Field(None, ge=_I64_MIN, le=_I64_MAX)
     echo: bool = False
+    best_of: int | None = Field(None, ge=_I64_MIN, le=_I64_MAX)  # only best_of == n (the same thing)
+    suffix: str | None = None  # refused unless empty
+
+    def refused_field(self) -> tuple[str, str] | None:
+        """(field, why) for a field this server cannot honour: answered 400 rather than ignored."""
+        if self.best_of is not None and self.best_of != self.n:
+            return "best_of", "best_of is not supported (only best_of equal to n); ask for n choices instead."
+        if self.suffix:
+            return "suffix", "suffix (text insertion) is not supported by this model."
+        return None
 
 
 class TextContentPart(_Request):
@@ -120,10 +163,24 @@ class TextContentPart(_Request):
     text: str
 
 
+class FunctionCall(_Request):
+    name: str
+    arguments: str  # a JSON object, as text (OpenAI's shape)
+
+
+class ToolCall(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
-    role: Literal["system", "user", "assistant"]
+    # developer is OpenAI's new name for system; tool carries a tool's result (tool_call_id names the call)
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant messages that called tools
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -133,6 +190,40 @@ class ChatMessage(_Request):
         return "".join(part.text for part in self.content)
 
 
+class FunctionDefinition(_Request):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; None: no arguments
+    strict: bool | None = None  # accepted either way: with tool_choice required/named the schema is enforced
+
+
+class ChatTool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+# Fields of the openai SDK's chat request that this server cannot honour: a request that sets one is
+# answered 400 naming it (README: "Request fields"). Fields that change nothing here (store, metadata,
+# service_tier, user, ...) are accepted and ignored, as vLLM does.
+_REFUSED_CHAT_FIELDS = {
+    "audio": "audio output is not supported by this model",
+    "functions": "functions (deprecated) are not supported; send tools instead",
+    "function_call": "function_call (deprecated) is not supported; send tool_choice instead",
+    "prediction": "predicted outputs are not supported",
+    "web_search_options": "web search is not available on this server",
+    "moderation": "moderation is not available on this server",
+}
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=_I64_MIN, le=_I64_MAX)
@@ -140,6 +231,25 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=_I64_MIN, le=_I64_MAX)
     add_generation_prompt: bool = True
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    modalities: list[str] | None = None  # only ["text"]
+    audio: Any = None
+    functions: Any = None
+    function_call: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    moderation: Any = None
+
+    def refused_field(self) -> tuple[str, str] | None:
+        """(field, why) for a field this server cannot honour: answered 400 rather than ignored."""
+        for name, why in _REFUSED_CHAT_FIELDS.items():
+            if getattr(self, name) is not None:
+                return name, why
+        if self.modalities is not None and set(self.modalities) - {"text"}:
+            return "modalities", "only the text modality is supported"
+        return None
 
 
 # ---- responses ---------------------------------------------------------------------------------
@@ -192,7 +302,15 @@ class ChatLogprobs(BaseModel):
 
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+
+    @model_serializer(mode="wrap")
+    def _drop_empty_tool_calls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if not data.get("tool_calls"):
+            data.pop("tool_calls", None)
+        return data
 
 
 class ChatChoice(BaseModel):
@@ -211,9 +329,22 @@ class ChatCompletionResponse(BaseModel):
     usage: UsageInfo
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta | None = None
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

@@ -11,17 +11,25 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import threading
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from model.sampling_params import clamp_top_k
 from model.tokenizer import Tokenizer
 from server.engine.engine import EngineDeadError, QueueFullError
-from server.engine.request import CompletionOutput, RequestOutput, SamplingParams, TokenLogprob
+from server.engine.request import (
+    CompletionOutput,
+    RequestOutput,
+    SamplingParams,
+    StructuredSpec,
+    TokenLogprob,
+)
+from server.guided import structured_spec
 from server.metrics import RequestTimer, ServerMetrics
 from server.protocol import (
     APIError,
@@ -40,10 +48,17 @@ from server.protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    FunctionCallDelta,
     SamplingFields,
+    ToolCall,
+    ToolCallDelta,
     UsageInfo,
 )
 from server.stop_strings import StopMatcher, stop_matcher
+from server.tools import ToolPlan, ToolTextFilter, render_messages, tool_plan
+
+if TYPE_CHECKING:  # xgrammar takes seconds to import: server.engine.structured loads at first use
+    from server.engine.structured import GrammarCache
 
 OutputHook = Callable[[int, RequestOutput], None]
 
@@ -212,6 +227,7 @@ class _Run:
     choices: list[ChoiceText] = field(default_factory=list)
     timers: list[RequestTimer] = field(default_factory=list)
     engine_ids: list[str] = field(default_factory=list)  # the engine request of each prompt
+    tools: ToolPlan = field(default_factory=lambda: ToolPlan("none"))  # chat: what tool calls mean
 
     def usage(self) -> UsageInfo:
         prompt = sum(len(p.token_ids) for p in self.prompts)
@@ -304,6 +320,15 @@ class OpenAIServing:
             raise APIError(400, f"The request could produce {entries} log-probability entries (choices x "
                            f"tokens x (top logprobs + 1)); the limit is {limit}. Lower n, max_tokens or "
                            f"{param}.", param=param)  # fmt: skip
+        self._grammars: GrammarCache | None = None  # built at the first structured request
+        self._grammars_lock = threading.Lock()
+
+    @staticmethod
+    def check_refused(req: Any) -> None:
+        """A field the SDK can send that this server cannot honour is a 400 naming it, never ignored."""
+        refused = req.refused_field()
+        if refused is not None:
+            raise APIError(400, f"{refused[0]}: {refused[1]}", param=refused[0])
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
@@ -363,6 +388,31 @@ class OpenAIServing:
             raise APIError(
                 400, f"logit_bias keys must be token ids (integers as strings): {e}", param="logit_bias"
             ) from e
+
+    async def structured(self, req: SamplingFields) -> StructuredSpec | None:
+        """The request's output constraint, compiled once here (in a worker thread) so that a bad schema,
+        regex or grammar is a 400 naming its field before anything is queued."""
+        found = structured_spec(req)
+        if found is None:
+            return None
+        return await self.compiled(*found)
+
+    async def compiled(self, spec: StructuredSpec, field: str) -> StructuredSpec:
+        """`spec` once it compiled (in a worker thread); a 400 naming `field` if it does not."""
+        try:
+            await asyncio.to_thread(self._compile, spec)
+        except ValueError as e:
+            raise APIError(400, f"Invalid {field}: {e}", param=field) from e
+        return spec
+
+    def _compile(self, spec: StructuredSpec) -> None:
+        from server.engine.structured import GrammarCache, tokenizer_info
+
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = GrammarCache(tokenizer_info(self.tokenizer))
+            grammars = self._grammars
+        grammars.get(spec)
 
     @staticmethod
     def stop_strings(stop: str | list[str] | None) -> list[str]:
@@ -485,6 +535,7 @@ class ServingCompletion(OpenAIServing):
 
     async def prepare(self, req: CompletionRequest) -> tuple[_Run, AsyncIterator[tuple[int, RequestOutput]]]:
         self.check_model(req.model)
+        self.check_refused(req)
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed when stream is true.", param="stream_options")
         items = self.prompt_items(req.prompt)
@@ -497,6 +548,9 @@ class ServingCompletion(OpenAIServing):
         echoed = sum(len(p.token_ids) for p in prompts) if req.echo else 0
         produced = sum(sp.max_tokens or 0 for sp in params)
         self.check_logprob_budget(req.n, produced + echoed, req.logprobs, "logprobs")
+        spec = await self.structured(req)
+        for sp in params:
+            sp.structured = spec
         if req.echo and req.logprobs is not None:
             for sp in params:
                 sp.prompt_logprobs = req.logprobs
@@ -586,28 +640,36 @@ class ServingCompletion(OpenAIServing):
 
 
 class ServingChat(OpenAIServing):
-    async def prompt_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+    async def prompt_ids(
+        self, messages: list[ChatMessage], add_generation_prompt: bool = True, tools: ToolPlan | None = None
+    ) -> list[int]:
         """The rendered chat template's token ids; long conversations render and tokenize on a worker
         thread."""
-        plain = [{"role": m.role, "content": m.text()} for m in messages]
-        chars = sum(len(m["content"]) for m in plain)
+        tools = tools or ToolPlan("none")
+        native = "tools" in (self.tokenizer.chat_template or "")  # the template renders tools itself
+        plain = render_messages(messages, tools, native)
+        listed = [t.model_dump(exclude_none=True) for t in tools.tools] if native and tools.tools else None
+        chars = sum(len(str(m.get("content") or "")) for m in plain)
         self.check_text_length(chars, "messages")
         if chars <= self.limits.tokenize_inline_chars and len(plain) <= _INLINE_MESSAGES:
-            text = self._render(plain, add_generation_prompt)
-            return self.tokenizer.encode(text)
-        text = await asyncio.to_thread(self._render, plain, add_generation_prompt)
+            return self.tokenizer.encode(self._render(plain, add_generation_prompt, listed))
+        text = await asyncio.to_thread(self._render, plain, add_generation_prompt, listed)
         return (await self.encode([text], "messages"))[0]
 
-    def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    def _render(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool, tools: list[dict[str, Any]] | None
+    ) -> str:
         try:
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+            return self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, tools=tools
+            )
         except ValueError as e:
             raise APIError(
                 400, f"The messages could not be rendered with the chat template: {e}", param="messages"
             ) from e
 
-    async def prompt(self, req: ChatCompletionRequest) -> PromptInput:
-        prompt = PromptInput(await self.prompt_ids(req.messages, req.add_generation_prompt))
+    async def prompt(self, req: ChatCompletionRequest, tools: ToolPlan) -> PromptInput:
+        prompt = PromptInput(await self.prompt_ids(req.messages, req.add_generation_prompt, tools))
         self.check_prompt(prompt.token_ids)
         return prompt
 
@@ -615,17 +677,26 @@ class ServingChat(OpenAIServing):
         self, req: ChatCompletionRequest
     ) -> tuple[_Run, AsyncIterator[tuple[int, RequestOutput]]]:
         self.check_model(req.model)
+        self.check_refused(req)
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed when stream is true.", param="stream_options")
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true.", param="top_logprobs")
         self.check_sizes(req, 1)
-        prompt = await self.prompt(req)
+        tools = tool_plan(req)
+        prompt = await self.prompt(req, tools)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = self.sampling_params(req, max_tokens, logprobs, len(prompt.token_ids))
         self.check_logprob_budget(req.n, params.max_tokens or 0, logprobs, "top_logprobs")
-        run = _Run(_new_id("chatcmpl"), [prompt], req.n)
+        params.structured = await self.structured(req)
+        if tools.spec is not None:
+            if params.structured is not None:
+                raise APIError(400, "response_format (or another output constraint) cannot be combined with "
+                               f"tool_choice {req.tool_choice!r}, which constrains the output to a tool call.",
+                               param="tool_choice")  # fmt: skip
+            params.structured = await self.compiled(tools.spec, "tools")
+        run = _Run(_new_id("chatcmpl"), [prompt], req.n, tools=tools)
         stop = self.stop_matcher(req.stop)
         run.choices = [ChoiceText(i, self.tokenizer, stop) for i in range(req.n)]
         return run, await self.start(run, [params])
@@ -652,17 +723,19 @@ class ServingChat(OpenAIServing):
         async for d in self.deltas(run, stream):
             logprobs[d.index] += d.logprobs
         choices = [
-            ChatChoice(
-                index=c.index,
-                message=ChatResponseMessage(content=c.text),
-                logprobs=self._logprobs(logprobs[c.index]) if req.logprobs else None,
-                finish_reason=c.finish_reason,
-            )
+            self._chat_choice(run.tools, c, self._logprobs(logprobs[c.index]) if req.logprobs else None)
             for c in run.choices
         ]
         return ChatCompletionResponse(
             id=run.request_id, model=self.model_name, choices=choices, usage=run.usage()
         )
+
+    @staticmethod
+    def _chat_choice(tools: ToolPlan, c: ChoiceText, logprobs: ChatLogprobs | None) -> ChatChoice:
+        content, calls = tools.parse(c.text)
+        reason = "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason
+        message = ChatResponseMessage(content=content, tool_calls=calls)
+        return ChatChoice(index=c.index, message=message, logprobs=logprobs, finish_reason=reason)
 
     async def stream(self, req: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
         run, stream = await self.prepare(req)
@@ -680,16 +753,35 @@ class ServingChat(OpenAIServing):
 
         for i in range(req.n):  # OpenAI's first chunk of each choice carries the role
             yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+        filters = [ToolTextFilter(run.tools) for _ in range(req.n)] if run.tools.mode != "none" else None
         async with aclosing(self.deltas(run, stream)) as deltas:  # closed at once if the client leaves
             async for d in deltas:
                 logprobs = self._logprobs(d.logprobs) if req.logprobs else None
-                delta = DeltaMessage(content=d.text)
+                if filters is None:
+                    delta, reason = DeltaMessage(content=d.text), d.finish_reason
+                else:
+                    delta, reason = self._tool_delta(filters[d.index], d)
+                    if not (delta.content or delta.tool_calls or reason or logprobs):
+                        continue  # text held back as a possible tool call: nothing to send yet
                 yield chunk(
-                    [
-                        ChatStreamChoice(
-                            index=d.index, delta=delta, logprobs=logprobs, finish_reason=d.finish_reason
-                        )
-                    ]
+                    [ChatStreamChoice(index=d.index, delta=delta, logprobs=logprobs, finish_reason=reason)]
                 )
         if req.stream_options and req.stream_options.include_usage:
             yield chunk([], run.usage())
+
+    @staticmethod
+    def _tool_delta(tools: ToolTextFilter, d: TextDelta) -> tuple[DeltaMessage, str | None]:
+        """Content that cannot be part of a tool call streams as it comes; the calls go whole in the
+        choice's last chunk (id, name and arguments together), whose finish_reason is "tool_calls"."""
+        content = tools.feed(d.text)
+        if d.finish_reason is None:
+            return DeltaMessage(content=content), None
+        rest, calls = tools.finish()
+        deltas = [_call_delta(i, call) for i, call in enumerate(calls)] or None
+        reason = "tool_calls" if calls and d.finish_reason == "stop" else d.finish_reason
+        return DeltaMessage(content=(content + rest) or None, tool_calls=deltas), reason
+
+
+def _call_delta(index: int, call: ToolCall) -> ToolCallDelta:
+    function = FunctionCallDelta(name=call.function.name, arguments=call.function.arguments)
+    return ToolCallDelta(index=index, id=call.id, type="function", function=function)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from model.sampling_params import SamplingParams, TokenLogprob
+from model.sampling_params import SamplingParams, StructuredKind, StructuredSpec, TokenLogprob
 
 __all__ = [
     "CompletionOutput",
@@ -15,7 +16,10 @@ __all__ = [
     "RequestStatus",
     "SampleResult",
     "SamplingParams",
+    "StructuredKind",
+    "StructuredSpec",
     "TokenLogprob",
+    "TokenMatcher",
 ]
 
 
@@ -43,6 +47,13 @@ _FINISH_REASONS = {
     RequestStatus.FINISHED_ABORTED: "abort",
     RequestStatus.FINISHED_ERROR: "error",
 }
+
+
+class TokenMatcher(Protocol):
+    """The engine's view of a grammar matcher (xgrammar's GrammarMatcher has this shape)."""
+
+    def accept_token(self, token_id: int) -> bool: ...
+    def is_terminated(self) -> bool: ...
 
 
 @dataclass(slots=True)
@@ -109,6 +120,9 @@ class Request:
     num_preemptions: int = 0
     stop_token_id: int | None = None
     first_output_sent: bool = False  # queue time and cached tokens go out once
+    # The grammar state of a structured request, built by the runner at its first sample; it has
+    # accepted every output token, which a preemption keeps, so a recompute needs no rollback.
+    grammar: TokenMatcher | None = None
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,6 +26,9 @@ from model.sampling_params import banned_before_min_tokens
 from model.threads import run_wide
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.request import Request, SampleResult
+
+if TYPE_CHECKING:  # xgrammar is imported only where structured output is on
+    from server.engine.structured import StructuredOutputs
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +75,12 @@ class ModelRunner:
         max_num_seqs: int = 64,
         max_model_len: int = 8192,
         capture_graphs_now: bool = False,
+        structured: StructuredOutputs | None = None,
     ) -> None:
         """capture_graphs_now: on CUDA, capture the common decode graphs here (the server does, so the
-        first requests do not wait on captures); otherwise each is captured when first needed."""
+        first requests do not wait on captures); otherwise each is captured when first needed.
+        structured: grammar matchers for constrained requests; the server always passes one (a runner
+        built without it, as in model-only tests, samples such requests unconstrained)."""
         self.model = model
         self.device = model.device
         self.dtype = model.dtype
@@ -81,6 +88,7 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.vocab_size = model.config.vocab_size
         self.eos_token_id = eos_token_id if eos_token_id is not None else model.config.eos_token_id
+        self.structured = structured
         model.prepare_for_serving()  # builds the CPU kernels now (Kernels.detect), not in the first step
         assert model.kernels is not None
         self.kernels = model.kernels
@@ -229,6 +237,7 @@ class ModelRunner:
             p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params
         )
         empty: list[int] = []
+        grammar = self.structured.grammar_bias(reqs, self.device) if self.structured is not None else None
         return SamplingBatch.build(
             params,
             [q.output_token_ids for q in reqs] if use_penalties else [empty] * len(reqs),
@@ -237,6 +246,7 @@ class ModelRunner:
             self.device,
             banned_token_ids=[self._banned(q) for q in reqs],
             kernels=self.kernels,
+            grammar_bias=None if grammar is None else (grammar.rows, grammar.bias),
         )
 
     def _generator(self, req: Request) -> torch.Generator | None:
@@ -249,7 +259,10 @@ class ModelRunner:
         return entry[1]
 
     def _banned(self, req: Request) -> list[int]:
-        """While min_tokens are not reached, EOS and the stop token ids may not be drawn."""
+        """While min_tokens are not reached, EOS and the stop token ids may not be drawn. A grammar
+        decides for itself when EOS may come (banning it could leave a complete grammar no token)."""
+        if req.params.structured is not None:
+            return []
         return sorted(banned_before_min_tokens(req.params, self.eos_token_id, req.num_output_tokens))
 
     def _drop_finished_generators(self) -> None:

@@ -235,7 +235,11 @@ class Scheduler:
             if request.first_token_time is None:
                 request.first_token_time = now
             request.last_token_time = now
-            status = self._stop_status(request, token_id)
+            if request.grammar is not None and not request.grammar.accept_token(token_id):
+                # the mask allowed only grammar tokens, so only a grammar no token can continue gets here
+                status: RequestStatus | None = RequestStatus.FINISHED_ERROR
+            else:
+                status = self._stop_status(request, token_id)
             if status is not None:
                 self.running.remove(request)
                 self._count_running(request, -1)
@@ -245,6 +249,8 @@ class Scheduler:
 
     def _stop_status(self, request: Request, token_id: int) -> RequestStatus | None:
         params = request.params
+        if request.grammar is not None and request.grammar.is_terminated():
+            return RequestStatus.FINISHED_STOPPED  # the grammar is complete (and its EOS was drawn)
         if request.num_output_tokens >= params.min_tokens:
             if token_id == self.config.eos_token_id and not params.ignore_eos:
                 return RequestStatus.FINISHED_STOPPED

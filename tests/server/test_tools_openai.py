@@ -1,0 +1,100 @@
+"""Tool calling end to end: the real model behind `python -m server`, driven by the `openai` SDK."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+from tests.server.test_openai_client import MODEL, client, server_url  # noqa: F401 (fixtures)
+
+pytestmark = [pytest.mark.slow, pytest.mark.real_model]
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 30},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "Current time",
+        "parameters": {"type": "object", "properties": {}},
+    },
+}
+ASK = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+
+
+def test_required_returns_valid_calls(client: openai.OpenAI) -> None:  # noqa: F811
+    done = client.chat.completions.create(
+        model=MODEL, messages=ASK, tools=[WEATHER, TIME], tool_choice="required", temperature=1.0, n=2, parallel_tool_calls=False,
+        max_tokens=200,
+    )  # type: ignore[arg-type]  # fmt: skip
+    for choice in done.choices:
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        calls = choice.message.tool_calls or []
+        assert len(calls) == 1 and calls[0].id.startswith("call_")
+        for call in calls:
+            args = json.loads(call.function.arguments)  # type: ignore[union-attr]
+            if call.function.name == "get_weather":  # type: ignore[union-attr]
+                assert set(args) == {"city", "unit"} and args["unit"] in ("celsius", "fahrenheit")
+            else:
+                assert call.function.name == "get_time" and args == {}  # type: ignore[union-attr]
+
+
+def test_named_function_streamed(client: openai.OpenAI) -> None:  # noqa: F811
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    stream = client.chat.completions.create(
+        model=MODEL, messages=ASK, tools=[WEATHER, TIME], tool_choice=choice, temperature=0, max_tokens=100,
+        stream=True,
+    )  # type: ignore[arg-type]  # fmt: skip
+    calls, reason = [], None
+    for chunk in stream:
+        for c in chunk.choices:
+            calls += c.delta.tool_calls or []
+            reason = c.finish_reason or reason
+    assert reason == "tool_calls" and len(calls) == 1
+    assert calls[0].id and calls[0].function.name == "get_weather"
+    assert set(json.loads(calls[0].function.arguments)) == {"city", "unit"}
+
+
+def test_tool_result_round_trip(client: openai.OpenAI) -> None:  # noqa: F811
+    first = client.chat.completions.create(
+        model=MODEL, messages=ASK, tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        temperature=0, max_tokens=100,
+    )  # type: ignore[arg-type]  # fmt: skip
+    message = first.choices[0].message
+    [call] = message.tool_calls or []
+    history = [
+        *ASK,
+        message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 21, "sky": "sunny"})},
+    ]
+    second = client.chat.completions.create(
+        model=MODEL, messages=history, tools=[WEATHER], temperature=0, max_tokens=40
+    )  # type: ignore[arg-type]
+    assert second.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert second.choices[0].message.content or second.choices[0].message.tool_calls
+
+
+def test_refused_fields_are_400s(client: openai.OpenAI) -> None:  # noqa: F811
+    with pytest.raises(openai.BadRequestError, match="suffix"):
+        client.completions.create(model=MODEL, prompt="x", suffix="y", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="tool_choice"):
+        client.chat.completions.create(
+            model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=2,
+            tool_choice={"type": "function", "function": {"name": "missing"}},
+        )  # type: ignore[arg-type]  # fmt: skip
+    with pytest.raises(openai.BadRequestError, match="modalities"):
+        client.chat.completions.create(model=MODEL, messages=ASK, modalities=["audio"], max_tokens=2)  # type: ignore[arg-type]
