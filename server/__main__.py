@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import signal
 import sys
@@ -14,6 +15,26 @@ from server.engine.process import LOG_FORMAT
 from server.settings import Settings
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def warn_if_exposed(settings: Settings) -> None:
+    """Binding beyond this machine with no key lets anyone who can reach the port use the model."""
+    if settings.api_key is None and not is_loopback(settings.host):
+        logging.getLogger("server").warning(
+            "LISTENING ON %s WITHOUT AN API KEY: anyone who can reach port %d can use this server; "
+            "set --api-key-file (or --api-key), or bind 127.0.0.1",
+            settings.host,
+            settings.port,
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     try:
         settings = Settings.from_args(argv)
@@ -21,6 +42,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(f"error: {e}")
     logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT, force=True)
     logging.getLogger("server").info("settings: %r", settings)  # Settings.__repr__ masks the API key
+    warn_if_exposed(settings)
     # uvicorn drains on SIGTERM, then re-raises the signal so that its default action ends the process
     # (status 143). A drained shutdown is a clean one: exit 0 instead.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
