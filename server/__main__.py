@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import uvicorn
 
 from server.app import create_app
-from server.engine.process import LOG_FORMAT
+from server.logs import configure_logging
 from server.settings import Settings
 
 
@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings = Settings.from_args(argv)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT, force=True)
+    configure_logging(settings.log_level, settings.log_format)
     logging.getLogger("server").info("settings: %r", settings)  # Settings.__repr__ masks the API key
     warn_if_exposed(settings)
     # uvicorn drains on SIGTERM, then re-raises the signal so that its default action ends the process
@@ -51,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
+        log_config=None,  # uvicorn's loggers propagate to ours: one format, request ids included
+        access_log=not settings.disable_access_log,
         # On SIGTERM uvicorn stops accepting and waits this long for open requests before the lifespan
         # shutdown drains the engine.
         timeout_graceful_shutdown=int(settings.shutdown_timeout),

@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model.tokenizer import Tokenizer
+from server.logs import RequestIdMiddleware, stats_logging
 from server.metrics import ServerMetrics
 from server.protocol import APIError
 from server.routes import error_response, misc, v1
@@ -236,7 +237,9 @@ def build_engine(settings: Settings) -> tuple[Any, Tokenizer, int]:
     if settings.engine_process:
         from server.engine.process import EngineProcess
 
-        proxy = EngineProcess(load_llm_engine, settings, log_level=settings.log_level)
+        proxy = EngineProcess(
+            load_llm_engine, settings, log_level=settings.log_level, log_format=settings.log_format
+        )
         log.info("engine process %s ready", proxy.pid)
         return AsyncEngine(proxy), tokenizer, proxy.info.max_model_len
     engine, max_model_len = load_llm_engine(settings)
@@ -261,7 +264,8 @@ def create_app(settings: Settings, engine: Any = None, tokenizer: Tokenizer | No
             assert tokenizer is not None, "pass the tokenizer with the engine"
             length = settings.max_model_len or int(getattr(engine, "max_model_len", DEFAULT_MAX_MODEL_LEN))
             _attach(app, engine, tokenizer, length)
-            yield
+            async with stats_logging(app.state.engine.stats, settings.stats_log_interval):
+                yield
             return
         built, tok, length = await asyncio.to_thread(build_engine, settings)
         app.state.model_source = settings.model or "default"
@@ -269,7 +273,8 @@ def create_app(settings: Settings, engine: Any = None, tokenizer: Tokenizer | No
         _attach(app, built, tok, length)
         log.info("serving %s on http://%s:%d", settings.served_model_name, settings.host, settings.port)
         try:
-            yield
+            async with stats_logging(built.stats, settings.stats_log_interval):
+                yield
         finally:
             log.info(
                 "shutting down: letting in-flight requests finish (up to %ss)", settings.shutdown_timeout
@@ -290,4 +295,5 @@ def create_app(settings: Settings, engine: Any = None, tokenizer: Tokenizer | No
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
         )
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(RequestIdMiddleware)  # last added, outermost: even a 413 carries the id
     return app

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from model.tokenizer import Tokenizer
 from server.engine.request import CompletionOutput, RequestOutput, SamplingParams, TokenLogprob
+from server.logs import current_request_id
 from server.metrics import RequestTimer, ServerMetrics
 from server.protocol import (
     APIError,
@@ -377,7 +378,8 @@ class OpenAIServing:
 
 
 def _new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+    """`cmpl-<X-Request-Id>` inside an HTTP request, so a response is found in the logs by its id."""
+    return f"{prefix}-{current_request_id() or uuid.uuid4().hex}"
 
 
 def _finite(x: float) -> float:

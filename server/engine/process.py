@@ -37,7 +37,6 @@ from server.engine.request import CompletionOutput, RequestOutput, SamplingParam
 
 log = logging.getLogger("server.engine")
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # as server.__main__'s
 POLL_SECONDS = 0.05  # how long the parent waits for the child before re-reading its own inbox
 
 
@@ -85,14 +84,22 @@ class EngineProcess:
     """
 
     def __init__(
-        self, build: Any, *args: Any, log_level: str = "info", start_timeout: float | None = None
+        self,
+        build: Any,
+        *args: Any,
+        log_level: str = "info",
+        log_format: str = "text",
+        start_timeout: float | None = None,
     ) -> None:
         """Start a child that runs `build(*args) -> (LLMEngine, max_model_len)` (picklable, importable),
         and wait until it is ready. Raises EngineProcessError with the child's reason if it fails."""
         ctx = multiprocessing.get_context("spawn")
         self._conn, child_conn = ctx.Pipe(duplex=True)
         self._process = ctx.Process(
-            target=_child_main, args=(child_conn, build, args, log_level), name="smollm2-engine", daemon=True
+            target=_child_main,
+            args=(child_conn, build, args, log_level, log_format),
+            name="smollm2-engine",
+            daemon=True,
         )
         with _huge_page_malloc():
             self._process.start()
@@ -200,9 +207,11 @@ class EngineProcess:
 # ---- the child -------------------------------------------------------------------------------------
 
 
-def _child_main(conn: Connection, build: Any, args: tuple[Any, ...], log_level: str) -> None:
+def _child_main(conn: Connection, build: Any, args: tuple[Any, ...], log_level: str, log_format: str) -> None:
+    from server.logs import configure_logging  # the server's line format, so both processes log alike
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT, force=True)
+    configure_logging(log_level, log_format)
     try:
         engine, max_model_len = build(*args)
         info = EngineInfo(engine.checker, max_model_len, engine.scheduler.config.num_blocks)

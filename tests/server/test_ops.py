@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
+import json
 import logging
-from collections.abc import AsyncIterator
+import re
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 
 from model.tokenizer import Tokenizer
 from server.__main__ import warn_if_exposed
 from server.app import create_app
+from server.logs import configure_logging, stats_logging
 from server.settings import Settings
-from tests.server.conftest import FakeEngine, fake_settings
+from tests.server.conftest import FakeEngine, fake_settings, free_port
 
 MODEL = "SmolLM2-135M-Instruct"
 
@@ -101,3 +110,137 @@ async def test_side_routes_open_by_default(fake_engine: FakeEngine, tokenizer: T
         assert (await c.get("/metrics")).status_code == 200
         assert (await c.post("/tokenize", json={"prompt": "hi"})).status_code == 200
         assert (await c.get("/v1/models")).status_code == 401
+
+
+# ---- request ids -----------------------------------------------------------------------------------------
+
+
+async def test_request_id_echoed_and_used_in_response_ids(client: httpx.AsyncClient) -> None:
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 2}
+    r = await client.post("/v1/completions", json=body, headers={"X-Request-Id": "req-42.a"})
+    assert r.headers["x-request-id"] == "req-42.a" and r.json()["id"] == "cmpl-req-42.a"
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True}
+    r = await client.post("/v1/chat/completions", json=chat, headers={"X-Request-Id": "abc"})
+    ids = {json.loads(line[6:])["id"] for line in r.text.splitlines() if line.startswith("data: {")}
+    assert ids == {"chatcmpl-abc"}
+
+
+@pytest.mark.parametrize("sent", [None, "", "x" * 129, "bad id", "a\u00e9", "line\nbreak"])
+async def test_request_id_generated_when_absent_or_unsafe(
+    client: httpx.AsyncClient, sent: str | None
+) -> None:
+    headers = {} if sent is None else {"X-Request-Id": sent.encode("utf-8")}
+    r = await client.get("/health", headers=headers)  # type: ignore[arg-type]
+    assert re.fullmatch(r"[0-9a-f]{32}", r.headers["x-request-id"])
+    other = await client.get("/health", headers=headers)  # type: ignore[arg-type]
+    assert other.headers["x-request-id"] != r.headers["x-request-id"]
+
+
+async def test_request_id_on_errors_and_413(client: httpx.AsyncClient) -> None:
+    r = await client.post("/v1/completions", content=b"x" * 100_000, headers={"X-Request-Id": "big"})
+    assert r.status_code == 413 and r.headers["x-request-id"] == "big"
+    r = await client.post("/v1/completions", json={"prompt": 5}, headers={"X-Request-Id": "bad"})
+    assert r.status_code == 400 and r.headers["x-request-id"] == "bad"
+
+
+# ---- logs ------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def captured_logs(log_format: str) -> Iterator[io.StringIO]:
+    """The root logger's handler as configure_logging builds it, writing to a buffer."""
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    configure_logging("info", log_format)
+    buffer = io.StringIO()
+    root.handlers[0].setStream(buffer)  # type: ignore[attr-defined]
+    try:
+        yield buffer
+    finally:
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+
+
+@contextmanager
+def serving(app: Any, access_log: bool = True) -> Iterator[str]:
+    """`app` under a real uvicorn (in a thread) on 127.0.0.1, as `python -m server` runs it."""
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=access_log)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@pytest.mark.parametrize("access_log", [True, False])
+def test_json_logs_carry_the_request_id(
+    fake_engine: FakeEngine, tokenizer: Tokenizer, access_log: bool
+) -> None:
+    app = create_app(fake_settings(stats_log_interval=0), engine=fake_engine, tokenizer=tokenizer)
+    with captured_logs("json") as buffer, serving(app, access_log=access_log) as url:
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 2}
+        r = httpx.post(f"{url}/v1/completions", json=body, headers={"X-Request-Id": "trace-1"})
+        assert r.status_code == 200
+        logging.getLogger("server").info("outside any request")
+    lines = [json.loads(line) for line in buffer.getvalue().splitlines()]
+    assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
+    access = [line for line in lines if line["logger"] == "uvicorn.access"]
+    if access_log:
+        [line] = access
+        assert line["request_id"] == "trace-1" and "POST /v1/completions" in line["message"]
+    else:
+        assert access == []
+    [outside] = [line for line in lines if line["message"] == "outside any request"]
+    assert "request_id" not in outside
+
+
+def test_text_log_lines_tag_the_request_id() -> None:
+    from server.logs import _request_id
+
+    with captured_logs("text") as buffer:
+        logging.getLogger("server").info("idle")
+        token = _request_id.set("r-7")
+        logging.getLogger("server").info("busy")
+        _request_id.reset(token)
+    idle, busy = buffer.getvalue().splitlines()
+    assert idle.endswith("INFO server: idle") and busy.endswith("INFO server [r-7]: busy")
+
+
+def test_stats_line() -> None:
+    from server.logs import _Totals, stats_line
+
+    before, now = _Totals(0.0, 100, 50, 80, 20), _Totals(2.0, 300, 250, 180, 70)
+    stats = {"num_running": 3, "num_waiting": 1, "kv_cache_usage": 0.25}
+    line = stats_line(stats, before, now)
+    assert line == (
+        "engine: prompt 100.0 tokens/s, generation 100.0 tokens/s, running 3, waiting 1, KV cache 25.0%, "
+        "prefix cache hit rate 50.0%"
+    )
+    assert stats_line({"num_running": 0, "num_waiting": 0}, before, before) is None
+
+
+async def test_stats_logged_periodically_while_busy(caplog: pytest.LogCaptureFixture) -> None:
+    generated = 0
+    busy = True
+
+    def stats() -> dict[str, Any]:
+        nonlocal generated
+        generated += 10 if busy else 0
+        return {"num_running": int(busy), "num_generation_tokens": generated}
+
+    with caplog.at_level(logging.INFO, logger="server.stats"):
+        async with stats_logging(stats, 0.01):
+            await asyncio.sleep(0.1)
+            busy = False
+            count = len(caplog.records)
+            await asyncio.sleep(0.1)
+    assert count >= 3 and "generation" in caplog.records[0].getMessage()
+    assert len(caplog.records) <= count + 2  # idle: at most the intervals that saw the last tokens
