@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model.tokenizer import Tokenizer
 from server.logs import RequestIdMiddleware, stats_logging
-from server.metrics import ServerMetrics
+from server.metrics import HttpMetricsMiddleware, ServerMetrics
 from server.protocol import APIError
 from server.routes import error_response, misc, v1
 from server.serving import ServingChat, ServingCompletion
@@ -252,7 +252,28 @@ def _attach(app: FastAPI, engine: Any, tokenizer: Tokenizer, max_model_len: int)
     state.completion = ServingCompletion(*args)
     state.chat = ServingChat(*args)
     state.max_model_len = max_model_len
+    _publish_cache_config(state.metrics, state.settings, engine, max_model_len)
     state.engine = engine  # last: /health turns 200 once everything above is ready
+
+
+def _num_blocks(engine: Any) -> int | None:
+    """KV cache blocks of an AsyncEngine over an EngineProcess or an LLMEngine; None for other engines."""
+    inner = getattr(engine, "engine", None)
+    info = getattr(inner, "info", None)
+    if info is not None:
+        return int(info.num_blocks)
+    config = getattr(getattr(inner, "scheduler", None), "config", None)
+    return getattr(config, "num_blocks", None)
+
+
+def _publish_cache_config(
+    metrics: ServerMetrics, settings: Settings, engine: Any, max_model_len: int
+) -> None:
+    metrics.set_cache_config(
+        block_size=settings.block_size, num_blocks=_num_blocks(engine), max_model_len=max_model_len,
+        max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
+        kv_cache_memory_bytes=settings.kv_cache_memory, enable_prefix_caching=settings.enable_prefix_caching,
+    )  # fmt: skip
 
 
 def create_app(settings: Settings, engine: Any = None, tokenizer: Tokenizer | None = None) -> FastAPI:
@@ -286,7 +307,7 @@ def create_app(settings: Settings, engine: Any = None, tokenizer: Tokenizer | No
     app.state.engine = None
     app.state.max_model_len = settings.max_model_len or DEFAULT_MAX_MODEL_LEN
     app.state.model_source = settings.model
-    app.state.metrics = ServerMetrics(lambda: app.state.engine.stats())
+    app.state.metrics = ServerMetrics(lambda: app.state.engine.stats(), settings.served_model_name)
     install_error_handlers(app)
     app.include_router(v1)
     app.include_router(misc)
@@ -295,5 +316,6 @@ def create_app(settings: Settings, engine: Any = None, tokenizer: Tokenizer | No
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
         )
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(HttpMetricsMiddleware, metrics=app.state.metrics)  # 413s counted too
     app.add_middleware(RequestIdMiddleware)  # last added, outermost: even a 413 carries the id
     return app

@@ -244,3 +244,65 @@ async def test_stats_logged_periodically_while_busy(caplog: pytest.LogCaptureFix
             await asyncio.sleep(0.1)
     assert count >= 3 and "generation" in caplog.records[0].getMessage()
     assert len(caplog.records) <= count + 2  # idle: at most the intervals that saw the last tokens
+
+
+# ---- metrics ---------------------------------------------------------------------------------------------
+
+
+def _samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
+
+
+async def test_http_requests_counted_by_route_method_status(client: httpx.AsyncClient) -> None:
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 2}
+    await client.post("/v1/completions", json=body)
+    await client.post("/v1/completions", json={**body, "model": "other"})
+    await client.get("/no/such/path/123")
+    samples = _samples((await client.get("/metrics")).text)
+
+    def count(handler: str, method: str, status: str) -> float:
+        labels = frozenset({"handler": handler, "method": method, "status": status}.items())
+        return samples.get(("smollm2:http_requests_total", labels), 0.0)
+
+    assert count("/v1/completions", "POST", "200") == 1
+    assert count("/v1/completions", "POST", "404") == 1
+    assert count("unmatched", "GET", "404") == 1
+    assert not any("123" in str(key) for key in samples)
+
+
+async def test_every_engine_metric_has_the_model_name(fake_engine: FakeEngine, tokenizer: Tokenizer) -> None:
+    app = create_app(fake_settings(served_model_name="my-model"), engine=fake_engine, tokenizer=tokenizer)
+    async for c in _client(app):
+        await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        samples = _samples((await c.get("/metrics")).text)
+    names = {name for name, labels in samples if name.startswith("smollm2:") and "http_requests" not in name}
+    assert len(names) > 30  # sample names: gauges, counters, buckets, sums and counts
+    for name, labels in samples:
+        if name in names:
+            assert ("model_name", "my-model") in labels, name
+    [info] = [dict(labels) for name, labels in samples if name == "smollm2:cache_config_info"]
+    assert info["block_size"] == "16" and info["max_model_len"] == "256" and info["num_blocks"] == ""
+
+
+async def test_cache_config_names_the_real_engine_blocks(tiny_client: tuple[httpx.AsyncClient, Any]) -> None:
+    client, engine = tiny_client
+    samples = _samples((await client.get("/metrics")).text)
+    [info] = [dict(labels) for name, labels in samples if name == "smollm2:cache_config_info"]
+    assert int(info["num_blocks"]) == engine.engine.scheduler.config.num_blocks > 0
+
+
+def test_recent_samples_percentiles() -> None:
+    from server.metrics import RecentSamples
+
+    recent = RecentSamples(window=10.0)
+    assert recent.percentiles([0.5]) == [None]
+    for i in range(100):
+        recent.add(float(i + 1), now=100.0)
+    assert recent.percentiles([0.5, 0.9, 0.99], now=105.0) == [50.0, 90.0, 99.0]
+    assert recent.percentiles([0.5], now=111.0) == [None]  # all older than the window
