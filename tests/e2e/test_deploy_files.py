@@ -69,7 +69,10 @@ def exported_metrics() -> set[str]:
     """Sample names (``..._total``, ``..._bucket`` ...) the server's /metrics registry exposes."""
     metrics = pytest.importorskip("server.metrics", reason="server/metrics.py not importable")
     registry = metrics.ServerMetrics(lambda: _AnyStats()).registry
-    names = {sample.name for family in registry.collect() for sample in family.samples}
+    families = list(registry.collect())
+    names = {sample.name for family in families for sample in family.samples}
+    # labelled counters with no sample yet (HTTP counts before the first request)
+    names |= {family.name + "_total" for family in families if family.type == "counter"}
     assert "smollm2:num_requests_waiting" in names, "sanity: the engine gauges must be exported"
     return names
 
@@ -282,3 +285,17 @@ def test_dashboard_queries_use_exported_metrics(exported_metrics: set[str]) -> N
     for expr in exprs:
         if "_bucket" in expr:
             assert expr.startswith("histogram_quantile(") and "by (le)" in expr
+
+
+def test_dashboard_selects_a_model_and_shows_errors_and_cache(exported_metrics: set[str]) -> None:
+    dashboard = _dashboard()
+    (variable,) = dashboard["templating"]["list"]
+    assert variable["name"] == "model" and "model_name" in variable["query"]["query"]
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    for expr in exprs:  # every engine metric is scoped to the chosen model(s); HTTP counts have no model
+        for name in METRIC_RE.findall(expr):
+            assert name == "smollm2:http_requests_total" or f'{name}{{model_name=~"$model"}}' in expr, expr
+    joined = "\n".join(exprs)
+    for wanted in ['status="429"', 'status=~"5.."', "prefix_cache_hits_total", "num_preemptions_total",
+                   "by (finished_reason)"]:  # fmt: skip
+        assert wanted in joined, wanted
