@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model.tokenizer import Tokenizer
+from server.dashboard import dashboard
 from server.logs import RequestIdMiddleware, stats_logging
 from server.metrics import HttpMetricsMiddleware, ServerMetrics
 from server.protocol import APIError
@@ -311,6 +312,7 @@ def create_app(settings: Settings, engine: Any = None, tokenizer: Tokenizer | No
     install_error_handlers(app)
     app.include_router(v1)
     app.include_router(misc)
+    app.include_router(dashboard)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]

@@ -107,7 +107,8 @@ _ENGINE_METRICS = [
 ]
 
 
-def _as_mapping(stats: Any) -> Mapping[str, Any]:
+def stats_mapping(stats: Any) -> Mapping[str, Any]:
+    """EngineStats (or a test engine's dict or object) as a mapping."""
     if is_dataclass(stats) and not isinstance(stats, type):
         return asdict(stats)
     return stats if isinstance(stats, Mapping) else vars(stats)
@@ -122,7 +123,7 @@ class EngineStatsCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         try:
-            stats = _as_mapping(self._stats())
+            stats = stats_mapping(self._stats())
         except Exception:  # engine still loading or dead: /health says so; /metrics must still answer
             return
         for name, kind, key, help_text in _ENGINE_METRICS:
@@ -171,8 +172,11 @@ class ServerMetrics:
         self.decode_time = self._histogram(
             "request_decode_time_seconds", "First token to last token of a request.", _LATENCY_BUCKETS
         )
+        # the dashboard's recent window: latencies, and token counts for its tokens/s
         self.recent_ttft = RecentSamples()
         self.recent_itl = RecentSamples()
+        self.recent_prompt_tokens = RecentSamples(window=60.0)
+        self.recent_generation_tokens = RecentSamples(window=60.0)
         self.e2e = self._histogram(
             "e2e_request_latency_seconds", "End-to-end request latency.", _LATENCY_BUCKETS
         )
@@ -201,6 +205,12 @@ class ServerMetrics:
     def _histogram(self, name: str, help_text: str, buckets: Sequence[float]) -> Any:
         metric = Histogram(PREFIX + name, help_text, ["model_name"], buckets=buckets, registry=self.registry)
         return metric.labels(self.model_name)
+
+    def generation_tokens_total(self) -> float:
+        value = self.registry.get_sample_value(
+            PREFIX + "generation_tokens_total", {"model_name": self.model_name}
+        )
+        return value or 0.0
 
     def request_success(self, reason: str) -> Any:
         return self._success.labels(model_name=self.model_name, finished_reason=reason)
@@ -256,15 +266,24 @@ class RecentSamples:
     def add(self, value: float, now: float | None = None) -> None:
         self._samples.append((time.monotonic() if now is None else now, value))
 
+    def _prune(self, now: float | None) -> float:
+        now = time.monotonic() if now is None else now
+        while self._samples and self._samples[0][0] < now - self.window:
+            self._samples.popleft()
+        return now
+
     def percentiles(self, quantiles: Sequence[float], now: float | None = None) -> list[float | None]:
         """Nearest-rank percentiles (None when there is no sample in the window)."""
-        horizon = (time.monotonic() if now is None else now) - self.window
-        while self._samples and self._samples[0][0] < horizon:
-            self._samples.popleft()
+        self._prune(now)
         values = sorted(v for _, v in self._samples)
         if not values:
             return [None for _ in quantiles]
         return [values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))] for q in quantiles]
+
+    def rate(self, seconds: float, now: float | None = None) -> float:
+        """Sum of the values added over the last `seconds` (at most the window), per second."""
+        now = self._prune(now)
+        return sum(v for t, v in self._samples if t >= now - seconds) / seconds
 
 
 class RequestTimer:
@@ -291,6 +310,7 @@ class RequestTimer:
         self.unfinished = n
         if metrics is not None:
             metrics.prompt_tokens.inc(num_prompt_tokens)
+            metrics.recent_prompt_tokens.add(num_prompt_tokens)
 
     def tokens(self, index: int, n: int) -> None:
         """Choice `index` received `n` new tokens now."""
@@ -312,6 +332,7 @@ class RequestTimer:
         self.last[index] = now
         self.count[index] = self.count.get(index, 0) + n
         self.metrics.generation_tokens.inc(n)
+        self.metrics.recent_generation_tokens.add(n, now)
 
     def _first_token(self, ttft: float) -> None:
         assert self.metrics is not None

@@ -7,9 +7,12 @@ import io
 import json
 import logging
 import re
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,7 @@ from server.__main__ import warn_if_exposed
 from server.app import create_app
 from server.logs import configure_logging, stats_logging
 from server.settings import Settings
-from tests.server.conftest import FakeEngine, fake_settings, free_port
+from tests.server.conftest import FakeEngine, fake_settings, free_port, tiny_engine, tiny_settings
 
 MODEL = "SmolLM2-135M-Instruct"
 
@@ -98,6 +101,8 @@ async def test_protect_all_guards_side_routes(protected: httpx.AsyncClient) -> N
         ("POST", "/tokenize", {"prompt": "hi"}),
         ("POST", "/detokenize", {"tokens": [1, 2]}),
         ("GET", "/metrics", None),
+        ("GET", "/dashboard", None),
+        ("GET", "/dashboard/data", None),
     ]:
         assert (await protected.request(method, path, json=body)).status_code == 401, path
         assert (await protected.request(method, path, json=body, headers=auth)).status_code == 200, path
@@ -306,3 +311,59 @@ def test_recent_samples_percentiles() -> None:
         recent.add(float(i + 1), now=100.0)
     assert recent.percentiles([0.5, 0.9, 0.99], now=105.0) == [50.0, 90.0, 99.0]
     assert recent.percentiles([0.5], now=111.0) == [None]  # all older than the window
+
+
+# ---- the dashboard ---------------------------------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def dump_dom(url: str, profile: Path) -> dict[str, str]:
+    """The page as headless Chromium renders it after a few seconds of (virtual) time: id -> text."""
+    assert CHROMIUM is not None
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", "--virtual-time-budget=3000", "--dump-dom"]  # fmt: skip
+    done = subprocess.run([CHROMIUM, *flags, url], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return dict(re.findall(r'id="([a-z0-9-]+)"[^>]*>([^<]*)<', done.stdout))
+
+
+async def test_dashboard_page_and_data(client: httpx.AsyncClient) -> None:
+    page = await client.get("/dashboard")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    external = re.findall(r"(?:src|href)=\"([^\"]*)\"|(https?://[^\s\"']+)", page.text)
+    assert {u for pair in external for u in pair if u} <= {"http://www.w3.org/2000/svg"}  # no CDN
+    await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4})
+    data = (await client.get("/dashboard/data")).json()
+    assert data["model"] == MODEL and data["healthy"] and data["generation_tokens_total"] == 4
+    assert data["generation_tokens_per_s"] > 0 and data["ttft_s"]["p50"] is not None
+    assert set(data["itl_s"]) == {"p50", "p90", "p99"}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="chromium is not installed (apt-get install chromium; .ci/run does)"
+)
+def test_dashboard_renders_live_values_in_chromium(tokenizer: Tokenizer, tmp_path: Path) -> None:
+    settings = tiny_settings(stats_log_interval=0)
+    engine = tiny_engine(tokenizer, settings)
+    engine.start()
+    app = create_app(settings, engine=engine, tokenizer=tokenizer)
+    try:
+        with serving(app, access_log=False) as url:
+            before = dump_dom(f"{url}/dashboard", tmp_path / "profile")
+            assert before["model"] == MODEL and before["status"] == "healthy", before
+            assert before["gen-total"] == "0" and before["ttft-p50"] == "\u2013"
+            body = {"model": MODEL, "prompt": "hello", "max_tokens": 16, "ignore_eos": True}
+            with ThreadPoolExecutor(4) as pool:
+                codes = list(
+                    pool.map(lambda _: httpx.post(f"{url}/v1/completions", json=body).status_code, range(4))
+                )
+            assert codes == [200] * 4
+            after = dump_dom(f"{url}/dashboard", tmp_path / "profile")
+    finally:
+        asyncio.run(engine.shutdown(graceful=False))
+    assert after["gen-total"] == "64", after
+    assert after["ttft-p50"].endswith(" ms") and after["itl-p99"].endswith(" ms"), after
+    assert float(after["gen-tps"]) > 0 and after["kv"].endswith("%"), after
