@@ -71,8 +71,9 @@ class RequestIdFilter(logging.Filter):
     """Stamps each record with the current request id (None outside a request)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = current_request_id()
-        record.request_tag = f" [{record.request_id}]" if record.request_id else ""
+        request_id = current_request_id()
+        record.request_id = request_id
+        record.request_tag = f" [{request_id}]" if request_id else ""
         return True
 
 

@@ -144,7 +144,8 @@ async def models(request: Request) -> ModelList:
 
 def public_root(source: str | None, served_name: str) -> str:
     """The model's file or folder name without its directories: a path tells clients about the host."""
-    return PurePath(source).name or served_name if source else served_name
+    name = PurePath(source).name if source else ""
+    return name or served_name
 
 
 @misc.get("/health")
