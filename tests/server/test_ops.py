@@ -153,9 +153,15 @@ async def test_request_id_on_errors_and_413(client: httpx.AsyncClient) -> None:
 
 @contextmanager
 def captured_logs(log_format: str) -> Iterator[io.StringIO]:
-    """The root logger's handler as configure_logging builds it, writing to a buffer."""
+    """The root logger's handler as configure_logging builds it, writing to a buffer. uvicorn's loggers
+    are reset to propagate, as in a fresh `python -m server` (other tests' uvicorn set their handlers and levels)."""
     root = logging.getLogger()
     saved_handlers, saved_level = root.handlers[:], root.level
+    uvicorn_loggers = [logging.getLogger(name) for name in ("uvicorn", "uvicorn.error", "uvicorn.access")]
+    saved_uvicorn = [(lg.handlers[:], lg.propagate, lg.level) for lg in uvicorn_loggers]
+    for lg in uvicorn_loggers:
+        lg.handlers, lg.propagate = [], True
+        lg.setLevel(logging.NOTSET)
     configure_logging("info", log_format)
     buffer = io.StringIO()
     root.handlers[0].setStream(buffer)  # type: ignore[attr-defined]
@@ -164,6 +170,9 @@ def captured_logs(log_format: str) -> Iterator[io.StringIO]:
     finally:
         root.handlers[:] = saved_handlers
         root.setLevel(saved_level)
+        for lg, (handlers, propagate, level) in zip(uvicorn_loggers, saved_uvicorn, strict=True):
+            lg.handlers, lg.propagate = handlers, propagate
+            lg.setLevel(level)
 
 
 @contextmanager
