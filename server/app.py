@@ -122,6 +122,12 @@ def resolve_device_dtype(settings: Settings) -> tuple[str, str]:
     device = settings.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu" and torch.version.cuda is not None:  # a CUDA build of torch, no usable GPU
+            log.warning(
+                "no CUDA device available (torch %s, CUDA %s): falling back to CPU",
+                torch.__version__,
+                torch.version.cuda,
+            )
     # bf16 on both: on this project's CPUs bf16 GEMMs run 3-4x faster than fp32 (bench notes).
     dtype = "bfloat16" if settings.dtype == "auto" else settings.dtype
     return device, dtype
