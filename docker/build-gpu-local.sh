@@ -22,21 +22,21 @@ EXPECT_KERNELS=0
 
 build_image() {
   log "building $IMAGE (torch: $TORCH_SPEC from PyPI, with its bundled CUDA libraries)"
-  podman build --pull=never --format docker -t "$IMAGE" \
+  # --layers=false: one commit per stage, not per step. With the vfs driver every committed layer is a
+  # full copy of the file system, and with ~5.5 GB of torch and CUDA libraries per step the per-step
+  # layers filled 70 GB of disk before the last stage.
+  podman build --pull=never --layers=false --format docker -t "$IMAGE" \
     -v "$CA:/host-ca.crt:ro" --build-arg PIP_CERT=/host-ca.crt \
     --build-arg BASE_IMAGE="$CPU_BASE" --build-arg CPU_KERNELS=false \
     --build-arg TORCH_INDEX_URL=https://pypi.org/simple \
     --build-arg TORCH_SPEC="$TORCH_SPEC" \
     "$REPO"
-  # The torch inside must be a CUDA build, or this is not the GPU image.
-  local cuda
-  cuda=$(podman run --rm --entrypoint python "$IMAGE" -c 'import torch; print(torch.version.cuda or "")')
-  [[ -n $cuda ]] || fail "torch in $IMAGE is not a CUDA build"
-  log "torch in the image: CUDA $cuda"
+  podman image prune -f >/dev/null  # the builder stage's image
 }
 
+# The line names torch's CUDA version, so it also shows that the image holds a CUDA build of torch.
 check_logs() {
-  grep -q "falling back to CPU" <<<"$1" || fail "no 'falling back to CPU' line in the log"
+  grep -q "CUDA .*falling back to CPU" <<<"$1" || fail "no 'CUDA ...: falling back to CPU' line in the log"
   log "log says: $(grep -m1 "falling back to CPU" <<<"$1")"
 }
 
