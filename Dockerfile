@@ -78,7 +78,10 @@ RUN if [ "$CPU_KERNELS" = "true" ]; then \
 RUN useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin smollm2
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder /models /models
+# NVIDIA_DRIVER_CAPABILITIES: what the CUDA base images set, so the NVIDIA container toolkit mounts
+# the driver's compute libraries whatever the base; harmless without a GPU.
 ENV PATH=/opt/venv/bin:$PATH \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     SMOLLM2_HOME=/models \
     SMOLLM2_MODEL=/models/SmolLM2-135M-Instruct.Q4_1.gguf \
     SMOLLM2_HOST=0.0.0.0 \

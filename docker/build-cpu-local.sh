@@ -30,9 +30,12 @@ install_tools() {
     log "apt-get install ${missing[*]}"
     apt-get update -qq && apt-get install -y -qq podman buildah debootstrap runc >/dev/null
   fi
-  export CONTAINERS_CONF=$REPO/../shared/podman/containers.conf        # runc, cgroupfs, ulimits
-  export CONTAINERS_STORAGE_CONF=$REPO/../shared/podman/storage.conf   # vfs driver
-  [[ -f $CONTAINERS_CONF && -f $CONTAINERS_STORAGE_CONF ]] || fail "podman config not found in $REPO/../shared/podman"
+  # shared/ sits beside the repo; a git worktree one level deeper (wt/NAME) finds it two levels up.
+  local shared=${SHARED:-$REPO/../shared}
+  [[ -d $shared || -n ${SHARED:-} ]] || shared=$REPO/../../shared
+  export CONTAINERS_CONF=$shared/podman/containers.conf        # runc, cgroupfs, ulimits
+  export CONTAINERS_STORAGE_CONF=$shared/podman/storage.conf   # vfs driver
+  [[ -f $CONTAINERS_CONF && -f $CONTAINERS_STORAGE_CONF ]] || fail "podman config not found in $shared/podman (set SHARED)"
 }
 
 make_base() {
@@ -70,6 +73,9 @@ build_image() {
     --build-arg TORCH_SPEC="/tmp/wheels/$(basename "$wheel")" \
     "$REPO"
 }
+
+# Extra checks of the server's log after the stop; the GPU script overrides this.
+check_logs() { :; }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
@@ -121,18 +127,26 @@ run_and_check() {
   logs=$(podman logs "$NAME" 2>&1)
   grep -q "Application shutdown complete" <<<"$logs" || fail "no graceful shutdown in the logs"
   # The image has g++ (CPU_KERNELS=true): the C++ kernels must have built, not fallen back.
-  if grep -q "kernel unavailable" <<<"$logs"; then fail "the C++ kernels fell back to the torch path"; fi
+  if [[ ${EXPECT_KERNELS:-1} == 1 ]] && grep -q "kernel unavailable" <<<"$logs"; then
+    fail "the C++ kernels fell back to the torch path"
+  fi
+  check_logs "$logs"
 }
 
-install_tools
-make_base
-build_image
-log "image size: $(podman image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.0f MB", $1/1e6}')"
-[[ ${1:-} == --build-only ]] && exit 0
-run_and_check
-if [[ ${CLEAN:-0} == 1 ]]; then
-  log "removing images"
-  podman rmi -f "$IMAGE" "$CPU_BASE" localhost/debian:bookworm-python localhost/debian:bookworm-min >/dev/null || true
-  podman image prune -f >/dev/null || true
-fi
-log "PASS: built, healthy, completed, stopped gracefully"
+main() {
+  install_tools
+  make_base
+  build_image
+  log "image size: $(podman image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.0f MB", $1/1e6}')"
+  [[ ${1:-} == --build-only ]] && exit 0
+  run_and_check
+  if [[ ${CLEAN:-0} == 1 ]]; then
+    log "removing images"
+    podman rmi -f "$IMAGE" "$CPU_BASE" localhost/debian:bookworm-python localhost/debian:bookworm-min >/dev/null || true
+    podman image prune -f >/dev/null || true
+  fi
+  log "PASS: built, healthy, completed, stopped gracefully"
+}
+
+# docker/build-gpu-local.sh sources this file for its functions and runs its own main.
+if [[ ${BASH_SOURCE[0]} == "$0" ]]; then main "$@"; fi

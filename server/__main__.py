@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import signal
 import sys
@@ -11,8 +12,28 @@ import uvicorn
 from fastapi import FastAPI
 
 from server.app import create_app
-from server.engine.core import LOG_FORMAT
+from server.logs import configure_logging
 from server.settings import Settings
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def warn_if_exposed(settings: Settings) -> None:
+    """Binding beyond this machine with no key lets anyone who can reach the port use the model."""
+    if settings.api_key is None and not is_loopback(settings.host):
+        logging.getLogger("server").warning(
+            "LISTENING ON %s WITHOUT AN API KEY: anyone who can reach port %d can use this server; "
+            "set --api-key-file (or --api-key), or bind 127.0.0.1",
+            settings.host,
+            settings.port,
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -20,8 +41,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings = Settings.from_args(argv)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT, force=True)
+    configure_logging(settings.log_level, settings.log_format)
     logging.getLogger("server").info("settings: %r", settings)  # Settings.__repr__ masks the API key
+    warn_if_exposed(settings)
     app = create_app(settings)
     # uvicorn drains on SIGTERM, then re-raises the signal so that its default action ends the process
     # (status 143). A drained shutdown is a clean one: exit 0 instead, unless the engine gave up.
@@ -31,6 +53,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
+        log_config=None,  # uvicorn's loggers propagate to ours: one format, request ids included
+        access_log=not settings.disable_access_log,
         # On SIGTERM uvicorn stops accepting and waits this long for open requests before the lifespan
         # shutdown drains the engine.
         timeout_graceful_shutdown=int(settings.shutdown_timeout),

@@ -20,9 +20,11 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model.tokenizer import Tokenizer
+from server.dashboard import dashboard
 from server.engine.core import EngineCore
 from server.engine.engine import AsyncEngine, SupervisorConfig
-from server.metrics import ServerMetrics
+from server.logs import RequestIdMiddleware, stats_logging
+from server.metrics import HttpMetricsMiddleware, ServerMetrics
 from server.protocol import APIError
 from server.routes import error_response, misc, v1
 from server.serving import RequestLimits, ServingChat, ServingCompletion
@@ -124,6 +126,12 @@ def resolve_device_dtype(settings: Settings) -> tuple[str, str]:
     device = settings.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu" and torch.version.cuda is not None:  # a CUDA build of torch, no usable GPU
+            log.warning(
+                "no CUDA device available (torch %s, CUDA %s): falling back to CPU",
+                torch.__version__,
+                torch.version.cuda,
+            )
     # bf16 on both: on this project's CPUs bf16 GEMMs run 3-4x faster than fp32 (bench notes).
     dtype = "bfloat16" if settings.dtype == "auto" else settings.dtype
     return device, dtype
@@ -256,8 +264,9 @@ def build_engine(
     config = supervisor_config(settings)
     if settings.engine_process:
         engine = AsyncEngine.in_process(
-            load_core, settings, log_level=settings.log_level, config=config, on_fatal=on_fatal
-        )
+            load_core, settings, log_level=settings.log_level, log_format=settings.log_format, config=config,
+            on_fatal=on_fatal,
+        )  # fmt: skip
     else:
         engine = AsyncEngine.in_thread(
             functools.partial(load_core, settings), config=config, on_fatal=on_fatal
@@ -290,6 +299,7 @@ def _attach(app: FastAPI, engine: Any, tokenizer: Tokenizer, max_model_len: int)
     state.completion = ServingCompletion(*args)
     state.chat = ServingChat(*args)
     state.max_model_len = max_model_len
+    _publish_cache_config(state.metrics, state.settings, engine, max_model_len)
     state.engine = engine  # last: /health turns 200 once everything above is ready
 
 
@@ -300,6 +310,22 @@ def _fatal(app: FastAPI, reason: str) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _num_blocks(engine: Any) -> int | None:
+    """KV cache blocks of a started AsyncEngine's core; None for other engines (tests' fakes)."""
+    info = getattr(engine, "info", None)
+    return None if info is None else int(info.num_blocks)
+
+
+def _publish_cache_config(
+    metrics: ServerMetrics, settings: Settings, engine: Any, max_model_len: int
+) -> None:
+    metrics.set_cache_config(
+        block_size=settings.block_size, num_blocks=_num_blocks(engine), max_model_len=max_model_len,
+        max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
+        kv_cache_memory_bytes=settings.kv_cache_memory, enable_prefix_caching=settings.enable_prefix_caching,
+    )  # fmt: skip
+
+
 def create_app(settings: Settings, engine: Any = None, tokenizer: Tokenizer | None = None) -> FastAPI:
     """The app. With `engine` and `tokenizer` given (tests), they are used as they are and not shut down."""
 
@@ -307,11 +333,20 @@ def create_app(settings: Settings, engine: Any = None, tokenizer: Tokenizer | No
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if engine is not None:
             assert tokenizer is not None, "pass the tokenizer with the engine"
+            # An AsyncEngine handed over unstarted is started on this app's loop and stopped with it.
+            owned = isinstance(engine, AsyncEngine) and not engine.started
+            if owned:
+                await engine.start()
             length = settings.max_model_len or int(
                 getattr(engine, "max_model_len", None) or DEFAULT_MAX_MODEL_LEN
             )
             _attach(app, engine, tokenizer, length)
-            yield
+            try:
+                async with stats_logging(app.state.engine.stats, settings.stats_log_interval):
+                    yield
+            finally:
+                if owned:
+                    await engine.shutdown(graceful=False)
             return
         built, tok = await asyncio.to_thread(build_engine, settings, functools.partial(_fatal, app))
         app.state.model_source = settings.model or "default"
@@ -320,7 +355,8 @@ def create_app(settings: Settings, engine: Any = None, tokenizer: Tokenizer | No
         _attach(app, built, tok, built.max_model_len)
         log.info("serving %s on http://%s:%d", settings.served_model_name, settings.host, settings.port)
         try:
-            yield
+            async with stats_logging(built.stats, settings.stats_log_interval):
+                yield
         finally:
             log.info(
                 "shutting down: letting in-flight requests finish (up to %ss)", settings.shutdown_timeout
@@ -333,13 +369,16 @@ def create_app(settings: Settings, engine: Any = None, tokenizer: Tokenizer | No
     app.state.engine = None
     app.state.max_model_len = settings.max_model_len or DEFAULT_MAX_MODEL_LEN
     app.state.model_source = settings.model
-    app.state.metrics = ServerMetrics(lambda: app.state.engine.stats())
+    app.state.metrics = ServerMetrics(lambda: app.state.engine.stats(), settings.served_model_name)
     install_error_handlers(app)
     app.include_router(v1)
     app.include_router(misc)
+    app.include_router(dashboard)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
         )
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(HttpMetricsMiddleware, metrics=app.state.metrics)  # 413s counted too
+    app.add_middleware(RequestIdMiddleware)  # last added, outermost: even a 413 carries the id
     return app

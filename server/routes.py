@@ -7,6 +7,7 @@ import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
+from pathlib import PurePath
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
@@ -95,6 +96,12 @@ def check_api_key(request: Request) -> None:
         )
 
 
+def check_api_key_if_protected(request: Request) -> None:
+    """The key guards the side routes (tokenize, metrics, dashboard) too when `--protect-all` is on."""
+    if request.app.state.settings.protect_all:
+        check_api_key(request)
+
+
 def _serving(request: Request, name: str) -> Any:
     serving = getattr(request.app.state, name, None)
     if serving is None:
@@ -131,9 +138,14 @@ async def models(request: Request) -> ModelList:
     state = request.app.state
     name = state.settings.served_model_name
     length = state.max_model_len
-    return ModelList(
-        data=[ModelCard(id=name, root=state.model_source, max_model_len=length, context_length=length)]
-    )
+    root = public_root(state.settings.model, name)
+    return ModelList(data=[ModelCard(id=name, root=root, max_model_len=length, context_length=length)])
+
+
+def public_root(source: str | None, served_name: str) -> str:
+    """The model's file or folder name without its directories: a path tells clients about the host."""
+    name = PurePath(source).name if source else ""
+    return name or served_name
 
 
 @misc.get("/health")
@@ -146,7 +158,7 @@ async def health(request: Request) -> Response:
     return Response(status_code=200)
 
 
-@misc.post("/tokenize")
+@misc.post("/tokenize", dependencies=[Depends(check_api_key_if_protected)])
 async def tokenize(
     body: TokenizeCompletionRequest | TokenizeChatRequest, request: Request
 ) -> TokenizeResponse:
@@ -159,7 +171,7 @@ async def tokenize(
     return TokenizeResponse(count=len(ids), max_model_len=chat.max_model_len, tokens=ids)
 
 
-@misc.post("/detokenize")
+@misc.post("/detokenize", dependencies=[Depends(check_api_key_if_protected)])
 async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
     chat = _serving(request, "chat")
     chat.check_model(body.model)
@@ -180,6 +192,6 @@ async def version() -> VersionResponse:
         return VersionResponse(version="0.0.0+unknown")
 
 
-@misc.get("/metrics")
+@misc.get("/metrics", dependencies=[Depends(check_api_key_if_protected)])
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

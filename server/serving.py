@@ -30,6 +30,7 @@ from server.engine.request import (
     TokenLogprob,
 )
 from server.guided import structured_spec
+from server.logs import current_request_id
 from server.metrics import RequestTimer, ServerMetrics
 from server.protocol import (
     APIError,
@@ -500,7 +501,8 @@ _INLINE_MESSAGES = 64  # longer conversations render on a worker thread, however
 
 
 def _new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+    """`cmpl-<X-Request-Id>` inside an HTTP request, so a response is found in the logs by its id."""
+    return f"{prefix}-{current_request_id() or uuid.uuid4().hex}"
 
 
 def _finite(x: float) -> float:

@@ -11,6 +11,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "SMOLLM2_"
@@ -149,6 +150,14 @@ class Settings:
         parse_bool,
     )
     api_key: str | None = _opt(None, "require `Authorization: Bearer <key>` on /v1 routes", secret=True)
+    api_key_file: str | None = _opt(
+        None, "read the API key from this file (first line), so it does not show in `ps` or the environment"
+    )
+    protect_all: bool = _opt(
+        False,
+        "require the API key on /tokenize, /detokenize, /metrics and /dashboard too (/health stays open)",
+        parse_bool,
+    )
     cors_origins: list[str] = _opt(
         [], "comma-separated origins allowed by CORS (empty: CORS off)", parse_list
     )
@@ -156,6 +165,11 @@ class Settings:
         1024**2, "largest request body accepted, e.g. 1MiB; larger gets 413", parse_bytes
     )
     log_level: str = _opt("info", "log level: debug, info, warning, error")
+    log_format: str = _opt("text", "log lines as text or json (one object per line, access log included)")
+    disable_access_log: bool = _opt(False, "do not log one line per HTTP request", parse_bool)
+    stats_log_interval: float = _opt(
+        10.0, "seconds between engine stats lines while the engine is busy (0: never)", float
+    )
     shutdown_timeout: float = _opt(30.0, "seconds in-flight requests get to finish on SIGTERM", float)
 
     @property
@@ -233,9 +247,33 @@ class Settings:
                 f"int8_lm_head must be auto, on or off, got {self.int8_lm_head!r}",
             ),
         ]
+        checks += [
+            (
+                self.log_format in ("text", "json"),
+                f"log_format must be text or json, got {self.log_format!r}",
+            ),
+            (self.stats_log_interval >= 0, f"stats_log_interval must be >= 0, got {self.stats_log_interval}"),
+        ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        self._load_api_key()
+
+    def _load_api_key(self) -> None:
+        """An empty key is a mistake (an unset variable, an empty file), never a way to turn auth off."""
+        if self.api_key_file is not None:
+            try:
+                text = Path(self.api_key_file).read_text().splitlines()
+            except OSError as e:
+                raise ValueError(f"cannot read api_key_file: {e}") from e
+            key = text[0].strip() if text else ""
+            if not key:
+                raise ValueError(f"api_key_file {self.api_key_file} is empty")
+            if self.api_key is not None and self.api_key != key:
+                raise ValueError("give the API key once: api_key or api_key_file, not both")
+            self.api_key = key
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("api_key is empty: give a key, or leave it unset to turn authentication off")
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:

@@ -79,13 +79,13 @@ class ProcessCore:
 
     def __init__(
         self, build: Callable[..., EngineCore], args: tuple[Any, ...], on_message: OnMessage,
-        log_level: str = "info", start_timeout: float | None = None,
+        log_level: str = "info", log_format: str = "text", start_timeout: float | None = None,
     ) -> None:  # fmt: skip
         ctx = multiprocessing.get_context("spawn")
         child_in, self._to_child = ctx.Pipe(duplex=False)
         self._from_child, child_out = ctx.Pipe(duplex=False)
         self._process = ctx.Process(
-            target=core_process_main, args=(child_in, child_out, build, args, log_level),
+            target=core_process_main, args=(child_in, child_out, build, args, log_level, log_format),
             name="smollm2-engine", daemon=True,
         )  # fmt: skip
         with _huge_page_malloc():

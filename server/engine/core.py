@@ -43,7 +43,6 @@ from server.engine.request import Request, SampleResult
 from server.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 
 log = logging.getLogger("server.engine")
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # as server.__main__'s
 
 
 class Runner(Protocol):
@@ -199,14 +198,16 @@ def run_core_loop(
 
 def core_process_main(
     in_conn: Connection, out_conn: Connection, build: Callable[..., EngineCore], args: tuple[Any, ...],
-    log_level: str,
+    log_level: str, log_format: str = "text",
 ) -> None:  # fmt: skip
     """Entry point of the engine process: build the core, then serve it until Shutdown or EOF."""
     # The server decides when we stop: a Ctrl-C or `docker stop` reaches the whole process group, and
     # the server drains its requests first, then sends Shutdown (or closes the pipe).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT, force=True)
+    from server.logs import configure_logging  # the server's line format, so both processes log alike
+
+    configure_logging(log_level, log_format)
     try:
         core = build(*args)
     except BaseException as exc:  # noqa: BLE001 - report any failure to the parent, then exit

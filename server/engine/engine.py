@@ -34,6 +34,7 @@ from server.engine.messages import (
     AbortRequests,
     AddRequests,
     CoreDead,
+    CoreInfo,
     CoreOutput,
     EngineStats,
     RequestChecker,
@@ -169,13 +170,13 @@ class AsyncEngine:
 
     @classmethod
     def in_process(
-        cls, build: Callable[..., EngineCore], *args: Any, log_level: str = "info",
+        cls, build: Callable[..., EngineCore], *args: Any, log_level: str = "info", log_format: str = "text",
         start_timeout: float | None = None, **kwargs: Any,
     ) -> AsyncEngine:  # fmt: skip
         """The core in a child process running `build(*args)` (picklable, importable)."""
 
         def factory(on_message: OnMessage) -> CoreHandle:
-            return ProcessCore(build, args, on_message, log_level, start_timeout)
+            return ProcessCore(build, args, on_message, log_level, log_format, start_timeout)
 
         return cls(factory, **kwargs)
 
@@ -203,6 +204,15 @@ class AsyncEngine:
         self._state = _State.RUNNING
         if self._launch_death is not None:
             self._core_died(self._launch_death)
+
+    @property
+    def started(self) -> bool:
+        return self._loop is not None
+
+    @property
+    def info(self) -> CoreInfo | None:
+        """The running core's configuration (None before the first start)."""
+        return None if self._core is None else self._core.info
 
     @property
     def is_healthy(self) -> bool:

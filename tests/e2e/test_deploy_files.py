@@ -69,7 +69,10 @@ def exported_metrics() -> set[str]:
     """Sample names (``..._total``, ``..._bucket`` ...) the server's /metrics registry exposes."""
     metrics = pytest.importorskip("server.metrics", reason="server/metrics.py not importable")
     registry = metrics.ServerMetrics(lambda: _AnyStats()).registry
-    names = {sample.name for family in registry.collect() for sample in family.samples}
+    families = list(registry.collect())
+    names = {sample.name for family in families for sample in family.samples}
+    # labelled counters with no sample yet (HTTP counts before the first request)
+    names |= {family.name + "_total" for family in families if family.type == "counter"}
     assert "smollm2:num_requests_waiting" in names, "sanity: the engine gauges must be exported"
     return names
 
@@ -145,24 +148,90 @@ def test_dockerignore_keeps_what_the_dockerfile_copies() -> None:
 
 # --- Kubernetes ---------------------------------------------------------------------------------
 
+CRD_SCHEMAS = Path(__file__).resolve().parent / "crd_schemas"
+# Custom resources are checked against the minimal schemas vendored in crd_schemas/ (see its README).
+CRD_SCHEMA_FILES = {
+    ("inference.networking.k8s.io/v1", "InferencePool"): "inferencepool-v1.yaml",
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproute-v1.yaml",
+}
+
+
+def _k8s_folder_docs(folder: Path) -> list[dict[str, Any]]:
+    return [
+        doc for path in sorted(folder.glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text()) if doc
+    ]
+
+
+def _k8s_docs(folder: Path = K8S) -> dict[str, dict[str, Any]]:
+    """One folder's objects by kind (each folder holds one object of a kind, except the EPP's)."""
+    return {doc["kind"]: doc for doc in _k8s_folder_docs(folder)}
+
+
+def _all_k8s_docs() -> list[dict[str, Any]]:
+    return [
+        doc for folder in (K8S, K8S / "cpu", K8S / "inference-gateway") for doc in _k8s_folder_docs(folder)
+    ]
+
+
+def _crd_validator(doc: Mapping[str, Any]) -> Any:
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = yaml.safe_load((CRD_SCHEMAS / CRD_SCHEMA_FILES[doc["apiVersion"], doc["kind"]]).read_text())
+    return jsonschema.Draft7Validator(schema)
+
+
+def _server_deployments() -> list[dict[str, Any]]:
+    return [_k8s_docs()["Deployment"], _k8s_docs(K8S / "cpu")["Deployment"]]
+
+
+def _env(container: Mapping[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+def _volume_at(pod: Mapping[str, Any], path: str) -> dict[str, Any]:
+    """The pod volume mounted at `path` (or at a parent folder of it) in the first container."""
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if Path(path).is_relative_to(m["mountPath"])]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    return volume
+
+
+def test_k8s_folders_hold_only_known_manifests() -> None:
+    """Every YAML under docker/k8s/ is in a folder the tests read, so none escapes validation."""
+    checked = {K8S, K8S / "cpu", K8S / "inference-gateway"}
+    assert {path.parent for path in K8S.rglob("*.yaml")} == checked
+
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_k8s_manifests_validate(version: str) -> None:
     kv = pytest.importorskip("kubernetes_validate")
     version = kv.latest_version() if version == "latest" else version
-    for path in sorted(K8S.glob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            if doc:
-                kv.validate(doc, version, strict=True)  # raises ValidationError with the field path
+    for doc in _all_k8s_docs():
+        if (doc["apiVersion"], doc["kind"]) in CRD_SCHEMA_FILES:
+            continue  # test_k8s_custom_resources_validate
+        kv.validate(doc, version, strict=True)  # raises ValidationError with the field path
+
+
+def test_k8s_custom_resources_validate() -> None:
+    custom = [doc for doc in _all_k8s_docs() if (doc["apiVersion"], doc["kind"]) in CRD_SCHEMA_FILES]
+    assert {doc["kind"] for doc in custom} == {"InferencePool", "HTTPRoute"}
+    for doc in custom:
+        errors = [f"{'.'.join(map(str, e.path))}: {e.message}" for e in _crd_validator(doc).iter_errors(doc)]
+        assert not errors, f"{doc['kind']} {doc['metadata']['name']}: {errors}"
 
 
 def test_k8s_validation_catches_a_misspelt_field() -> None:
-    """Guards the test above: strict validation must reject what kubectl would."""
+    """Guards the tests above: strict validation must reject what kubectl would."""
     kv = pytest.importorskip("kubernetes_validate")
     broken = copy.deepcopy(_k8s_docs()["Deployment"])
     broken["spec"]["template"]["spec"]["containers"][0]["readinessprobe"] = {}
     with pytest.raises(kv.ValidationError):
         kv.validate(broken, kv.latest_version(), strict=True)
+    gateway = _k8s_docs(K8S / "inference-gateway")
+    pool = copy.deepcopy(gateway["InferencePool"])
+    pool["spec"]["extensionRef"]["portnumber"] = 9002
+    route = copy.deepcopy(gateway["HTTPRoute"])
+    route["spec"]["rules"][0]["timeouts"]["request"] = "5 minutes"
+    for doc in (pool, route):
+        assert list(_crd_validator(doc).iter_errors(doc)), doc
 
 
 def test_deployment_gpu_probes_and_shutdown() -> None:
@@ -180,6 +249,52 @@ def test_deployment_gpu_probes_and_shutdown() -> None:
     assert str(pod["securityContext"]["runAsUser"]) == dockerfile_uid
 
 
+def test_deployments_read_the_api_key_from_a_secret_file() -> None:
+    settings = pytest.importorskip("server.settings")
+    assert hasattr(settings.Settings(), "api_key_file")  # SMOLLM2_API_KEY_FILE is a real setting
+    for deployment in _server_deployments():
+        pod = deployment["spec"]["template"]["spec"]
+        env = _env(pod["containers"][0])
+        assert "SMOLLM2_API_KEY" not in env, "the key must not sit in the environment"
+        volume = _volume_at(pod, env["SMOLLM2_API_KEY_FILE"])
+        assert volume["secret"]["secretName"] == "smollm2-server"
+        assert "optional" not in volume["secret"], "a missing Secret must stop the rollout, not drop the key"
+        (item,) = volume["secret"]["items"]
+        assert env["SMOLLM2_API_KEY_FILE"].endswith("/" + item["path"])
+
+
+def test_cpu_deployment_keeps_its_cache_on_a_claim() -> None:
+    docs = _k8s_docs(K8S / "cpu")
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert not container["resources"]["limits"].get("nvidia.com/gpu")
+    assert pod["terminationGracePeriodSeconds"] > _server_default_shutdown_timeout() + 5
+    home = _env(container)["SMOLLM2_HOME"]
+    # The kernels and prepared weights go under $SMOLLM2_HOME (model/defaults.py cache_dir); that folder
+    # must be the claim, not the container's file system or an emptyDir that dies with the pod.
+    volume = _volume_at(pod, home + "/torch_extensions")
+    assert _volume_at(pod, home + "/prepared") == volume
+    assert volume["persistentVolumeClaim"]["claimName"] == docs["PersistentVolumeClaim"]["metadata"]["name"]
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"], (
+        "the claim must be writable"
+    )
+    # The baked-in model is not under the claim (it would hide it): the image names it by SMOLLM2_MODEL.
+    model = re.search(r"SMOLLM2_MODEL=(\S+)", " ".join(v for op, v in _final_stage() if op == "ENV"))
+    assert model and not Path(model.group(1)).is_relative_to(home)
+
+
+def test_cpu_pdb_and_hpa_cover_the_cpu_deployment() -> None:
+    docs = _k8s_docs(K8S / "cpu")
+    deployment = docs["Deployment"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    pdb, hpa = docs["PodDisruptionBudget"]["spec"], docs["HorizontalPodAutoscaler"]["spec"]
+    assert pdb["selector"]["matchLabels"].items() <= labels.items()
+    assert hpa["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    # A drain may take one pod while one keeps serving.
+    assert hpa["minReplicas"] >= 2 and pdb.get("maxUnavailable", 1) <= hpa["minReplicas"] - 1
+    assert docs["Service"]["spec"]["selector"].items() <= labels.items()
+
+
 def test_service_routes_to_the_deployment() -> None:
     docs = _k8s_docs()
     labels = docs["Deployment"]["spec"]["template"]["metadata"]["labels"]
@@ -191,18 +306,85 @@ def test_service_routes_to_the_deployment() -> None:
     assert all(p["targetPort"] in container_ports for p in service["ports"])
 
 
-def test_hpa_scales_on_a_metric_the_adapter_serves(exported_metrics: set[str]) -> None:
-    docs = _k8s_docs()
-    hpa = docs["HorizontalPodAutoscaler"]["spec"]
-    assert hpa["scaleTargetRef"]["name"] == docs["Deployment"]["metadata"]["name"]
-    (metric,) = hpa["metrics"]
-    assert metric["type"] == "Pods"
-    adapter = yaml.safe_load(docs["ConfigMap"]["data"]["config.yaml"])
+def test_hpas_scale_on_running_plus_waiting(exported_metrics: set[str]) -> None:
+    adapter = yaml.safe_load(_k8s_docs()["ConfigMap"]["data"]["config.yaml"])
     served = {rule["name"]["as"]: rule for rule in adapter["rules"]}
-    rule = served[metric["pods"]["metric"]["name"]]
-    assert set(METRIC_RE.findall(rule["seriesQuery"])) == {"smollm2:num_requests_waiting"}
-    assert METRIC_RE.findall(rule["seriesQuery"])[0] in exported_metrics
-    assert {"namespace", "pod"} <= set(rule["resources"]["overrides"]), "a pods metric needs pod labels"
+    for folder in (K8S, K8S / "cpu"):
+        docs = _k8s_docs(folder)
+        hpa = docs["HorizontalPodAutoscaler"]["spec"]
+        assert hpa["scaleTargetRef"]["name"] == docs["Deployment"]["metadata"]["name"]
+        (metric,) = hpa["metrics"]
+        assert metric["type"] == "Pods"
+        rule = served[metric["pods"]["metric"]["name"]]
+        used = set(METRIC_RE.findall(rule["seriesQuery"] + rule["metricsQuery"]))
+        assert used == {"smollm2:num_requests_running", "smollm2:num_requests_waiting"}
+        assert used <= exported_metrics
+        assert " + " in rule["metricsQuery"]
+        assert {"namespace", "pod"} <= set(rule["resources"]["overrides"]), "a pods metric needs pod labels"
+    for rule in adapter["rules"]:
+        assert set(METRIC_RE.findall(rule["seriesQuery"] + rule["metricsQuery"])) <= exported_metrics
+
+
+# --- LLM-aware routing (Gateway API Inference Extension) ----------------------------------------
+
+
+def _epp() -> tuple[dict[str, Any], dict[str, str]]:
+    """The endpoint picker's container and its --flag=value arguments."""
+    docs = _k8s_folder_docs(K8S / "inference-gateway")
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    flags = dict(arg.removeprefix("--").split("=", 1) for arg in container["args"])
+    return container, flags
+
+
+def test_inference_pool_selects_the_server_pods_of_both_flavours() -> None:
+    gateway = _k8s_docs(K8S / "inference-gateway")
+    pool = gateway["InferencePool"]["spec"]
+    for deployment in _server_deployments():
+        template = deployment["spec"]["template"]
+        assert pool["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+        ports = {p["containerPort"] for p in template["spec"]["containers"][0]["ports"]}
+        assert [p["number"] for p in pool["targetPorts"]] == [8000] and 8000 in ports
+    (route_rule,) = gateway["HTTPRoute"]["spec"]["rules"]
+    (backend,) = route_rule["backendRefs"]
+    assert (backend["group"], backend["kind"], backend["name"]) == (
+        "inference.networking.k8s.io",
+        "InferencePool",
+        gateway["InferencePool"]["metadata"]["name"],
+    )
+
+
+def test_endpoint_picker_reads_this_servers_metrics(exported_metrics: set[str]) -> None:
+    container, flags = _epp()
+    assert flags["total-queued-requests-metric"] == "smollm2:num_requests_waiting"
+    assert flags["kv-cache-usage-percentage-metric"] == "smollm2:kv_cache_usage_perc"
+    named = {flags[f] for f in ("total-queued-requests-metric", "kv-cache-usage-percentage-metric")}
+    assert named <= exported_metrics
+    assert flags["lora-info-metric"] == "", "the server exports no LoRA metric"
+    docs = _k8s_docs(K8S / "inference-gateway")
+    assert flags["pool-name"] == docs["InferencePool"]["metadata"]["name"]
+    # The pool's extensionRef reaches the picker's gRPC port through its Service.
+    ref = docs["InferencePool"]["spec"]["extensionRef"]
+    service = [d for d in _k8s_folder_docs(K8S / "inference-gateway") if d["kind"] == "Service"]
+    (service,) = [s for s in service if s["metadata"]["name"] == ref["name"]]
+    (port,) = [p for p in service["spec"]["ports"] if p["port"] == ref["portNumber"]]
+    assert port["targetPort"] in {p["name"] for p in container["ports"]}
+
+
+def test_endpoint_picker_scores_queue_kv_and_prefix() -> None:
+    container, flags = _epp()
+    configmap = _k8s_docs(K8S / "inference-gateway")["ConfigMap"]
+    mount = next(
+        m for m in container["volumeMounts"] if flags["config-file"].startswith(m["mountPath"] + "/")
+    )
+    config = yaml.safe_load(configmap["data"][Path(flags["config-file"]).name])
+    assert config["kind"] == "EndpointPickerConfig" and mount["name"] == "config"
+    plugins = {plugin["type"] for plugin in config["plugins"]}
+    (profile,) = config["schedulingProfiles"]
+    refs = {ref["pluginRef"]: ref.get("weight") for ref in profile["plugins"]}
+    assert set(refs) <= plugins
+    for scorer in ("queue-scorer", "kv-cache-utilization-scorer", "prefix-cache-scorer"):
+        assert refs[scorer] and refs[scorer] > 0, scorer
 
 
 # --- compose, Prometheus, Grafana ---------------------------------------------------------------
@@ -225,6 +407,10 @@ def test_compose_services_and_mounts() -> None:
         assert "server" in server["networks"]["default"]["aliases"]  # Prometheus' scrape target
         grace = int(server["stop_grace_period"].rstrip("s"))
         assert grace > _server_default_shutdown_timeout()
+        # The API key comes from a secret file (--api-key-file), never from the environment.
+        assert server["secrets"] == ["api_key"]
+        assert server["environment"] == {"SMOLLM2_API_KEY_FILE": "/run/secrets/api_key"}
+    assert "file" in compose["secrets"]["api_key"]
     for service in services.values():
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
@@ -282,3 +468,17 @@ def test_dashboard_queries_use_exported_metrics(exported_metrics: set[str]) -> N
     for expr in exprs:
         if "_bucket" in expr:
             assert expr.startswith("histogram_quantile(") and "by (le)" in expr
+
+
+def test_dashboard_selects_a_model_and_shows_errors_and_cache(exported_metrics: set[str]) -> None:
+    dashboard = _dashboard()
+    (variable,) = dashboard["templating"]["list"]
+    assert variable["name"] == "model" and "model_name" in variable["query"]["query"]
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    for expr in exprs:  # every engine metric is scoped to the chosen model(s); HTTP counts have no model
+        for name in METRIC_RE.findall(expr):
+            assert name == "smollm2:http_requests_total" or f'{name}{{model_name=~"$model"}}' in expr, expr
+    joined = "\n".join(exprs)
+    for wanted in ['status="429"', 'status=~"5.."', "prefix_cache_hits_total", "num_preemptions_total",
+                   "by (finished_reason)"]:  # fmt: skip
+        assert wanted in joined, wanted

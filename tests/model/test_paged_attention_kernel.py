@@ -251,3 +251,29 @@ def test_kernel_build_folder_follows_env_and_avoids_read_only_homes(
     not_a_folder.write_text("x")  # in for the Docker image's read-only /models volume)
     monkeypatch.setenv("SMOLLM2_HOME", str(not_a_folder))
     assert _build_dir().parent == Path(tempfile.gettempdir()) / f"smollm2-torch-extensions-{os.getuid()}"
+
+
+def test_first_build_is_announced_and_a_cached_one_is_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from types import SimpleNamespace
+
+    from torch.utils import cpp_extension
+
+    def fake_load(build_directory: str, **_: object) -> None:
+        (Path(build_directory) / "smollm2_paged_attention.so").write_bytes(b"")
+
+    monkeypatch.setenv(paged_kernel.KERNEL_CACHE_VAR, str(tmp_path))
+    monkeypatch.setattr(torch.ops, "smollm2", SimpleNamespace())  # as if not loaded in this process
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)  # no toolchain needed
+    monkeypatch.setattr(paged_kernel.shutil, "which", lambda name: "/usr/bin/" + name)
+    with caplog.at_level(logging.INFO, logger="model.paged_kernel"):
+        paged_kernel._build_and_load()
+        first = [r.getMessage() for r in caplog.records]
+        caplog.clear()
+        paged_kernel._build_and_load()
+    assert first[0] == "building C++ kernels (first start, ~30 s)..." and first[1].startswith(
+        "C++ kernels built"
+    )
+    assert caplog.records == []

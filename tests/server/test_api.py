@@ -234,8 +234,10 @@ async def test_metrics_exposed_with_prefix(client: httpx.AsyncClient) -> None:
     for name in ["num_requests_running", "kv_cache_usage_perc", "prompt_tokens_total", "generation_tokens_total",
                  "time_to_first_token_seconds_bucket", "e2e_request_latency_seconds_count"]:  # fmt: skip
         assert f"smollm2:{name}" in text, name
-    assert 'smollm2:request_success_total{finished_reason="length"} 1.0' in text
-    assert "smollm2:generation_tokens_total 3.0" in text
+    model = f'model_name="{MODEL}"'
+    assert f'smollm2:request_success_total{{finished_reason="length",{model}}} 1.0' in text
+    assert f"smollm2:generation_tokens_total{{{model}}} 3.0" in text
+    assert f"smollm2:num_requests_running{{{model}}} 0.0" in text
 
 
 # ---- errors -----------------------------------------------------------------------------------------

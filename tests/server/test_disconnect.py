@@ -74,8 +74,10 @@ async def test_burst_of_disconnects_frees_running_slots_and_kv(tokenizer: Tokeni
         assert stats.num_finished.get("length", 0) == 0
         async with httpx.AsyncClient() as c:
             metrics = (await c.get(f"http://127.0.0.1:{port}/metrics")).text
-        assert "smollm2:num_requests_running 0.0" in metrics and "smollm2:kv_cache_usage_perc 0.0" in metrics
-        assert 'smollm2:request_success_total{finished_reason="abort"} 14.0' in metrics
+        model = 'model_name="SmolLM2-135M-Instruct"'
+        assert f"smollm2:num_requests_running{{{model}}} 0.0" in metrics
+        assert f"smollm2:kv_cache_usage_perc{{{model}}} 0.0" in metrics
+        assert f'smollm2:request_success_total{{finished_reason="abort",{model}}} 14.0' in metrics
     finally:
         server.should_exit = True
         await serving

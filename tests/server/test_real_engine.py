@@ -128,7 +128,13 @@ async def test_stop_string_in_one_choice_aborts_only_that_choice(
 
 
 def scrape(text: str) -> dict[str, float]:
-    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
+    """Samples by name, of the served model (every engine metric carries its `model_name`)."""
+    return {
+        s.name: s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.labels == {"model_name": MODEL}
+    }
 
 
 async def test_latency_histograms_count_requests_and_tokens(
@@ -150,6 +156,10 @@ async def test_latency_histograms_count_requests_and_tokens(
     assert m[p + "generation_tokens_total"] == 13
     assert 0 < m[p + "request_queue_time_seconds_sum"] < m[p + "time_to_first_token_seconds_sum"]
     assert m[p + "time_to_first_token_seconds_sum"] < m[p + "e2e_request_latency_seconds_sum"]
+    assert m[p + "request_time_per_output_token_seconds_count"] == 3  # per choice with 2+ tokens
+    assert m[p + "request_prefill_time_seconds_count"] == m[p + "request_decode_time_seconds_count"] == 2
+    assert m[p + "request_prompt_tokens_count"] == 2 and m[p + "request_generation_tokens_sum"] == 13
+    assert 0 < m[p + "request_decode_time_seconds_sum"] < m[p + "e2e_request_latency_seconds_sum"]
 
 
 async def test_health_is_503_once_the_engine_shut_down(tiny_client: tuple[httpx.AsyncClient, Any]) -> None:
