@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 SERVE_ARGS ?=
 
-.PHONY: serve test lint venv fetch-model bench bench-quick bench-engine gpu-check docker docker-cpu docker-cpu-local clean
+.PHONY: serve test lint venv fetch-model bench bench-quick bench-engine gpu-check docker docker-cpu docker-cpu-local docker-gpu-local clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,9 @@ docker-cpu:
 
 docker-cpu-local:
 	bash docker/build-cpu-local.sh
+
+docker-gpu-local:
+	bash docker/build-gpu-local.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache
