@@ -16,7 +16,7 @@ from server.engine.engine import LLMEngine
 from server.engine.request import SamplingParams, StructuredSpec
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler, SchedulerConfig
-from tests.engine.conftest import TINY_VOCAB
+from tests.conftest import TINY_VOCAB
 
 xgr = pytest.importorskip("xgrammar")
 from server.engine.structured import GrammarCache, StructuredError, StructuredOutputs, tokenizer_info  # noqa: E402
