@@ -257,6 +257,8 @@ class OpenAIServing:
         self.max_model_len = max_model_len
         self.metrics = metrics
         self.limits = limits or RequestLimits()
+        self._grammars: GrammarCache | None = None  # built at the first structured request
+        self._grammars_lock = threading.Lock()
 
     # ---- bounds checked before the work they bound ----------------------------------------------
     def check_text_length(self, chars: int, param: str) -> None:
@@ -321,8 +323,6 @@ class OpenAIServing:
             raise APIError(400, f"The request could produce {entries} log-probability entries (choices x "
                            f"tokens x (top logprobs + 1)); the limit is {limit}. Lower n, max_tokens or "
                            f"{param}.", param=param)  # fmt: skip
-        self._grammars: GrammarCache | None = None  # built at the first structured request
-        self._grammars_lock = threading.Lock()
 
     @staticmethod
     def check_refused(req: Any) -> None:

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,14 +43,19 @@ def server_url() -> Iterator[str]:
         "--max-model-len",
         "2048",
     ]
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    # The log goes to a file: a pipe nobody reads until the end fills up and blocks the server.
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
+
+    def output() -> str:
+        log.seek(0)
+        return log.read()
+
     try:
         deadline = time.monotonic() + 180
         while True:
-            assert proc.poll() is None, f"server exited: {proc.stdout.read() if proc.stdout else ''}"
+            assert proc.poll() is None, f"server exited: {output()}"
             try:
                 if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                     break
@@ -61,10 +67,12 @@ def server_url() -> Iterator[str]:
     finally:
         proc.send_signal(signal.SIGTERM)  # graceful: uvicorn drains, the lifespan shuts the engine down
         try:
-            out, _ = proc.communicate(timeout=60)
+            proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
-            out, _ = proc.communicate()
+            proc.wait()
+        out = output()
+        log.close()
         assert "test-key" not in out  # the API key never reaches the logs
         assert "KV cache:" in out and "blocks" in out
 
