@@ -278,11 +278,24 @@ class OpenAIServing:
             self.check_text_length(len(text), param)
 
         def encode_all() -> list[list[int]]:
-            return [self.tokenizer.encode(t, add_special_tokens) for t in texts]
+            return [self._encode_bounded(t, add_special_tokens, param) for t in texts]
 
         if sum(len(t) for t in texts) <= self.limits.tokenize_inline_chars:
             return encode_all()
         return await asyncio.to_thread(encode_all)
+
+    def _encode_bounded(self, text: str, add_special_tokens: bool, param: str) -> list[int]:
+        """Token ids of `text`, refusing a long text whose beginning alone holds more tokens than the
+        context, without tokenizing the rest. The beginning is cut before a space, where the pre-tokenizer
+        splits the whole text the same way, so it has at most one token more than the same span of it."""
+        probe = self.max_model_len * _PROBE_CHARS_PER_TOKEN
+        if len(text) > probe:
+            cut = text.rfind(" ", 0, probe)
+            if cut > 0 and len(self.tokenizer.encode(text[:cut], add_special_tokens)) - 1 >= self.max_model_len:
+                raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens; the "
+                               f"first {cut} characters of the {param} alone are more tokens than that.",
+                               param=param)  # fmt: skip
+        return self.tokenizer.encode(text, add_special_tokens)
 
     def check_sizes(self, req: SamplingFields, num_prompts: int) -> None:
         """Bounds on the request's lists, and room in the queue for all its sequences (429 at once)."""
@@ -498,6 +511,7 @@ class OpenAIServing:
 
 
 _INLINE_MESSAGES = 64  # longer conversations render on a worker thread, however short each message
+_PROBE_CHARS_PER_TOKEN = 8  # twice what prose averages: a text that fits is rarely probed for nothing
 
 
 def _new_id(prefix: str) -> str:

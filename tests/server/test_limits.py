@@ -108,6 +108,30 @@ async def test_a_prompt_longer_than_any_context_is_refused_without_tokenizing(
         assert seconds < QUICK_S, (path, seconds)
 
 
+async def test_a_prompt_whose_beginning_overflows_the_context_is_refused_after_a_bounded_probe(
+    big_client: Any, monkeypatch: pytest.MonkeyPatch, tokenizer: Tokenizer
+) -> None:
+    """Too short for the no-tokenization bound (any token may cover many characters), but its first part
+    alone is more tokens than the context: only that part is tokenized."""
+    client, engine = big_client
+    seen: list[int] = []
+    real = tokenizer.encode
+
+    def spy(text: str, *args: Any, **kwargs: Any) -> list[int]:
+        seen.append(len(text))
+        return real(text, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "encode", spy)
+    text = "word " * 4000  # 20,000 characters, 4,000 tokens; the context is 256
+    for path, body in [
+        ("/v1/completions", {"model": MODEL, "prompt": text}),
+        ("/tokenize", {"model": MODEL, "prompt": text}),
+    ]:
+        r = await client.post(path, json=body)
+        assert_error(r, 400, "context length")
+    assert seen and max(seen) <= 256 * 8 and not engine.submitted
+
+
 async def test_long_prompts_that_fit_are_tokenized_off_the_event_loop(
     big_client: Any, monkeypatch: pytest.MonkeyPatch, tokenizer: Tokenizer
 ) -> None:
