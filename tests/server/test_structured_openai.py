@@ -129,3 +129,17 @@ def test_invalid_constraint_is_a_400_naming_the_field(client: openai.OpenAI, bod
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=5, extra_body=body)  # type: ignore[arg-type]
     assert param in str(info.value)
+
+
+@pytest.mark.parametrize("method", ["json_schema", "function_calling"])
+def test_langchain_with_structured_output(server_url: str, method: str) -> None:  # noqa: F811
+    """LangChain's ChatOpenAI against this server: both of its structured-output methods (a response
+    format, or a forced tool call) come back as a validated pydantic object."""
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(
+        model=MODEL, base_url=f"{server_url}/v1", api_key="test-key", temperature=0, max_retries=0, max_tokens=300
+    )  # type: ignore[call-arg]
+    structured = llm.with_structured_output(Person, method=method)  # type: ignore[arg-type]
+    person = structured.invoke("Invent a person and describe them as JSON.")
+    assert isinstance(person, Person) and person.name
