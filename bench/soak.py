@@ -199,10 +199,15 @@ async def wait_idle(base: str, timeout: float = 60.0) -> tuple[float, float]:
             await asyncio.sleep(0.5)
 
 
-async def warm_up(base: str) -> None:
-    async with httpx.AsyncClient(base_url=base, timeout=120, trust_env=False) as client:
-        body = {"model": SERVED_NAME, "prompt": " ".join(WORDS[:40]), "max_tokens": 32, "ignore_eos": True}
-        await asyncio.gather(*(client.post("/v1/completions", json=body) for _ in range(16)))
+async def warm_up(base: str, clients: int) -> None:
+    """One round at full concurrency with the longest prompts and outputs the soak sends, so the engine's
+    largest step shapes (and the allocator's high-water mark) are reached before the baseline RSS."""
+    async with httpx.AsyncClient(base_url=base, timeout=600, trust_env=False) as client:
+        prompt = " ".join(WORDS[:200])
+        body = {"model": SERVED_NAME, "prompt": prompt, "max_tokens": 160, "ignore_eos": True}
+        await asyncio.gather(
+            *(client.post("/v1/completions", json={**body, "n": 1 + i % 2}) for i in range(clients))
+        )
 
 
 def start_server(server_args: list[str]) -> RunningServer:
@@ -249,10 +254,33 @@ def report(
     return "\n".join(lines) + "\n"
 
 
+async def sample_rss(pid: int, samples: list[tuple[float, dict[int, float]]], every: float = 30.0) -> None:
+    while True:
+        samples.append((time.monotonic(), tree_rss(pid)))
+        await asyncio.sleep(every)
+
+
+def rss_curve(samples: list[tuple[float, dict[int, float]]]) -> str:
+    """RSS per process over the run: a leak grows steadily, an allocator's high-water mark levels off."""
+    if len(samples) < 2:
+        return ""
+    t0 = samples[0][0]
+    pids = sorted({p for _, sizes in samples for p in sizes})
+    rows = [
+        "| minute | " + " | ".join(f"pid {p}" for p in pids) + " | total |",
+        "|---" * (len(pids) + 2) + "|",
+    ]
+    for t, sizes in samples:
+        cells = " | ".join(f"{sizes.get(p, 0):.0f}" for p in pids)
+        rows.append(f"| {(t - t0) / 60:.1f} | {cells} | {sum(sizes.values()):.0f} |")
+    title = "RSS (MB) of each process of the server's tree, every 30 s and after going idle:"
+    return "\n" + title + "\n\n" + "\n".join(rows) + "\n"
+
+
 async def soak(args: argparse.Namespace) -> str:
     server = start_server(args.server_args)
     try:
-        await warm_up(server.base_url)
+        await warm_up(server.base_url, args.clients)
         await wait_idle(server.base_url)
         rss_before = tree_rss_mb(server.pid)
         deadline = time.monotonic() + args.minutes * 60
