@@ -47,7 +47,8 @@ log = logging.getLogger("server.engine")
 
 class Runner(Protocol):
     def execute(self, plan: SchedulerOutput) -> dict[str, SampleResult]:
-        """Run one step; return a result for each scheduled sequence whose `sample` is set."""
+        """Run one step; return a result for each scheduled sequence whose `sample` is set (with a
+        token at each of its 1 + k positions, `spec_token_ids`, when it carries k draft tokens)."""
         ...
 
 

@@ -5,6 +5,7 @@ the tiny model), with the drafted / accepted counters."""
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -265,3 +266,46 @@ def test_real_runner_with_drafts_under_preemption(tiny_model: SmolLM2ForCausalLM
     got = run(engine, reqs)
     assert {r: v[0][0] for r, v in got.items()} == {r: v[0][0] for r, v in expected.items()}
     assert engine.scheduler.num_preemptions > 0
+
+
+def test_seeded_sampling_unchanged_next_to_draft_rows(tiny_model: SmolLM2ForCausalLM) -> None:
+    reqs = repetitive_requests(seed=5)
+    prompt = reqs["r0"][0]
+    reqs["seeded"] = (prompt, SamplingParams(max_tokens=30, temperature=0.8, top_p=0.9, seed=7))
+    expected = run(model_engine(tiny_model, 0), reqs)
+    engine = model_engine(tiny_model, 4)
+    got = run(engine, reqs)
+    assert got["seeded"][0][0] == expected["seeded"][0][0]
+    assert engine.scheduler.num_draft_tokens > 0
+
+
+class OracleProposer(NgramProposer):
+    """Drafts from the known plain-decoding outputs, the last one made wrong every third position: the
+    real runner's verification is then exercised with full, partial and no acceptance."""
+
+    def __init__(self, k: int, expected: dict[tuple[int, ...], list[int]]) -> None:
+        super().__init__(SpecConfig(k, max_num_seqs=64))
+        self.expected = expected
+
+    def propose(self, token_ids: Sequence[int], max_tokens: int) -> list[int]:
+        for prompt, output in self.expected.items():
+            if tuple(token_ids[: len(prompt)]) == prompt:
+                pos = len(token_ids) - len(prompt)
+                drafts = output[pos : pos + min(max_tokens, self.config.num_speculative_tokens)]
+                if drafts and pos % 3 == 0:
+                    drafts[-1] = (drafts[-1] + 1) % TINY_VOCAB
+                return drafts
+        raise AssertionError("unknown request")
+
+
+def test_real_runner_verifies_right_and_wrong_drafts(tiny_model: SmolLM2ForCausalLM) -> None:
+    reqs = repetitive_requests(seed=1)
+    expected = run(model_engine(tiny_model, 0), reqs)
+    engine = model_engine(tiny_model, 4)
+    engine.scheduler.proposer = OracleProposer(
+        4, {tuple(prompt): expected[rid][0][0] for rid, (prompt, _) in reqs.items()}
+    )
+    got = run(engine, reqs)
+    assert {r: v[0][0] for r, v in got.items()} == {r: v[0][0] for r, v in expected.items()}
+    sched = engine.scheduler
+    assert 0.5 * sched.num_draft_tokens < sched.num_accepted_tokens < sched.num_draft_tokens
