@@ -16,6 +16,7 @@ from server.engine.request import SamplingParams
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.spec_decode import NgramProposer, SpecConfig, accept
+from server.logs import _Totals, stats_line
 from server.metrics import ServerMetrics
 from tests.conftest import TINY_VOCAB
 from tests.engine.fake_runner import FakeRunner, reference_tokens, repeating_token
@@ -220,6 +221,13 @@ def test_metrics_export_the_counters_and_the_rate() -> None:
     assert registry.get_sample_value("smollm2:spec_decode_num_draft_tokens_total", labels) == 40
     assert registry.get_sample_value("smollm2:spec_decode_num_accepted_tokens_total", labels) == 30
     assert registry.get_sample_value("smollm2:spec_decode_acceptance_rate", labels) == 0.75
+
+
+def test_stats_line_reports_the_draft_acceptance() -> None:
+    before, now = _Totals(0.0, 0, 0, 0, 0, 0, 0), _Totals(1.0, 0, 10, 0, 0, 8, 6)
+    line = stats_line({"num_running": 1}, before, now)
+    assert line is not None and line.endswith(", draft acceptance 75.0% of 8 tokens")
+    assert "draft" not in (stats_line({"num_running": 1}, now, now) or "")
 
 
 # ---- the real runner over the tiny model ------------------------------------------------------------
