@@ -262,7 +262,7 @@ def test_real_runner_outputs_with_drafts_equal_plain(tiny_model: SmolLM2ForCausa
     engine = model_engine(tiny_model, 4)
     got = run(engine, reqs)
     assert {r: v[0][0] for r, v in got.items()} == {r: v[0][0] for r, v in expected.items()}
-    assert engine.scheduler.num_draft_tokens > 0 and engine.scheduler.num_accepted_tokens > 0
+    assert engine.scheduler.num_draft_tokens > 0  # mostly wrong: the tiny model does not copy
     for a, b in zip(got["r2"][0][1], expected["r2"][0][1], strict=True):  # logprobs of the same tokens
         assert a.token_id == b.token_id and a.logprob == pytest.approx(b.logprob, abs=1e-3)
 
