@@ -105,12 +105,18 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=192)
     ap.add_argument("--max-num-seqs", type=int, default=4, help="--speculative-max-num-seqs")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads (0: as the server, cores - 1 for small ops, GEMMs on all)",
+    )
     ap.add_argument("--model", default=None)
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     cores = os.cpu_count() or 1
-    torch.set_num_threads(max(1, cores - 1))  # as the server's engine runs
-    set_compute_threads(cores)
+    torch.set_num_threads(args.threads or max(1, cores - 1))  # as the server's engine runs
+    set_compute_threads(args.threads or cores)
     source = model_source(args.model)
     model = load_prepared(source, "bfloat16", "cpu", "auto", "auto")
     tokenizer = Tokenizer.from_file(source)
@@ -151,7 +157,8 @@ def main() -> None:
     lines = [
         f"# Speculative decoding (n-gram drafts), {stamp}",
         "",
-        f"`python -m bench.spec_bench {' '.join(sys.argv[1:])}`; bf16 on CPU, {cores} cores, greedy, "
+        f"`python -m bench.spec_bench {' '.join(sys.argv[1:])}`; bf16 on CPU, {cores} cores, "
+        f"{args.threads or 'server'} threads, greedy, "
         f"up to {args.max_tokens} new tokens, median of {args.repeat} alternating runs.",
         "",
         "| workload | streams | k | tokens | plain tok/s | spec tok/s | speedup | drafts accepted | "
