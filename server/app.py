@@ -145,6 +145,7 @@ def make_core(
     from server.engine.core import EngineConfig, EngineCore
     from server.engine.runner import ModelRunner, num_blocks_for_memory
     from server.engine.scheduler import Scheduler, SchedulerConfig
+    from server.engine.spec_decode import SpecConfig
     from server.engine.structured import StructuredOutputs
 
     max_model_len = settings.max_model_len or min(model.config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
@@ -159,6 +160,12 @@ def make_core(
         enable_prefix_caching=settings.enable_prefix_caching,
         eos_token_id=eos,
         max_seqs_per_request=settings.seqs_per_request,
+        speculative=SpecConfig(
+            settings.speculative_ngram,
+            settings.speculative_ngram_min,
+            settings.speculative_ngram_max,
+            settings.speculative_max_num_seqs,
+        ),
     )
     try:
         scheduler.validate()

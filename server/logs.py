@@ -115,6 +115,8 @@ class _Totals:
     generation_tokens: int
     prefix_queries: int
     prefix_hits: int
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
 
 
 def _field(stats: Any, name: str) -> float:
@@ -130,6 +132,8 @@ def _totals(stats: Any) -> _Totals:
         int(_field(stats, "num_generation_tokens")),
         int(_field(stats, "prefix_cache_queries")),
         int(_field(stats, "prefix_cache_hits")),
+        int(_field(stats, "spec_decode_num_draft_tokens")),
+        int(_field(stats, "spec_decode_num_accepted_tokens")),
     )
 
 
@@ -144,11 +148,16 @@ def stats_line(stats: Any, before: _Totals, now: _Totals) -> str | None:
     seconds = max(now.when - before.when, 1e-9)
     queries = now.prefix_queries - before.prefix_queries
     hit_rate = (now.prefix_hits - before.prefix_hits) / queries if queries else 0.0
-    return (
+    line = (
         f"engine: prompt {prompt / seconds:.1f} tokens/s, generation {generation / seconds:.1f} tokens/s, "
         f"running {running}, waiting {waiting}, KV cache {100 * _field(stats, 'kv_cache_usage'):.1f}%, "
         f"prefix cache hit rate {100 * hit_rate:.1f}%"
     )
+    drafted = now.draft_tokens - before.draft_tokens
+    if drafted:  # speculative decoding is on and drafted in this interval
+        accepted = now.accepted_tokens - before.accepted_tokens
+        line += f", draft acceptance {100 * accepted / drafted:.1f}% of {drafted} tokens"
+    return line
 
 
 async def log_engine_stats(stats: Callable[[], Any], interval: float) -> None:

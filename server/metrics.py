@@ -13,6 +13,9 @@ Every metric but ``http_requests_total`` has a ``model_name`` label as well.
 | `smollm2:prefix_cache_queries_total` | counter | | prompt tokens looked up in the prefix cache |
 | `smollm2:prefix_cache_hits_total` | counter | | prompt tokens found in the prefix cache |
 | `smollm2:engine_restarts_total` | counter | | times the engine core died and was restarted |
+| `smollm2:spec_decode_num_draft_tokens_total` | counter | | n-gram draft tokens verified (`--speculative-ngram`) |
+| `smollm2:spec_decode_num_accepted_tokens_total` | counter | | draft tokens the model agreed with (kept as output) |
+| `smollm2:spec_decode_acceptance_rate` | gauge | | accepted / drafted tokens since start (0 before any draft) |
 | `smollm2:prompt_tokens_total` | counter | | prompt tokens of admitted requests |
 | `smollm2:generation_tokens_total` | counter | | tokens generated (and delivered) |
 | `smollm2:request_success_total` | counter | `finished_reason` | finished choices by reason: stop, length, abort |
@@ -106,7 +109,20 @@ _ENGINE_METRICS = [
     ),
     ("prefix_cache_hits", "counter", "prefix_cache_hits", "Prompt tokens served from the prefix cache."),
     ("engine_restarts", "counter", "num_engine_restarts", "Times the engine core died and was restarted."),
+    (
+        "spec_decode_num_draft_tokens",
+        "counter",
+        "spec_decode_num_draft_tokens",
+        "N-gram draft tokens verified by speculative decoding.",
+    ),
+    (
+        "spec_decode_num_accepted_tokens",
+        "counter",
+        "spec_decode_num_accepted_tokens",
+        "Draft tokens the model agreed with.",
+    ),
 ]
+_DRAFTED, _ACCEPTED = "spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens"
 
 
 def stats_mapping(stats: Any) -> Mapping[str, Any]:
@@ -135,6 +151,15 @@ class EngineStatsCollector(Collector):
             metric = family(PREFIX + name, help_text, labels=["model_name"])
             metric.add_metric([self._model_name], float(stats[key]))
             yield metric
+        if _DRAFTED in stats and _ACCEPTED in stats:
+            rate = GaugeMetricFamily(
+                PREFIX + "spec_decode_acceptance_rate",
+                "Accepted / drafted speculative tokens since start (0 before any draft).",
+                labels=["model_name"],
+            )
+            drafted = stats[_DRAFTED]
+            rate.add_metric([self._model_name], stats[_ACCEPTED] / drafted if drafted else 0.0)
+            yield rate
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # no describe-time registration checks: samples depend on the engine

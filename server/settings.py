@@ -113,6 +113,22 @@ class Settings:
         "capture decode steps in CUDA graphs on a GPU (false = eager, like vLLM's --enforce-eager)",
         parse_bool,
     )
+    speculative_ngram: int = _opt(
+        0,
+        "speculative decoding without a draft model: up to this many tokens per step guessed by n-gram "
+        "lookup in the prompt and output (prompt lookup, as vLLM's ngram method) and verified in the same "
+        "step; greedy requests only (their output is unchanged), helps on repetitive text (quoting, "
+        "editing). 0: off",
+        int,
+    )
+    speculative_ngram_min: int = _opt(2, "shortest n-gram looked up for --speculative-ngram", int)
+    speculative_ngram_max: int = _opt(4, "longest n-gram looked up for --speculative-ngram", int)
+    speculative_max_num_seqs: int = _opt(
+        4,
+        "draft only while at most this many sequences run (larger CPU steps are compute-bound, so a "
+        "rejected draft costs about as much as a generated token)",
+        int,
+    )
     max_seqs_per_request: int | None = _opt(
         None,
         "most sequences (n x prompts) of one request running at once; the rest wait without blocking "
@@ -191,6 +207,16 @@ class Settings:
                 f"torch_threads must be at least 1, got {self.torch_threads}",
             ),
             (self.max_num_seqs >= 1, f"max_num_seqs must be at least 1, got {self.max_num_seqs}"),
+            (self.speculative_ngram >= 0, f"speculative_ngram must be >= 0, got {self.speculative_ngram}"),
+            (
+                1 <= self.speculative_ngram_min <= self.speculative_ngram_max,
+                "need 1 <= speculative_ngram_min <= speculative_ngram_max, got "
+                f"{self.speculative_ngram_min} and {self.speculative_ngram_max}",
+            ),
+            (
+                self.speculative_max_num_seqs >= 1,
+                f"speculative_max_num_seqs must be at least 1, got {self.speculative_max_num_seqs}",
+            ),
             (
                 self.max_num_batched_tokens >= 1,
                 f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}",

@@ -39,7 +39,7 @@ from server.engine.messages import (
     Shutdown,
     StepOutputs,
 )
-from server.engine.request import Request, SampleResult
+from server.engine.request import Request, SampleResult, TokenLogprob
 from server.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 
 log = logging.getLogger("server.engine")
@@ -47,7 +47,8 @@ log = logging.getLogger("server.engine")
 
 class Runner(Protocol):
     def execute(self, plan: SchedulerOutput) -> dict[str, SampleResult]:
-        """Run one step; return a result for each scheduled sequence whose `sample` is set."""
+        """Run one step; return a result for each scheduled sequence whose `sample` is set (with a
+        token at each of its 1 + k positions, `spec_token_ids`, when it carries k draft tokens)."""
         ...
 
 
@@ -118,13 +119,13 @@ class EngineCore:
             if result is None:
                 continue
             out = SeqOutput(request.request_id, prompt_logprobs=result.prompt_logprobs or None)
-            if seq.sample and result.token_id is not None:
-                out.new_token_ids = [result.token_id]
-                if request.params.logprobs is not None and result.logprobs is not None:
-                    out.logprobs = [result.logprobs]
+            if seq.new_token_ids:
+                out.new_token_ids = seq.new_token_ids
+                if request.params.logprobs is not None:
+                    out.logprobs = _logprobs(result, len(seq.new_token_ids))
                 out.finish_reason = request.status.finish_reason
                 out.stop_token_id = request.stop_token_id
-                self.num_generation_tokens += 1
+                self.num_generation_tokens += len(seq.new_token_ids)
             if not request.first_output_sent and request.first_scheduled_time is not None:
                 request.first_output_sent = True
                 out.queue_time = request.first_scheduled_time - request.arrival_time
@@ -149,7 +150,16 @@ class EngineCore:
             num_finished=dict(self.num_finished),
             num_steps=self.num_steps,
             num_kv_blocks_used=allocator.num_blocks - allocator.num_free_blocks,
+            spec_decode_num_draft_tokens=self.scheduler.num_draft_tokens,
+            spec_decode_num_accepted_tokens=self.scheduler.num_accepted_tokens,
         )
+
+
+def _logprobs(result: SampleResult, num_tokens: int) -> list[TokenLogprob] | None:
+    """The logprobs of the first `num_tokens` tokens a step produced for one sequence."""
+    lps = result.spec_logprobs if result.spec_logprobs is not None else [result.logprobs]
+    kept = [lp for lp in lps[:num_tokens] if lp is not None]
+    return kept if len(kept) == num_tokens else None
 
 
 def _runner_vocab_size(runner: Runner) -> int | None:

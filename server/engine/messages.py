@@ -74,6 +74,8 @@ class EngineStats:
     num_finished: dict[str, int] = field(default_factory=dict)  # by finish reason
     num_steps: int = 0
     num_kv_blocks_used: int = 0
+    spec_decode_num_draft_tokens: int = 0  # n-gram drafts verified, total
+    spec_decode_num_accepted_tokens: int = 0  # drafts the model agreed with, total
     healthy: bool = True
     num_engine_restarts: int = 0
 

@@ -65,11 +65,17 @@ class SampleResult:
     logits predict: for the chunk [start, start+num_tokens), prompt positions start+1 ..
     min(start+num_tokens, num_prompt_tokens-1) (logits at position p predict token p+1). The engine
     concatenates the chunks (P-1 entries for a P-token prompt) and puts None for position 0.
+
+    For a row that computed k draft tokens after its last token, `spec_token_ids` holds the model's
+    token at each of the 1 + k positions (the first is `token_id`), and `spec_logprobs` their
+    logprobs if asked; the scheduler keeps those the drafts lead to (server/engine/spec_decode.py).
     """
 
     token_id: int | None
     logprobs: TokenLogprob | None = None
     prompt_logprobs: list[TokenLogprob] | None = None
+    spec_token_ids: list[int] | None = None
+    spec_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass(slots=True)

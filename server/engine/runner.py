@@ -25,7 +25,7 @@ from model.sampling import SamplingBatch, make_generator, prompt_logprobs, sampl
 from model.sampling_params import banned_before_min_tokens
 from model.threads import run_wide
 from server.engine.cuda_graphs import DecodeGraphs
-from server.engine.request import Request, SampleResult
+from server.engine.request import Request, SampleResult, TokenLogprob
 
 if TYPE_CHECKING:  # xgrammar is imported only where structured output is on
     from server.engine.structured import StructuredOutputs
@@ -42,6 +42,11 @@ class _Row:
     num_tokens: int
     query_start: int  # its first row in the flat batch
     samples: bool  # this chunk reaches the end of its known tokens, so a new token is drawn
+    drafts: list[int]  # draft tokens after the last known one: a token is drawn at each of 1 + k rows
+
+    @property
+    def num_samples(self) -> int:
+        return 1 + len(self.drafts)
 
 
 @dataclass(slots=True)
@@ -129,26 +134,42 @@ class ModelRunner:
             hidden = self.model.forward_paged(*self._tensors(inputs), self.kv_caches)
             self._prompt_logprobs(rows, hidden, results)
             if sampling:
-                last = torch.tensor([r.query_start + r.num_tokens - 1 for r in sampling], device=self.device)
-                logits = self.model.compute_logits(hidden.index_select(0, last))
+                # a draft row's last 1 + k rows all need logits: row i verifies draft i
+                end = [r.query_start + r.num_tokens for r in sampling]
+                picks = [p for r, e in zip(sampling, end, strict=True) for p in range(e - r.num_samples, e)]
+                logits = self.model.compute_logits(
+                    hidden.index_select(0, torch.tensor(picks, device=self.device))
+                )
         if sampling:
             assert logits is not None
+            # one sampler row per drawn token: a draft row's request repeats (only greedy rows draft)
+            repeated = [r for r in sampling for _ in range(r.num_samples)]
             # (R, V) passes (top-k, top-p sorts, softmax) gain from every core (bench/NOTES.md)
-            out = run_wide(sample, logits, self._sampling_batch(sampling))
-            for i, r in enumerate(sampling):
-                res = results.get(r.request.request_id)
-                lp = out.logprobs[i] if out.logprobs is not None else None
-                if res is None:
-                    results[r.request.request_id] = SampleResult(out.token_ids[i], lp)
-                else:
-                    res.token_id, res.logprobs = out.token_ids[i], lp
+            out = run_wide(sample, logits, self._sampling_batch(repeated))
+            i = 0
+            for r in sampling:
+                j = i + r.num_samples
+                lps = out.logprobs[i:j] if out.logprobs is not None else None
+                self._store(r, out.token_ids[i:j], lps, results)
+                i = j
         self._drop_finished_generators()
         return results
+
+    @staticmethod
+    def _store(
+        r: _Row, token_ids: list[int], lps: list[TokenLogprob | None] | None, results: dict[str, SampleResult]
+    ) -> None:
+        """token_ids: the tokens drawn at the row's 1 + k sampled positions; lps their logprobs."""
+        res = results.setdefault(r.request.request_id, SampleResult(None))
+        res.token_id, res.logprobs = token_ids[0], lps[0] if lps is not None else None
+        if r.drafts:
+            res.spec_token_ids, res.spec_logprobs = token_ids, lps
 
     # ---- building the flat batch ---------------------------------------------------------------------
     def _layout(self, scheduled) -> list[_Row]:
         """Decodes (one token) first, then prefill chunks; among those, chunks that start a prompt come
-        first, by length, so attention can batch equal-length whole prompts (a burst) in one call."""
+        first, by length, so attention can batch equal-length whole prompts (a burst) in one call. A
+        decode with drafts is a continuation chunk of 1 + k tokens."""
         seqs = sorted(
             scheduled,
             key=lambda s: (s.num_tokens != 1, s.request.num_computed_tokens != 0, s.num_tokens),
@@ -157,7 +178,7 @@ class ModelRunner:
         for s in seqs:
             req, n = s.request, s.num_tokens
             start = req.num_computed_tokens
-            rows.append(_Row(req, start, n, offset, start + n >= req.num_tokens))
+            rows.append(_Row(req, start, n, offset, start + n >= req.num_tokens, s.draft_token_ids))
             offset += n
         return rows
 
@@ -180,6 +201,7 @@ class ModelRunner:
                 x.decode_lens.append(end)
             else:
                 x.tokens.extend(req.all_token_ids[r.start : end])
+                x.tokens.extend(r.drafts)  # past the known tokens, so the slice above stops before them
                 x.positions.extend(range(r.start, end))
                 x.slots.extend(blocks[p // bs] * bs + p % bs for p in range(r.start, end))
                 table = torch.tensor(blocks[: (end + bs - 1) // bs], dtype=torch.long, device=self.device)

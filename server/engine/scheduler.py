@@ -8,6 +8,11 @@ block and none is left, the newest running request is preempted: its blocks are 
 back to the front of the queue to be recomputed (prompt + outputs so far), which leaves its output
 unchanged. Its full blocks usually come back from the prefix cache.
 
+Speculative decoding (`SchedulerConfig.speculative`, off by default): a greedy decode may be planned
+with k n-gram draft tokens after its last token (1 + k tokens, KV slots for all). `update` appends the
+drafts the model agreed with plus the model's next token, one by one through the stop checks, and counts
+as computed only the positions before the first rejected draft.
+
 n > 1: the engine adds n child requests. Child 0 leads; its siblings are held in the queue until
 the leader's prompt is computed, so that the prompt's full blocks are in the prefix cache and the
 siblings share them (ref counts) instead of recomputing them. Only the partial last block and at
@@ -22,6 +27,7 @@ from dataclasses import dataclass, field
 
 from server.engine.kv_cache import BlockAllocator
 from server.engine.request import Request, RequestStatus, SampleResult
+from server.engine.spec_decode import NgramProposer, SpecConfig, accept
 
 
 @dataclass
@@ -37,6 +43,7 @@ class SchedulerConfig:
     # > 0: at most this many running sequences per HTTP request (its n x prompts), so one request
     # cannot hold every slot; its other sequences wait without blocking later requests.
     max_seqs_per_request: int = 0
+    speculative: SpecConfig = field(default_factory=SpecConfig)  # n-gram drafts for greedy decodes
 
     def validate(self) -> None:
         if self.num_blocks * self.block_size < self.max_model_len:
@@ -47,14 +54,18 @@ class SchedulerConfig:
             )
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        self.speculative.validate()
 
 
 @dataclass(slots=True)
 class ScheduledSeq:
     request: Request
-    num_tokens: int  # tokens to compute this step, starting at `start`
+    num_tokens: int  # tokens to compute this step, starting at `start` (1 + the drafts for a draft row)
+    # guesses of the tokens after the last known one, computed after it this step and verified
+    draft_token_ids: list[int] = field(default_factory=list)
     start: int = field(init=False)  # request.num_computed_tokens when planned
     sample: bool = field(init=False)  # the chunk reaches the end of the known tokens: sample one
+    new_token_ids: list[int] = field(init=False, default_factory=list)  # what update() appended
 
     def __post_init__(self) -> None:
         self.start = self.request.num_computed_tokens
@@ -83,6 +94,10 @@ class Scheduler:
         self._finished_ids: list[str] = []
         self._running_per_group: dict[str, int] = {}
         self.num_preemptions = 0
+        spec = config.speculative
+        self.proposer = NgramProposer(spec) if spec.enabled else None
+        self.num_draft_tokens = 0  # drafts verified, since start
+        self.num_accepted_tokens = 0  # drafts the model agreed with
 
     @property
     def num_waiting(self) -> int:
@@ -146,16 +161,37 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_tokens = self._chunk(request, budget)
-            while not self.allocator.allocate_for(request, num_tokens):
-                victim = self.running.pop()  # the newest; everything before index i is already planned
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is request:
-                    return budget
-            scheduled.append(ScheduledSeq(request, num_tokens))
+            drafts = self._drafts(request, budget)
+            # drafts are a bonus: with no room for their slots the request decodes plainly
+            if drafts and self.allocator.allocate_for(request, 1 + len(drafts)):
+                num_tokens = 1 + len(drafts)
+            else:
+                drafts = []
+                while not self.allocator.allocate_for(request, num_tokens):
+                    victim = self.running.pop()  # the newest; everything before index i is already planned
+                    self._preempt(victim)
+                    preempted.append(victim)
+                    if victim is request:
+                        return budget
+            scheduled.append(ScheduledSeq(request, num_tokens, drafts))
             budget -= num_tokens
             i += 1
         return budget
+
+    def _drafts(self, request: Request, budget: int) -> list[int]:
+        """Draft tokens for a decoding request, no more than plain decoding could still produce (the
+        last draft's position gets a token too)."""
+        if self.proposer is None or request.num_computed_tokens != request.num_tokens - 1:
+            return []
+        if len(self.running) > self.proposer.config.max_num_seqs:
+            return []
+        params = request.params
+        if not self.proposer.eligible(params, request.num_output_tokens):
+            return []
+        room = min(budget, self.config.max_model_len - request.num_tokens) - 1
+        if params.max_tokens is not None:
+            room = min(room, params.max_tokens - request.num_output_tokens - 1)
+        return self.proposer.propose(request.all_token_ids, room)
 
     def _schedule_waiting(self, budget: int, scheduled: list[ScheduledSeq]) -> int:
         held: list[Request] = []
@@ -218,34 +254,58 @@ class Scheduler:
 
     # ---- after the step ------------------------------------------------------------------------
     def update(self, output: SchedulerOutput, sampled: dict[str, SampleResult]) -> list[Request]:
-        """Advance the plan's requests by what was computed and sampled; return those that finished."""
+        """Advance the plan's requests by what was computed and sampled; return those that finished.
+
+        A draft row appends its verified tokens one at a time, each checked for a stop as plain decoding
+        would; the positions of rejected drafts are not counted as computed (their KV slots are written
+        again by later steps)."""
         finished: list[Request] = []
         now = time.monotonic()
         for seq in output.scheduled:
             request = seq.request
             if request.is_finished:
                 continue
-            request.num_computed_tokens += seq.num_tokens
-            self.allocator.cache_full_blocks(request)
             if not seq.sample:
+                request.num_computed_tokens += seq.num_tokens
+                self.allocator.cache_full_blocks(request)
                 continue
-            token_id = sampled[request.request_id].token_id
-            assert token_id is not None, f"runner sampled nothing for {request.request_id}"
-            request.output_token_ids.append(token_id)
+            token_ids = self._verified(seq, sampled[request.request_id])
+            status: RequestStatus | None = None
+            for token_id in token_ids:
+                request.output_token_ids.append(token_id)
+                seq.new_token_ids.append(token_id)
+                status = self._status_after(request, token_id)
+                if status is not None:
+                    break
+            rejected = len(seq.draft_token_ids) - (len(seq.new_token_ids) - 1)
+            request.num_computed_tokens += seq.num_tokens - rejected
+            self.allocator.cache_full_blocks(request)
             if request.first_token_time is None:
                 request.first_token_time = now
             request.last_token_time = now
-            if request.grammar is not None and not request.grammar.accept_token(token_id):
-                # the mask allowed only grammar tokens, so only a grammar no token can continue gets here
-                status: RequestStatus | None = RequestStatus.FINISHED_ERROR
-            else:
-                status = self._stop_status(request, token_id)
             if status is not None:
                 self.running.remove(request)
                 self._count_running(request, -1)
                 self._finish(request, status)
                 finished.append(request)
         return finished
+
+    def _verified(self, seq: ScheduledSeq, result: SampleResult) -> list[int]:
+        """The tokens the step produced for `seq`: one, or for a draft row the accepted drafts + one."""
+        if not seq.draft_token_ids:
+            assert result.token_id is not None, f"runner sampled nothing for {seq.request.request_id}"
+            return [result.token_id]
+        assert result.spec_token_ids is not None, f"runner verified nothing for {seq.request.request_id}"
+        token_ids = accept(seq.draft_token_ids, result.spec_token_ids)
+        self.num_draft_tokens += len(seq.draft_token_ids)
+        self.num_accepted_tokens += len(token_ids) - 1
+        return token_ids
+
+    def _status_after(self, request: Request, token_id: int) -> RequestStatus | None:
+        if request.grammar is not None and not request.grammar.accept_token(token_id):
+            # the mask allowed only grammar tokens, so only a grammar no token can continue gets here
+            return RequestStatus.FINISHED_ERROR
+        return self._stop_status(request, token_id)
 
     def _stop_status(self, request: Request, token_id: int) -> RequestStatus | None:
         params = request.params

@@ -10,7 +10,7 @@ token is a function of the whole context read back from the pool, so outputs are
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from server.engine.request import Request, SampleResult, SamplingParams, TokenLogprob
 from server.engine.scheduler import SchedulerOutput
@@ -24,6 +24,17 @@ def next_token(context: Sequence[int], vocab_size: int) -> int:
     return (acc * 7 + 1) % vocab_size
 
 
+def repeating_token(context: Sequence[int], vocab_size: int) -> int:
+    """A 'model' that mostly repeats itself, so n-gram drafts are often right and sometimes wrong: the
+    token 5 back, bumped by one at every 13th position."""
+    if len(context) < 5:
+        return next_token(context, vocab_size)
+    return (context[-5] + (len(context) % 13 == 0)) % vocab_size
+
+
+FakeModel = Callable[[Sequence[int], int], int]
+
+
 def fake_logprob(token_id: int, top_n: int) -> TokenLogprob:
     lp = -(token_id % 10) / 10
     return TokenLogprob(token_id, lp, 1, [(token_id, lp) for _ in range(top_n)])  # distinct, as real ones
@@ -35,11 +46,12 @@ def reference_tokens(
     vocab_size: int,
     eos_token_id: int | None = None,
     max_model_len: int = 1 << 30,
+    model: FakeModel = next_token,
 ) -> list[int]:
     """What the engine must produce for `prompt` with the fake model (stop tokens, EOS, lengths)."""
     context, out = list(prompt), []
     while True:
-        token = next_token(context, vocab_size)
+        token = model(context, vocab_size)
         context.append(token)
         out.append(token)
         stops = token in params.stop_token_ids or (token == eos_token_id and not params.ignore_eos)
@@ -58,8 +70,10 @@ class FakeRunner:
         step_delay: float = 0.0,
         fail_at_step: int | None = None,
         hang_on_token: int | None = None,
+        model: FakeModel = next_token,
     ) -> None:
         self.block_size = block_size
+        self.model = model
         self.hang_on_token = hang_on_token  # a step holding a prompt with this token never ends
         self.vocab_size = vocab_size
         self.kv: list[list[int | None]] = [[None] * block_size for _ in range(num_blocks)]
@@ -86,7 +100,7 @@ class FakeRunner:
         self.finished_ids.extend(plan.finished_ids)
         results: dict[str, SampleResult] = {}
         for seq in plan.scheduled:
-            result = self._run_one(seq.request, seq.start, seq.num_tokens, seq.sample)
+            result = self._run_one(seq.request, seq.start, seq.num_tokens, seq.sample, seq.draft_token_ids)
             if result is not None:
                 results[seq.request.request_id] = result
         return results
@@ -94,9 +108,12 @@ class FakeRunner:
     def _slot(self, block_ids: list[int], position: int) -> tuple[int, int]:
         return block_ids[position // self.block_size], position % self.block_size
 
-    def _run_one(self, request: Request, start: int, num_tokens: int, sample: bool) -> SampleResult | None:
-        tokens = request.all_token_ids
+    def _run_one(
+        self, request: Request, start: int, num_tokens: int, sample: bool, drafts: list[int]
+    ) -> SampleResult | None:
+        tokens = request.all_token_ids + drafts
         assert start + num_tokens <= len(tokens)
+        assert not drafts or start + num_tokens == len(tokens), "drafts follow the last known token"
         assert len(request.block_ids) * self.block_size >= start + num_tokens, "block table too short"
         for position in range(start):  # what attention would read from earlier steps / the prefix cache
             block, offset = self._slot(request.block_ids, position)
@@ -112,10 +129,14 @@ class FakeRunner:
         context = [
             self.kv[b][o] for b, o in (self._slot(request.block_ids, p) for p in range(start + num_tokens))
         ]
-        token = next_token(context, self.vocab_size)  # type: ignore[arg-type]
+        first = start + num_tokens - len(drafts)  # the context of the first drawn token
+        drawn = [self.model(context[: first + i], self.vocab_size) for i in range(1 + len(drafts))]  # type: ignore[arg-type]
         top_n = request.params.logprobs
-        logprob = fake_logprob(token, top_n) if top_n is not None else None
-        return SampleResult(token, logprob, prompt_lps)
+        lps = [fake_logprob(t, top_n) if top_n is not None else None for t in drawn]
+        result = SampleResult(drawn[0], lps[0], prompt_lps)
+        if drafts:
+            result.spec_token_ids, result.spec_logprobs = drawn, lps
+        return result
 
     def _prompt_logprobs(self, request: Request, start: int, num_tokens: int) -> list[TokenLogprob] | None:
         top_n = request.params.prompt_logprobs

@@ -8,7 +8,10 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from model.tokenizer import Tokenizer
+from server.app import create_app
 from server.engine.request import SamplingParams
+from tests.server.conftest import tiny_engine, tiny_settings
 from tests.server.test_api import MODEL, sse_chunks
 
 
@@ -187,3 +190,31 @@ async def test_same_seed_gives_the_same_tokens_whatever_the_batch_fp32(
     rest, *copies = await asyncio.gather(tokens(first), *joined)
     assert len(head + rest) == 48
     assert copies == [head + rest, head + rest]
+
+
+async def test_speculative_ngram_gives_the_same_text_and_counts_drafts(tokenizer: Tokenizer) -> None:
+    """The same random model (seeded) with and without --speculative-ngram over HTTP: the same greedy
+    text, and the draft counters in /metrics."""
+    body = {"model": MODEL, "prompt": "one two three one two three one two three one two", "max_tokens": 40,
+            "temperature": 0, "ignore_eos": True}  # fmt: skip
+    texts, samples = [], {}
+    for k in (0, 3):
+        settings = tiny_settings(speculative_ngram=k, speculative_ngram_min=1)
+        engine = tiny_engine(tokenizer, settings)
+        await engine.start()
+        app = create_app(settings, engine=engine, tokenizer=tokenizer)
+        try:
+            async with app.router.lifespan_context(app):
+                transport = httpx.ASGITransport(app=app)
+                async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as c:
+                    texts.append((await c.post("/v1/completions", json=body)).json()["choices"][0]["text"])
+                    metrics = (await c.get("/metrics")).text
+        finally:
+            await engine.shutdown(graceful=False)
+        for family in text_string_to_metric_families(metrics):
+            for s in family.samples:
+                samples[(k, s.name)] = s.value
+    assert texts[0] == texts[1]
+    assert samples[(0, "smollm2:spec_decode_num_draft_tokens_total")] == 0
+    assert samples[(3, "smollm2:spec_decode_num_draft_tokens_total")] > 0
+    assert (3, "smollm2:spec_decode_acceptance_rate") in samples
