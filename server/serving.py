@@ -291,7 +291,10 @@ class OpenAIServing:
         probe = self.max_model_len * _PROBE_CHARS_PER_TOKEN
         if len(text) > probe:
             cut = text.rfind(" ", 0, probe)
-            if cut > 0 and len(self.tokenizer.encode(text[:cut], add_special_tokens)) - 1 >= self.max_model_len:
+            if (
+                cut > 0
+                and len(self.tokenizer.encode(text[:cut], add_special_tokens)) - 1 >= self.max_model_len
+            ):
                 raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens; the "
                                f"first {cut} characters of the {param} alone are more tokens than that.",
                                param=param)  # fmt: skip

@@ -138,7 +138,12 @@ def test_langchain_with_structured_output(server_url: str, method: str) -> None:
     from langchain_openai import ChatOpenAI
 
     llm = ChatOpenAI(
-        model=MODEL, base_url=f"{server_url}/v1", api_key="test-key", temperature=0, max_retries=0, max_tokens=300
+        model=MODEL,
+        base_url=f"{server_url}/v1",
+        api_key="test-key",
+        temperature=0,
+        max_retries=0,
+        max_tokens=300,
     )  # type: ignore[call-arg]
     structured = llm.with_structured_output(Person, method=method)  # type: ignore[arg-type]
     person = structured.invoke("Invent a person and describe them as JSON.")
