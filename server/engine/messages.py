@@ -131,6 +131,7 @@ class CoreInfo:
     max_model_len: int
     num_blocks: int
     block_size: int
+    kv_cache_bytes: int = 0
 
 
 @dataclass(slots=True)
@@ -143,7 +144,6 @@ class CoreDead:
     """The core failed (a step raised, it could not start, or its process went away)."""
 
     reason: str
-    during_start: bool = False
 
 
 CoreInput = AddRequests | AbortRequests | Shutdown

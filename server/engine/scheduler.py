@@ -64,7 +64,6 @@ class ScheduledSeq:
 @dataclass(slots=True)
 class SchedulerOutput:
     scheduled: list[ScheduledSeq]  # running requests first, then newly admitted
-    num_batched_tokens: int
     preempted: list[Request] = field(default_factory=list)
     finished_ids: list[str] = field(default_factory=list)  # left since the last plan: drop their state
 
@@ -125,12 +124,11 @@ class Scheduler:
         preempted: list[Request] = []
         budget = self._schedule_running(budget, scheduled, preempted)
         if not preempted:  # blocks are short: admitting more would only preempt again
-            budget = self._schedule_waiting(budget, scheduled)
+            self._schedule_waiting(budget, scheduled)
         finished_ids: list[str] = []
         if scheduled:  # an empty plan is not run, so keep the ids for the next one
             finished_ids, self._finished_ids = self._finished_ids, []
-        num_batched = self.config.max_num_batched_tokens - budget
-        return SchedulerOutput(scheduled, num_batched, preempted, finished_ids)
+        return SchedulerOutput(scheduled, preempted, finished_ids)
 
     def _chunk(self, request: Request, budget: int, num_computed: int | None = None) -> int:
         if num_computed is None:
@@ -212,7 +210,6 @@ class Scheduler:
         self.allocator.free(request)
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
-        request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
@@ -220,7 +217,6 @@ class Scheduler:
     def update(self, output: SchedulerOutput, sampled: dict[str, SampleResult]) -> list[Request]:
         """Advance the plan's requests by what was computed and sampled; return those that finished."""
         finished: list[Request] = []
-        now = time.monotonic()
         for seq in output.scheduled:
             request = seq.request
             if request.is_finished:
@@ -232,9 +228,6 @@ class Scheduler:
             token_id = sampled[request.request_id].token_id
             assert token_id is not None, f"runner sampled nothing for {request.request_id}"
             request.output_token_ids.append(token_id)
-            if request.first_token_time is None:
-                request.first_token_time = now
-            request.last_token_time = now
             if request.grammar is not None and not request.grammar.accept_token(token_id):
                 # the mask allowed only grammar tokens, so only a grammar no token can continue gets here
                 status: RequestStatus | None = RequestStatus.FINISHED_ERROR
