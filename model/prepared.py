@@ -2,7 +2,7 @@
 first one skips the slow part (dequantizing the GGUF, packing GEMM tiles, building int4/int8 copies).
 
 The prepared model keeps only what serving reads (`drop_unpacked_weights`: the packed, int4 and int8
-copies and the embedding, not the plain layer weights). It is saved with `torch.save` under
+copies, not the plain layer weights nor the embedding, whose rows the LM head's tiles hold). It is saved with `torch.save` under
 ``$SMOLLM2_HOME/prepared/`` and read back with `torch.load(weights_only=False)`: the file is one this
 program wrote, in the user's own cache folder. Its name holds a hash of everything the result depends on: the source file (path, size,
 modification time), dtype and quantization options, the torch version, this package's source code and
