@@ -35,8 +35,21 @@ class PrefillSeq:
 
 
 @dataclass(slots=True)
+class PrefillRun:
+    """Adjacent prefill rows attended together: whole prompts with nothing cached before them (`fresh`: one
+    batched causal SDPA over their fresh K/V), or one chunk over its cached context."""
+
+    fresh: bool
+    seqs: list[PrefillSeq]
+    # fresh prompts of different lengths: (G * T,) row of the run for each padded slot, and (sum of
+    # lengths,) padded slot of each real row (fresh_prefill_attention); None when no padding is needed
+    padding: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+@dataclass(slots=True)
 class AttentionMetadata:
-    """Everything attention needs for one step; built once per step by the model runner."""
+    """Everything attention needs for one step, built once per step by the model runner
+    (`step_metadata`); the layers only read it."""
 
     slot_mapping: torch.Tensor  # (N,) int64: cache slot of each new token
     num_decode_tokens: int  # the first D tokens are single-token decodes
@@ -45,13 +58,43 @@ class AttentionMetadata:
     prefills: list[PrefillSeq]
     block_size: int = 16
     decode_context_lens: torch.Tensor | None = None  # (D,) int64; the C++ kernel reads it instead of the mask
-    use_kernel: bool | None = None  # the C++ kernel or not, decided once per step; None: ask paged_kernel
-    # every row's block table and context length for one kernel call over the whole step (step_rows);
-    # built by the first layer that needs them
+    use_kernel: bool | None = None  # the C++ kernel or not (the runner's Kernels); None: ask paged_kernel
+    # every row's block table (N, W) and context length (N,) for one kernel call over the whole step
+    # (step_rows); None: the step goes part by part (decodes, then prefill_runs)
     row_tables: torch.Tensor | None = None
     row_lens: torch.Tensor | None = None
-    # gather/scatter indices of padded whole-prompt runs, by the run's first row (fresh_prefill_attention)
-    padding_index: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    prefill_runs: list[PrefillRun] = field(default_factory=list)  # prefills grouped, when row_tables is None
+
+
+def step_metadata(
+    slot_mapping: torch.Tensor,
+    prefills: list[PrefillSeq],
+    block_size: int,
+    use_kernel: bool,
+    decode_block_tables: torch.Tensor | None = None,
+    decode_context_lens: torch.Tensor | None = None,
+    decode_mask: torch.Tensor | None = None,
+) -> AttentionMetadata:
+    """The whole AttentionMetadata of a step: how its rows are attended (one kernel call, or decodes and
+    prefill runs) is decided here, once, not by the layers."""
+    D = 0 if decode_block_tables is None else decode_block_tables.shape[0]
+    meta = AttentionMetadata(
+        slot_mapping,
+        D,
+        decode_block_tables,
+        decode_mask,
+        prefills,
+        block_size,
+        decode_context_lens,
+        use_kernel,
+    )
+    if use_kernel and prefills and (decode_context_lens is not None or not D):
+        rows = step_rows(meta, slot_mapping.shape[0])
+        if rows is not None:
+            meta.row_tables, meta.row_lens = rows
+    if prefills and meta.row_tables is None:
+        meta.prefill_runs = prefill_runs(prefills, slot_mapping.device)
+    return meta
 
 
 def _kernel(meta: AttentionMetadata, device: torch.device) -> bool:
@@ -156,7 +199,10 @@ def prefill_attention(
 
 
 def fresh_prefill_attention(
-    q: torch.Tensor, kv: torch.Tensor, seqs: list[PrefillSeq], meta: AttentionMetadata | None = None
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    seqs: list[PrefillSeq],
+    padding: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Whole prompts with nothing cached before them, as one batched causal SDPA over the fresh K/V.
 
@@ -164,40 +210,34 @@ def fresh_prefill_attention(
     cache is not read back. Prompts of one length T view as (G, T, ...) with no copy. Prompts of different
     lengths are padded at their ends to the longest (each padded row repeats the prompt's last row): with a
     causal mask a real query never sees a padded key, so one SDPA serves them all and the padded rows are
-    dropped after; the gather/scatter indices are built once per step (kept on `meta`). On a GPU that
-    replaces ~6 launches per prompt and layer with 4 per layer.
+    dropped after. `padding` holds the gather/scatter indices, built once per step (PrefillRun.padding; None:
+    built here). On a GPU that replaces ~6 launches per prompt and layer with 4 per layer.
     """
     G, T = len(seqs), max(s.query_len for s in seqs)
     nh, hd = q.shape[1], q.shape[2]
     nkv = kv.shape[1] // 2
-    index = None
-    if any(s.query_len != T for s in seqs):
-        index = _padding_index(seqs, T, q.device, meta)
-        q, kv = q.index_select(0, index[0]), kv.index_select(0, index[0])
+    if padding is None and any(s.query_len != T for s in seqs):
+        padding = padding_index(seqs, q.device)
+    if padding is not None:
+        q, kv = q.index_select(0, padding[0]), kv.index_select(0, padding[0])
     qb = q.view(G, T, nh, hd).transpose(1, 2)  # (G, nh, T, hd)
     kvb = kv.view(G, T, 2 * nkv, hd).transpose(1, 2)  # (G, 2nkv, T, hd)
     out = run_wide(_causal_sdpa, qb, kvb[:, :nkv], kvb[:, nkv:], nkv != nh)  # CPU: on the GEMM threads
     out = out.transpose(1, 2).reshape(G * T, nh * hd)
-    return out if index is None else out.index_select(0, index[1])
+    return out if padding is None else out.index_select(0, padding[1])
 
 
-def _padding_index(
-    seqs: list[PrefillSeq], T: int, device: torch.device, meta: AttentionMetadata | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def padding_index(seqs: list[PrefillSeq], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(G * T,) row of the run for each padded slot, and (sum of lengths,) padded slot of each real row."""
-    key = seqs[0].query_start
-    if meta is not None and key in meta.padding_index:
-        return meta.padding_index[key]
+    T = max(s.query_len for s in seqs)
+    first = seqs[0].query_start
     gather: list[int] = []
     keep: list[int] = []
     for g, s in enumerate(seqs):
-        off = s.query_start - key
+        off = s.query_start - first
         gather += [off + min(t, s.query_len - 1) for t in range(T)]
         keep += range(g * T, g * T + s.query_len)
-    index = (torch.tensor(gather, device=device), torch.tensor(keep, device=device))
-    if meta is not None:
-        meta.padding_index[key] = index
-    return index
+    return torch.tensor(gather, device=device), torch.tensor(keep, device=device)
 
 
 def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
@@ -227,21 +267,28 @@ def _fresh_runs(prefills: list[PrefillSeq]) -> list[tuple[bool, list[PrefillSeq]
     return runs
 
 
+def prefill_runs(prefills: list[PrefillSeq], device: torch.device) -> list[PrefillRun]:
+    """_fresh_runs with the padding indices of the fresh runs whose prompts differ in length."""
+    runs: list[PrefillRun] = []
+    for fresh, seqs in _fresh_runs(prefills):
+        uneven = fresh and any(s.query_len != seqs[0].query_len for s in seqs)
+        runs.append(PrefillRun(fresh, seqs, padding_index(seqs, device) if uneven else None))
+    return runs
+
+
 # Whole prompts up to this long go through the C++ kernel with the step's other rows; longer ones through
 # SDPA, whose batched GEMMs overtake the kernel's per-row loop somewhere between 256 and 1,024 tokens on
 # the 2-core CPU (bench/NOTES.md, "Figures behind the code's constants").
 KERNEL_PROMPT_MAX = 256
 
 
-def step_rows(meta: AttentionMetadata, n_rows: int) -> bool:
-    """Fill meta.row_tables (n_rows, W) and meta.row_lens (n_rows,) so one kernel call attends every row of
-    the step: decode rows with their tables, and row i of a prefill chunk with its sequence's table and
-    context_len - query_len + i + 1 tokens. False when a whole prompt is longer than KERNEL_PROMPT_MAX
-    (SDPA is faster there). Built once per step, by the first layer."""
-    if meta.row_tables is not None:
-        return True
+def step_rows(meta: AttentionMetadata, n_rows: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(n_rows, W) block tables and (n_rows,) context lengths with which one kernel call attends every row
+    of the step: decode rows with their tables, and row i of a prefill chunk with its sequence's table and
+    context_len - query_len + i + 1 tokens. None when a whole prompt is longer than KERNEL_PROMPT_MAX
+    (SDPA is faster there)."""
     if any(s.query_len == s.context_len and s.query_len > KERNEL_PROMPT_MAX for s in meta.prefills):
-        return False
+        return None
     D = meta.num_decode_tokens
     dec = meta.decode_block_tables if D else None
     width = max([len(s.block_table) for s in meta.prefills] + ([dec.shape[1]] if dec is not None else []))
@@ -255,34 +302,34 @@ def step_rows(meta: AttentionMetadata, n_rows: int) -> bool:
         a, b = s.query_start, s.query_start + s.query_len
         tables[a:b, : len(s.block_table)] = s.block_table
         torch.arange(s.context_len - s.query_len + 1, s.context_len + 1, out=lens[a:b])
-    meta.row_tables, meta.row_lens = tables, lens
-    return True
+    return tables, lens
 
 
 def paged_attention(
     q: torch.Tensor, kv: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
 ) -> torch.Tensor:
     """q: (N, nh, hd) scaled queries, kv: (N, 2 * nkv, hd) the step's new keys and values -> (N, nh * hd)."""
-    if _kernel(meta, kv_cache.device):  # CPU only
+    use_kernel = _kernel(meta, kv_cache.device)  # CPU only
+    if use_kernel:
         torch.ops.smollm2.write_kv_(kv_cache, kv, meta.slot_mapping)  # row copies: index_copy_ was ~35 us
-        if meta.prefills and (meta.decode_context_lens is not None or not meta.num_decode_tokens):
-            if step_rows(meta, q.shape[0]):  # the whole step in one call, the work split by tokens read
-                assert meta.row_tables is not None and meta.row_lens is not None
-                return paged_kernel.paged_decode_attention(
-                    q, kv_cache, meta.row_tables, meta.row_lens, meta.block_size
-                )
+        if meta.row_tables is not None:  # the whole step in one call, the work split by tokens read
+            assert meta.row_lens is not None
+            return paged_kernel.paged_decode_attention(
+                q, kv_cache, meta.row_tables, meta.row_lens, meta.block_size
+            )
     else:
         kv_cache.index_copy_(1, meta.slot_mapping, kv.transpose(0, 1))
     D = meta.num_decode_tokens
     parts = []
     if D:
         parts.append(decode_attention(q[:D], kv_cache, meta))
-    for fresh, seqs in _fresh_runs(meta.prefills):
-        start = seqs[0].query_start
-        end = seqs[-1].query_start + seqs[-1].query_len
-        if fresh:
-            parts.append(fresh_prefill_attention(q[start:end], kv[start:end], seqs, meta))
+    # metadata made outside the runner (tests) may leave the runs to be found here
+    runs = meta.prefill_runs or prefill_runs(meta.prefills, q.device)
+    for run in runs:
+        start = run.seqs[0].query_start
+        end = run.seqs[-1].query_start + run.seqs[-1].query_len
+        if run.fresh:
+            parts.append(fresh_prefill_attention(q[start:end], kv[start:end], run.seqs, run.padding))
         else:
-            kernel = _kernel(meta, q.device)
-            parts.append(prefill_attention(q[start:end], kv_cache, seqs[0], meta.block_size, kernel))
+            parts.append(prefill_attention(q[start:end], kv_cache, run.seqs[0], meta.block_size, use_kernel))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)

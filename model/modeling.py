@@ -334,23 +334,22 @@ class SmolLM2Model(nn.Module):
 
     def forward_paged(
         self,
-        input_ids: torch.Tensor,
+        x: torch.Tensor,
         positions: torch.Tensor,
         meta: AttentionMetadata,
         kv_caches: list[torch.Tensor],
         kernels: Kernels,
     ) -> torch.Tensor:
-        """Flat batch: input_ids, positions (N,) -> final hidden states (N, H) in the model's dtype.
+        """Flat batch: x the tokens' embeddings (N, H) in float32 (updated in place), positions (N,) ->
+        final hidden states (N, H) in the model's dtype.
 
         The residual stream x is kept in float32 whatever the weights' dtype: in bfloat16 its norm grows to
         ~25k by the middle layers, where a bf16 step is 128, and the rounding flipped greedy answers
         (bench/NOTES.md). Norm outputs are cast back to the weights' dtype, so every GEMM stays in it.
         Each residual add is folded into the next norm (_add_norm), which the C++ ops do in one pass.
         """
-        dtype = self.embed_tokens.weight.dtype
-        x = self.embed_tokens(input_ids).float()  # (N, H), a fresh tensor: updated in place below
+        dtype = self.norm.weight.dtype
         rope = self.rope_tables(positions, dtype)
-        meta.use_kernel = kernels.cpp  # the attention reads it, once per step
         fused = kernels.cpp and dtype in (torch.float32, torch.bfloat16)
         delta: torch.Tensor | None = None  # what the last block adds to x
         for layer, kv_cache in zip(self.decoder_layers, kv_caches, strict=True):
@@ -395,6 +394,7 @@ class SmolLM2ForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.prepared_for_serving = False
+        self.serving_only = False  # drop_unpacked_weights() ran: the training path is gone
         self.kernels: Kernels | None = None  # decided by prepare_for_serving, once
         self.lm_head_linear: PackedLinear | None = None
         self.int4_active = False  # the layer linears take the int4 GEMV for small batches
@@ -414,11 +414,11 @@ class SmolLM2ForCausalLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.model.norm.weight.device  # kept by drop_unpacked_weights, unlike the embedding
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        return self.model.norm.weight.dtype
 
     def forward(
         self,
@@ -429,6 +429,10 @@ class SmolLM2ForCausalLM(nn.Module):
         use_cache: bool = False,
         position_ids: torch.Tensor | None = None,
     ) -> CausalLMOutput:
+        if self.serving_only:
+            raise RuntimeError(
+                "this model kept only its serving weights (drop_unpacked_weights): no forward()"
+            )
         _check_ids(input_ids, self.config.vocab_size)
         hidden, presents = self.model(input_ids, attention_mask, past_key_values, use_cache, position_ids)
         logits = self.lm_head(hidden).float()  # (B, T, V)
@@ -450,7 +454,15 @@ class SmolLM2ForCausalLM(nn.Module):
         if self.kernels is None:
             self.prepare_for_serving()
         assert self.kernels is not None
-        return self.model.forward_paged(input_ids, positions, meta, kv_caches, self.kernels)
+        return self.model.forward_paged(self._embed(input_ids), positions, meta, kv_caches, self.kernels)
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(N, H) float32 embedding rows, a fresh tensor; read from the LM head's GEMM tiles (the same
+        values) once drop_unpacked_weights has dropped the embedding."""
+        if self.model.embed_tokens.weight.is_meta:
+            assert self.lm_head_linear is not None
+            return self.lm_head_linear.rows(input_ids).float()
+        return self.model.embed_tokens(input_ids).float()
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(M, H) -> (M, V) float32; called only on the rows that need a token."""
@@ -488,6 +500,8 @@ class SmolLM2ForCausalLM(nn.Module):
         for name, mode in (("int4_small_batch", int4_small_batch), ("int8_lm_head", int8_lm_head)):
             if mode is not None and mode not in INT4_MODES:
                 raise ValueError(f"{name} must be one of {INT4_MODES}, not {mode!r}")
+            if mode is not None and self.serving_only:
+                raise ValueError(f"{name} cannot change once drop_unpacked_weights() has run")
         if self.kernels is not None and kernels is not None and kernels != self.kernels:
             raise ValueError(f"prepared for {self.kernels}; a model keeps its first kernels, not {kernels}")
         if not self.prepared_for_serving:
@@ -510,6 +524,44 @@ class SmolLM2ForCausalLM(nn.Module):
         self.lm_head_linear = PackedLinear(self.lm_head.weight, kernels=kernels)
         self.kernels = kernels
         self.prepared_for_serving = True
+
+    def drop_unpacked_weights(self) -> int:
+        """Free the layer weights that serving never reads, once prepared: a linear packed for our GEMM
+        (or oneDNN's) multiplies by its packed copy at every batch size, and by its int4 copy below
+        INT4_MAX_ROWS, never by the plain weight; the embedding (the LM head's weight) is read from the LM
+        head's tiles then. Returns the bytes freed. Afterwards only the serving path works: forward(), generate(), a new int4 or
+        int8 setting and state_dict()'s layer weights are gone. The weights become meta tensors, so
+        their shapes remain."""
+        assert self.prepared_for_serving, "prepare_for_serving() first"
+        freed = 0
+        for layer in self.model.decoder_layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            groups = [
+                (attn.qkv_linear, [attn.q_proj, attn.k_proj, attn.v_proj]),
+                (attn.o_linear, [attn.o_proj]),
+                (mlp.gate_up_linear, [mlp.gate_proj, mlp.up_proj]),
+                (mlp.down_linear, [mlp.down_proj]),
+            ]
+            for lin, projections in groups:
+                if lin is None or (lin.tiles is None and lin.packed is None):
+                    continue  # a plain mm reads the weight itself
+                freed += lin.weight.numel() * lin.weight.element_size()
+                lin.weight = lin.weight.to("meta")
+                for proj in projections:
+                    proj.weight = nn.Parameter(proj.weight.to("meta"), requires_grad=False)
+            if attn.qkv_linear is not None and attn.qkv_linear.weight.is_meta:
+                attn.qkv_weight = None
+            if mlp.gate_up_linear is not None and mlp.gate_up_linear.weight.is_meta:
+                mlp.gate_up_weight = None
+        head = self.lm_head_linear
+        if self.config.tie_word_embeddings and head is not None and head.tiles is not None:
+            # the embedding is the LM head's weight, whose rows the tiles hold too (_embed reads them)
+            freed += head.weight.numel() * head.weight.element_size()
+            self.model.embed_tokens.weight = nn.Parameter(head.weight.to("meta"), requires_grad=False)
+            self.lm_head.weight = self.model.embed_tokens.weight
+            head.weight = self.lm_head.weight
+        self.serving_only = freed > 0
+        return freed
 
     def _set_int8_head(self, mode: str) -> None:
         lin = self.lm_head_linear

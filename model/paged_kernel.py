@@ -43,10 +43,14 @@ SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
 FUSED_SOURCE = Path(__file__).parent / "csrc" / "fused_ops.cpp"  # residual add + RMSNorm, RoPE
 QUANT_SOURCE = Path(__file__).parent / "csrc" / "quant_ops.cpp"  # int8 LM head, row argmax
 GEMM_SOURCE = Path(__file__).parent / "csrc" / "bf16_gemm.cpp"  # the bf16 GEMM of PackedLinear
+SOURCES = (SOURCE, FUSED_SOURCE, QUANT_SOURCE, GEMM_SOURCE)
+LIBRARY_NAME = "smollm2_paged_attention"
+STAMP_NAME = "smollm2_sources.sha1"
+_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
 _lock = threading.Lock()
 _mode: str | None = None  # set_attention_kernel's choice; None: read the environment
 _loaded: bool | None = None  # None: not tried yet in this process
-build_seconds: float | None = None  # wall time of this process's load (compile or cached), for reports
 
 
 def set_attention_kernel(mode: str | None) -> None:
@@ -85,19 +89,17 @@ def ready(device: torch.device) -> bool:
 
 def load() -> bool:
     """Build (or load the cached build of) the kernel once per process; False, with one warning, if not."""
-    global _loaded, build_seconds
+    global _loaded
     if _loaded is not None:
         return _loaded
     with _lock:
         if _loaded is None:
-            t0 = time.perf_counter()
             try:
                 _build_and_load()
                 _loaded = True
             except Exception as e:  # no compiler, no ninja, a compile error: serve on the torch path
                 log.warning("C++ paged attention kernel unavailable (%s); using the torch path", e)
                 _loaded = False
-            build_seconds = time.perf_counter() - t0
     return _loaded
 
 
@@ -126,11 +128,28 @@ def _kernel_root() -> Path:
 
 
 def _build_and_load() -> None:
-    from filelock import FileLock
-    from torch.utils import cpp_extension
-
     if hasattr(torch.ops.smollm2, "paged_decode_attention"):
         return
+    build = _build_dir()
+    build.mkdir(parents=True, exist_ok=True)
+    from filelock import FileLock
+
+    with FileLock(str(build) + ".lock", timeout=600):
+        library = build / f"{LIBRARY_NAME}.so"
+        stamp = build / STAMP_NAME
+        current = _build_stamp(library)
+        if current and stamp.is_file() and stamp.read_text() == current:
+            # Up to date: load it directly. cpp_extension.load would import setuptools and run ninja
+            # only to find nothing to do, about a second of every start.
+            torch.ops.load_library(str(library))
+            return
+        _compile_and_load(build)
+        stamp.write_text(_build_stamp(library))
+
+
+def _compile_and_load(build: Path) -> None:
+    from torch.utils import cpp_extension
+
     if not cpp_extension.is_ninja_available():
         try:  # the pip package puts ninja next to the interpreter, which may not be on PATH
             import ninja
@@ -142,24 +161,37 @@ def _build_and_load() -> None:
         raise RuntimeError("ninja not found (pip install ninja)")
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         raise RuntimeError("no C++ compiler (c++ or $CXX) on PATH")
-    build = _build_dir()
-    build.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(build) + ".lock", timeout=600):
-        first = not any(build.glob("*.so"))
-        if first:
-            log.info("building C++ kernels (first start, ~30 s)...")
-        t0 = time.perf_counter()
-        cpp_extension.load(
-            name="smollm2_paged_attention",
-            sources=[str(SOURCE), str(FUSED_SOURCE), str(QUANT_SOURCE), str(GEMM_SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp", f"-DSMOLLM2_HEADERS={_headers_hash()}"],
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(build),
-            is_python_module=False,
-            verbose=False,
-        )
-        if first:
-            log.info("C++ kernels built in %.0f s", time.perf_counter() - t0)
+    first = not any(build.glob("*.so"))
+    if first:
+        log.info("building C++ kernels (first start, ~30 s)...")
+    t0 = time.perf_counter()
+    cpp_extension.load(
+        name=LIBRARY_NAME,
+        sources=[str(p) for p in SOURCES],
+        extra_cflags=_CFLAGS + [f"-DSMOLLM2_HEADERS={_headers_hash()}"],
+        extra_ldflags=_LDFLAGS,
+        build_directory=str(build),
+        is_python_module=False,
+        verbose=False,
+    )
+    if first:
+        log.info("C++ kernels built in %.0f s", time.perf_counter() - t0)
+
+
+def _build_stamp(library: Path) -> str:
+    """What the built library depends on besides torch and the CPU (the folder's name holds those): the
+    sources, headers and flags, and the library file itself (size, time), so that a build by another
+    checkout sharing the folder is not taken for ours. Written after a build; while it matches, the
+    library is loaded as it is. "" when there is no library."""
+    try:
+        info = library.stat()
+    except OSError:
+        return ""
+    digest = hashlib.sha1()
+    for path in [*SOURCES, *sorted(SOURCE.parent.glob("*.h"))]:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    digest.update(" ".join(_CFLAGS + _LDFLAGS).encode())
+    return f"{digest.hexdigest()} {info.st_size} {info.st_mtime_ns}"
 
 
 def _headers_hash() -> str:

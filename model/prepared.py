@@ -1,9 +1,10 @@
 """A disk cache of models prepared for serving on CPU, so that a start or an engine restart after the
 first one skips the slow part (dequantizing the GGUF, packing GEMM tiles, building int4/int8 copies).
 
-The prepared model is saved whole with `torch.save` under ``$SMOLLM2_HOME/prepared/`` and read back
-with `torch.load(weights_only=False)`: the file is one this program wrote, in the user's own cache
-folder. Its name holds a hash of everything the result depends on: the source file (path, size,
+The prepared model keeps only what serving reads (`drop_unpacked_weights`: the packed, int4 and int8
+copies, not the plain layer weights nor the embedding, whose rows the LM head's tiles hold). It is saved with `torch.save` under
+``$SMOLLM2_HOME/prepared/`` and read back with `torch.load(weights_only=False)`: the file is one this
+program wrote, in the user's own cache folder. Its name holds a hash of everything the result depends on: the source file (path, size,
 modification time), dtype and quantization options, the torch version, this package's source code and
 the CPU's instruction-set flags. A stale or unreadable file is rebuilt; older files of the same model
 are removed when a new one is written.
@@ -23,7 +24,6 @@ import torch
 from model.defaults import cache_dir
 from model.kernels import Kernels
 from model.modeling import SmolLM2ForCausalLM
-from model.weights import load_model
 
 log = logging.getLogger("model")
 _PACKAGE = Path(__file__).resolve().parent
@@ -32,7 +32,8 @@ _PACKAGE = Path(__file__).resolve().parent
 def load_prepared(
     source: str, dtype: str, device: str, int4_small_batch: str, int8_lm_head: str, use_cache: bool = True
 ) -> SmolLM2ForCausalLM:
-    """`load_model(source)` + `prepare_for_serving(...)`, through the disk cache on CPU."""
+    """`load_model(source)` + `prepare_for_serving(...)` + `drop_unpacked_weights()`, through the disk
+    cache on CPU: a model for serving only."""
     if not use_cache or device != "cpu":
         return _build(source, dtype, device, int4_small_batch, int8_lm_head)
     path = prepared_path(source, dtype, int4_small_batch, int8_lm_head)
@@ -55,10 +56,17 @@ def load_prepared(
 
 
 def _build(source: str, dtype: str, device: str, int4: str, int8: str) -> SmolLM2ForCausalLM:
+    from model.weights import load_model  # gguf, numpy, safetensors: only a build needs them
+
     t0 = time.perf_counter()
     model = load_model(source, dtype, device)
     model.prepare_for_serving(int4_small_batch=int4, int8_lm_head=int8)
-    log.info("model loaded and prepared for serving in %.1f s", time.perf_counter() - t0)
+    freed = model.drop_unpacked_weights()  # the served model is never trained
+    log.info(
+        "model loaded and prepared for serving in %.1f s (%.0f MB of unpacked weights dropped)",
+        time.perf_counter() - t0,
+        freed / 1e6,
+    )
     return model
 
 

@@ -247,6 +247,11 @@ class PackedLinear:
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none", [], "")
         return torch.mm(x, self.weight.t())
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """weight[ids] (len(ids), K), gathered from the tiles (tiles[n // 16, :, n % 16, :] is row n)."""
+        assert self.tiles is not None and not self.swiglu_tiles
+        return self.tiles[ids // 16, :, ids % 16, :].reshape(len(ids), -1)
+
     def swiglu(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up of the [gate; up] weight, as smollm2::silu_mul(self(x)) rounds (C++ kernels only)."""
         if self.swiglu_tiles and not (self.int4 is not None and x.shape[0] <= self.int4_max_rows):

@@ -1,4 +1,8 @@
-"""`python -m server` / `smollm2-server`: parse settings, build the app, serve it with uvicorn."""
+"""`python -m server` / `smollm2-server`: parse settings, build the app, serve it with uvicorn.
+
+The engine process is spawned and imports this module again (as `__mp_main__`, without running
+main()), so the HTTP stack is imported inside main(): the engine process does not pay for it.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,12 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import uvicorn
-from fastapi import FastAPI
-
-from server.app import create_app
-from server.logs import configure_logging
 from server.settings import Settings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 
 def is_loopback(host: str) -> bool:
@@ -41,10 +44,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings = Settings.from_args(argv)
     except ValueError as e:
         sys.exit(f"error: {e}")
+    from server.logs import configure_logging
+
     configure_logging(settings.log_level, settings.log_format)
     logging.getLogger("server").info("settings: %r", settings)  # Settings.__repr__ masks the API key
     warn_if_exposed(settings)
-    app = create_app(settings)
+    first_core = None
+    if settings.engine_process:  # it imports torch and loads the model while we import the HTTP stack
+        from server.core_setup import load_core
+        from server.engine.client import spawn_core
+
+        first_core = spawn_core(load_core, (settings,), settings.log_level, settings.log_format)
+    import uvicorn
+
+    from server.app import create_app
+
+    app = create_app(settings, first_core=first_core)
     # uvicorn drains on SIGTERM, then re-raises the signal so that its default action ends the process
     # (status 143). A drained shutdown is a clean one: exit 0 instead, unless the engine gave up.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(_exit_code(app)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -20,9 +21,11 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model.tokenizer import Tokenizer
+from server.core_setup import DEFAULT_MAX_MODEL_LEN, load_core, make_core, model_source
 from server.dashboard import dashboard
-from server.engine.core import EngineCore
+from server.engine.client import SpawnedCore
 from server.engine.engine import AsyncEngine, SupervisorConfig
+from server.engine.messages import CoreInfo
 from server.logs import RequestIdMiddleware, stats_logging
 from server.metrics import HttpMetricsMiddleware, ServerMetrics
 from server.protocol import APIError
@@ -31,7 +34,6 @@ from server.serving import RequestLimits, ServingChat, ServingCompletion
 from server.settings import Settings
 
 log = logging.getLogger("server")
-DEFAULT_MAX_MODEL_LEN = 8192
 
 
 # ---- body size limit ------------------------------------------------------------------------------
@@ -120,75 +122,6 @@ def install_error_handlers(app: FastAPI) -> None:
 # ---- engine construction --------------------------------------------------------------------------
 
 
-def resolve_device_dtype(settings: Settings) -> tuple[str, str]:
-    import torch
-
-    device = settings.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cpu" and torch.version.cuda is not None:  # a CUDA build of torch, no usable GPU
-            log.warning(
-                "no CUDA device available (torch %s, CUDA %s): falling back to CPU",
-                torch.__version__,
-                torch.version.cuda,
-            )
-    # bf16 on both: on this project's CPUs bf16 GEMMs run 3-4x faster than fp32 (bench notes).
-    dtype = "bfloat16" if settings.dtype == "auto" else settings.dtype
-    return device, dtype
-
-
-def make_core(
-    model: Any, eos_token_id: int | None, settings: Settings, tokenizer: Tokenizer | None = None
-) -> EngineCore:
-    """Size the KV cache from `kv_cache_memory`; build runner + scheduler + EngineCore. With `tokenizer`,
-    the runner can constrain outputs (structured output needs the vocabulary's text)."""
-    from server.engine.core import EngineConfig, EngineCore
-    from server.engine.runner import ModelRunner, num_blocks_for_memory
-    from server.engine.scheduler import Scheduler, SchedulerConfig
-    from server.engine.spec_decode import SpecConfig
-    from server.engine.structured import StructuredOutputs
-
-    max_model_len = settings.max_model_len or min(model.config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
-    eos = eos_token_id if eos_token_id is not None else model.config.eos_token_id
-    num_blocks = num_blocks_for_memory(model, settings.kv_cache_memory, settings.block_size, model.dtype)
-    scheduler = SchedulerConfig(
-        max_num_seqs=settings.max_num_seqs,
-        max_num_batched_tokens=settings.max_num_batched_tokens,
-        max_model_len=max_model_len,
-        block_size=settings.block_size,
-        num_blocks=num_blocks,
-        enable_prefix_caching=settings.enable_prefix_caching,
-        eos_token_id=eos,
-        max_seqs_per_request=settings.seqs_per_request,
-        speculative=SpecConfig(
-            settings.speculative_ngram,
-            settings.speculative_ngram_min,
-            settings.speculative_ngram_max,
-            settings.speculative_max_num_seqs,
-        ),
-    )
-    try:
-        scheduler.validate()
-    except ValueError as e:
-        raise ValueError(
-            f"{e}: raise --kv-cache-memory (now {settings.kv_cache_memory} bytes) or lower --max-model-len"
-        ) from e
-    runner = ModelRunner(
-        model, num_blocks, settings.block_size, eos, cuda_graphs=settings.cuda_graphs,
-        max_num_seqs=settings.max_num_seqs, max_model_len=max_model_len, capture_graphs_now=True,
-        structured=None if tokenizer is None else StructuredOutputs(tokenizer, model.config.vocab_size),
-    )  # fmt: skip
-    core = EngineCore(
-        runner, Scheduler(scheduler), EngineConfig(scheduler=scheduler, max_waiting=settings.max_waiting)
-    )
-    log.info(
-        "KV cache: %d blocks x %d tokens = %d tokens (%s bytes); max_model_len %d, max_num_seqs %d",
-        num_blocks, settings.block_size, num_blocks * settings.block_size, settings.kv_cache_memory,
-        max_model_len, settings.max_num_seqs,
-    )  # fmt: skip
-    return core
-
-
 def supervisor_config(settings: Settings) -> SupervisorConfig:
     return SupervisorConfig(
         max_restarts=settings.max_engine_restarts,
@@ -206,78 +139,36 @@ def make_engine(
     return AsyncEngine.in_thread(build, config=supervisor_config(settings), on_fatal=on_fatal)
 
 
-def model_source(settings: Settings) -> str:
-    from model.defaults import require_default_model
-
-    return settings.model or str(require_default_model())
-
-
-def load_core(settings: Settings) -> EngineCore:
-    """Load the model named by `settings` and build its EngineCore (in whichever process runs the steps)."""
-    from model.prepared import load_prepared
-    from model.quant import INT4_MAX_ROWS
-
-    source = model_source(settings)
-    device, dtype = resolve_device_dtype(settings)
-    if device == "cpu":
-        import torch
-
-        from model.threads import set_compute_threads
-
-        threads = settings.torch_threads or default_torch_threads(settings)
-        torch.set_num_threads(threads)
-        set_compute_threads(os.cpu_count() or 1)
-        log.info("CPU: %d thread(s) for element-wise ops, GEMMs on all %d cores", threads, os.cpu_count())
-    model = load_prepared(
-        source, dtype, device, settings.int4_small_batch, settings.int8_lm_head, settings.prepared_cache
-    )
-    cfg = model.config
-    log.info(
-        "loaded %s: %d layers, hidden %d, vocab %d, context %d, %s on %s",
-        source, cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size, cfg.max_position_embeddings, dtype, device,
-    )  # fmt: skip
-    if model.int4_active:
-        log.info(
-            "int4 weights for steps of <= %d tokens (reconstruction error %.4f)",
-            INT4_MAX_ROWS,
-            model.int4_error,
-        )
-    elif settings.int4_small_batch != "off" and model.int4_error is not None:
-        log.info("int4 weights off: they would change the model (error %.4f > lossless)", model.int4_error)
-    if model.int8_head_active:
-        log.info(
-            "int8 LM head for steps sampling <= 4 tokens (reconstruction error %.4f)", model.int8_head_error
-        )
-    elif settings.int8_lm_head != "off" and model.int8_head_error is not None:
-        log.info("int8 LM head off: it would change the model (error %.4f > lossless)", model.int8_head_error)
-    tokenizer = Tokenizer.from_file(source)
-    return make_core(model, tokenizer.eos_token_id, settings, tokenizer)
-
-
-def default_torch_threads(settings: Settings) -> int:
-    """All cores but one for ATen's element-wise loops (our GEMMs switch to every core around each
-    call): on 2 cores, two OpenMP threads on each of a step's ~3,000 small ops cost more than they
-    gave (bench/NOTES.md)."""
-    return max(1, (os.cpu_count() or 1) - 1)
-
-
 def build_engine(
-    settings: Settings, on_fatal: Callable[[str], None] | None = None
-) -> tuple[AsyncEngine, Tokenizer]:
-    """The tokenizer of `settings.model` (default: the default GGUF) and an AsyncEngine (not started)
-    whose core loads the model: in a child process (`--engine-process`, the default) or on a thread."""
-    source = model_source(settings)
-    tokenizer = Tokenizer.from_file(source)
+    settings: Settings, on_fatal: Callable[[str], None] | None = None, first_core: SpawnedCore | None = None
+) -> AsyncEngine:
+    """An AsyncEngine (not started) whose core loads the model of `settings`: in a child process
+    (`--engine-process`, the default; `first_core`: its first process, already spawned) or on a thread."""
     config = supervisor_config(settings)
     if settings.engine_process:
-        engine = AsyncEngine.in_process(
+        return AsyncEngine.in_process(
             load_core, settings, log_level=settings.log_level, log_format=settings.log_format, config=config,
-            on_fatal=on_fatal,
+            on_fatal=on_fatal, first=first_core,
         )  # fmt: skip
-    else:
-        engine = AsyncEngine.in_thread(
-            functools.partial(load_core, settings), config=config, on_fatal=on_fatal
-        )
+    return AsyncEngine.in_thread(functools.partial(load_core, settings), config=config, on_fatal=on_fatal)
+
+
+async def start_engine(
+    settings: Settings, on_fatal: Callable[[str], None], first_core: SpawnedCore | None = None
+) -> tuple[AsyncEngine, Tokenizer]:
+    """Start the engine and read the tokenizer meanwhile: the engine process imports torch and loads the
+    model while this process parses the tokenizer, so start-up waits for the longer of the two only."""
+    source = await asyncio.to_thread(model_source, settings)  # a missing default model fails here
+    engine = build_engine(settings, on_fatal, first_core)
+    starting = asyncio.ensure_future(engine.start())
+    try:
+        tokenizer = await asyncio.to_thread(Tokenizer.from_file, source)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await starting
+        await engine.shutdown(graceful=False)
+        raise
+    await starting
     return engine, tokenizer
 
 
@@ -317,24 +208,29 @@ def _fatal(app: FastAPI, reason: str) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _num_blocks(engine: Any) -> int | None:
-    """KV cache blocks of a started AsyncEngine's core; None for other engines (tests' fakes)."""
-    info = getattr(engine, "info", None)
-    return None if info is None else int(info.num_blocks)
-
-
 def _publish_cache_config(
     metrics: ServerMetrics, settings: Settings, engine: Any, max_model_len: int
 ) -> None:
+    # A started AsyncEngine knows its core's KV cache; the tests' fakes do not.
+    info: CoreInfo | None = getattr(engine, "info", None)
     metrics.set_cache_config(
-        block_size=settings.block_size, num_blocks=_num_blocks(engine), max_model_len=max_model_len,
-        max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
-        kv_cache_memory_bytes=settings.kv_cache_memory, enable_prefix_caching=settings.enable_prefix_caching,
+        block_size=settings.block_size, num_blocks=None if info is None else info.num_blocks,
+        max_model_len=max_model_len, max_num_seqs=settings.max_num_seqs,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
+        kv_cache_memory_bytes=(info.kv_cache_bytes if info is not None else 0) or settings.kv_cache_memory,
+        enable_prefix_caching=settings.enable_prefix_caching,
     )  # fmt: skip
 
 
-def create_app(settings: Settings, engine: Any = None, tokenizer: Tokenizer | None = None) -> FastAPI:
-    """The app. With `engine` and `tokenizer` given (tests), they are used as they are and not shut down."""
+def create_app(
+    settings: Settings,
+    engine: Any = None,
+    tokenizer: Tokenizer | None = None,
+    first_core: SpawnedCore | None = None,
+) -> FastAPI:
+    """The app. With `engine` and `tokenizer` given (tests), they are used as they are and not shut down.
+    Otherwise the lifespan builds the engine of `settings`; `first_core` is its process if already started
+    (`server.engine.client.spawn_core(load_core, (settings,), ...)`)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -355,9 +251,8 @@ def create_app(settings: Settings, engine: Any = None, tokenizer: Tokenizer | No
                 if owned:
                     await engine.shutdown(graceful=False)
             return
-        built, tok = await asyncio.to_thread(build_engine, settings, functools.partial(_fatal, app))
+        built, tok = await start_engine(settings, functools.partial(_fatal, app), first_core)
         app.state.model_source = settings.model or "default"
-        await built.start()
         assert built.max_model_len is not None
         _attach(app, built, tok, built.max_model_len)
         log.info("serving %s on http://%s:%d", settings.served_model_name, settings.host, settings.port)

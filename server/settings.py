@@ -73,8 +73,11 @@ class Settings:
         "larger ones batch more rows per GEMM (512 gave 6-8 percent more tokens/s than 256 at 32-64 streams)",
         int,
     )
-    kv_cache_memory: int = _opt(
-        1024**3, "memory for the paged KV cache, e.g. 1GiB, 512MiB or bytes", parse_bytes
+    kv_cache_memory: int | None = _opt(
+        None,
+        "memory for the paged KV cache, e.g. 1GiB, 512MiB or bytes; default: room for --max-num-seqs "
+        "sequences of 128 tokens (at least one of --max-model-len), logged at start-up",
+        parse_bytes,
     )
     block_size: int = _opt(16, "tokens per KV cache block", int)
     max_model_len: int | None = _opt(
@@ -221,7 +224,10 @@ class Settings:
                 self.max_num_batched_tokens >= 1,
                 f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}",
             ),
-            (self.kv_cache_memory > 0, f"kv_cache_memory must be positive, got {self.kv_cache_memory}"),
+            (
+                self.kv_cache_memory is None or self.kv_cache_memory > 0,
+                f"kv_cache_memory must be positive, got {self.kv_cache_memory}",
+            ),
             (self.block_size >= 1, f"block_size must be at least 1, got {self.block_size}"),
             (
                 self.max_model_len is None or self.max_model_len >= 1,

@@ -16,6 +16,9 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from typing import Any, Protocol
 
 from server.engine.core import EngineCore, core_process_main, run_core_loop
@@ -74,24 +77,47 @@ class ThreadCore:
             log.warning("engine thread did not stop within %s s", timeout)
 
 
+@dataclass(frozen=True)
+class SpawnedCore:
+    """A core's process, started and still loading, with our ends of its two pipes."""
+
+    process: BaseProcess
+    to_child: Connection
+    from_child: Connection
+
+
+def spawn_core(build: Callable[..., EngineCore], args: tuple[Any, ...], log_level: str = "info",
+               log_format: str = "text") -> SpawnedCore:  # fmt: skip
+    """Start the child that runs `build(*args)`, without waiting for it."""
+    ctx = multiprocessing.get_context("spawn")
+    child_in, to_child = ctx.Pipe(duplex=False)
+    from_child, child_out = ctx.Pipe(duplex=False)
+    process = ctx.Process(
+        target=core_process_main, args=(child_in, child_out, build, args, log_level, log_format),
+        name="smollm2-engine", daemon=True,
+    )  # fmt: skip
+    with _huge_page_malloc():
+        process.start()
+    child_in.close()  # ours are closed: the child's death reads as EOF here
+    child_out.close()
+    return SpawnedCore(process, to_child, from_child)
+
+
 class ProcessCore:
     """The core in a child process started with spawn (safe with CUDA and with our threads)."""
 
     def __init__(
         self, build: Callable[..., EngineCore], args: tuple[Any, ...], on_message: OnMessage,
         log_level: str = "info", log_format: str = "text", start_timeout: float | None = None,
+        spawned: SpawnedCore | None = None,
     ) -> None:  # fmt: skip
-        ctx = multiprocessing.get_context("spawn")
-        child_in, self._to_child = ctx.Pipe(duplex=False)
-        self._from_child, child_out = ctx.Pipe(duplex=False)
-        self._process = ctx.Process(
-            target=core_process_main, args=(child_in, child_out, build, args, log_level, log_format),
-            name="smollm2-engine", daemon=True,
-        )  # fmt: skip
-        with _huge_page_malloc():
-            self._process.start()
-        child_in.close()  # ours are closed: the child's death reads as EOF here
-        child_out.close()
+        """spawned: the process of `build(*args)`, started earlier (None: start it now)."""
+        spawned = spawned or spawn_core(build, args, log_level, log_format)
+        self._process, self._to_child, self._from_child = (
+            spawned.process,
+            spawned.to_child,
+            spawned.from_child,
+        )
         self.info = self._await_ready(start_timeout)
         self._on_message = on_message
         self._outbox: queue.SimpleQueue[CoreInput | None] = queue.SimpleQueue()

@@ -57,6 +57,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     max_waiting: int = 256  # sequences (n>1 choices count one each) queued before QueueFullError
     vocab_size: int | None = None  # None: the runner's (`runner.vocab_size` or its model's config)
+    kv_cache_bytes: int = 0  # what the runner's KV cache takes, for the client's metrics (0: not known)
 
 
 class EngineCore:
@@ -76,7 +77,9 @@ class EngineCore:
         checker = RequestChecker(
             sched.max_model_len, self.config.max_waiting, self.vocab_size, sched.eos_token_id
         )
-        return CoreInfo(checker, sched.max_model_len, sched.num_blocks, sched.block_size)
+        return CoreInfo(
+            checker, sched.max_model_len, sched.num_blocks, sched.block_size, self.config.kv_cache_bytes
+        )
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -222,7 +225,7 @@ def core_process_main(
         core = build(*args)
     except BaseException as exc:  # noqa: BLE001 - report any failure to the parent, then exit
         log.error("engine process failed to start:\n%s", traceback.format_exc())
-        _send_quietly(out_conn, CoreDead(f"{type(exc).__name__}: {exc}", during_start=True))
+        _send_quietly(out_conn, CoreDead(f"{type(exc).__name__}: {exc}"))
         return
     inbox: queue.SimpleQueue[CoreInput] = queue.SimpleQueue()
     outbox: queue.SimpleQueue[CoreOutput | None] = queue.SimpleQueue()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.attention import AttentionMetadata, build_decode_mask
+from model.attention import build_decode_mask, step_metadata
 from model.modeling import SmolLM2ForCausalLM
 
 log = logging.getLogger(__name__)
@@ -146,14 +146,8 @@ class DecodeGraphs:
     def _forward(self, g: _Graph) -> torch.Tensor:
         nkv = self.model.config.num_key_value_heads
         width_tokens = g.tables.shape[1] * self.block_size
-        meta = AttentionMetadata(
-            slot_mapping=g.slots,
-            num_decode_tokens=g.input_ids.shape[0],
-            decode_block_tables=g.tables,
-            decode_mask=build_decode_mask(g.lens, width_tokens, nkv, self.model.dtype),
-            prefills=[],
-            block_size=self.block_size,
-        )
+        mask = build_decode_mask(g.lens, width_tokens, nkv, self.model.dtype)
+        meta = step_metadata(g.slots, [], self.block_size, False, g.tables, decode_mask=mask)
         hidden = self.model.forward_paged(g.input_ids, g.positions, meta, self.kv_caches)
         return self.model.compute_logits(hidden)
 

@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from server.engine.client import CoreHandle, CoreStartError, OnMessage, ProcessCore, ThreadCore
+from server.engine.client import CoreHandle, CoreStartError, OnMessage, ProcessCore, SpawnedCore, ThreadCore
 from server.engine.core import EngineConfig, EngineCore, Runner
 from server.engine.messages import (
     AbortRequests,
@@ -171,12 +171,15 @@ class AsyncEngine:
     @classmethod
     def in_process(
         cls, build: Callable[..., EngineCore], *args: Any, log_level: str = "info", log_format: str = "text",
-        start_timeout: float | None = None, **kwargs: Any,
+        start_timeout: float | None = None, first: SpawnedCore | None = None, **kwargs: Any,
     ) -> AsyncEngine:  # fmt: skip
-        """The core in a child process running `build(*args)` (picklable, importable)."""
+        """The core in a child process running `build(*args)` (picklable, importable). first: that process,
+        already started by `spawn_core(build, args, ...)`, for the first start (later ones spawn anew)."""
+        pending = [first] if first is not None else []
 
         def factory(on_message: OnMessage) -> CoreHandle:
-            return ProcessCore(build, args, on_message, log_level, log_format, start_timeout)
+            spawned = pending.pop() if pending else None
+            return ProcessCore(build, args, on_message, log_level, log_format, start_timeout, spawned)
 
         return cls(factory, **kwargs)
 

@@ -133,6 +133,7 @@ class CoreInfo:
     max_model_len: int
     num_blocks: int
     block_size: int
+    kv_cache_bytes: int = 0
 
 
 @dataclass(slots=True)
@@ -145,7 +146,6 @@ class CoreDead:
     """The core failed (a step raised, it could not start, or its process went away)."""
 
     reason: str
-    during_start: bool = False
 
 
 CoreInput = AddRequests | AbortRequests | Shutdown

@@ -121,9 +121,6 @@ class Request:
     block_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     first_scheduled_time: float | None = None
-    first_token_time: float | None = None
-    last_token_time: float | None = None
-    num_preemptions: int = 0
     stop_token_id: int | None = None
     first_output_sent: bool = False  # queue time and cached tokens go out once
     # The grammar state of a structured request, built by the runner at its first sample; it has

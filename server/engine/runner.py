@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,7 @@ from model.attention import (
     allocate_kv_cache,
     build_decode_mask,
     kv_cache_bytes_per_block,
+    step_metadata,
 )
 from model.modeling import SmolLM2ForCausalLM
 from model.sampling import SamplingBatch, make_generator, prompt_logprobs, sample
@@ -26,6 +28,7 @@ from model.sampling_params import banned_before_min_tokens
 from model.threads import run_wide
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.request import Request, SampleResult, TokenLogprob
+from server.engine.scheduler import ScheduledSeq, SchedulerOutput
 
 if TYPE_CHECKING:  # xgrammar is imported only where structured output is on
     from server.engine.structured import StructuredOutputs
@@ -80,12 +83,14 @@ class ModelRunner:
         max_num_seqs: int = 64,
         max_model_len: int = 8192,
         capture_graphs_now: bool = False,
-        structured: StructuredOutputs | None = None,
+        structured: Callable[[], StructuredOutputs] | None = None,
     ) -> None:
         """capture_graphs_now: on CUDA, capture the common decode graphs here (the server does, so the
         first requests do not wait on captures); otherwise each is captured when first needed.
-        structured: grammar matchers for constrained requests; the server always passes one (a runner
-        built without it, as in model-only tests, samples such requests unconstrained)."""
+        structured: makes the grammar matchers of constrained requests, at the first one (importing
+        xgrammar and tabling the vocabulary cost ~0.7 s and ~40 MB that a server with no constrained
+        request never needs). The server always passes it; a runner built without it, as in model-only
+        tests, samples such requests unconstrained."""
         self.model = model
         self.device = model.device
         self.dtype = model.dtype
@@ -93,7 +98,8 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.vocab_size = model.config.vocab_size
         self.eos_token_id = eos_token_id if eos_token_id is not None else model.config.eos_token_id
-        self.structured = structured
+        self._make_structured = structured
+        self.structured: StructuredOutputs | None = None
         model.prepare_for_serving()  # builds the CPU kernels now (Kernels.detect), not in the first step
         assert model.kernels is not None
         self.kernels = model.kernels
@@ -109,7 +115,7 @@ class ModelRunner:
             self.dtype,
             self.device,
         )
-        self._generators: dict[str, tuple[Request, torch.Generator]] = {}
+        self._generators: dict[str, torch.Generator] = {}  # seeded requests', until they finish
         self.graphs: DecodeGraphs | None = None
         if use_graphs:
             max_blocks = (max_model_len + block_size - 1) // block_size
@@ -121,8 +127,14 @@ class ModelRunner:
                 n = self.graphs.capture_common()
                 log.info("captured %d CUDA graphs for decode in %.1f s", n, time.perf_counter() - t0)
 
+    @property
+    def kv_cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.kv_caches)
+
     @torch.inference_mode()
-    def execute(self, plan) -> dict[str, SampleResult]:  # plan: scheduler.SchedulerOutput
+    def execute(self, plan: SchedulerOutput) -> dict[str, SampleResult]:
+        for request_id in plan.finished_ids:
+            self._generators.pop(request_id, None)
         rows = self._layout(plan.scheduled)
         if not rows:
             return {}
@@ -152,7 +164,6 @@ class ModelRunner:
                 lps = out.logprobs[i:j] if out.logprobs is not None else None
                 self._store(r, out.token_ids[i:j], lps, results)
                 i = j
-        self._drop_finished_generators()
         return results
 
     @staticmethod
@@ -166,20 +177,15 @@ class ModelRunner:
             res.spec_token_ids, res.spec_logprobs = token_ids, lps
 
     # ---- building the flat batch ---------------------------------------------------------------------
-    def _layout(self, scheduled) -> list[_Row]:
+    def _layout(self, scheduled: list[ScheduledSeq]) -> list[_Row]:
         """Decodes (one token) first, then prefill chunks; among those, chunks that start a prompt come
         first, by length, so attention can batch equal-length whole prompts (a burst) in one call. A
         decode with drafts is a continuation chunk of 1 + k tokens."""
-        seqs = sorted(
-            scheduled,
-            key=lambda s: (s.num_tokens != 1, s.request.num_computed_tokens != 0, s.num_tokens),
-        )
+        seqs = sorted(scheduled, key=lambda s: (s.num_tokens != 1, s.start != 0, s.num_tokens))
         rows, offset = [], 0
         for s in seqs:
-            req, n = s.request, s.num_tokens
-            start = req.num_computed_tokens
-            rows.append(_Row(req, start, n, offset, start + n >= req.num_tokens, s.draft_token_ids))
-            offset += n
+            rows.append(_Row(s.request, s.start, s.num_tokens, offset, s.sample, s.draft_token_ids))
+            offset += s.num_tokens
         return rows
 
     def _collect(self, rows: list[_Row]) -> _StepInputs:
@@ -210,18 +216,13 @@ class ModelRunner:
 
     def _tensors(self, x: _StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(x.slots, dtype=torch.long, device=dev),
-            num_decode_tokens=len(x.decode_lens),
-            decode_block_tables=None,
-            decode_mask=None,
-            prefills=x.prefills,
-            block_size=self.block_size,
-        )
+        tables: torch.Tensor | None = None
+        lens: torch.Tensor | None = None
+        mask: torch.Tensor | None = None
         if x.decode_lens:
-            meta.decode_block_tables, meta.decode_mask, meta.decode_context_lens = self._decode_tables(
-                x.decode_tables, x.decode_lens
-            )
+            tables, mask, lens = self._decode_tables(x.decode_tables, x.decode_lens)
+        slots = torch.tensor(x.slots, dtype=torch.long, device=dev)
+        meta = step_metadata(slots, x.prefills, self.block_size, self.kernels.cpp, tables, lens, mask)
         return (
             torch.tensor(x.tokens, dtype=torch.long, device=dev),
             torch.tensor(x.positions, dtype=torch.long, device=dev),
@@ -259,7 +260,11 @@ class ModelRunner:
             p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params
         )
         empty: list[int] = []
-        grammar = self.structured.grammar_bias(reqs, self.device) if self.structured is not None else None
+        grammar = None
+        if self._make_structured is not None and any(p.structured is not None for p in params):
+            if self.structured is None:
+                self.structured = self._make_structured()
+            grammar = self.structured.grammar_bias(reqs, self.device)
         return SamplingBatch.build(
             params,
             [q.output_token_ids for q in reqs] if use_penalties else [empty] * len(reqs),
@@ -274,11 +279,11 @@ class ModelRunner:
     def _generator(self, req: Request) -> torch.Generator | None:
         if req.params.seed is None:
             return None
-        entry = self._generators.get(req.request_id)
-        if entry is None:
-            entry = (req, make_generator(req.params.seed, self.device))  # n>1 children carry seed + i
-            self._generators[req.request_id] = entry
-        return entry[1]
+        generator = self._generators.get(req.request_id)
+        if generator is None:
+            generator = make_generator(req.params.seed, self.device)  # n>1 children carry seed + i
+            self._generators[req.request_id] = generator
+        return generator
 
     def _banned(self, req: Request) -> list[int]:
         """While min_tokens are not reached, EOS and the stop token ids may not be drawn. A grammar
@@ -286,10 +291,6 @@ class ModelRunner:
         if req.params.structured is not None:
             return []
         return sorted(banned_before_min_tokens(req.params, self.eos_token_id, req.num_output_tokens))
-
-    def _drop_finished_generators(self) -> None:
-        for rid in [rid for rid, (req, _) in self._generators.items() if req.is_finished]:
-            del self._generators[rid]
 
     def _prompt_logprobs(
         self, rows: list[_Row], hidden: torch.Tensor, results: dict[str, SampleResult]

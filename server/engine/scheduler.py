@@ -75,7 +75,6 @@ class ScheduledSeq:
 @dataclass(slots=True)
 class SchedulerOutput:
     scheduled: list[ScheduledSeq]  # running requests first, then newly admitted
-    num_batched_tokens: int
     preempted: list[Request] = field(default_factory=list)
     finished_ids: list[str] = field(default_factory=list)  # left since the last plan: drop their state
 
@@ -140,12 +139,11 @@ class Scheduler:
         preempted: list[Request] = []
         budget = self._schedule_running(budget, scheduled, preempted)
         if not preempted:  # blocks are short: admitting more would only preempt again
-            budget = self._schedule_waiting(budget, scheduled)
+            self._schedule_waiting(budget, scheduled)
         finished_ids: list[str] = []
         if scheduled:  # an empty plan is not run, so keep the ids for the next one
             finished_ids, self._finished_ids = self._finished_ids, []
-        num_batched = self.config.max_num_batched_tokens - budget
-        return SchedulerOutput(scheduled, num_batched, preempted, finished_ids)
+        return SchedulerOutput(scheduled, preempted, finished_ids)
 
     def _chunk(self, request: Request, budget: int, num_computed: int | None = None) -> int:
         if num_computed is None:
@@ -248,7 +246,6 @@ class Scheduler:
         self.allocator.free(request)
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
-        request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
@@ -260,7 +257,6 @@ class Scheduler:
         would; the positions of rejected drafts are not counted as computed (their KV slots are written
         again by later steps)."""
         finished: list[Request] = []
-        now = time.monotonic()
         for seq in output.scheduled:
             request = seq.request
             if request.is_finished:
@@ -280,9 +276,6 @@ class Scheduler:
             rejected = len(seq.draft_token_ids) - (len(seq.new_token_ids) - 1)
             request.num_computed_tokens += seq.num_tokens - rejected
             self.allocator.cache_full_blocks(request)
-            if request.first_token_time is None:
-                request.first_token_time = now
-            request.last_token_time = now
             if status is not None:
                 self.running.remove(request)
                 self._count_running(request, -1)

@@ -96,7 +96,6 @@ class FakeRunner:
             time.sleep(3600)
         self.batch_sizes.append(len(plan.scheduled))
         self.batched_tokens.append(sum(seq.num_tokens for seq in plan.scheduled))
-        assert plan.num_batched_tokens == self.batched_tokens[-1]
         self.finished_ids.extend(plan.finished_ids)
         results: dict[str, SampleResult] = {}
         for seq in plan.scheduled:

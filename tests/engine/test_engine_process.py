@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from server.engine.client import CoreStartError, ProcessCore
+from server.engine.client import CoreStartError, ProcessCore, spawn_core
 from server.engine.core import EngineConfig, EngineCore
 from server.engine.engine import AsyncEngine, EngineDeadError, QueueFullError, SupervisorConfig
 from server.engine.request import SamplingParams
@@ -90,6 +90,23 @@ async def test_outputs_equal_the_reference_and_the_process_stops() -> None:
     assert stats.num_generation_tokens == sum(p.max_tokens for p in params.values())  # type: ignore[misc]
     await engine.shutdown()
     assert not _running(pid) and not engine.is_healthy
+
+
+async def test_a_process_spawned_early_serves_the_first_start_and_a_restart_spawns_anew() -> None:
+    """The server spawns its engine before importing the HTTP stack (`first`); the first start waits
+    for that process, and a replacement after a death is a new one."""
+    early = spawn_core(build_fake, ())
+    engine = AsyncEngine.in_process(build_fake, first=early)
+    await engine.start()
+    try:
+        assert pid_of(engine) == early.process.pid
+        params = SamplingParams(max_tokens=4, temperature=0)
+        outputs = await collect(engine, "a", [1, 2, 3], params)
+        assert tokens_of(outputs) == reference_tokens([1, 2, 3], params, VOCAB)
+        os.kill(early.process.pid, signal.SIGKILL)
+        await wait_until(lambda: restarted(engine, early.process.pid))
+    finally:
+        await engine.shutdown()
 
 
 async def test_large_messages_both_ways_at_once_do_not_deadlock() -> None:

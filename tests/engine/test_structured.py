@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -98,7 +99,7 @@ def make_engine(
         max_num_seqs=8, max_num_batched_tokens=128, max_model_len=max_model_len, num_blocks=num_blocks,
         eos_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
-    structured = StructuredOutputs(tokenizer, TINY_VOCAB)
+    structured = functools.partial(StructuredOutputs, tokenizer, TINY_VOCAB)
     runner = ModelRunner(model, num_blocks, 16, tokenizer.eos_token_id, structured=structured)
     return LLMEngine(runner, Scheduler(config))
 

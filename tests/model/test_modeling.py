@@ -19,7 +19,7 @@ from model import (
     repeat_kv,
     rotate_half,
 )
-from model.attention import AttentionMetadata, PrefillSeq, allocate_kv_cache, build_decode_mask
+from model.attention import PrefillSeq, allocate_kv_cache, build_decode_mask, step_metadata
 from model.kernels import Kernels
 
 TINY = dict(
@@ -142,7 +142,7 @@ def _paged_step(model, caches, seqs, tables, starts, ends, bs, decodes):  # type
     if decodes:
         lens = torch.tensor([ends[i] for i in decodes])
         mask = build_decode_mask(lens, width * bs, model.config.num_key_value_heads, model.dtype)
-    meta = AttentionMetadata(torch.tensor(slots), len(decodes), dec_tables, mask, prefills, bs, lens)
+    meta = step_metadata(torch.tensor(slots), prefills, bs, model.kernels.cpp, dec_tables, lens, mask)
     return model.forward_paged(torch.tensor(ids), torch.tensor(pos), meta, caches)
 
 
@@ -261,9 +261,10 @@ def test_fresh_prompts_of_different_lengths_share_one_padded_attention_call(monk
     seqs = [PrefillSeq(s, n, n, torch.tensor([i])) for i, (s, n) in enumerate(zip(starts, lens, strict=True))]
     q, kv = torch.randn(27, nh, hd), torch.randn(27, 2 * nkv, hd)
     assert attention._fresh_runs(seqs) == [(True, seqs)]
-    meta = AttentionMetadata(torch.empty(0), 0, None, None, seqs, 16)
-    out = attention.fresh_prefill_attention(q, kv, seqs, meta)
-    assert calls == [(3, nh, 13, hd)] and len(meta.padding_index) == 1
+    [run] = attention.prefill_runs(seqs, q.device)  # built once per step, by the runner
+    assert run.fresh and run.seqs == seqs and run.padding is not None
+    out = attention.fresh_prefill_attention(q, kv, seqs, run.padding)
+    assert calls == [(3, nh, 13, hd)]
     for s in seqs:
         rows = slice(s.query_start, s.query_start + s.query_len)
         k = kv[rows, :nkv].transpose(0, 1).repeat_interleave(nh // nkv, 0)

@@ -21,6 +21,7 @@ from model.attention import (
     decode_attention,
     paged_attention,
     prefill_attention,
+    step_metadata,
 )
 
 pytestmark = pytest.mark.usefixtures("kernels", "kernel_mode_reset")
@@ -138,7 +139,7 @@ def test_prefill_chunk_equals_torch_path(dtype: torch.dtype, T: int, S: int) -> 
 @pytest.mark.parametrize("long_prompt", [False, True])
 def test_a_mixed_step_in_one_kernel_call_equals_the_torch_path(long_prompt: bool) -> None:
     """Decodes, two whole prompts of different lengths and a chunk after cached tokens: on CPU one kernel
-    call attends every row (step_rows); a whole prompt over KERNEL_PROMPT_MAX sends the step down the
+    call attends every row (the runner's step_metadata builds its tables); a whole prompt over KERNEL_PROMPT_MAX sends the step down the
     per-part path (SDPA for it). Both equal the torch path, and the cache gets the step's K/V either way."""
     g = torch.Generator().manual_seed(7)
     bs, nkv, nh, hd = 16, 3, 9, 64
@@ -166,12 +167,9 @@ def test_a_mixed_step_in_one_kernel_call_equals_the_torch_path(long_prompt: bool
     kv = torch.randn(N, 2 * nkv, hd, generator=g)
 
     def run(mode: str) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        paged_kernel.set_attention_kernel(mode)
         lens = torch.tensor(dec_lens)
-        meta = AttentionMetadata(
-            torch.tensor(slots), len(dec_lens), dec_tables, build_decode_mask(lens, 3 * bs, nkv, q.dtype),
-            prefills, bs, lens,
-        )  # fmt: skip
+        mask = build_decode_mask(lens, 3 * bs, nkv, q.dtype)
+        meta = step_metadata(torch.tensor(slots), prefills, bs, mode == "cpp", dec_tables, lens, mask)
         cache = cache0.clone()
         return paged_attention(q, kv, cache, meta), cache, meta
 
@@ -253,18 +251,23 @@ def test_kernel_build_folder_follows_env_and_avoids_read_only_homes(
     assert _build_dir().parent == Path(tempfile.gettempdir()) / f"smollm2-torch-extensions-{os.getuid()}"
 
 
-def test_first_build_is_announced_and_a_cached_one_is_not(
+def test_first_build_is_announced_and_a_built_library_is_loaded_without_the_build_tools(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     from types import SimpleNamespace
 
     from torch.utils import cpp_extension
 
+    builds: list[str] = []
+    loads: list[str] = []
+
     def fake_load(build_directory: str, **_: object) -> None:
+        builds.append(build_directory)
         (Path(build_directory) / "smollm2_paged_attention.so").write_bytes(b"")
 
     monkeypatch.setenv(paged_kernel.KERNEL_CACHE_VAR, str(tmp_path))
     monkeypatch.setattr(torch.ops, "smollm2", SimpleNamespace())  # as if not loaded in this process
+    monkeypatch.setattr(torch.ops, "load_library", loads.append)
     monkeypatch.setattr(cpp_extension, "load", fake_load)
     monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)  # no toolchain needed
     monkeypatch.setattr(paged_kernel.shutil, "which", lambda name: "/usr/bin/" + name)
@@ -277,3 +280,8 @@ def test_first_build_is_announced_and_a_cached_one_is_not(
         "C++ kernels built"
     )
     assert caplog.records == []
+    library = paged_kernel._build_dir() / "smollm2_paged_attention.so"
+    assert len(builds) == 1 and loads == [str(library)]  # the second start loads the library as it is
+    library.write_bytes(b"rebuilt by another checkout")  # a library the stamp does not describe
+    paged_kernel._build_and_load()
+    assert len(builds) == 2

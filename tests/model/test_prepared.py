@@ -90,3 +90,43 @@ def test_a_damaged_entry_is_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     expected = make_tiny_model()(ids).logits
     assert torch.allclose(model(ids).logits, expected, atol=1e-5)
     assert path.stat().st_size > 1000  # rewritten
+
+
+def test_dropping_the_unpacked_weights_keeps_the_serving_path_bit_identical() -> None:
+    """The served model keeps only what serving reads (packed, int4 and int8 copies, the embedding); its
+    hidden states and logits do not change, and the training path refuses to run."""
+    from model.attention import PrefillSeq, allocate_kv_cache, step_metadata
+
+    model = make_tiny_model(dtype=torch.bfloat16)
+    model.prepare_for_serving(int4_small_batch="on", int8_lm_head="on")
+    assert model.kernels is not None
+    cfg, bs = model.config, 16
+    ids = torch.randint(0, cfg.vocab_size, (12,))
+
+    def step() -> list[torch.Tensor]:
+        out = []
+        for n in (12, 3):  # the bf16 GEMM, and the int4 one (at most INT4_MAX_ROWS rows)
+            caches = allocate_kv_cache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 4, bs,
+                                       torch.bfloat16, "cpu")  # fmt: skip
+            prefill = [PrefillSeq(0, n, n, torch.tensor([0]))]
+            meta = step_metadata(torch.arange(n), prefill, bs, model.kernels.cpp)
+            hidden = model.forward_paged(ids[:n], torch.arange(n), meta, caches)
+            out += [hidden, model.compute_logits(hidden[-1:]), model.compute_logits(hidden)]
+        return out
+
+    before = step()
+    freed = model.drop_unpacked_weights()
+    if not model.kernels.bf16_gemm:  # without our GEMM oneDNN may still pack them; or a plain mm keeps them
+        assert freed >= 0
+    else:
+        dropped = [
+            p for n, p in model.named_parameters() if "embed" in n or ("layers." in n and "norm" not in n)
+        ]
+        assert freed == sum(2 * p.numel() for p in dropped) and all(p.is_meta for p in dropped)
+    after = step()
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    if freed:
+        with pytest.raises(RuntimeError, match="serving weights"):
+            model(ids[None])
+        with pytest.raises(ValueError, match="int4_small_batch"):
+            model.prepare_for_serving(int4_small_batch="off")

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from server.app import resolve_device_dtype
+from server.core_setup import resolve_device_dtype
 from server.settings import Settings
 
 

@@ -1,0 +1,172 @@
+"""Building the engine core from `Settings`, in whichever process runs it (the engine's child process,
+or the server's engine thread with `--engine-process false`).
+
+The spawned engine process imports this module (and, through load_core, torch and the model); the
+server process imports it too but needs none of that, so the heavy imports are inside the functions,
+and nothing here imports the HTTP stack.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+from server.settings import Settings
+
+if TYPE_CHECKING:
+    from model.tokenizer import Tokenizer
+    from server.engine.core import EngineCore
+    from server.engine.structured import StructuredOutputs
+
+log = logging.getLogger("server")
+DEFAULT_MAX_MODEL_LEN = 8192
+
+
+def resolve_device_dtype(settings: Settings) -> tuple[str, str]:
+    import torch
+
+    device = settings.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu" and torch.version.cuda is not None:  # a CUDA build of torch, no usable GPU
+            log.warning(
+                "no CUDA device available (torch %s, CUDA %s): falling back to CPU",
+                torch.__version__,
+                torch.version.cuda,
+            )
+    # bf16 on both: on this project's CPUs bf16 GEMMs run 3-4x faster than fp32 (bench notes).
+    dtype = "bfloat16" if settings.dtype == "auto" else settings.dtype
+    return device, dtype
+
+
+def make_core(
+    model: Any, eos_token_id: int | None, settings: Settings, tokenizer: Tokenizer | None = None
+) -> EngineCore:
+    """Size the KV cache (kv_cache_blocks); build runner + scheduler + EngineCore. With `tokenizer`, the
+    runner can constrain outputs (structured output needs the vocabulary's text)."""
+    from server.engine.core import EngineConfig, EngineCore
+    from server.engine.runner import ModelRunner
+    from server.engine.scheduler import Scheduler, SchedulerConfig
+    from server.engine.spec_decode import SpecConfig
+
+    max_model_len = settings.max_model_len or min(model.config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
+    eos = eos_token_id if eos_token_id is not None else model.config.eos_token_id
+    num_blocks, why = kv_cache_blocks(model, settings, max_model_len)
+    scheduler = SchedulerConfig(
+        max_num_seqs=settings.max_num_seqs,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
+        max_model_len=max_model_len,
+        block_size=settings.block_size,
+        num_blocks=num_blocks,
+        enable_prefix_caching=settings.enable_prefix_caching,
+        eos_token_id=eos,
+        max_seqs_per_request=settings.seqs_per_request,
+        speculative=SpecConfig(
+            settings.speculative_ngram,
+            settings.speculative_ngram_min,
+            settings.speculative_ngram_max,
+            settings.speculative_max_num_seqs,
+        ),
+    )
+    try:
+        scheduler.validate()
+    except ValueError as e:
+        raise ValueError(f"{e}: raise --kv-cache-memory (now {why}) or lower --max-model-len") from e
+    runner = ModelRunner(
+        model, num_blocks, settings.block_size, eos, cuda_graphs=settings.cuda_graphs,
+        max_num_seqs=settings.max_num_seqs, max_model_len=max_model_len, capture_graphs_now=True,
+        structured=None if tokenizer is None else functools.partial(_structured, tokenizer, model.config.vocab_size),
+    )  # fmt: skip
+    config = EngineConfig(scheduler, settings.max_waiting, kv_cache_bytes=runner.kv_cache_bytes)
+    core = EngineCore(runner, Scheduler(scheduler), config)
+    log.info(
+        "KV cache: %d blocks x %d tokens = %d tokens, %.0f MiB (%s); max_model_len %d, max_num_seqs %d",
+        num_blocks, settings.block_size, num_blocks * settings.block_size, runner.kv_cache_bytes / 2**20, why,
+        max_model_len, settings.max_num_seqs,
+    )  # fmt: skip
+    return core
+
+
+# Tokens per running sequence the default KV cache holds room for: a chat turn's prompt and answer. A
+# busier mix preempts (and later recomputes) the newest sequences instead of failing; a larger pool is
+# one --kv-cache-memory away.
+KV_TOKENS_PER_SEQ = 128
+
+
+def kv_cache_blocks(model: Any, settings: Settings, max_model_len: int) -> tuple[int, str]:
+    """KV blocks for --kv-cache-memory, or by default for max_num_seqs sequences of KV_TOKENS_PER_SEQ
+    tokens (at least one sequence of max_model_len); and how that was decided, for the log."""
+    from server.engine.runner import num_blocks_for_memory
+
+    memory = settings.kv_cache_memory
+    if memory is not None:
+        return num_blocks_for_memory(
+            model, memory, settings.block_size, model.dtype
+        ), f"--kv-cache-memory {memory}"
+    tokens = max(max_model_len, settings.max_num_seqs * KV_TOKENS_PER_SEQ)
+    why = f"default: {settings.max_num_seqs} sequences x {KV_TOKENS_PER_SEQ} tokens, at least max_model_len"
+    return -(-tokens // settings.block_size), why
+
+
+def _structured(tokenizer: Tokenizer, vocab_size: int) -> StructuredOutputs:
+    from server.engine.structured import StructuredOutputs  # xgrammar: only once a request needs it
+
+    return StructuredOutputs(tokenizer, vocab_size)
+
+
+def model_source(settings: Settings) -> str:
+    from model.defaults import require_default_model
+
+    return settings.model or str(require_default_model())
+
+
+def load_core(settings: Settings) -> EngineCore:
+    """Load the model named by `settings` and build its EngineCore (in whichever process runs the steps)."""
+    from model.prepared import load_prepared
+    from model.quant import INT4_MAX_ROWS
+    from model.tokenizer import Tokenizer
+
+    source = model_source(settings)
+    device, dtype = resolve_device_dtype(settings)
+    if device == "cpu":
+        import torch
+
+        from model.threads import set_compute_threads
+
+        threads = settings.torch_threads or default_torch_threads(settings)
+        torch.set_num_threads(threads)
+        set_compute_threads(os.cpu_count() or 1)
+        log.info("CPU: %d thread(s) for element-wise ops, GEMMs on all %d cores", threads, os.cpu_count())
+    model = load_prepared(
+        source, dtype, device, settings.int4_small_batch, settings.int8_lm_head, settings.prepared_cache
+    )
+    cfg = model.config
+    log.info(
+        "loaded %s: %d layers, hidden %d, vocab %d, context %d, %s on %s",
+        source, cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size, cfg.max_position_embeddings, dtype, device,
+    )  # fmt: skip
+    if model.int4_active:
+        log.info(
+            "int4 weights for steps of <= %d tokens (reconstruction error %.4f)",
+            INT4_MAX_ROWS,
+            model.int4_error,
+        )
+    elif settings.int4_small_batch != "off" and model.int4_error is not None:
+        log.info("int4 weights off: they would change the model (error %.4f > lossless)", model.int4_error)
+    if model.int8_head_active:
+        log.info(
+            "int8 LM head for steps sampling <= 4 tokens (reconstruction error %.4f)", model.int8_head_error
+        )
+    elif settings.int8_lm_head != "off" and model.int8_head_error is not None:
+        log.info("int8 LM head off: it would change the model (error %.4f > lossless)", model.int8_head_error)
+    tokenizer = Tokenizer.from_file(source)
+    return make_core(model, tokenizer.eos_token_id, settings, tokenizer)
+
+
+def default_torch_threads(settings: Settings) -> int:
+    """All cores but one for ATen's element-wise loops (our GEMMs switch to every core around each
+    call): on 2 cores, two OpenMP threads on each of a step's ~3,000 small ops cost more than they
+    gave (bench/NOTES.md)."""
+    return max(1, (os.cpu_count() or 1) - 1)
