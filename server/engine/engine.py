@@ -256,7 +256,7 @@ class AsyncEngine:
             raise ValueError(
                 f"the request needs {num_sequences} sequences (n x prompts); the queue holds at most {limit}"
             )
-        waiting = self._stats.num_waiting + sum(count for _, count in self._unseen_adds)
+        waiting = self._num_waiting
         if waiting + num_sequences > limit:
             raise QueueFullError(f"{waiting} of {limit} queue places are taken")
 
@@ -296,7 +296,7 @@ class AsyncEngine:
             self._deliver([out])
 
     def stats(self) -> EngineStats:
-        waiting = self._stats.num_waiting + sum(count for _, count in self._unseen_adds)
+        waiting = self._num_waiting
         return dataclasses.replace(
             self._stats,
             num_waiting=waiting,
@@ -304,6 +304,11 @@ class AsyncEngine:
             healthy=self.is_healthy,
             num_engine_restarts=self._num_restarts,
         )
+
+    @property
+    def _num_waiting(self) -> int:
+        """Waiting sequences as the core last reported them, plus those sent since that it had not seen."""
+        return self._stats.num_waiting + sum(count for _, count in self._unseen_adds)
 
     def _check_accepting(self) -> None:
         if self._state is _State.RUNNING:
