@@ -200,14 +200,25 @@ async def wait_idle(base: str, timeout: float = 60.0) -> tuple[float, float]:
 
 
 async def warm_up(base: str, clients: int) -> None:
-    """One round at full concurrency with the longest prompts and outputs the soak sends, so the engine's
-    largest step shapes (and the allocator's high-water mark) are reached before the baseline RSS."""
+    """One round at full concurrency with the longest prompts and outputs the soak sends, on both
+    endpoints and with n = 1 and 2, each prompt a different window of the text (the same prompt would
+    hit the prefix cache and leave the large prefill shapes unseen), so the engine's largest step
+    shapes are reached before the baseline RSS."""
     async with httpx.AsyncClient(base_url=base, timeout=600, trust_env=False) as client:
-        prompt = " ".join(WORDS[:200])
-        body = {"model": SERVED_NAME, "prompt": prompt, "max_tokens": 160, "ignore_eos": True}
-        await asyncio.gather(
-            *(client.post("/v1/completions", json={**body, "n": 1 + i % 2}) for i in range(clients))
-        )
+
+        def request(i: int) -> Any:
+            start = (i * 97) % (len(WORDS) - 200)
+            text = " ".join(WORDS[start : start + 200])
+            body = {"model": SERVED_NAME, "max_tokens": 160, "ignore_eos": True, "n": 1 + i % 2}
+            if i % 3 == 0:
+                return client.post("/v1/chat/completions",
+                                   json={**body, "messages": [{"role": "user", "content": text}]})  # fmt: skip
+            return client.post("/v1/completions", json={**body, "prompt": text})
+
+        await asyncio.gather(*(request(i) for i in range(clients)))
+
+
+SETTLE_S = 3.0  # the engine returns freed heap to the OS after a second idle: measure after that
 
 
 def start_server(server_args: list[str]) -> RunningServer:
@@ -282,6 +293,7 @@ async def soak(args: argparse.Namespace) -> str:
     try:
         await warm_up(server.base_url, args.clients)
         await wait_idle(server.base_url)
+        await asyncio.sleep(SETTLE_S)
         rss_before = tree_rss_mb(server.pid)
         deadline = time.monotonic() + args.minutes * 60
         tally = Tally()
@@ -290,6 +302,7 @@ async def soak(args: argparse.Namespace) -> str:
         await asyncio.gather(*(client_loop(server.base_url, i, deadline, tally) for i in range(args.clients)))
         sampler.cancel()
         idle = await wait_idle(server.base_url)
+        await asyncio.sleep(SETTLE_S)
         rss_after = tree_rss_mb(server.pid)
         samples.append((time.monotonic(), tree_rss(server.pid)))
         return report(args, tally, (rss_before, rss_after), idle) + rss_curve(samples)

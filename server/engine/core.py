@@ -14,6 +14,8 @@ being read.
 from __future__ import annotations
 
 import collections
+import ctypes
+import ctypes.util
 import logging
 import queue
 import signal
@@ -183,9 +185,11 @@ def run_core_loop(
     """Take in every message waiting, run one step if there is work, emit its outputs; block on the
     inbox only while idle. Returns on `Shutdown`; a failing step emits `CoreDead` and returns."""
     last_add = 0
+    worked = False  # since the heap was last trimmed
     try:
         while True:
-            messages = [] if core.has_unfinished() else [inbox.get()]
+            messages = [] if core.has_unfinished() else [_wait_idle(inbox, worked)]
+            worked = True
             while not inbox.empty():
                 messages.append(inbox.get())
             outputs: list[SeqOutput] = []
@@ -204,6 +208,41 @@ def run_core_loop(
     except Exception as exc:  # noqa: BLE001 - a failed step: the client fails the streams and restarts us
         log.error("engine step failed:\n%s", traceback.format_exc())
         emit(CoreDead(f"{type(exc).__name__}: {exc}"))
+
+
+IDLE_TRIM_AFTER_S = 1.0
+
+
+def _wait_idle(inbox: queue.SimpleQueue[CoreInput], worked: bool) -> CoreInput:
+    """Block for the next message; after a second idle that follows work, hand freed heap memory back
+    to the OS first, so a burst of long prompts does not leave the engine's RSS at its high-water mark."""
+    if worked:
+        try:
+            return inbox.get(timeout=IDLE_TRIM_AFTER_S)
+        except queue.Empty:
+            trim_heap()
+    return inbox.get()
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None)  # glibc only; musl and macOS have none
+    if trim is None:
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+_malloc_trim = _load_malloc_trim()
+
+
+def trim_heap() -> None:
+    """Return the free pages of every malloc arena to the OS (glibc's malloc_trim); a no-op elsewhere."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 # ---- the child process ------------------------------------------------------------------------------

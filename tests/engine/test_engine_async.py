@@ -418,3 +418,34 @@ async def test_extreme_params_on_the_real_runner_keep_the_engine_healthy(
     assert engine.is_healthy and engine.stats().num_engine_restarts == 0
     tiny_runner_core.scheduler.allocator.check_integrity()
     await engine.shutdown()
+
+
+def test_idle_core_returns_freed_heap_once_after_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a burst the core hands its freed heap back to the OS once it has been idle a moment (so
+    RSS does not stay at the burst's high-water mark), and not while requests are running."""
+    import queue
+    import threading
+
+    from server.engine import core as core_module
+    from server.engine.messages import AddRequests, CoreRequest, Shutdown, StepOutputs
+
+    trims: list[bool] = []
+    monkeypatch.setattr(core_module, "IDLE_TRIM_AFTER_S", 0.2)
+    core = fake_core(step_delay=0.01)
+    monkeypatch.setattr(core_module, "trim_heap", lambda: trims.append(core.has_unfinished()))
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+    outputs: list[StepOutputs] = []
+    loop = threading.Thread(target=core_module.run_core_loop, args=(core, inbox, outputs.append))
+    loop.start()
+    time.sleep(0.5)
+    assert trims == []  # nothing was done yet: nothing to give back
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    inbox.put(AddRequests([CoreRequest("a", [1, 2, 3], params, time.monotonic())], seq=1))
+    deadline = time.monotonic() + 10
+    while not trims and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # still idle: no second trim
+    inbox.put(Shutdown())
+    loop.join(10)
+    assert trims == [False]  # exactly once, and only when nothing was running
+    assert sum(len(o.outputs) for o in outputs) >= 20
