@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Build the CPU image with podman on a machine with no Docker engine and no image registry, run it,
 # and check it end to end: /health, one completion, graceful stop on SIGTERM.
-# Follows ../shared/podman/README.md. Needs root (apt-get, podman with the vfs driver).
+# Needs root (apt-get; rootful podman with runc, cgroupfs and the vfs storage driver, which work inside
+# a container without systemd or overlay support).
 #
 #   bash docker/build-cpu-local.sh            # build + run + check
 #   bash docker/build-cpu-local.sh --build-only
 #   CLEAN=1 bash docker/build-cpu-local.sh    # same, then remove the images (vfs layers use disk)
 #
 # Env: IMAGE (default localhost/smollm2-server:cpu), PORT (host port, default: a free one),
-#      WORK (debootstrap folder, default /var/tmp/smollm2-podman), HEALTH_TIMEOUT (s, default 300).
+#      WORK (debootstrap folder, default /var/tmp/smollm2-podman), HEALTH_TIMEOUT (s, default 300),
+#      TORCH_WHEEL (a local CPU torch 2.13.0 wheel; default: torch==2.13.0 from the PyTorch CPU index),
+#      CONTAINERS_CONF / CONTAINERS_STORAGE_CONF (podman's own; default: the settings written below).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -30,12 +33,17 @@ install_tools() {
     log "apt-get install ${missing[*]}"
     apt-get update -qq && apt-get install -y -qq podman buildah debootstrap runc >/dev/null
   fi
-  # shared/ sits beside the repo; a git worktree one level deeper (wt/NAME) finds it two levels up.
-  local shared=${SHARED:-$REPO/../shared}
-  [[ -d $shared || -n ${SHARED:-} ]] || shared=$REPO/../../shared
-  export CONTAINERS_CONF=$shared/podman/containers.conf        # runc, cgroupfs, ulimits
-  export CONTAINERS_STORAGE_CONF=$shared/podman/storage.conf   # vfs driver
-  [[ -f $CONTAINERS_CONF && -f $CONTAINERS_STORAGE_CONF ]] || fail "podman config not found in $shared/podman (set SHARED)"
+  mkdir -p "$WORK/podman"
+  if [[ -z ${CONTAINERS_CONF:-} ]]; then
+    export CONTAINERS_CONF=$WORK/podman/containers.conf
+    printf '[containers]\ndefault_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]\n[engine]\nruntime = "runc"\ncgroup_manager = "cgroupfs"\n' \
+      >"$CONTAINERS_CONF"
+  fi
+  if [[ -z ${CONTAINERS_STORAGE_CONF:-} ]]; then
+    export CONTAINERS_STORAGE_CONF=$WORK/podman/storage.conf
+    printf '[storage]\ndriver = "vfs"\nrunroot = "/run/containers/storage"\ngraphroot = "/var/lib/containers/storage"\n' \
+      >"$CONTAINERS_STORAGE_CONF"
+  fi
 }
 
 make_base() {
@@ -43,7 +51,9 @@ make_base() {
   mkdir -p "$WORK"
   if ! podman image exists localhost/debian:bookworm-min; then
     local mirror
-    mirror=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources)
+    # The host's own Debian mirror where it has one (it may be the only one reachable).
+    mirror=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+    mirror=${mirror:-http://deb.debian.org/debian}
     if [[ ! -x $WORK/rootfs/usr/bin/apt-get ]]; then
       log "debootstrap bookworm from $mirror (about a minute)"
       rm -rf "$WORK/rootfs"
@@ -59,18 +69,19 @@ make_base() {
 }
 
 build_image() {
-  local wheel
-  wheel=$(ls /opt/wheels/torch-2.13.0+cpu-*.whl 2>/dev/null | head -n1) || true
-  [[ -n $wheel ]] || fail "no CPU torch wheel in /opt/wheels"
-  cp -u "$wheel" "$REPO/docker/wheels/"
-  log "building $IMAGE (torch from $(basename "$wheel"))"
-  # --format docker keeps HEALTHCHECK (the OCI format drops it). Torch's own dependencies come
-  # from PyPI; the CPU wheel comes from the build context.
+  local torch_args=(--build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu --build-arg TORCH_SPEC=torch==2.13.0)
+  if [[ -n ${TORCH_WHEEL:-} ]]; then
+    [[ -f $TORCH_WHEEL ]] || fail "TORCH_WHEEL=$TORCH_WHEEL: no such file"
+    cp -u "$TORCH_WHEEL" "$REPO/docker/wheels/"
+    # Torch's own dependencies come from PyPI; the wheel comes from the build context.
+    torch_args=(--build-arg TORCH_INDEX_URL=https://pypi.org/simple
+                --build-arg TORCH_SPEC="/tmp/wheels/$(basename "$TORCH_WHEEL")")
+  fi
+  log "building $IMAGE (torch: ${TORCH_WHEEL:-torch==2.13.0 from the PyTorch CPU index})"
+  # --format docker keeps HEALTHCHECK (the OCI format drops it).
   podman build --pull=never --format docker -t "$IMAGE" \
     -v "$CA:/host-ca.crt:ro" --build-arg PIP_CERT=/host-ca.crt \
-    --build-arg BASE_IMAGE="$CPU_BASE" --build-arg CPU_KERNELS=true \
-    --build-arg TORCH_INDEX_URL=https://pypi.org/simple \
-    --build-arg TORCH_SPEC="/tmp/wheels/$(basename "$wheel")" \
+    --build-arg BASE_IMAGE="$CPU_BASE" --build-arg CPU_KERNELS=true "${torch_args[@]}" \
     "$REPO"
 }
 
