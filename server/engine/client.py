@@ -120,6 +120,9 @@ class ProcessCore:
         )
         self.info = self._await_ready(start_timeout)
         self._on_message = on_message
+        # Set by close(): the child's exit is then expected, and close() alone reaps it (two threads
+        # joining one process race in multiprocessing: one can see it alive after it was reaped).
+        self._closing = False
         self._outbox: queue.SimpleQueue[CoreInput | None] = queue.SimpleQueue()
         self._sender = threading.Thread(target=self._send_all, name="core-sender", daemon=True)
         self._receiver = threading.Thread(target=self._receive_all, name="core-receiver", daemon=True)
@@ -156,6 +159,7 @@ class ProcessCore:
 
     def close(self, timeout: float) -> None:
         """Ask the child to stop, wait for it, and kill it if it does not."""
+        self._closing = True
         self._outbox.put(Shutdown())
         self._outbox.put(None)
         self._stop_process(timeout)
@@ -190,7 +194,8 @@ class ProcessCore:
                 if isinstance(message, CoreDead):
                     return
         except (EOFError, OSError):
-            self._on_message(CoreDead(f"the engine process exited (exit code {self._exit_code()})"))
+            code = "closed" if self._closing else f"exit code {self._exit_code()}"
+            self._on_message(CoreDead(f"the engine process exited ({code})"))
 
 
 @contextlib.contextmanager
