@@ -185,6 +185,14 @@ def bf16_tiles_supported(weight: torch.Tensor, kernels: Kernels, swiglu: bool = 
     )
 
 
+def _onednn_pack(weight: torch.Tensor) -> torch.Tensor:
+    """(N, K) bf16 -> oneDNN's blocked layout for _linear_pointwise, checked by one call."""
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, 32)
+    probe = torch.zeros(1, weight.shape[1], dtype=weight.dtype)
+    torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "")
+    return packed
+
+
 class PackedLinear:
     """y = x @ W^T for the serving path. On CPU in bfloat16 the weight is packed once: into the tiles of our
     C++ GEMM (model/csrc/bf16_gemm.cpp) when the kernels are built and the CPU has AVX512-BF16, which
@@ -223,12 +231,22 @@ class PackedLinear:
             and torch.backends.mkldnn.is_available()
         ):
             try:
-                packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 32)
-                probe = torch.zeros(1, weight.shape[1], dtype=weight.dtype)
-                torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "")
-                self.packed = packed
+                self.packed = _onednn_pack(weight.detach())
             except (RuntimeError, AttributeError):  # a torch build without these ops: plain mm
                 self.packed = None
+
+    # oneDNN's packed weight is an opaque tensor that torch.save cannot write: pickle its plain form (the
+    # plain weight itself may have been dropped) and pack it again when read back.
+    def __getstate__(self) -> dict[str, object]:
+        state = dict(self.__dict__)
+        if self.packed is not None:
+            state["packed"] = self.packed.to_dense()
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        if self.packed is not None:
+            self.packed = _onednn_pack(self.packed)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return run_wide(self._matmul, x)

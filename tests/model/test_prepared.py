@@ -130,3 +130,35 @@ def test_dropping_the_unpacked_weights_keeps_the_serving_path_bit_identical() ->
             model(ids[None])
         with pytest.raises(ValueError, match="int4_small_batch"):
             model.prepare_for_serving(int4_small_batch="off")
+
+
+@pytest.mark.parametrize("bf16_gemm", [True, False])
+def test_a_prepared_model_survives_save_and_load_whichever_gemm_packed_it(bf16_gemm: bool) -> None:
+    """CPUs without our bf16 GEMM (no AVX512-BF16) or preferring oneDNN's (AMX) pack the linears in
+    oneDNN's opaque layout: the prepared model must still be written to the cache and serve the same
+    hidden states when read back."""
+    import io
+
+    from model.attention import PrefillSeq, allocate_kv_cache, step_metadata
+    from model.kernels import Kernels
+
+    detected = Kernels.detect(torch.device("cpu"))
+    if bf16_gemm and not detected.bf16_gemm:
+        pytest.skip("this CPU has no AVX512-BF16 GEMM")
+    model = make_tiny_model(dtype=torch.bfloat16)
+    model.prepare_for_serving(kernels=Kernels(cpp=detected.cpp, bf16_gemm=bf16_gemm))
+    model.drop_unpacked_weights()
+    cfg, bs, n = model.config, 16, 9
+    ids = torch.randint(0, cfg.vocab_size, (n,))
+
+    def hidden(m: torch.nn.Module) -> torch.Tensor:
+        caches = allocate_kv_cache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 4, bs,
+                                   torch.bfloat16, "cpu")  # fmt: skip
+        meta = step_metadata(torch.arange(n), [PrefillSeq(0, n, n, torch.tensor([0]))], bs, detected.cpp)
+        return m.forward_paged(ids, torch.arange(n), meta, caches)
+
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert torch.equal(hidden(model), hidden(loaded))
