@@ -167,7 +167,7 @@ def test_table_reports_ratio_and_unavailable_peers() -> None:
     text = results_table(table, [1])
     assert "| vllm | 1 | 50.0 |" in text and "2.00x" in text
     assert "unavailable: no / binary" in text
-    assert {line.count("|") for line in text.splitlines()} == {12}  # every row has the 11 columns
+    assert {line.count("|") for line in text.splitlines()} == {14}  # every row has the 13 columns
 
 
 def test_roofline_fractions_of_the_issue_and_the_machine_ceilings() -> None:
