@@ -937,6 +937,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--concurrency", default=None, help="comma list, default 1,8,32,64")
     ap.add_argument("--requests-per-client", type=int, default=None)
+    ap.add_argument(
+        "--min-requests", type=int, default=None, help="requests per run at least (default 8, quick 4)"
+    )
     ap.add_argument("--deadline", type=float, default=None, help="hard limit per run, seconds")
     ap.add_argument("--no-warmup", action="store_true")
     ap.add_argument("--label", default="", help="file name prefix of the report, e.g. gpu -> gpu-<date>.md")
@@ -970,7 +973,7 @@ def make_plan(args: argparse.Namespace) -> BenchPlan:
         peers=peers or ["ours", "ours-json", "vllm", "llamacpp", "transformers"],
         concurrencies=conc or ([1, 32] if args.quick else [1, 8, 32, 64]),
         requests_per_client=args.requests_per_client or (1 if args.quick else 2),
-        min_requests=4 if args.quick else 8,
+        min_requests=args.min_requests or (4 if args.quick else 8),
         # Long prompts take longer to serve: more time before a run counts as stuck.
         deadline_s=args.deadline or (60.0 if args.quick else 150.0) * (1 if args.workload == "short" else 2),
         warmup=not args.no_warmup,
