@@ -693,13 +693,18 @@ def write_report(
     stamp = (f"{label}-" if label else "") + dt.datetime.now().strftime("%Y-%m-%d-%H%M")
     md = out_dir / f"{stamp}.md"
     title = "" if plan.workload == "short" else f", workload {plan.workload}"
+    requests = (
+        "the short clients loop until the long prompts are done"
+        if plan.workload == "mixed"
+        else f"requests = max({plan.min_requests}, {plan.requests_per_client} x c)"
+    )
     roofline = roofline_lines(table.get("ours", {}), machine, on_gpu) if plan.workload == "short" else []
     body = [
         f"# Serving benchmark{title} {stamp}",
         "",
         f"Command: `{' '.join(['python -m bench.serve_bench', *sys.argv[1:]])}`",
         f"Load: {workload_text(plan)}, {_sampling_text(plan)}, ignore_eos; "
-        f"requests = max({plan.min_requests}, {plan.requests_per_client} x c); deadline {plan.deadline_s:.0f} s "
+        f"{requests}; deadline {plan.deadline_s:.0f} s "
         f"per run; times in ms; CPU % of one core for the server process tree.",
         "",
         results_table(table, plan.concurrencies, plan.workload),
@@ -817,9 +822,9 @@ def _warm_config(cfg: LoadConfig, peer: Any, num: int, prompts: list[str] | None
     return LoadConfig(**{**cfg.__dict__, **warm})
 
 
-async def prefill_probe(plan: BenchPlan, server: Any, peer: Any, first: int) -> LoadResult:
-    """``plan.prefill_runs`` long prompts, one at a time, ``max_tokens`` 1: the single-request prefill."""
-    cfg = LoadConfig(
+def prefill_config(plan: BenchPlan, server: Any, peer: Any, first: int) -> LoadConfig:
+    """The prefill probe: ``plan.prefill_runs`` long prompts, one at a time, ``max_tokens`` 1."""
+    return LoadConfig(
         base_url=server.base_url,
         model=server.model_id,
         concurrency=1,
@@ -830,7 +835,6 @@ async def prefill_probe(plan: BenchPlan, server: Any, peer: Any, first: int) -> 
         sampling=plan.sampling,
         prompts=make_long_prompts(plan.prefill_runs, first),
     )
-    return await run_load_measured(cfg, server.pid)
 
 
 async def bench_peer(
@@ -855,12 +859,12 @@ async def bench_peer(
             prefill[name] = f"unavailable: {exc}"  # type: ignore[index]
         return dict.fromkeys(plan.concurrencies, f"unavailable: {exc}")
     # Every peer gets the same numbered prompts in the same order; warm-ups draw from far above.
-    numbered, warm_numbered = itertools.count(), itertools.count(1_000_000)
+    next_prompt = {"run": 0, "warm": 1_000_000}
 
-    def take(counter: itertools.count[int], k: int) -> int:
-        first = next(counter)
-        for _ in range(k - 1):
-            next(counter)
+    def take(kind: str, k: int) -> int:
+        """The first of ``k`` prompt numbers no earlier request of this peer's server used."""
+        first = next_prompt[kind]
+        next_prompt[kind] += k
         return first
 
     server = None
@@ -871,29 +875,31 @@ async def bench_peer(
                     server.stop()
                 server = peer.start(c, log)
             if probe and name not in prefill:  # type: ignore[operator]
+                probe_cfg = prefill_config(plan, server, peer, take("run", plan.prefill_runs))
                 if plan.warmup:
-                    warm_cfg, _ = workload_configs(plan, 1, server.base_url, server.model_id, peer, 0)
-                    await run_load(
-                        _warm_config(warm_cfg, peer, 2, make_long_prompts(2, take(warm_numbered, 2)))
-                    )
-                cell = await prefill_probe(plan, server, peer, take(numbered, plan.prefill_runs))
+                    await run_load(_warm_config(probe_cfg, peer, 2, make_long_prompts(2, take("warm", 2))))
+                cell = await run_load_measured(probe_cfg, server.pid)
                 prefill[name] = cell  # type: ignore[index]
                 log(f"[{name}] {prefill_lines({name: cell}, plan.prefill_runs)[0]}")
             cfg, long = workload_configs(
-                plan, c, server.base_url, server.model_id, peer, take(numbered, prompts_used(plan, c))
+                plan, c, server.base_url, server.model_id, peer, take("run", prompts_used(plan, c))
             )
             if plan.warmup:
                 w = min(c, 8)
                 fresh = None
                 if plan.workload == "long":
-                    fresh = make_long_prompts(w, take(warm_numbered, w))
+                    fresh = make_long_prompts(w, take("warm", w))
                 elif plan.workload == "shared-prefix":
-                    fresh = make_user_messages(w, take(warm_numbered, w))
+                    fresh = make_user_messages(w, take("warm", w))
                 await run_load(_warm_config(cfg, peer, w, fresh))
                 if long is not None:  # one long prompt too, so the first measured one finds the server warm
-                    await run_load(_warm_config(long, peer, 1, make_long_prompts(1, take(warm_numbered, 1))))
-            extra = f", {long.num_requests} long at {plan.long_rate:g}/s" if long is not None else ""
-            log(f"[{name}] c={c}: {cfg.num_requests} requests{extra}, deadline {cfg.deadline_s:.0f} s")
+                    await run_load(_warm_config(long, peer, 1, make_long_prompts(1, take("warm", 1))))
+            what = (
+                f"{cfg.num_requests} requests"
+                if long is None
+                else f"short streams while {long.num_requests} long prompts arrive at {plan.long_rate:g}/s"
+            )
+            log(f"[{name}] c={c}: {what}, deadline {cfg.deadline_s:.0f} s")
             before = scrape_latency_sums(server.base_url)
             if long is None:
                 row[c] = await run_load_measured(cfg, server.pid)
