@@ -112,7 +112,7 @@ def _shuffled_text(rng: random.Random, words: int) -> str:
 
 def make_long_prompt(index: int, tokens: int = LONG_PROMPT_TOKENS) -> str:
     """A ~``tokens``-token prompt, its own ordering of the text per ``index``. The numbered opening makes
-    two prompts differ from their third token on, so no prefix cache can serve one from another."""
+    two prompts differ within their first few tokens, so no prefix cache can serve one from another."""
     head = f"Passage {index}:"
     body = _shuffled_text(random.Random(index), max(1, round(tokens / TOKENS_PER_WORD) - 2))
     return f"{head} {body}"
