@@ -31,8 +31,13 @@ lint: venv
 test: venv fetch-model lint
 	$(VENV)/bin/pytest -q
 
+# The short-prompt decode load at 1-64 streams, then the long-prompt loads: 1,500-token prompts (with the
+# single-prompt prefill probe), chat on one shared system prompt, and long prompts arriving among streams.
 bench: venv fetch-model
 	$(PY) -m bench.serve_bench --out bench/results
+	$(PY) -m bench.serve_bench --workload long --concurrency 1,8,32 --out bench/results
+	$(PY) -m bench.serve_bench --workload shared-prefix --concurrency 32 --out bench/results
+	$(PY) -m bench.serve_bench --workload mixed --concurrency 32 --out bench/results
 
 bench-quick: venv fetch-model
 	$(PY) -m bench.serve_bench --quick --out bench/results

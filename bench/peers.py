@@ -38,6 +38,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 INSTALLED_MARKER = ".bench-installed"
 HF_DIR_NAME = "hf-SmolLM2-135M-Instruct"
 SERVED_NAME = "SmolLM2-135M-Instruct"
+LONG_KV_CACHE_MEMORY = "2GiB"
 
 
 class PeerUnavailable(RuntimeError):
@@ -125,6 +126,10 @@ class Peer:
     restart_per_concurrency = False  # True when a server flag depends on the number of clients
     startup_timeout_s = 120.0
     health_path = "/health"
+    # Set by the benchmark before start(): the tokens one request holds (prompt + output) and how many
+    # requests beyond the streams can be in flight (the mixed load's long prompts).
+    context_per_slot = 256
+    extra_slots = 0
 
     def ensure_installed(self, log: Log) -> None:
         """Install once (idempotent); raise PeerUnavailable with the reason on failure."""
@@ -216,7 +221,12 @@ class OursPeer(Peer):
 
     def argv(self, port: int, concurrency: int) -> list[str]:
         model = os.environ.get("SMOLLM2_MODEL") or str(require_default_model())
-        return [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port), "--model", model]
+        argv = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port), "--model", model]
+        # The default KV cache holds max_num_seqs sequences of 128 tokens: room for a few long prompts
+        # only. Long-prompt loads get vLLM's 2 GiB (VLLM_CPU_KVCACHE_SPACE) unless the user set a size.
+        if self.context_per_slot > 256 and not os.environ.get("SMOLLM2_KV_CACHE_MEMORY"):
+            argv += ["--kv-cache-memory", LONG_KV_CACHE_MEMORY]
+        return argv
 
     def extra_body(self, max_tokens: int) -> dict[str, Any]:
         return {"ignore_eos": True, "stream_options": {"include_usage": True}}
@@ -300,10 +310,12 @@ class LlamaCppPeer(VenvPeer):
         run_logged([str(self.server_binary()), "--version"], log_path, "llama-server --version", log)
 
     def argv(self, port: int, concurrency: int) -> list[str]:
-        ctx = max(4096, concurrency * 256)  # the context is split among slots: 256 each fits 64 + 128
+        # The context is split among slots: 256 each fits 64 + 128, 2048 a long prompt + 128.
+        slots = concurrency + self.extra_slots
+        ctx = max(4096, slots * self.context_per_slot)
         return [
             str(self.server_binary()), "-m", str(require_default_model()), "--host", "127.0.0.1",
-            "--port", str(port), "-t", "2", "-np", str(concurrency), "-c", str(ctx), "-cb",
+            "--port", str(port), "-t", "2", "-np", str(slots), "-c", str(ctx), "-cb",
             "-a", SERVED_NAME,
         ]  # fmt: skip
 

@@ -14,7 +14,8 @@ from typing import Any
 def _series(row: dict[Any, Any], key: str) -> tuple[list[int], list[float]]:
     """(concurrency, value) pairs of one peer's measured cells; 'unavailable' cells are skipped."""
     xs, ys = [], []
-    for c, cell in sorted(row.items(), key=lambda kv: int(kv[0])):
+    numeric = [(c, cell) for c, cell in row.items() if str(c).isdigit()]  # not the "prefill" probe
+    for c, cell in sorted(numeric, key=lambda kv: int(kv[0])):
         d = cell.to_dict() if hasattr(cell, "to_dict") else cell
         if isinstance(d, dict) and d.get(key) is not None:
             xs.append(int(c))

@@ -31,6 +31,7 @@ from bench.serve_bench import (
     roofline_fractions,
     roofline_lines,
     run_load,
+    run_mixed,
     server_side_line,
 )
 
@@ -60,6 +61,30 @@ def fake_app() -> FastAPI:
             if prompt != "no-usage":
                 usage = {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": n + 3}
                 yield "data: " + json.dumps({"choices": [], "usage": usage}) + "\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(request: Request) -> Response:
+        """Chat chunks: a role-only delta first (no token), then one token per delta, then usage."""
+        body = await request.json()
+        BODIES.append(body)
+        n = int(body["max_tokens"])
+
+        async def events() -> AsyncIterator[str]:
+            yield "data: " + json.dumps({"choices": [{"index": 0, "delta": {"role": "assistant"}}]}) + "\n\n"
+            await asyncio.sleep(TTFT_S)
+            for i in range(n):
+                if i:
+                    await asyncio.sleep(GAP_S)
+                yield (
+                    "data: "
+                    + json.dumps({"choices": [{"index": 0, "delta": {"content": f" t{i}"}}]})
+                    + "\n\n"
+                )
+            usage = {"prompt_tokens": 1000, "completion_tokens": n, "total_tokens": n + 1000}
+            yield "data: " + json.dumps({"choices": [], "usage": usage}) + "\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -167,7 +192,7 @@ def test_table_reports_ratio_and_unavailable_peers() -> None:
     text = results_table(table, [1])
     assert "| vllm | 1 | 50.0 |" in text and "2.00x" in text
     assert "unavailable: no / binary" in text
-    assert {line.count("|") for line in text.splitlines()} == {12}  # every row has the 11 columns
+    assert {line.count("|") for line in text.splitlines()} == {14}  # every row has the 13 columns
 
 
 def test_roofline_fractions_of_the_issue_and_the_machine_ceilings() -> None:
@@ -219,3 +244,28 @@ async def test_sampling_fields_reach_the_server_and_default_to_greedy(fake_url: 
     res = await run_load(_cfg(fake_url, ["ok"], num_requests=2, sampling=plan.sampling))
     assert res.completed == 2
     assert [(b["temperature"], b["top_p"], b["stream"]) for b in BODIES] == [(1.0, 0.95, True)] * 2
+
+
+async def test_chat_requests_carry_the_system_prompt(fake_url: str) -> None:
+    BODIES.clear()
+    res = await run_load(_cfg(fake_url, ["q1", "q2"], num_requests=2, system_prompt="SYS"))
+    assert (res.completed, res.errors, res.output_tokens) == (2, 0, 10)
+    assert res.ttft_ms and min(res.ttft_ms) >= TTFT_S * 1000  # the role-only chunk is not a token
+    assert (res.prompt_tokens, res.prompt_counted) == (2000, 2)
+    assert sorted(b["messages"][1]["content"] for b in BODIES) == ["q1", "q2"]
+    assert all(b["messages"][0] == {"role": "system", "content": "SYS"} and "prompt" not in b for b in BODIES)
+
+
+async def test_mixed_load_reports_short_streams_and_long_arrivals_apart(fake_url: str) -> None:
+    BODIES.clear()
+    short = _cfg(fake_url, ["short"], concurrency=2, num_requests=0, max_tokens=5)
+    long = _cfg(fake_url, ["long-a", "long-b"], concurrency=1, num_requests=2, max_tokens=2)
+    t0 = time.perf_counter()
+    res = await run_mixed(short, long, rate=10.0)  # arrivals at 0.1 and 0.2 s
+    assert time.perf_counter() - t0 < 5.0
+    assert res.long is not None and (res.long.completed, res.long.errors) == (2, 0)
+    assert res.long.output_tokens == 4 and res.long.prompt_tokens == 6
+    assert res.completed >= 2 and res.errors == 0 and res.output_tokens == 5 * res.completed
+    assert len(res.itl_ms) == 4 * res.completed  # only the short streams' gaps
+    assert sorted(b["prompt"] for b in BODIES if b["prompt"].startswith("long")) == ["long-a", "long-b"]
+    assert res.to_dict()["long"]["completed"] == 2
