@@ -75,6 +75,8 @@ def test_the_cache_key_follows_the_source_and_the_options(
     assert key == prepared_path(str(folder), "bfloat16", "auto", "auto")
     assert key != prepared_path(str(folder), "float32", "auto", "auto")
     assert key != prepared_path(str(folder), "bfloat16", "off", "auto")
+    invariant = prepared_path(str(folder), "bfloat16", "auto", "auto", batch_invariant=True)
+    assert invariant != key and invariant.name.split("-")[0] != key.name.split("-")[0]  # both files kept
     save_hf_folder(make_tiny_model(seed=1), folder)  # new weights in the same place
     assert key != prepared_path(str(folder), "bfloat16", "auto", "auto")
 
