@@ -223,7 +223,14 @@ class ModelRunner:
             tables, mask, lens = self._decode_tables(x.decode_tables, x.decode_lens)
         slots = torch.tensor(x.slots, dtype=torch.long, device=dev)
         meta = step_metadata(
-            slots, x.prefills, self.block_size, self.kernels.cpp, tables, lens, mask, self.kernels.batch_invariant
+            slots,
+            x.prefills,
+            self.block_size,
+            self.kernels.cpp,
+            tables,
+            lens,
+            mask,
+            self.kernels.batch_invariant,
         )
         return (
             torch.tensor(x.tokens, dtype=torch.long, device=dev),
