@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from model.kernels import Kernels
 from model.prepared import load_prepared, prepared_path
 from model.weights import save_hf_folder
 from tests.tiny import make_tiny_model
@@ -132,3 +133,23 @@ def test_dropping_the_unpacked_weights_keeps_the_serving_path_bit_identical() ->
             model(ids[None])
         with pytest.raises(ValueError, match="int4_small_batch"):
             model.prepare_for_serving(int4_small_batch="off")
+
+
+@pytest.mark.skipif(
+    not Kernels.detect(torch.device("cpu")).bf16_gemm, reason="needs the C++ kernels with AVX512-BF16"
+)
+def test_batch_invariant_has_its_own_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model prepared with --batch-invariant is cached beside the default one, never served in its place."""
+    monkeypatch.setenv("SMOLLM2_HOME", str(tmp_path / "home"))
+    folder = save_hf_folder(make_tiny_model(), tmp_path / "tiny")
+    with pytest.raises(ValueError, match="bfloat16"):
+        load_prepared(str(folder), "float32", "cpu", "auto", "auto", batch_invariant=True)
+    default = load_prepared(str(folder), "bfloat16", "cpu", "auto", "auto")
+    invariant = load_prepared(str(folder), "bfloat16", "cpu", "auto", "auto", batch_invariant=True)
+    assert default.kernels is not None and not default.kernels.batch_invariant
+    assert invariant.kernels is not None and invariant.kernels.batch_invariant
+    assert len(list((tmp_path / "home" / "prepared").glob("*.pt"))) == 2
+    again = load_prepared(str(folder), "bfloat16", "cpu", "auto", "auto", batch_invariant=True)
+    assert again.kernels == invariant.kernels
+    plain = load_prepared(str(folder), "bfloat16", "cpu", "auto", "auto")
+    assert plain.kernels is not None and not plain.kernels.batch_invariant
