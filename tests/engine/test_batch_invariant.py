@@ -5,7 +5,8 @@ rows share the step)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -86,11 +87,24 @@ def drain(
             cached[out.request_id] = max(cached.get(out.request_id, 0), out.num_cached_tokens)
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def run_alone(model: SmolLM2ForCausalLM, prompt: list[int], speculative: int = 0) -> list[int]:
+    """The target alone, on one thread (the batches run on all: how work is split between threads must not
+    matter either)."""
     engine = make_engine(model, speculative)
     engine.add_request("target", prompt, greedy())
     tokens: dict[str, list[int]] = {}
-    drain(engine, tokens, {}, lambda: False)
+    with one_thread():
+        drain(engine, tokens, {}, lambda: False)
     assert len(tokens["target"]) == NEW_TOKENS
     if speculative:
         assert engine.scheduler.num_accepted_tokens > 0, "no draft was accepted: the check proves nothing"
@@ -149,9 +163,10 @@ def test_greedy_tokens_alone_in_a_mixed_batch_and_after_a_prefix_hit(
     engine = make_engine(invariant_model)
     tokens, cached = {}, {}
     engine.add_request("prefix", target_prompt[:-5] + target_prompt[:3], greedy(4))
-    drain(engine, tokens, cached, lambda: False)
-    engine.add_request("target", target_prompt, greedy())
-    drain(engine, tokens, cached, lambda: False)
+    with one_thread():
+        drain(engine, tokens, cached, lambda: False)
+        engine.add_request("target", target_prompt, greedy())
+        drain(engine, tokens, cached, lambda: False)
     assert cached["target"] >= 16 * ((len(target_prompt) - 5) // 16) > 0
     assert engine.stats().prefix_cache_hits >= cached["target"]
     assert tokens["target"] == alone
