@@ -116,8 +116,8 @@ def test_greedy_tokens_alone_in_a_mixed_batch_and_after_a_prefix_hit(
 ) -> None:
     alone = run_alone(invariant_model, target_prompt)
 
-    # (b) 63 other requests of mixed prompt lengths and max_tokens; the target arrives while 40 of them
-    # decode, behind others still waiting, so its prompt is computed in chunks beside decode rows
+    # (b) 63 other requests of mixed prompt lengths and max_tokens; the target arrives once 20 of the first
+    # 40 decode, behind 10 newer ones, so its prompt is computed in chunks beside decode rows
     engine = make_engine(invariant_model)
     g = torch.Generator().manual_seed(0)
     vocab = invariant_model.config.vocab_size
