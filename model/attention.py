@@ -74,9 +74,15 @@ def step_metadata(
     decode_block_tables: torch.Tensor | None = None,
     decode_context_lens: torch.Tensor | None = None,
     decode_mask: torch.Tensor | None = None,
+    batch_invariant: bool = False,
 ) -> AttentionMetadata:
     """The whole AttentionMetadata of a step: how its rows are attended (one kernel call, or decodes and
-    prefill runs) is decided here, once, not by the layers."""
+    prefill runs) is decided here, once, not by the layers.
+
+    batch_invariant (Kernels.batch_invariant): every row goes through the C++ kernel whatever the prompt
+    lengths, since SDPA's reduction over keys depends on how many queries share the call."""
+    if batch_invariant and not use_kernel:
+        raise ValueError("batch-invariant attention needs the C++ paged kernel")
     D = 0 if decode_block_tables is None else decode_block_tables.shape[0]
     meta = AttentionMetadata(
         slot_mapping,
@@ -89,7 +95,7 @@ def step_metadata(
         use_kernel,
     )
     if use_kernel and prefills and (decode_context_lens is not None or not D):
-        rows = step_rows(meta, slot_mapping.shape[0])
+        rows = step_rows(meta, slot_mapping.shape[0], None if batch_invariant else KERNEL_PROMPT_MAX)
         if rows is not None:
             meta.row_tables, meta.row_lens = rows
     if prefills and meta.row_tables is None:
@@ -282,12 +288,16 @@ def prefill_runs(prefills: list[PrefillSeq], device: torch.device) -> list[Prefi
 KERNEL_PROMPT_MAX = 256
 
 
-def step_rows(meta: AttentionMetadata, n_rows: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+def step_rows(
+    meta: AttentionMetadata, n_rows: int, prompt_max: int | None = KERNEL_PROMPT_MAX
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(n_rows, W) block tables and (n_rows,) context lengths with which one kernel call attends every row
     of the step: decode rows with their tables, and row i of a prefill chunk with its sequence's table and
-    context_len - query_len + i + 1 tokens. None when a whole prompt is longer than KERNEL_PROMPT_MAX
-    (SDPA is faster there)."""
-    if any(s.query_len == s.context_len and s.query_len > KERNEL_PROMPT_MAX for s in meta.prefills):
+    context_len - query_len + i + 1 tokens. None when a whole prompt is longer than prompt_max (SDPA is
+    faster there; None: no limit)."""
+    if prompt_max is not None and any(
+        s.query_len == s.context_len and s.query_len > prompt_max for s in meta.prefills
+    ):
         return None
     D = meta.num_decode_tokens
     dec = meta.decode_block_tables if D else None

@@ -3,6 +3,20 @@
 The choice ($SMOLLM2_ATTENTION_KERNEL or paged_kernel.set_attention_kernel, and whether the C++ library
 builds here) is read only when a Kernels is made: prepare_for_serving() makes one per model, and the
 linears, the layer loop and the attention metadata take it as a value from there.
+
+batch_invariant (--batch-invariant) asks for one kernel per operation whatever the step holds, each
+reducing a row in an order that depends only on that row, so a greedy request gives the same tokens alone,
+in any batch and after a prefix-cache hit:
+- every linear (layers and LM head) goes through the bf16 tile GEMM (model/csrc/bf16_gemm.cpp), never the
+  int4 or int8 copies nor oneDNN: each output element is one float32 accumulator over K in k order; rows
+  are blocked and threads split only the output columns, so M changes neither the order nor the kernel;
+- every query row (prefill, chunk, prefix-cache continuation, decode, draft) goes through the paged
+  attention kernel (model/csrc/paged_attention.cpp) in one call per step (attention.step_rows), never SDPA:
+  a row's keys are reduced in tiles of 16 from position 0, with its own online softmax, whatever the
+  other rows are;
+- norms, RoPE, SwiGLU and the greedy argmax are per row already (model/csrc/fused_ops.cpp, quant_ops.cpp).
+It needs the C++ library with AVX512-BF16 (bfloat16 weights on CPU); without it the mode is refused, as
+no other path here promises a row's result independent of the batch.
 """
 
 from __future__ import annotations
@@ -18,16 +32,32 @@ from model import paged_kernel
 @dataclass(frozen=True, slots=True)
 class Kernels:
     cpp: bool = False  # our C++ library: paged attention, fused element-wise ops, int8 LM head, argmax
-    # its AVX512-BF16 GEMM (needs the instructions as well as the library). Not on CPUs with AMX: there
-    # oneDNN's bf16 GEMM runs on the tile unit and is several times faster from a few rows up.
+    # its AVX512-BF16 GEMM (needs the instructions as well as the library). Not on CPUs with AMX unless
+    # batch_invariant: there oneDNN's bf16 GEMM runs on the tile unit and is several times faster from a
+    # few rows up, but it picks its blocking by the number of rows.
     bf16_gemm: bool = False
+    batch_invariant: bool = False  # one kernel per op for every batch (module docstring)
 
     @classmethod
-    def detect(cls, device: torch.device) -> Kernels:
-        """What this process may use on `device`; builds the C++ library on the first call (CPU only)."""
+    def detect(cls, device: torch.device, batch_invariant: bool = False) -> Kernels:
+        """What this process may use on `device`; builds the C++ library on the first call (CPU only).
+        batch_invariant: raises ValueError where the mode's kernels are missing."""
         cpp = paged_kernel.use_kernel(device)
-        ours = cpp and bool(torch.ops.smollm2.bf16_gemm_available())
-        return cls(cpp=cpp, bf16_gemm=ours and not cpu_has_amx())
+        ours = cpp and has_bf16_gemm()
+        if not batch_invariant:
+            return cls(cpp=cpp, bf16_gemm=ours and not cpu_has_amx())
+        if not ours:
+            raise ValueError(
+                "--batch-invariant needs the C++ kernels with the AVX512-BF16 GEMM on CPU (this "
+                f"{device.type} device has {'them without the GEMM' if cpp else 'none of them'}); "
+                "serve on such a CPU (--device cpu) or without --batch-invariant"
+            )
+        return cls(cpp=True, bf16_gemm=True, batch_invariant=True)
+
+
+def has_bf16_gemm() -> bool:
+    """Our AVX512-BF16 GEMM is built and runs on this CPU (whether or not Kernels.detect prefers it)."""
+    return paged_kernel.use_kernel(torch.device("cpu")) and bool(torch.ops.smollm2.bf16_gemm_available())
 
 
 @functools.cache

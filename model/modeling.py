@@ -495,7 +495,9 @@ class SmolLM2ForCausalLM(nn.Module):
         result is in int8_head_active and int8_head_error.
 
         kernels: which compiled kernels to use, fixed by the first call (None: Kernels.detect for the
-        model's device, which builds the C++ library on CPU); kept in self.kernels.
+        model's device, which builds the C++ library on CPU); kept in self.kernels. Batch-invariant kernels
+        (Kernels.batch_invariant) need bfloat16 on CPU with every linear on the bf16 tile GEMM, and keep
+        int4 and int8 off whatever is asked: those copies serve only some batch sizes.
         """
         for name, mode in (("int4_small_batch", int4_small_batch), ("int8_lm_head", int8_lm_head)):
             if mode is not None and mode not in INT4_MODES:
@@ -506,6 +508,10 @@ class SmolLM2ForCausalLM(nn.Module):
             raise ValueError(f"prepared for {self.kernels}; a model keeps its first kernels, not {kernels}")
         if not self.prepared_for_serving:
             self._pack(kernels if kernels is not None else Kernels.detect(self.device))
+        assert self.kernels is not None
+        if self.kernels.batch_invariant:
+            int4_small_batch = None if int4_small_batch is None else "off"
+            int8_lm_head = None if int8_lm_head is None else "off"
         if int4_small_batch is not None:
             self._set_int4(int4_small_batch)
         if int8_lm_head is not None:
@@ -513,6 +519,10 @@ class SmolLM2ForCausalLM(nn.Module):
 
     def _pack(self, kernels: Kernels) -> None:
         """Fuse q/k/v and gate/up, and pack every serving linear for `kernels`."""
+        if kernels.batch_invariant and (self.device.type != "cpu" or self.dtype != torch.bfloat16):
+            raise ValueError(
+                f"batch-invariant serving needs bfloat16 weights on CPU, not {self.dtype} on {self.device}"
+            )
         for layer in self.model.decoder_layers:
             attn, mlp = layer.self_attn, layer.mlp
             attn.qkv_weight = _fuse(attn.q_proj, attn.k_proj, attn.v_proj)
@@ -522,6 +532,10 @@ class SmolLM2ForCausalLM(nn.Module):
             mlp.gate_up_linear = PackedLinear(mlp.gate_up_weight, swiglu=True, kernels=kernels)
             mlp.down_linear = PackedLinear(mlp.down_proj.weight, kernels=kernels)
         self.lm_head_linear = PackedLinear(self.lm_head.weight, kernels=kernels)
+        if kernels.batch_invariant and any(
+            lin.tiles is None for lin in [*self._layer_linears(), self.lm_head_linear]
+        ):
+            raise ValueError("batch-invariant serving needs every linear's shape to fit the bf16 tile GEMM")
         self.kernels = kernels
         self.prepared_for_serving = True
 

@@ -30,13 +30,25 @@ _PACKAGE = Path(__file__).resolve().parent
 
 
 def load_prepared(
-    source: str, dtype: str, device: str, int4_small_batch: str, int8_lm_head: str, use_cache: bool = True
+    source: str,
+    dtype: str,
+    device: str,
+    int4_small_batch: str,
+    int8_lm_head: str,
+    use_cache: bool = True,
+    batch_invariant: bool = False,
 ) -> SmolLM2ForCausalLM:
     """`load_model(source)` + `prepare_for_serving(...)` + `drop_unpacked_weights()`, through the disk
-    cache on CPU: a model for serving only."""
+    cache on CPU: a model for serving only. batch_invariant: prepared for Kernels.batch_invariant (no int4
+    or int8 copies); a ValueError before any loading where this device or dtype cannot have it."""
+    kernels: Kernels | None = None
+    if batch_invariant:
+        if dtype != "bfloat16":
+            raise ValueError(f"--batch-invariant serves bfloat16 only, not {dtype}")
+        kernels = Kernels.detect(torch.device(device), batch_invariant=True)
     if not use_cache or device != "cpu":
-        return _build(source, dtype, device, int4_small_batch, int8_lm_head)
-    path = prepared_path(source, dtype, int4_small_batch, int8_lm_head)
+        return _build(source, dtype, device, int4_small_batch, int8_lm_head, kernels)
+    path = prepared_path(source, dtype, int4_small_batch, int8_lm_head, batch_invariant)
     if path.exists():
         t0 = time.perf_counter()
         try:
@@ -46,21 +58,24 @@ def load_prepared(
         else:
             # The packed weights assume the kernels they were prepared for; detecting them here also
             # loads the C++ library into this process.
-            if isinstance(model, SmolLM2ForCausalLM) and model.kernels == Kernels.detect(torch.device("cpu")):
+            expected = kernels if kernels is not None else Kernels.detect(torch.device("cpu"))
+            if isinstance(model, SmolLM2ForCausalLM) and model.kernels == expected:
                 log.info("prepared model read from the cache in %.1f s", time.perf_counter() - t0)
                 return model.eval()
             log.warning("prepared model %s was made for other kernels: rebuilding it", path.name)
-    model = _build(source, dtype, device, int4_small_batch, int8_lm_head)
+    model = _build(source, dtype, device, int4_small_batch, int8_lm_head, kernels)
     _save(model, path)
     return model
 
 
-def _build(source: str, dtype: str, device: str, int4: str, int8: str) -> SmolLM2ForCausalLM:
+def _build(
+    source: str, dtype: str, device: str, int4: str, int8: str, kernels: Kernels | None = None
+) -> SmolLM2ForCausalLM:
     from model.weights import load_model  # gguf, numpy, safetensors: only a build needs them
 
     t0 = time.perf_counter()
     model = load_model(source, dtype, device)
-    model.prepare_for_serving(int4_small_batch=int4, int8_lm_head=int8)
+    model.prepare_for_serving(int4_small_batch=int4, int8_lm_head=int8, kernels=kernels)
     freed = model.drop_unpacked_weights()  # the served model is never trained
     log.info(
         "model loaded and prepared for serving in %.1f s (%.0f MB of unpacked weights dropped)",
@@ -88,14 +103,17 @@ def _save(model: SmolLM2ForCausalLM, path: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def prepared_path(source: str, dtype: str, int4: str, int8: str) -> Path:
+def prepared_path(source: str, dtype: str, int4: str, int8: str, batch_invariant: bool = False) -> Path:
     digest = hashlib.sha256()
     kernel_choice = os.environ.get("SMOLLM2_ATTENTION_KERNEL", "auto")
+    # the batch-invariant model holds no int4/int8 copies: its own file, not the default one's
+    mode = "batch-invariant" if batch_invariant else "default"
     for part in (_source_identity(Path(source)), dtype, int4, int8, torch.__version__, _code_identity(),
-                 _cpu_identity(), kernel_choice):  # fmt: skip
+                 _cpu_identity(), kernel_choice, mode):  # fmt: skip
         digest.update(part.encode())
         digest.update(b"\0")
-    stem = Path(source).name.replace("-", "_")
+    # a name of its own, so that writing one mode's file does not remove the other's (_save)
+    stem = Path(source).name.replace("-", "_") + ("_batch_invariant" if batch_invariant else "")
     return cache_dir() / "prepared" / f"{stem}-{digest.hexdigest()[:20]}.pt"
 
 

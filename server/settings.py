@@ -111,6 +111,14 @@ class Settings:
         "4 tokens on CPU in bfloat16 (about half the bytes of the largest matrix): auto = only when lossless "
         "(the head already 8-bit, as in the GGUF), on = always, off",
     )
+    batch_invariant: bool = _opt(
+        False,
+        "batch-invariant serving: a greedy request gives the same tokens alone, in any batch and after a "
+        "prefix-cache hit (one GEMM and one attention kernel for every batch shape, each summing a row in a "
+        "fixed order; no int4/int8 copies). CPU with AVX512-BF16 and bfloat16 only; costs throughput "
+        "(bench/NOTES.md)",
+        parse_bool,
+    )
     cuda_graphs: bool = _opt(
         True,
         "capture decode steps in CUDA graphs on a GPU (false = eager, like vLLM's --enforce-eager)",
@@ -270,6 +278,10 @@ class Settings:
             (self.step_timeout >= 0, f"step_timeout must be non-negative, got {self.step_timeout}"),
             (self.max_body_bytes >= 1, f"max_body_bytes must be positive, got {self.max_body_bytes}"),
             (self.dtype in ("auto", "bfloat16", "float16", "float32"), f"unknown dtype {self.dtype!r}"),
+            (
+                not self.batch_invariant or self.dtype in ("auto", "bfloat16"),
+                f"batch_invariant serves bfloat16 only, not dtype {self.dtype!r}",
+            ),
             (
                 self.int4_small_batch in ("auto", "on", "off"),
                 f"int4_small_batch must be auto, on or off, got {self.int4_small_batch!r}",

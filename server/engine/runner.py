@@ -222,7 +222,16 @@ class ModelRunner:
         if x.decode_lens:
             tables, mask, lens = self._decode_tables(x.decode_tables, x.decode_lens)
         slots = torch.tensor(x.slots, dtype=torch.long, device=dev)
-        meta = step_metadata(slots, x.prefills, self.block_size, self.kernels.cpp, tables, lens, mask)
+        meta = step_metadata(
+            slots,
+            x.prefills,
+            self.block_size,
+            self.kernels.cpp,
+            tables,
+            lens,
+            mask,
+            self.kernels.batch_invariant,
+        )
         return (
             torch.tensor(x.tokens, dtype=torch.long, device=dev),
             torch.tensor(x.positions, dtype=torch.long, device=dev),

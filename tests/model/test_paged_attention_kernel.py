@@ -136,11 +136,14 @@ def test_prefill_chunk_equals_torch_path(dtype: torch.dtype, T: int, S: int) -> 
     torch.testing.assert_close(out.double(), rows, atol=tol if dtype == torch.float32 else 5e-3, rtol=tol)
 
 
+@pytest.mark.parametrize("invariant", [False, True], ids=["default", "batch_invariant"])
 @pytest.mark.parametrize("long_prompt", [False, True])
-def test_a_mixed_step_in_one_kernel_call_equals_the_torch_path(long_prompt: bool) -> None:
+def test_a_mixed_step_in_one_kernel_call_equals_the_torch_path(long_prompt: bool, invariant: bool) -> None:
     """Decodes, two whole prompts of different lengths and a chunk after cached tokens: on CPU one kernel
     call attends every row (the runner's step_metadata builds its tables); a whole prompt over KERNEL_PROMPT_MAX sends the step down the
-    per-part path (SDPA for it). Both equal the torch path, and the cache gets the step's K/V either way."""
+    per-part path (SDPA for it), except in batch-invariant mode, where the first prompt's rows come out
+    bit-identical to a step of that prompt alone. Both equal the torch path, and the cache gets the step's
+    K/V either way."""
     g = torch.Generator().manual_seed(7)
     bs, nkv, nh, hd = 16, 3, 9, 64
     cache0 = torch.randn(2 * nkv, 120 * bs, hd, generator=g)
@@ -169,15 +172,30 @@ def test_a_mixed_step_in_one_kernel_call_equals_the_torch_path(long_prompt: bool
     def run(mode: str) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         lens = torch.tensor(dec_lens)
         mask = build_decode_mask(lens, 3 * bs, nkv, q.dtype)
-        meta = step_metadata(torch.tensor(slots), prefills, bs, mode == "cpp", dec_tables, lens, mask)
+        meta = step_metadata(
+            torch.tensor(slots),
+            prefills,
+            bs,
+            mode == "cpp",
+            dec_tables,
+            lens,
+            mask,
+            invariant and mode == "cpp",
+        )
         cache = cache0.clone()
         return paged_attention(q, kv, cache, meta), cache, meta
 
     out, cache, meta = run("cpp")
     expected, expected_cache, _ = run("torch")
-    assert (meta.row_tables is None) == long_prompt
+    assert (meta.row_tables is None) == (long_prompt and not invariant)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(cache, expected_cache)
+    if invariant:
+        first = prefills[0]
+        rows = slice(first.query_start, first.query_start + first.query_len)
+        alone = PrefillSeq(0, first.query_len, first.context_len, first.block_table)
+        meta = step_metadata(torch.tensor(slots[rows]), [alone], bs, True, batch_invariant=True)
+        assert torch.equal(paged_attention(q[rows], kv[rows], cache0.clone(), meta), out[rows])
 
 
 def test_rejects_lengths_and_block_ids_outside_the_cache() -> None:

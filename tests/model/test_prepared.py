@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from model.kernels import Kernels, has_bf16_gemm
 from model.prepared import load_prepared, prepared_path
 from model.weights import save_hf_folder
 from tests.tiny import make_tiny_model
@@ -75,6 +76,8 @@ def test_the_cache_key_follows_the_source_and_the_options(
     assert key == prepared_path(str(folder), "bfloat16", "auto", "auto")
     assert key != prepared_path(str(folder), "float32", "auto", "auto")
     assert key != prepared_path(str(folder), "bfloat16", "off", "auto")
+    invariant = prepared_path(str(folder), "bfloat16", "auto", "auto", batch_invariant=True)
+    assert invariant != key and invariant.name.split("-")[0] != key.name.split("-")[0]  # both files kept
     save_hf_folder(make_tiny_model(seed=1), folder)  # new weights in the same place
     assert key != prepared_path(str(folder), "bfloat16", "auto", "auto")
 
@@ -140,10 +143,9 @@ def test_a_prepared_model_survives_save_and_load_whichever_gemm_packed_it(bf16_g
     import io
 
     from model.attention import PrefillSeq, allocate_kv_cache, step_metadata
-    from model.kernels import Kernels
 
     detected = Kernels.detect(torch.device("cpu"))
-    if bf16_gemm and not detected.bf16_gemm:
+    if bf16_gemm and not has_bf16_gemm():
         pytest.skip("this CPU has no AVX512-BF16 GEMM")
     model = make_tiny_model(dtype=torch.bfloat16)
     model.prepare_for_serving(kernels=Kernels(cpp=detected.cpp, bf16_gemm=bf16_gemm))
@@ -162,3 +164,21 @@ def test_a_prepared_model_survives_save_and_load_whichever_gemm_packed_it(bf16_g
     buf.seek(0)
     loaded = torch.load(buf, weights_only=False)
     assert torch.equal(hidden(model), hidden(loaded))
+
+
+@pytest.mark.skipif(not has_bf16_gemm(), reason="needs the C++ kernels with AVX512-BF16")
+def test_batch_invariant_has_its_own_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model prepared with --batch-invariant is cached beside the default one, never served in its place."""
+    monkeypatch.setenv("SMOLLM2_HOME", str(tmp_path / "home"))
+    folder = save_hf_folder(make_tiny_model(), tmp_path / "tiny")
+    with pytest.raises(ValueError, match="bfloat16"):
+        load_prepared(str(folder), "float32", "cpu", "auto", "auto", batch_invariant=True)
+    default = load_prepared(str(folder), "bfloat16", "cpu", "auto", "auto")
+    invariant = load_prepared(str(folder), "bfloat16", "cpu", "auto", "auto", batch_invariant=True)
+    assert default.kernels is not None and not default.kernels.batch_invariant
+    assert invariant.kernels is not None and invariant.kernels.batch_invariant
+    assert len(list((tmp_path / "home" / "prepared").glob("*.pt"))) == 2
+    again = load_prepared(str(folder), "bfloat16", "cpu", "auto", "auto", batch_invariant=True)
+    assert again.kernels == invariant.kernels
+    plain = load_prepared(str(folder), "bfloat16", "cpu", "auto", "auto")
+    assert plain.kernels is not None and not plain.kernels.batch_invariant

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from model import SmolLM2ForCausalLM, paged_kernel
+from model.kernels import Kernels
 from model.quant import (
     INT8_BLOCK,
     INT8_HEAD_MAX_ROWS,
@@ -211,7 +212,7 @@ def test_packed_linear_takes_the_cpp_gemm_when_built_and_onednn_in_torch_mode() 
     w = (torch.randn(96, 64) * 0.1).to(torch.bfloat16)
     x = torch.randn(5, 64).to(torch.bfloat16)
     lin = PackedLinear(w)
-    assert (lin.tiles is not None) == bool(torch.ops.smollm2.bf16_gemm_available())
+    assert (lin.tiles is not None) == Kernels.detect(torch.device("cpu")).bf16_gemm
     paged_kernel.set_attention_kernel("torch")  # the pure-torch mode builds nothing of ours
     plain = PackedLinear(w)
     assert plain.tiles is None

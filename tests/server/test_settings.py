@@ -26,6 +26,14 @@ def test_sizes_lists_and_bad_values() -> None:
         Settings.from_args(["--port", "0"], env={})
 
 
+def test_batch_invariant_from_env_and_only_in_bfloat16() -> None:
+    assert Settings.from_args([], env={}).batch_invariant is False
+    assert Settings.from_args([], env={"SMOLLM2_BATCH_INVARIANT": "true"}).batch_invariant is True
+    assert Settings.from_args(["--batch-invariant", "on", "--dtype", "bfloat16"], env={}).batch_invariant
+    with pytest.raises(ValueError, match="batch_invariant"):
+        Settings.from_args(["--batch-invariant", "true", "--dtype", "float32"], env={})
+
+
 def test_api_key_is_never_shown() -> None:
     s = Settings.from_args([], env={"SMOLLM2_API_KEY": "hunter2"})
     assert s.api_key == "hunter2"
