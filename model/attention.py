@@ -184,6 +184,8 @@ def prefill_attention(
     T, nh, hd = q.shape
     nkv = kv_cache.shape[0] // 2
     S = seq.context_len
+    if q.device.type == "cpu" and T > KERNEL_PROMPT_MAX:
+        return run_wide(_chunk_sdpa, q, kv_cache, seq, block_size)
     if paged_kernel.use_kernel(q.device) if use_kernel is None else use_kernel:
         lens = torch.arange(S - T + 1, S + 1, device=q.device)
         table = seq.block_table.view(1, -1).expand(T, -1)
@@ -202,6 +204,28 @@ def prefill_attention(
         mask = torch.arange(S, device=q.device).view(1, S) <= q_pos
         out = F.scaled_dot_product_attention(qh, keys, values, attn_mask=mask, scale=1.0)
     return out.transpose(0, 1).reshape(T, nh * hd)
+
+
+def _chunk_sdpa(q: torch.Tensor, kv_cache: torch.Tensor, seq: PrefillSeq, block_size: int) -> torch.Tensor:
+    """A long chunk after cached context, as two flash-attention calls merged by their log-sum-exps: the
+    chunk's queries over the P cached keys (no mask) and over its own T keys (causal). The kernel's
+    per-row loop reads the whole context once per query row, and SDPA with an explicit (T, S) mask takes
+    its slow path; both are several times slower at T in the hundreds."""
+    T, nh, hd = q.shape
+    nkv = kv_cache.shape[0] // 2
+    S = seq.context_len
+    P = S - T
+    kv = gather_blocks(kv_cache, seq.block_table.view(1, -1), block_size)[:, 0]  # (2 nkv, >= S, hd)
+    kv = kv.repeat_interleave(nh // nkv, dim=0)  # (2 nh, ...): the flash op has no grouped heads
+    keys, values = kv[None, :nh], kv[None, nh:]
+    qh = q.transpose(0, 1)[None]  # (1, nh, T, hd)
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    old, old_lse = flash(qh, keys[:, :, :P], values[:, :, :P], 0.0, False, scale=1.0)
+    new, new_lse = flash(qh, keys[:, :, P:S], values[:, :, P:S], 0.0, True, scale=1.0)
+    top = torch.maximum(old_lse, new_lse)
+    w_old, w_new = (old_lse - top).exp_()[..., None], (new_lse - top).exp_()[..., None]
+    out = (old.float() * w_old + new.float() * w_new) / (w_old + w_new)
+    return out.to(q.dtype)[0].transpose(0, 1).reshape(T, nh * hd)
 
 
 def fresh_prefill_attention(
@@ -293,11 +317,9 @@ def step_rows(
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(n_rows, W) block tables and (n_rows,) context lengths with which one kernel call attends every row
     of the step: decode rows with their tables, and row i of a prefill chunk with its sequence's table and
-    context_len - query_len + i + 1 tokens. None when a whole prompt is longer than prompt_max (SDPA is
+    context_len - query_len + i + 1 tokens. None when a prompt or chunk is longer than prompt_max (SDPA is
     faster there; None: no limit)."""
-    if prompt_max is not None and any(
-        s.query_len == s.context_len and s.query_len > prompt_max for s in meta.prefills
-    ):
+    if prompt_max is not None and any(s.query_len > prompt_max for s in meta.prefills):
         return None
     D = meta.num_decode_tokens
     dec = meta.decode_block_tables if D else None

@@ -32,6 +32,7 @@ from model.quant import (
     int4_supported,
     int8_supported,
 )
+from model.threads import run_wide_rows
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (B, nkv, S, hd) each
 
@@ -67,8 +68,8 @@ def _add_norm(
     if fused:
         ops = torch.ops.smollm2
         if delta is None:
-            return ops.rms_norm_cast(x, norm.weight, norm.variance_epsilon)
-        return ops.add_rms_norm_(x, delta, norm.weight, norm.variance_epsilon)
+            return run_wide_rows(len(x), ops.rms_norm_cast, x, norm.weight, norm.variance_epsilon)
+        return run_wide_rows(len(x), ops.add_rms_norm_, x, delta, norm.weight, norm.variance_epsilon)
     if delta is not None:
         x.add_(delta)
     return _rms_norm(x, norm, dtype)
@@ -248,7 +249,7 @@ class SmolLM2Attention(nn.Module):
         # (cos 1, sin 0) and carry the 1/sqrt(hd) query scale (a power of two, so exact).
         cos, sin = rope
         if fused:
-            qkv = torch.ops.smollm2.rope(qkv, cos, sin)
+            qkv = run_wide_rows(N, torch.ops.smollm2.rope, qkv, cos, sin)
         else:
             qkv = torch.addcmul(qkv * cos, qkv.roll(hd // 2, dims=-1), sin)
         out = paged_attention(qkv[:, :nh], qkv[:, nh:], kv_cache, meta)

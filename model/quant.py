@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from model.kernels import Kernels
-from model.threads import run_wide
+from model.threads import run_wide, run_wide_rows
 
 INT4_GROUP = 32  # weights per (scale, zero) pair along the input dim, as in GGUF's Q4_0/Q4_1 blocks
 # Up to this many rows the int4 GEMV is faster than the bf16 GEMM: it streams a quarter of the bytes, but
@@ -275,4 +275,4 @@ class PackedLinear:
         if self.swiglu_tiles and not (self.int4 is not None and x.shape[0] <= self.int4_max_rows):
             assert self.tiles is not None
             return run_wide(torch.ops.smollm2.bf16_linear_swiglu, x, self.tiles)
-        return torch.ops.smollm2.silu_mul(self(x))
+        return run_wide_rows(len(x), torch.ops.smollm2.silu_mul, self(x))

@@ -43,3 +43,13 @@ def run_wide(fn: Callable[..., T], *args: object) -> T:
         return fn(*args)
     finally:
         torch.set_num_threads(others)
+
+
+# Element-wise ops (norms, RoPE, SwiGLU) over at least this many rows also run on the compute threads: a
+# prefill chunk's hundreds of rows split well, while a decode step's few rows cost less than the wake-up.
+WIDE_ROWS = 128
+
+
+def run_wide_rows(rows: int, fn: Callable[..., T], *args: object) -> T:
+    """fn(*args), on the compute threads when it spans at least WIDE_ROWS rows."""
+    return run_wide(fn, *args) if rows >= WIDE_ROWS else fn(*args)

@@ -57,6 +57,7 @@ def make_core(
     scheduler = SchedulerConfig(
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens,
+        idle_batched_tokens=settings.max_num_batched_tokens_idle,
         max_model_len=max_model_len,
         block_size=settings.block_size,
         num_blocks=num_blocks,

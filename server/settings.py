@@ -73,6 +73,13 @@ class Settings:
         "larger ones batch more rows per GEMM (512 gave 6-8 percent more tokens/s than 256 at 32-64 streams)",
         int,
     )
+    max_num_batched_tokens_idle: int = _opt(
+        2048,
+        "token budget of a step while no sequence is generating (no stream waits on it): a long prompt "
+        "arriving alone is prefilled in fewer, larger chunks; at most --max-num-batched-tokens applies "
+        "otherwise (a value below it: always --max-num-batched-tokens)",
+        int,
+    )
     kv_cache_memory: int | None = _opt(
         None,
         "memory for the paged KV cache, e.g. 1GiB, 512MiB or bytes; default: room for --max-num-seqs "

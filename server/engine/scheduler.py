@@ -2,7 +2,8 @@
 
 There are no prefill or decode phases (vLLM v1): a request carries `num_computed_tokens`, and each
 step computes min(tokens it still lacks, budget left). Long prompts thus chunk across steps while
-running decodes keep their one token a step. Running requests go first (FCFS), then waiting ones
+running decodes keep their one token a step; while nothing is decoding, the budget may be larger
+(`idle_batched_tokens`), since no stream waits on the step. Running requests go first (FCFS), then waiting ones
 while the token budget, `max_num_seqs` and the block pool allow. When a running request needs a
 block and none is left, the newest running request is preempted: its blocks are freed and it goes
 back to the front of the queue to be recomputed (prompt + outputs so far), which leaves its output
@@ -34,6 +35,9 @@ from server.engine.spec_decode import NgramProposer, SpecConfig, accept
 class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    # > max_num_batched_tokens: the budget of a step in which no sequence has output yet (no stream
+    # waits on the step), so a long prompt arriving alone is prefilled in fewer, larger chunks
+    idle_batched_tokens: int = 0
     max_model_len: int = 8192
     block_size: int = 16
     num_blocks: int = 1024
@@ -135,6 +139,8 @@ class Scheduler:
     # ---- planning ------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
+        if self.config.idle_batched_tokens > budget and not any(r.output_token_ids for r in self.running):
+            budget = self.config.idle_batched_tokens
         scheduled: list[ScheduledSeq] = []
         preempted: list[Request] = []
         budget = self._schedule_running(budget, scheduled, preempted)

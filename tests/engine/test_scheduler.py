@@ -77,6 +77,29 @@ def test_chunked_prefill_keeps_decodes_flowing() -> None:
     assert long.output_token_ids == reference_tokens(list(range(1, 41)), params, VOCAB)
 
 
+def test_a_prompt_alone_takes_the_idle_budget_but_not_while_a_stream_decodes() -> None:
+    """With nothing generating, a long prompt is prefilled in steps of the idle budget (its first token
+    sooner); once a stream is decoding, steps are back to max_num_batched_tokens (its stalls bounded)."""
+    engine, runner = make_engine(max_num_batched_tokens=8, idle_batched_tokens=32)
+    params = SamplingParams(max_tokens=12)
+    engine.add_request("first", list(range(1, 41)), params)
+    sizes = []
+    while engine.scheduler.requests["first"].num_output_tokens == 0:
+        plan = engine.scheduler.schedule()
+        sizes.append(sum(s.num_tokens for s in plan.scheduled))
+        engine.scheduler.update(plan, runner.execute(plan))
+    assert sizes == [32, 8]
+    engine.add_request("second", list(range(50, 90)), params)
+    while engine.scheduler.requests["second"].num_output_tokens == 0:
+        plan = engine.scheduler.schedule()
+        assert sum(s.num_tokens for s in plan.scheduled) <= 8  # "first" is streaming
+        engine.scheduler.update(plan, runner.execute(plan))
+    first, second = engine.scheduler.requests["first"], engine.scheduler.requests["second"]
+    run_to_end(engine)
+    assert first.output_token_ids == reference_tokens(list(range(1, 41)), params, VOCAB)
+    assert second.output_token_ids == reference_tokens(list(range(50, 90)), params, VOCAB)
+
+
 def test_long_prefill_threshold_caps_chunks() -> None:
     engine, _ = make_engine(max_num_batched_tokens=64, long_prefill_token_threshold=10)
     engine.add_request("a", list(range(30)), SamplingParams(max_tokens=2))
