@@ -220,8 +220,10 @@ def _chunk_sdpa(q: torch.Tensor, kv_cache: torch.Tensor, seq: PrefillSeq, block_
     keys, values = kv[None, :nh], kv[None, nh:]
     qh = q.transpose(0, 1)[None]  # (1, nh, T, hd)
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    old, old_lse = flash(qh, keys[:, :, :P], values[:, :, :P], 0.0, False, scale=1.0)
     new, new_lse = flash(qh, keys[:, :, P:S], values[:, :, P:S], 0.0, True, scale=1.0)
+    if P == 0:
+        return new[0].transpose(0, 1).reshape(T, nh * hd)
+    old, old_lse = flash(qh, keys[:, :, :P], values[:, :, :P], 0.0, False, scale=1.0)
     top = torch.maximum(old_lse, new_lse)
     w_old, w_new = (old_lse - top).exp_()[..., None], (new_lse - top).exp_()[..., None]
     out = (old.float() * w_old + new.float() * w_new) / (w_old + w_new)

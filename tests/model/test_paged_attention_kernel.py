@@ -118,12 +118,16 @@ def test_query_slice_of_fused_qkv_and_shared_table() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("T", "S"), [(5, 37), (16, 16), (33, 160), (1, 9)])
+@pytest.mark.parametrize(
+    ("T", "S"), [(5, 37), (16, 16), (33, 160), (1, 9), (KERNEL_PROMPT_MAX + 1, 700), (300, 300)]
+)
 def test_prefill_chunk_equals_torch_path(dtype: torch.dtype, T: int, S: int) -> None:
-    """A chunk of T queries after S - T cached tokens, causal inside the chunk, over a scattered table."""
+    """A chunk of T queries after S - T cached tokens, causal inside the chunk, over a scattered table
+    (chunks longer than KERNEL_PROMPT_MAX: flash attention over the cached part and over the chunk,
+    merged)."""
     g = torch.Generator().manual_seed(T * 1000 + S)
-    cache = torch.randn(6, 40 * 16, 64, generator=g).to(dtype)
-    table = torch.randperm(40, generator=g)[: (S + 15) // 16]
+    cache = torch.randn(6, 48 * 16, 64, generator=g).to(dtype)
+    table = torch.randperm(48, generator=g)[: (S + 15) // 16]
     q = (torch.randn(T, 9, 64, generator=g) / 4).to(dtype)
     seq = PrefillSeq(0, T, S, table)
     paged_kernel.set_attention_kernel("cpp")
