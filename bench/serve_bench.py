@@ -566,17 +566,17 @@ def results_table(
                 if isinstance(mine, LoadResult) and cell.tok_per_s > 0 and peer != "ours"
                 else "-"
             )
-            row = [peer, str(c), f"{d['tok_per_s']:.1f}", f"{d['req_per_s']:.2f}"]
-            row += [_fmt(d["prompt_tokens_per_req"], 0), _fmt(d["prompt_tok_per_s"])]
-            row += [_fmt(d[k]) for k in ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")]
+            out = [peer, str(c), f"{d['tok_per_s']:.1f}", f"{d['req_per_s']:.2f}"]
+            out += [_fmt(d["prompt_tokens_per_req"], 0), _fmt(d["prompt_tok_per_s"])]
+            out += [_fmt(d[k]) for k in ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")]
             errors = cell.errors
             if workload == "mixed":
                 long = cell.long.to_dict() if cell.long is not None else {}
-                row += [str(long.get("completed", 0)), _fmt(long.get("prompt_tokens_per_req"), 0)]
-                row += [_fmt(long.get("ttft_p50_ms")), _fmt(long.get("ttft_p99_ms"))]
+                out += [str(long.get("completed", 0)), _fmt(long.get("prompt_tokens_per_req"), 0)]
+                out += [_fmt(long.get("ttft_p50_ms")), _fmt(long.get("ttft_p99_ms"))]
                 errors += cell.long.errors if cell.long is not None else 0
-            row += [str(errors), _fmt(cell.cpu_percent, 0), ratio]
-            lines.append("| " + " | ".join(row) + " |")
+            out += [str(errors), _fmt(cell.cpu_percent, 0), ratio]
+            lines.append("| " + " | ".join(out) + " |")
     return "\n".join(lines)
 
 

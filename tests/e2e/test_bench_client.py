@@ -188,9 +188,14 @@ def test_table_reports_ratio_and_unavailable_peers() -> None:
     def cell(tokens: int) -> LoadResult:
         return LoadResult(1, 2.0, 4, 0, tokens, [10.0], [5.0])
 
-    table = {"ours": {1: cell(200)}, "vllm": {1: cell(100)}, "llamacpp": {1: "unavailable: no | binary"}}
-    text = results_table(table, [1])
+    table = {
+        "ours": {1: cell(200), 32: cell(800)},
+        "vllm": {1: cell(100), 32: cell(200)},
+        "llamacpp": {1: "unavailable: no | binary", 32: "unavailable: no | binary"},
+    }
+    text = results_table(table, [1, 32])
     assert "| vllm | 1 | 50.0 |" in text and "2.00x" in text
+    assert "| vllm | 32 | 100.0 |" in text and "4.00x" in text
     assert "unavailable: no / binary" in text
     assert {line.count("|") for line in text.splitlines()} == {14}  # every row has the 13 columns
 
