@@ -31,7 +31,6 @@ from bench.ceilings import Ceilings, measure
 from bench.report import save_table
 from model.defaults import require_default_model
 from model.quant import INT4_MODES
-from model.threads import set_compute_threads
 from model.weights import load_model
 from server.engine.engine import LLMEngine
 from server.engine.request import SamplingParams
@@ -200,10 +199,9 @@ def main() -> None:
     )
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
-    if args.threads == "server" and args.device == "cpu":
-        cores = os.cpu_count() or 1
-        torch.set_num_threads(max(1, cores - 1))
-        set_compute_threads(cores)
+    server_threads = args.threads == "server" and args.device == "cpu"
+    if server_threads:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
     modes = args.int4_small_batch.split(",")
     if not set(modes) <= set(INT4_MODES):
         ap.error(f"--int4-small-batch: modes are {', '.join(INT4_MODES)}")
@@ -215,6 +213,8 @@ def main() -> None:
         print(machine.describe(), flush=True)
     source = model_source(args.model)
     engine = build_engine(source, dtype, max(levels), args.device)
+    if server_threads:
+        engine.runner.model.use_compute_threads(os.cpu_count() or 1)
     vocab = engine.runner.model.config.vocab_size
     rows, bases = [], {}
     for mode in modes:

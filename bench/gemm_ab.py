@@ -23,7 +23,6 @@ import torch
 from bench.report import save_table
 from model.defaults import require_default_model
 from model.kernels import Kernels, cpu_has_amx, has_bf16_gemm
-from model.threads import set_compute_threads
 from model.weights import load_model
 from server.engine.engine import LLMEngine
 from server.engine.request import SamplingParams
@@ -38,6 +37,7 @@ def build(source: str, bf16_gemm: bool, batched_tokens: int) -> LLMEngine:
     kernels = Kernels(cpp=True, bf16_gemm=bf16_gemm)
     model.prepare_for_serving(int4_small_batch="auto", int8_lm_head="auto", kernels=kernels)
     model.drop_unpacked_weights()
+    model.use_compute_threads(os.cpu_count() or 1)  # as the server: GEMMs on every core, small ops on one
     blocks = num_blocks_for_memory(model, 1 << 30, 16, torch.bfloat16)
     cfg = SchedulerConfig(
         max_num_seqs=64, max_num_batched_tokens=batched_tokens, max_model_len=2048, block_size=16,
@@ -82,7 +82,6 @@ def main(argv: list[str] | None = None) -> int:
         print("this CPU has no AVX512-BF16 GEMM of ours: nothing to compare")
         return 1
     torch.set_num_threads(1)
-    set_compute_threads(os.cpu_count() or 1)  # as the server: GEMMs on every core, small ops on one
     source = str(require_default_model())
     engines = {"ours": build(source, True, args.max_num_batched_tokens),
                "oneDNN": build(source, False, args.max_num_batched_tokens)}  # fmt: skip

@@ -28,7 +28,6 @@ import torch
 from bench.engine_bench import model_source
 from bench.report import save_table
 from model.prepared import load_prepared
-from model.threads import set_compute_threads
 from model.tokenizer import Tokenizer
 from server.app import make_core
 from server.engine.engine import LLMEngine
@@ -116,9 +115,9 @@ def main() -> None:
     args = ap.parse_args()
     cores = os.cpu_count() or 1
     torch.set_num_threads(args.threads or max(1, cores - 1))  # as the server's engine runs
-    set_compute_threads(args.threads or cores)
     source = model_source(args.model)
     model = load_prepared(source, "bfloat16", "cpu", "auto", "auto")
+    model.use_compute_threads(args.threads or cores)
     tokenizer = Tokenizer.from_file(source)
     plain = build(model, tokenizer, 0, args.max_num_seqs)
     spec = build(model, tokenizer, args.k, args.max_num_seqs)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from model import paged_kernel
-from model.threads import run_wide
+from model.threads import run_on
 
 
 @dataclass(slots=True)
@@ -59,6 +59,7 @@ class AttentionMetadata:
     block_size: int = 16
     decode_context_lens: torch.Tensor | None = None  # (D,) int64; the C++ kernel reads it instead of the mask
     use_kernel: bool | None = None  # the C++ kernel or not (the runner's Kernels); None: ask paged_kernel
+    compute_threads: int | None = None  # threads of the attention calls (Kernels.compute_threads)
     # every row's block table (N, W) and context length (N,) for one kernel call over the whole step
     # (step_rows); None: the step goes part by part (decodes, then prefill_runs)
     row_tables: torch.Tensor | None = None
@@ -75,6 +76,7 @@ def step_metadata(
     decode_context_lens: torch.Tensor | None = None,
     decode_mask: torch.Tensor | None = None,
     batch_invariant: bool = False,
+    compute_threads: int | None = None,
 ) -> AttentionMetadata:
     """The whole AttentionMetadata of a step: how its rows are attended (one kernel call, or decodes and
     prefill runs) is decided here, once, not by the layers.
@@ -93,6 +95,7 @@ def step_metadata(
         block_size,
         decode_context_lens,
         use_kernel,
+        compute_threads,
     )
     if use_kernel and prefills and (decode_context_lens is not None or not D):
         rows = step_rows(meta, slot_mapping.shape[0], None if batch_invariant else KERNEL_PROMPT_MAX)
@@ -156,7 +159,12 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMet
     assert meta.decode_block_tables is not None
     if meta.decode_context_lens is not None and _kernel(meta, q.device):
         return paged_kernel.paged_decode_attention(
-            q, kv_cache, meta.decode_block_tables, meta.decode_context_lens, meta.block_size
+            q,
+            kv_cache,
+            meta.decode_block_tables,
+            meta.decode_context_lens,
+            meta.block_size,
+            meta.compute_threads,
         )
     assert meta.decode_mask is not None
     D, nh, hd = q.shape
@@ -173,23 +181,29 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMet
 
 
 def prefill_attention(
-    q: torch.Tensor, kv_cache: torch.Tensor, seq: PrefillSeq, block_size: int, use_kernel: bool | None = None
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    seq: PrefillSeq,
+    block_size: int,
+    use_kernel: bool | None = None,
+    threads: int | None = None,
 ) -> torch.Tensor:
     """q: (T, nh, hd) for one chunk, already scaled -> (T, nh * hd); causal over the cached context.
 
     On CPU the chunk goes through the decode kernel as T rows sharing one block table (stride 0, no
     copy), row i seeing the first S - T + i + 1 tokens: faster here than SDPA with a mask at every size
-    measured (bench/attention_bench.py). use_kernel: the step's choice (None: ask paged_kernel).
+    measured (bench/attention_bench.py). use_kernel: the step's choice (None: ask paged_kernel); threads:
+    Kernels.compute_threads.
     """
     T, nh, hd = q.shape
     nkv = kv_cache.shape[0] // 2
     S = seq.context_len
     if q.device.type == "cpu" and T > KERNEL_PROMPT_MAX:
-        return run_wide(_chunk_sdpa, q, kv_cache, seq, block_size)
+        return run_on(threads, _chunk_sdpa, q, kv_cache, seq, block_size)
     if paged_kernel.use_kernel(q.device) if use_kernel is None else use_kernel:
         lens = torch.arange(S - T + 1, S + 1, device=q.device)
         table = seq.block_table.view(1, -1).expand(T, -1)
-        return paged_kernel.paged_decode_attention(q, kv_cache, table, lens, block_size)
+        return paged_kernel.paged_decode_attention(q, kv_cache, table, lens, block_size, threads)
     kv = gather_blocks(kv_cache, seq.block_table.view(1, -1), block_size)[:, 0, :S]  # (2nkv, S, hd)
     keys, values = kv[:nkv], kv[nkv:]
     if nkv != nh:
@@ -235,6 +249,7 @@ def fresh_prefill_attention(
     kv: torch.Tensor,
     seqs: list[PrefillSeq],
     padding: tuple[torch.Tensor, torch.Tensor] | None = None,
+    threads: int | None = None,
 ) -> torch.Tensor:
     """Whole prompts with nothing cached before them, as one batched causal SDPA over the fresh K/V.
 
@@ -254,7 +269,7 @@ def fresh_prefill_attention(
         q, kv = q.index_select(0, padding[0]), kv.index_select(0, padding[0])
     qb = q.view(G, T, nh, hd).transpose(1, 2)  # (G, nh, T, hd)
     kvb = kv.view(G, T, 2 * nkv, hd).transpose(1, 2)  # (G, 2nkv, T, hd)
-    out = run_wide(_causal_sdpa, qb, kvb[:, :nkv], kvb[:, nkv:], nkv != nh)  # CPU: on the GEMM threads
+    out = run_on(threads, _causal_sdpa, qb, kvb[:, :nkv], kvb[:, nkv:], nkv != nh)  # on the GEMM threads
     out = out.transpose(1, 2).reshape(G * T, nh * hd)
     return out if padding is None else out.index_select(0, padding[1])
 
@@ -349,7 +364,7 @@ def paged_attention(
         if meta.row_tables is not None:  # the whole step in one call, the work split by tokens read
             assert meta.row_lens is not None
             return paged_kernel.paged_decode_attention(
-                q, kv_cache, meta.row_tables, meta.row_lens, meta.block_size
+                q, kv_cache, meta.row_tables, meta.row_lens, meta.block_size, meta.compute_threads
             )
     else:
         kv_cache.index_copy_(1, meta.slot_mapping, kv.transpose(0, 1))
@@ -363,7 +378,14 @@ def paged_attention(
         start = run.seqs[0].query_start
         end = run.seqs[-1].query_start + run.seqs[-1].query_len
         if run.fresh:
-            parts.append(fresh_prefill_attention(q[start:end], kv[start:end], run.seqs, run.padding))
+            parts.append(
+                fresh_prefill_attention(
+                    q[start:end], kv[start:end], run.seqs, run.padding, meta.compute_threads
+                )
+            )
         else:
-            parts.append(prefill_attention(q[start:end], kv_cache, run.seqs[0], meta.block_size, use_kernel))
+            chunk = prefill_attention(
+                q[start:end], kv_cache, run.seqs[0], meta.block_size, use_kernel, meta.compute_threads
+            )
+            parts.append(chunk)
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)

@@ -21,12 +21,18 @@ no other path here promises a row's result independent of the batch.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
 from model import paged_kernel
+from model.threads import WIDE_ROWS, run_on
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +43,23 @@ class Kernels:
     # few rows up, but it picks its blocking by the number of rows.
     bf16_gemm: bool = False
     batch_invariant: bool = False  # one kernel per op for every batch (module docstring)
+    # Threads for the GEMMs, attention and the element-wise ops of long steps, apart from torch's count for
+    # the small ops (model/threads.py); None: no switching. A property of the process, not of the packed
+    # weights, so it is not compared (a prepared model serves whatever the count).
+    compute_threads: int | None = field(default=None, compare=False)
+
+    def with_threads(self, threads: int | None) -> Kernels:
+        if threads is not None and threads < 1:
+            raise ValueError(f"compute threads must be at least 1, got {threads}")
+        return dataclasses.replace(self, compute_threads=threads)
+
+    def wide(self, fn: Callable[..., T], *args: object) -> T:
+        """fn(*args) on the compute threads."""
+        return run_on(self.compute_threads, fn, *args)
+
+    def wide_rows(self, rows: int, fn: Callable[..., T], *args: object) -> T:
+        """fn(*args), on the compute threads when it spans at least WIDE_ROWS rows."""
+        return run_on(self.compute_threads, fn, *args) if rows >= WIDE_ROWS else fn(*args)
 
     @classmethod
     def detect(cls, device: torch.device, batch_invariant: bool = False) -> Kernels:

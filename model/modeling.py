@@ -19,7 +19,7 @@ from torch import nn
 
 from model.attention import AttentionMetadata, paged_attention
 from model.config import SmolLM2Config
-from model.kernels import Kernels
+from model.kernels import TORCH_ONLY, Kernels
 from model.quant import (
     INT4_LOSSLESS_ERROR,
     INT4_MAX_ROWS,
@@ -32,7 +32,6 @@ from model.quant import (
     int4_supported,
     int8_supported,
 )
-from model.threads import run_wide_rows
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (B, nkv, S, hd) each
 
@@ -60,16 +59,22 @@ def _rms_norm(x: torch.Tensor, norm: SmolLM2RMSNorm, dtype: torch.dtype) -> torc
 
 
 def _add_norm(
-    x: torch.Tensor, delta: torch.Tensor | None, norm: SmolLM2RMSNorm, dtype: torch.dtype, fused: bool
+    x: torch.Tensor,
+    delta: torch.Tensor | None,
+    norm: SmolLM2RMSNorm,
+    dtype: torch.dtype,
+    fused: bool,
+    kernels: Kernels | None = None,
 ) -> torch.Tensor:
     """x += delta in place (x: the float32 residual stream (N, H)), then norm(x) in `dtype`.
 
-    fused: one pass of the C++ op (model/csrc/fused_ops.cpp) with the same roundings."""
+    fused: one pass of the C++ op (model/csrc/fused_ops.cpp) with the same roundings, on the kernels'
+    compute threads when the step is long."""
     if fused:
-        ops = torch.ops.smollm2
+        ops, wide = torch.ops.smollm2, (kernels or TORCH_ONLY).wide_rows
         if delta is None:
-            return run_wide_rows(len(x), ops.rms_norm_cast, x, norm.weight, norm.variance_epsilon)
-        return run_wide_rows(len(x), ops.add_rms_norm_, x, delta, norm.weight, norm.variance_epsilon)
+            return wide(len(x), ops.rms_norm_cast, x, norm.weight, norm.variance_epsilon)
+        return wide(len(x), ops.add_rms_norm_, x, delta, norm.weight, norm.variance_epsilon)
     if delta is not None:
         x.add_(delta)
     return _rms_norm(x, norm, dtype)
@@ -238,9 +243,11 @@ class SmolLM2Attention(nn.Module):
         meta: AttentionMetadata,
         kv_cache: torch.Tensor,
         fused: bool = False,
+        kernels: Kernels | None = None,
     ) -> torch.Tensor:
         """x (N, H) -> (N, H). rope: (cos, sin) tables (N, nh + 2 nkv, hd) from SmolLM2Model.rope_tables.
-        fused: RoPE in one C++ pass (model/csrc/fused_ops.cpp), same rounding."""
+        fused: RoPE in one C++ pass (model/csrc/fused_ops.cpp), same rounding; kernels: whose compute
+        threads run it on a long step."""
         N = x.shape[0]
         nh, nkv, hd = self.num_heads, self.num_key_value_heads, self.head_dim
         assert self.qkv_linear is not None and self.o_linear is not None, "prepare_for_serving() first"
@@ -249,7 +256,7 @@ class SmolLM2Attention(nn.Module):
         # (cos 1, sin 0) and carry the 1/sqrt(hd) query scale (a power of two, so exact).
         cos, sin = rope
         if fused:
-            qkv = run_wide_rows(N, torch.ops.smollm2.rope, qkv, cos, sin)
+            qkv = (kernels or TORCH_ONLY).wide_rows(N, torch.ops.smollm2.rope, qkv, cos, sin)
         else:
             qkv = torch.addcmul(qkv * cos, qkv.roll(hd // 2, dims=-1), sin)
         out = paged_attention(qkv[:, :nh], qkv[:, nh:], kv_cache, meta)
@@ -354,11 +361,11 @@ class SmolLM2Model(nn.Module):
         fused = kernels.cpp and dtype in (torch.float32, torch.bfloat16)
         delta: torch.Tensor | None = None  # what the last block adds to x
         for layer, kv_cache in zip(self.decoder_layers, kv_caches, strict=True):
-            h = _add_norm(x, delta, layer.input_layernorm, dtype, fused)
-            attn = layer.self_attn.forward_paged(h, rope, meta, kv_cache, fused)
-            h = _add_norm(x, attn, layer.post_attention_layernorm, dtype, fused)
+            h = _add_norm(x, delta, layer.input_layernorm, dtype, fused, kernels)
+            attn = layer.self_attn.forward_paged(h, rope, meta, kv_cache, fused, kernels)
+            h = _add_norm(x, attn, layer.post_attention_layernorm, dtype, fused, kernels)
             delta = layer.mlp.forward_flat(h, fused)
-        return _add_norm(x, delta, self.norm, dtype, fused)
+        return _add_norm(x, delta, self.norm, dtype, fused, kernels)
 
     def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, nh + 2 nkv, hd) cos and sign-folded sin for the fused q/k/v heads, built once per step.
@@ -539,6 +546,16 @@ class SmolLM2ForCausalLM(nn.Module):
             raise ValueError("batch-invariant serving needs every linear's shape to fit the bf16 tile GEMM")
         self.kernels = kernels
         self.prepared_for_serving = True
+
+    def use_compute_threads(self, threads: int | None) -> None:
+        """Run the GEMMs, attention and the element-wise ops of long steps on `threads` OpenMP threads,
+        whatever torch.get_num_threads() is for the small ops (None: no switching). A property of the
+        process that serves, so it is set after loading, not kept with the prepared weights."""
+        assert self.kernels is not None, "prepare_for_serving() first"
+        self.kernels = self.kernels.with_threads(threads)
+        for lin in [*self._layer_linears(), self.lm_head_linear]:
+            if lin is not None:
+                lin.kernels = self.kernels
 
     def drop_unpacked_weights(self) -> int:
         """Free the layer weights that serving never reads, once prepared: a linear packed for our GEMM

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from model.defaults import cache_dir
-from model.threads import run_wide
+from model.threads import run_on
 
 log = logging.getLogger(__name__)
 
@@ -209,14 +209,15 @@ def paged_decode_attention(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     block_size: int,
+    threads: int | None = None,
 ) -> torch.Tensor:
     """q (D, nh, hd) scaled, kv_cache (2 nkv, slots, hd), block_tables (D, nb), context_lens (D,) -> (D, nh*hd).
 
     Row d attends to the first context_lens[d] tokens of its table; a table with row stride 0 (expand)
-    is read without a copy.
+    is read without a copy. threads: OpenMP threads for the call (Kernels.compute_threads; None: as set).
     """
     if not load():
         raise RuntimeError("the C++ paged attention kernel is not available (see the log)")
-    return run_wide(
-        torch.ops.smollm2.paged_decode_attention, q, kv_cache, block_tables, context_lens, block_size
+    return run_on(
+        threads, torch.ops.smollm2.paged_decode_attention, q, kv_cache, block_tables, context_lens, block_size
     )

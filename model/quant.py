@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 
 from model.kernels import Kernels
-from model.threads import run_wide, run_wide_rows
 
 INT4_GROUP = 32  # weights per (scale, zero) pair along the input dim, as in GGUF's Q4_0/Q4_1 blocks
 # Up to this many rows the int4 GEMV is faster than the bf16 GEMM: it streams a quarter of the bytes, but
@@ -214,6 +213,7 @@ class PackedLinear:
         """kernels: what the model decided to use (None: Kernels.detect for the weight's device)."""
         if kernels is None:
             kernels = Kernels.detect(weight.device)
+        self.kernels = kernels  # its compute threads run the GEMM
         self.weight = weight
         self.swiglu_tiles = False  # tiles interleave gate and up
         self.packed: torch.Tensor | None = None
@@ -249,7 +249,7 @@ class PackedLinear:
             self.packed = _onednn_pack(self.packed)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return run_wide(self._matmul, x)
+        return self.kernels.wide(self._matmul, x)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.int8 is not None and x.shape[0] <= self.int8_max_rows:
@@ -274,5 +274,5 @@ class PackedLinear:
         """silu(gate) * up of the [gate; up] weight, as smollm2::silu_mul(self(x)) rounds (C++ kernels only)."""
         if self.swiglu_tiles and not (self.int4 is not None and x.shape[0] <= self.int4_max_rows):
             assert self.tiles is not None
-            return run_wide(torch.ops.smollm2.bf16_linear_swiglu, x, self.tiles)
-        return run_wide_rows(len(x), torch.ops.smollm2.silu_mul, self(x))
+            return self.kernels.wide(torch.ops.smollm2.bf16_linear_swiglu, x, self.tiles)
+        return self.kernels.wide_rows(len(x), torch.ops.smollm2.silu_mul, self(x))

@@ -134,16 +134,15 @@ def load_core(settings: Settings) -> EngineCore:
     if device == "cpu":
         import torch
 
-        from model.threads import set_compute_threads
-
         threads = settings.torch_threads or default_torch_threads(settings)
         torch.set_num_threads(threads)
-        set_compute_threads(os.cpu_count() or 1)
         log.info("CPU: %d thread(s) for element-wise ops, GEMMs on all %d cores", threads, os.cpu_count())
     model = load_prepared(
         source, dtype, device, settings.int4_small_batch, settings.int8_lm_head, settings.prepared_cache,
         batch_invariant=settings.batch_invariant,
     )  # fmt: skip
+    if device == "cpu":
+        model.use_compute_threads(os.cpu_count() or 1)
     if settings.batch_invariant:
         log.info("batch-invariant: bf16 tile GEMM for every linear, the paged attention kernel for every row")
     cfg = model.config

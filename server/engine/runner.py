@@ -22,10 +22,10 @@ from model.attention import (
     kv_cache_bytes_per_block,
     step_metadata,
 )
+from model.kernels import Kernels
 from model.modeling import SmolLM2ForCausalLM
 from model.sampling import SamplingBatch, make_generator, prompt_logprobs, sample
 from model.sampling_params import banned_before_min_tokens
-from model.threads import run_wide
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.request import Request, SampleResult, TokenLogprob
 from server.engine.scheduler import ScheduledSeq, SchedulerOutput
@@ -101,8 +101,6 @@ class ModelRunner:
         self._make_structured = structured
         self.structured: StructuredOutputs | None = None
         model.prepare_for_serving()  # builds the CPU kernels now (Kernels.detect), not in the first step
-        assert model.kernels is not None
-        self.kernels = model.kernels
         cfg = model.config
         use_graphs = cuda_graphs and self.device.type == "cuda"
         # with CUDA graphs, one extra block past the allocator's range takes the padding rows' writes
@@ -126,6 +124,12 @@ class ModelRunner:
                 t0 = time.perf_counter()
                 n = self.graphs.capture_common()
                 log.info("captured %d CUDA graphs for decode in %.1f s", n, time.perf_counter() - t0)
+
+    @property
+    def kernels(self) -> Kernels:
+        """The model's (read at each use: SmolLM2ForCausalLM.use_compute_threads may replace it)."""
+        assert self.model.kernels is not None
+        return self.model.kernels
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -157,7 +161,7 @@ class ModelRunner:
             # one sampler row per drawn token: a draft row's request repeats (only greedy rows draft)
             repeated = [r for r in sampling for _ in range(r.num_samples)]
             # (R, V) passes (top-k, top-p sorts, softmax) gain from every core (bench/NOTES.md)
-            out = run_wide(sample, logits, self._sampling_batch(repeated))
+            out = self.kernels.wide(sample, logits, self._sampling_batch(repeated))
             i = 0
             for r in sampling:
                 j = i + r.num_samples
@@ -231,6 +235,7 @@ class ModelRunner:
             lens,
             mask,
             self.kernels.batch_invariant,
+            self.kernels.compute_threads,
         )
         return (
             torch.tensor(x.tokens, dtype=torch.long, device=dev),

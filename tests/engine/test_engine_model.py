@@ -195,7 +195,6 @@ def test_sampling_runs_on_the_compute_threads(tiny_model, monkeypatch) -> None: 
     """sample() passes over (rows, vocab) tensors (top-p sorts), which gain from both cores of the 2-core CPU
     (bench/NOTES.md): it must run on the compute threads."""
     import server.engine.runner as runner_module
-    from model.threads import get_compute_threads, set_compute_threads
 
     seen: list[int] = []
     real = runner_module.sample
@@ -205,14 +204,13 @@ def test_sampling_runs_on_the_compute_threads(tiny_model, monkeypatch) -> None: 
         return real(*args)
 
     monkeypatch.setattr(runner_module, "sample", spy)
-    before, threads = get_compute_threads(), torch.get_num_threads()
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    set_compute_threads(2)
+    engine = make_engine(tiny_model)
+    engine.runner.model.use_compute_threads(2)
     try:
-        out = run(
-            make_engine(tiny_model), {"s": ([1, 2, 3], SamplingParams(max_tokens=3, top_p=0.9, seed=1))}
-        )
+        out = run(engine, {"s": ([1, 2, 3], SamplingParams(max_tokens=3, top_p=0.9, seed=1))})
     finally:
-        set_compute_threads(before)
+        engine.runner.model.use_compute_threads(None)
         torch.set_num_threads(threads)
     assert len(out["s"]) == 3 and seen == [2, 2, 2]
