@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import torch
@@ -184,6 +185,20 @@ def bf16_tiles_supported(weight: torch.Tensor, kernels: Kernels, swiglu: bool = 
     )
 
 
+# oneDNN builds (JIT-compiles) and caches a primitive per input shape, each holding its own code and
+# scratchpad (~1.5 MB with AMX): serving's row counts vary every step, and an unbucketed engine grew by
+# hundreds of MB under varied traffic. Rows are padded up to one of these sizes (a few dozen primitives
+# per weight in all); the padding is cheap where a GEMM is bound by reading its weight (a few rows), and
+# at most half as many rows again above that.
+ONEDNN_ROWS = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
+
+
+def onednn_rows(m: int) -> int:
+    """The row count a GEMM of m rows runs at on oneDNN's path."""
+    i = bisect.bisect_left(ONEDNN_ROWS, m)
+    return ONEDNN_ROWS[i] if i < len(ONEDNN_ROWS) else -(-m // 512) * 512
+
+
 def _onednn_pack(weight: torch.Tensor) -> torch.Tensor:
     """(N, K) bf16 -> oneDNN's blocked layout for _linear_pointwise, checked by one call."""
     packed = torch.ops.mkldnn._reorder_linear_weight(weight, 32)
@@ -262,7 +277,12 @@ class PackedLinear:
                 y = y.view(len(x), -1, 2, 16).transpose(1, 2).reshape(len(x), -1)
             return y
         if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none", [], "")
+            m = len(x)
+            rows = onednn_rows(m)
+            if rows != m:
+                x = torch.nn.functional.pad(x, (0, 0, 0, rows - m))
+            y = torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none", [], "")
+            return y if rows == m else y[:m]
         return torch.mm(x, self.weight.t())
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:

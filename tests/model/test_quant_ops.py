@@ -241,3 +241,22 @@ def test_swiglu_epilogue_is_bit_identical_to_the_gemm_then_silu_mul(inter: int) 
     fused.int4, fused.int4_max_rows = Int4Weight.from_weight(w), 4
     x = torch.randn(3, 96, generator=g).to(torch.bfloat16)
     assert torch.equal(fused.swiglu(x), torch.ops.smollm2.silu_mul(fused.int4(x)))
+
+
+def test_onednn_path_runs_a_few_shapes_whatever_the_rows() -> None:
+    """oneDNN compiles and caches a primitive per input shape; the linears pad rows to a few sizes so that
+    serving's ever-changing row counts cannot grow that cache (and the RSS) without bound, and the padded
+    rows never reach the output."""
+    from model.quant import ONEDNN_ROWS, onednn_rows
+
+    assert {onednn_rows(m) for m in range(1, 2049)} == set(ONEDNN_ROWS)
+    assert all(onednn_rows(m) >= m for m in range(1, 5000)) and onednn_rows(2049) == 2560
+    assert all(onednn_rows(m) <= max(1.5 * m, 16) for m in range(1, 5000))
+    w = (torch.randn(48, 64) * 0.1).to(torch.bfloat16)
+    lin = PackedLinear(w, kernels=Kernels())  # no C++ GEMM: oneDNN's packed path where torch has it
+    if lin.packed is None:
+        pytest.skip("this torch build has no oneDNN linear")
+    for m in (1, 5, 33, 130):
+        x = torch.randn(m, 64).to(torch.bfloat16)
+        torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, w), atol=2e-2, rtol=2e-2)
+        assert lin(x).shape == (m, 48)
