@@ -266,6 +266,7 @@ def core_process_main(
         log.error("engine process failed to start:\n%s", traceback.format_exc())
         _send_quietly(out_conn, CoreDead(f"{type(exc).__name__}: {exc}"))
         return
+    trim_heap()  # loading leaves freed temporaries (unpickled weights before packing) in the heap
     inbox: queue.SimpleQueue[CoreInput] = queue.SimpleQueue()
     outbox: queue.SimpleQueue[CoreOutput | None] = queue.SimpleQueue()
     outbox.put(CoreReady(core.info))
