@@ -72,7 +72,7 @@ def test_lossless_detector() -> None:
     assert int4_reconstruction_error(torch.zeros(8, 64)) == 0.0  # a constant group is exact
 
 
-def tiny_model(init: str) -> SmolLM2ForCausalLM:
+def grid_model(init: str) -> SmolLM2ForCausalLM:
     """The tiny model in bfloat16; init "grid": its layer weights on a Q4_1-like grid."""
     model = make_tiny_model(dtype=torch.bfloat16)
     if init == "grid":
@@ -84,7 +84,7 @@ def tiny_model(init: str) -> SmolLM2ForCausalLM:
 
 
 def test_prepare_for_serving_modes() -> None:
-    lossy = tiny_model("normal")
+    lossy = grid_model("normal")
     lossy.prepare_for_serving()
     assert not lossy.int4_active and lossy.int4_error is None  # the default builds nothing
     lossy.prepare_for_serving(int4_small_batch="auto")
@@ -99,12 +99,12 @@ def test_prepare_for_serving_modes() -> None:
     lossy.prepare_for_serving(int4_small_batch="off")
     assert not lossy.int4_active and all(lin.int4_max_rows == 0 for lin in lossy._layer_linears())
 
-    exact = tiny_model("grid")
+    exact = grid_model("grid")
     exact.prepare_for_serving(int4_small_batch="auto")
     assert exact.int4_active and exact.int4_error is not None and exact.int4_error <= INT4_LOSSLESS_ERROR
     assert all(lin.int4_max_rows == INT4_MAX_ROWS for lin in exact._layer_linears())
 
-    fp32 = tiny_model("grid").float()  # no int4 kernels wanted there: ignored without an error
+    fp32 = grid_model("grid").float()  # no int4 kernels wanted there: ignored without an error
     fp32.prepare_for_serving(int4_small_batch="on")
     assert not fp32.int4_active and all(lin.int4 is None for lin in fp32._layer_linears())
     with pytest.raises(ValueError, match="int4_small_batch"):

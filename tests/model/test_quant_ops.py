@@ -87,7 +87,7 @@ def test_packed_linear_takes_int8_only_up_to_its_rows() -> None:
     assert bf16.dtype == torch.bfloat16
 
 
-def tiny_model(init: str, dtype: torch.dtype = torch.bfloat16) -> SmolLM2ForCausalLM:
+def head_grid_model(init: str, dtype: torch.dtype = torch.bfloat16) -> SmolLM2ForCausalLM:
     """The tiny model (vocabulary 320); init "q8": its LM head on a Q8_0-like grid."""
     model = make_tiny_model(dtype=dtype, vocab_size=320)
     if init == "q8":
@@ -97,7 +97,7 @@ def tiny_model(init: str, dtype: torch.dtype = torch.bfloat16) -> SmolLM2ForCaus
 
 
 def test_prepare_for_serving_int8_modes() -> None:
-    lossy = tiny_model("normal")
+    lossy = head_grid_model("normal")
     lossy.prepare_for_serving()
     head = lossy.lm_head_linear
     assert head is not None and head.int8 is None and not lossy.int8_head_active  # the default builds nothing
@@ -109,7 +109,7 @@ def test_prepare_for_serving_int8_modes() -> None:
     lossy.prepare_for_serving(int8_lm_head="off")
     assert not lossy.int8_head_active and head.int8_max_rows == 0
 
-    exact = tiny_model("q8")
+    exact = head_grid_model("q8")
     exact.prepare_for_serving(int8_lm_head="auto")
     assert exact.int8_head_active and exact.int8_head_error is not None
     assert exact.int8_head_error <= INT8_LOSSLESS_ERROR
@@ -120,10 +120,10 @@ def test_prepare_for_serving_int8_modes() -> None:
     assert (logits - ref).abs().max().item() <= 2**-7 * ref.abs().max().item()  # within bf16 rounding
 
     paged_kernel.set_attention_kernel("torch")  # the pure-torch mode uses no C++: the head stays bf16
-    plain = tiny_model("q8")
+    plain = head_grid_model("q8")
     plain.prepare_for_serving(int8_lm_head="on")
     assert not plain.int8_head_active
-    fp32 = tiny_model("q8", torch.float32)
+    fp32 = head_grid_model("q8", torch.float32)
     fp32.prepare_for_serving(int8_lm_head="on")  # bf16 serving only: ignored without an error
     assert not fp32.int8_head_active
     with pytest.raises(ValueError, match="int8_lm_head"):

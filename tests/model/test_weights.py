@@ -38,7 +38,7 @@ TINY = SmolLM2Config(
 IDS = torch.tensor([[1, 5, 17, 200, 3, 42, 99, 7]])
 
 
-def tiny_model(config: SmolLM2Config = TINY, seed: int = 0) -> SmolLM2ForCausalLM:
+def norm_randomized_model(config: SmolLM2Config = TINY, seed: int = 0) -> SmolLM2ForCausalLM:
     torch.manual_seed(seed)
     model = SmolLM2ForCausalLM(config).eval()
     with torch.no_grad():  # norms start at 1; randomize them so a wrong mapping shows in the logits
@@ -124,7 +124,7 @@ def write_gguf(path: Path, model: SmolLM2ForCausalLM, arch: str = "llama") -> No
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, SmolLM2ForCausalLM]:
-    model = tiny_model()
+    model = norm_randomized_model()
     path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
     write_gguf(path, model)
     return path, model
@@ -173,7 +173,7 @@ def test_gguf_model_matches_the_original(tiny_gguf: tuple[Path, SmolLM2ForCausal
 
 
 def test_gguf_with_output_weight_is_untied(tmp_path: Path) -> None:
-    model = tiny_model(dataclasses.replace(TINY, tie_word_embeddings=False))
+    model = norm_randomized_model(dataclasses.replace(TINY, tie_word_embeddings=False))
     write_gguf(tmp_path / "untied.gguf", model)
     loaded = load_model(tmp_path / "untied.gguf")
     assert not loaded.config.tie_word_embeddings
@@ -191,7 +191,7 @@ def test_truncated_gguf_is_a_clear_error(tiny_gguf: tuple[Path, SmolLM2ForCausal
 
 
 def test_non_llama_gguf_is_refused(tmp_path: Path) -> None:
-    write_gguf(tmp_path / "other.gguf", tiny_model(), arch="gpt2")
+    write_gguf(tmp_path / "other.gguf", norm_randomized_model(), arch="gpt2")
     with pytest.raises(ValueError, match="general.architecture is 'gpt2'"):
         load_model(tmp_path / "other.gguf")
 
@@ -263,7 +263,7 @@ def test_convert_gguf_writes_a_folder_transformers_loads(real_gguf: Path, tmp_pa
 # ---- HF folders ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("tie", [True, False])
 def test_hf_folder_round_trip(tmp_path: Path, tie: bool) -> None:
-    model = tiny_model(dataclasses.replace(TINY, tie_word_embeddings=tie))
+    model = norm_randomized_model(dataclasses.replace(TINY, tie_word_embeddings=tie))
     save_hf_folder(model, tmp_path)
     assert ("lm_head.weight" in load_file(tmp_path / "model.safetensors")) is not tie
     loaded = load_model(tmp_path)
@@ -275,7 +275,7 @@ def test_hf_folder_round_trip(tmp_path: Path, tie: bool) -> None:
 def test_hf_folder_loads_in_transformers(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    model = tiny_model()
+    model = norm_randomized_model()
     save_hf_folder(model, tmp_path)
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -283,7 +283,7 @@ def test_hf_folder_loads_in_transformers(tmp_path: Path) -> None:
 
 
 def test_redundant_lm_head_in_a_tied_folder_is_dropped(tmp_path: Path) -> None:
-    model = tiny_model()
+    model = norm_randomized_model()
     save_hf_folder(model, tmp_path)
     tensors = load_file(tmp_path / "model.safetensors")
     tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
@@ -293,7 +293,7 @@ def test_redundant_lm_head_in_a_tied_folder_is_dropped(tmp_path: Path) -> None:
 
 
 def test_sharded_folder_loads(tmp_path: Path) -> None:
-    model = tiny_model()
+    model = norm_randomized_model()
     save_hf_folder(model, tmp_path)
     tensors = load_file(tmp_path / "model.safetensors")
     (tmp_path / "model.safetensors").unlink()
@@ -313,7 +313,7 @@ def test_sharded_folder_loads(tmp_path: Path) -> None:
 
 
 def test_pytorch_model_bin_folder_loads(tmp_path: Path) -> None:
-    model = tiny_model()
+    model = norm_randomized_model()
     save_hf_folder(model, tmp_path)
     torch.save(load_file(tmp_path / "model.safetensors"), tmp_path / "pytorch_model.bin")
     (tmp_path / "model.safetensors").unlink()
@@ -321,7 +321,7 @@ def test_pytorch_model_bin_folder_loads(tmp_path: Path) -> None:
 
 
 def test_read_hf_folder_keeps_stored_dtype(tmp_path: Path) -> None:
-    save_hf_folder(tiny_model().to(torch.bfloat16), tmp_path)
+    save_hf_folder(norm_randomized_model().to(torch.bfloat16), tmp_path)
     config, state = read_hf_folder(tmp_path)
     assert config.torch_dtype == "bfloat16"
     assert all(t.dtype == torch.bfloat16 for t in state.values())
@@ -329,7 +329,7 @@ def test_read_hf_folder_keeps_stored_dtype(tmp_path: Path) -> None:
 
 # ---- strictness ---------------------------------------------------------------------------------------
 def tiny_state() -> dict[str, torch.Tensor]:
-    state = tiny_model().state_dict()
+    state = norm_randomized_model().state_dict()
     state.pop("lm_head.weight")
     return state
 
@@ -365,7 +365,7 @@ def test_untied_config_without_lm_head_is_missing_it() -> None:
 # ---- dtype and device -----------------------------------------------------------------------------------
 @pytest.fixture
 def tiny_folder(tmp_path: Path) -> tuple[Path, SmolLM2ForCausalLM]:
-    model = tiny_model()
+    model = norm_randomized_model()
     save_hf_folder(model, tmp_path)
     return tmp_path, model
 
