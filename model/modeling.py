@@ -22,13 +22,13 @@ from model.config import SmolLM2Config
 from model.kernels import TORCH_ONLY, Kernels
 from model.quant import (
     INT4_LOSSLESS_ERROR,
-    INT4_MAX_ROWS,
     INT4_MODES,
     INT8_HEAD_MAX_ROWS,
     INT8_LOSSLESS_ERROR,
     Int4Weight,
     Int8Weight,
     PackedLinear,
+    int4_max_rows,
     int4_supported,
     int8_supported,
 )
@@ -491,7 +491,7 @@ class SmolLM2ForCausalLM(nn.Module):
         the training path and state_dict() keep working.
 
         int4_small_batch sets whether the layer linears keep an int4 copy (groups of 32 along K) for
-        batches of at most INT4_MAX_ROWS rows: "off"; "auto", only if every one reconstructs losslessly
+        batches of at most quant.int4_max_rows(kernels) rows: "off"; "auto", only if every one reconstructs losslessly
         (weights already 4-bit groupwise, e.g. a Q4_1 GGUF); "on", even when lossy. None keeps the current
         setting (off at first), so a later plain call, e.g. ModelRunner's, does not undo an earlier one.
         Only CPU in bfloat16 has the kernels; elsewhere the setting is accepted and ignored. The result is
@@ -560,7 +560,7 @@ class SmolLM2ForCausalLM(nn.Module):
     def drop_unpacked_weights(self) -> int:
         """Free the layer weights that serving never reads, once prepared: a linear packed for our GEMM
         (or oneDNN's) multiplies by its packed copy at every batch size, and by its int4 copy below
-        INT4_MAX_ROWS, never by the plain weight; the embedding (the LM head's weight) is read from the LM
+        quant.int4_max_rows rows, never by the plain weight; the embedding (the LM head's weight) is read from the LM
         head's tiles then. Returns the bytes freed. Afterwards only the serving path works: forward(), generate(), a new int4 or
         int8 setting and state_dict()'s layer weights are gone. The weights become meta tensors, so
         their shapes remain."""
@@ -622,6 +622,8 @@ class SmolLM2ForCausalLM(nn.Module):
         return out
 
     def _set_int4(self, mode: str) -> None:
+        kernels = self.kernels
+        assert kernels is not None
         linears = self._layer_linears()
         known_lossy = self.int4_error is not None and self.int4_error > INT4_LOSSLESS_ERROR
         use = (mode == "on" or (mode == "auto" and not known_lossy)) and int4_supported(
@@ -637,7 +639,7 @@ class SmolLM2ForCausalLM(nn.Module):
         for lin in linears:
             if mode == "auto" and not use:
                 lin.int4 = None  # lossy: no use keeping the copies (int4_error remembers why)
-            lin.int4_max_rows = INT4_MAX_ROWS if use else 0
+            lin.int4_max_rows = int4_max_rows(kernels) if use else 0
 
     # ---- generation ------------------------------------------------------------------------------
     @torch.no_grad()

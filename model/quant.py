@@ -20,11 +20,19 @@ INT4_GROUP = 32  # weights per (scale, zero) pair along the input dim, as in GGU
 # its cost steps up every 4 rows while the GEMM's barely moves below 8 (`python -m bench.int4_bench`
 # measures the crossover; bench/NOTES.md, "Figures behind the code's constants").
 INT4_MAX_ROWS = 4
+# Against oneDNN's GEMM (CPUs without ours, or with AMX, where rows are padded to at least 8) the int4
+# GEMV stays ahead up to 8 rows.
+INT4_MAX_ROWS_ONEDNN = 8
 # Largest int4_reconstruction_error still called lossless: weights that already sit on a 4-bit groupwise
 # grid come back within bf16 rounding: 0.0059 at worst over the Q4_1 GGUF's layers in bf16 (0 in
 # float32). Rounding arbitrary weights to 16 levels is off by up to half a step: 0.069 for normal ones.
 INT4_LOSSLESS_ERROR = 0.02
 INT4_MODES = ("off", "auto", "on")
+
+
+def int4_max_rows(kernels: Kernels) -> int:
+    """Up to how many rows a linear with an int4 copy takes it, given the bf16 GEMM it would use instead."""
+    return INT4_MAX_ROWS if kernels.bf16_gemm else INT4_MAX_ROWS_ONEDNN
 
 
 def int4_supported(device: torch.device, dtype: torch.dtype) -> bool:

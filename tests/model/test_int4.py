@@ -15,6 +15,7 @@ from model.quant import (
     Int4Weight,
     PackedLinear,
     dequantize_int4,
+    int4_max_rows,
     int4_reconstruction_error,
     int4_supported,
     quantize_int4,
@@ -102,7 +103,8 @@ def test_prepare_for_serving_modes() -> None:
     exact = grid_model("grid")
     exact.prepare_for_serving(int4_small_batch="auto")
     assert exact.int4_active and exact.int4_error is not None and exact.int4_error <= INT4_LOSSLESS_ERROR
-    assert all(lin.int4_max_rows == INT4_MAX_ROWS for lin in exact._layer_linears())
+    assert exact.kernels is not None
+    assert all(lin.int4_max_rows == int4_max_rows(exact.kernels) for lin in exact._layer_linears())
 
     fp32 = grid_model("grid").float()  # no int4 kernels wanted there: ignored without an error
     fp32.prepare_for_serving(int4_small_batch="on")
