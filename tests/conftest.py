@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from model import SmolLM2ForCausalLM
+from model.tokenizer import Tokenizer
 from tests.tiny import make_tiny_model
 
 TINY_VOCAB = 512
@@ -17,3 +18,14 @@ def tiny_model() -> SmolLM2ForCausalLM:
     return make_tiny_model(
         vocab_size=TINY_VOCAB, max_position_embeddings=512, initializer_range=0.3, eos_token_id=None
     )
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> Tokenizer:
+    """The default model's tokenizer (the test skips where the model is not fetched)."""
+    from model.defaults import DefaultModelMissing, require_default_model
+
+    try:
+        return Tokenizer.from_file(require_default_model())
+    except DefaultModelMissing as e:
+        pytest.skip(str(e))

@@ -33,16 +33,6 @@ from model.tokenizer import Tokenizer
 BLOCK = 16  # tokens per KV block: the prefix cache reuses whole blocks only
 
 
-@pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    from model.defaults import DefaultModelMissing, require_default_model
-
-    try:
-        return Tokenizer.from_file(require_default_model())
-    except DefaultModelMissing as e:
-        pytest.skip(str(e))
-
-
 def common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 

@@ -30,16 +30,6 @@ SCHEMA = {
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    from model.defaults import DefaultModelMissing, require_default_model
-
-    try:
-        return Tokenizer.from_file(require_default_model())
-    except DefaultModelMissing as e:
-        pytest.skip(str(e))
-
-
-@pytest.fixture(scope="module")
 def cache(tokenizer: Tokenizer) -> GrammarCache:
     return GrammarCache(tokenizer_info(tokenizer, TINY_VOCAB), max_entries=3)
 

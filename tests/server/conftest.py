@@ -20,16 +20,6 @@ SCRIPT = "The quick brown fox jumps over the lazy dog. Then it sleeps under a tr
 MAX_MODEL_LEN = 256
 
 
-@pytest.fixture(scope="session")
-def tokenizer() -> Tokenizer:
-    from model.defaults import DefaultModelMissing, require_default_model
-
-    try:
-        return Tokenizer.from_file(require_default_model())
-    except DefaultModelMissing as e:
-        pytest.skip(str(e))
-
-
 class FakeEngine:
     """Replies with SCRIPT's tokens (shifted by the seed when sampling), one token per output, then EOS.
 
