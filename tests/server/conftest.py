@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -198,9 +199,11 @@ def tiny_engine(tokenizer: Tokenizer, settings: Settings) -> Any:
     return make_engine(model, tokenizer, settings)
 
 
-@pytest.fixture
-async def tiny_client(tokenizer: Tokenizer) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
-    settings = tiny_settings()
+@contextlib.asynccontextmanager
+async def serve_tiny(
+    tokenizer: Tokenizer, settings: Settings
+) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
+    """The app over a started tiny engine, with an in-process client; the engine is shut down after."""
     engine = tiny_engine(tokenizer, settings)
     await engine.start()
     app = create_app(settings, engine=engine, tokenizer=tokenizer)
@@ -211,3 +214,9 @@ async def tiny_client(tokenizer: Tokenizer) -> AsyncIterator[tuple[httpx.AsyncCl
                 yield c, engine
     finally:
         await engine.shutdown(graceful=False)
+
+
+@pytest.fixture
+async def tiny_client(tokenizer: Tokenizer) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
+    async with serve_tiny(tokenizer, tiny_settings()) as served:
+        yield served

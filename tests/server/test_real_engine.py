@@ -9,9 +9,8 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from model.tokenizer import Tokenizer
-from server.app import create_app
 from server.engine.request import SamplingParams
-from tests.server.conftest import tiny_engine, tiny_settings
+from tests.server.conftest import serve_tiny, tiny_settings
 from tests.server.test_api import MODEL, sse_chunks
 
 
@@ -199,18 +198,12 @@ async def test_speculative_ngram_gives_the_same_text_and_counts_drafts(tokenizer
             "temperature": 0, "ignore_eos": True}  # fmt: skip
     texts, samples = [], {}
     for k in (0, 3):
-        settings = tiny_settings(speculative_ngram=k, speculative_ngram_min=1)
-        engine = tiny_engine(tokenizer, settings)
-        await engine.start()
-        app = create_app(settings, engine=engine, tokenizer=tokenizer)
-        try:
-            async with app.router.lifespan_context(app):
-                transport = httpx.ASGITransport(app=app)
-                async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as c:
-                    texts.append((await c.post("/v1/completions", json=body)).json()["choices"][0]["text"])
-                    metrics = (await c.get("/metrics")).text
-        finally:
-            await engine.shutdown(graceful=False)
+        async with serve_tiny(tokenizer, tiny_settings(speculative_ngram=k, speculative_ngram_min=1)) as (
+            c,
+            _,
+        ):
+            texts.append((await c.post("/v1/completions", json=body)).json()["choices"][0]["text"])
+            metrics = (await c.get("/metrics")).text
         for family in text_string_to_metric_families(metrics):
             for s in family.samples:
                 samples[(k, s.name)] = s.value
