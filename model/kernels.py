@@ -84,14 +84,18 @@ def has_bf16_gemm() -> bool:
 
 
 @functools.cache
-def cpu_has_amx() -> bool:
-    """The CPU has AMX tiles for bf16 (Intel Xeon from Sapphire Rapids on), as Linux reports it."""
+def cpu_flags_line() -> str:
+    """The "flags" line of /proc/cpuinfo (the CPU's instruction-set extensions); "" where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
+            return next((line for line in f if line.startswith("flags")), "")
     except OSError:
-        return False
-    return "amx_bf16" in flags.split()
+        return ""
+
+
+def cpu_has_amx() -> bool:
+    """The CPU has AMX tiles for bf16 (Intel Xeon from Sapphire Rapids on), as Linux reports it."""
+    return "amx_bf16" in cpu_flags_line().split()
 
 
 TORCH_ONLY = Kernels()  # plain torch ops: CUDA, or SMOLLM2_ATTENTION_KERNEL=torch

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from model.defaults import cache_dir
-from model.kernels import Kernels
+from model.kernels import Kernels, cpu_flags_line
 from model.modeling import SmolLM2ForCausalLM
 
 log = logging.getLogger("model")
@@ -132,8 +132,4 @@ def _code_identity() -> str:
 
 
 def _cpu_identity() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return torch.backends.cpu.get_cpu_capability()
+    return cpu_flags_line() or torch.backends.cpu.get_cpu_capability()
