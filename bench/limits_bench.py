@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 
 from bench.peers import SERVED_NAME
+from bench.report import print_report
 from bench.soak import start_server, tree_rss_mb, wait_idle
 
 M = SERVED_NAME
@@ -85,12 +86,7 @@ def main() -> None:
     parser.add_argument("server_args", nargs="*", help="arguments for `python -m server` (after --)")
     args = parser.parse_args()
     text = asyncio.run(run(args))
-    print(text)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / f"limits-{dt.datetime.now():%Y-%m-%d-%H%M}.md"
-        path.write_text(text)
-        print(f"saved {path}")
+    print_report(text, args.out, "limits")
 
 
 if __name__ == "__main__":

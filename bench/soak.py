@@ -31,6 +31,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.peers import SERVED_NAME, RunningServer, free_port, wait_ready
+from bench.report import print_report
 from bench.serve_bench import _SOURCE_TEXT
 
 WORDS = _SOURCE_TEXT.split()
@@ -320,12 +321,7 @@ def main() -> None:
     if not 1 <= args.clients <= 1024 or not 0 < args.minutes <= 120:
         parser.error("--clients must be in [1, 1024] and --minutes in (0, 120]")
     text = asyncio.run(soak(args))
-    print(text)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / f"soak-{dt.datetime.now():%Y-%m-%d-%H%M}.md"
-        path.write_text(text)
-        print(f"saved {path}")
+    print_report(text, args.out, "soak")
 
 
 if __name__ == "__main__":

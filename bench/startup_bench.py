@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx
 
 from bench.peers import SERVED_NAME, RunningServer, free_port
+from bench.report import print_report
 from model.defaults import cache_dir, require_default_model
 
 
@@ -177,12 +178,7 @@ def main() -> None:
     finally:
         shutil.rmtree(home, ignore_errors=True)
     text = report(starts, args.server_args)
-    print(text)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / f"startup-{dt.datetime.now():%Y-%m-%d-%H%M}.md"
-        path.write_text(text)
-        print(f"saved {path}")
+    print_report(text, args.out, "startup")
 
 
 if __name__ == "__main__":
