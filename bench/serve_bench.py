@@ -315,6 +315,19 @@ async def stream_one(client: httpx.AsyncClient, cfg: LoadConfig, prompt: str) ->
     return res
 
 
+async def _run_until(tasks: list[asyncio.Task[None]], deadline_s: float) -> None:
+    """Wait for the tasks until the deadline, then cancel the rest."""
+    _, pending = await asyncio.wait(tasks, timeout=deadline_s)
+    for t in pending:
+        t.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+
+
+def _unfinished(in_flight: dict[int, float], end: float) -> list[RequestResult]:
+    """A failed result for each request still in flight at the deadline (its start time by key)."""
+    return [RequestResult(ok=False, start=t, end=end, error="deadline reached") for t in in_flight.values()]
+
+
 async def run_load(cfg: LoadConfig) -> LoadResult:
     """``num_requests`` completions from ``concurrency`` clients, stopped at ``deadline_s``.
 
@@ -339,13 +352,9 @@ async def run_load(cfg: LoadConfig) -> LoadResult:
     t0 = time.perf_counter()
     async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client:
         tasks = [asyncio.create_task(worker(w, client)) for w in range(cfg.concurrency)]
-        _, pending = await asyncio.wait(tasks, timeout=cfg.deadline_s)
-        for t in pending:
-            t.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        await _run_until(tasks, cfg.deadline_s)
     end = time.perf_counter()
-    for started in in_flight.values():
-        results.append(RequestResult(ok=False, start=started, end=end, error="deadline reached"))
+    results += _unfinished(in_flight, end)
     return summarize(cfg.concurrency, results, t0)
 
 
@@ -400,15 +409,10 @@ async def run_mixed(short: LoadConfig, long: LoadConfig, rate: float) -> LoadRes
     async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client:
         tasks = [asyncio.create_task(short_client(w, client)) for w in range(short.concurrency)]
         tasks.append(asyncio.create_task(arrivals(client)))
-        _, pending = await asyncio.wait(tasks, timeout=short.deadline_s)
-        for t in pending:
-            t.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        await _run_until(tasks, short.deadline_s)
     end = time.perf_counter()
-    for started in in_flight.values():
-        short_results.append(RequestResult(ok=False, start=started, end=end, error="deadline reached"))
-    for started in long_in_flight.values():
-        long_results.append(RequestResult(ok=False, start=started, end=end, error="deadline reached"))
+    short_results += _unfinished(in_flight, end)
+    long_results += _unfinished(long_in_flight, end)
     result = summarize(short.concurrency, short_results, t0)
     result.long = summarize(short.concurrency, long_results, t0)
     return result
