@@ -407,6 +407,7 @@ class SmolLM2ForCausalLM(nn.Module):
         self.lm_head_linear: PackedLinear | None = None
         self.int4_active = False  # the layer linears take the int4 GEMV for small batches
         self.int4_error: float | None = None  # worst int4_reconstruction_error, once measured
+        self.int4_rows = 0  # steps of at most this many rows take the int4 copies (0: none)
         self.int8_head_active = False  # the LM head takes the int8 kernel for small batches
         self.int8_head_error: float | None = None  # its int8_reconstruction_error, once measured
         self.apply(self._init_weights)
@@ -632,14 +633,16 @@ class SmolLM2ForCausalLM(nn.Module):
         if use:
             for lin in linears:  # built once; later calls only switch them on or off
                 if lin.int4 is None:
-                    lin.int4 = Int4Weight.from_weight(lin.weight)
+                    lin.int4 = Int4Weight.from_weight(lin.weight, kernels)
             self.int4_error = max(lin.int4.error for lin in linears if lin.int4 is not None)
             use = mode == "on" or self.int4_error <= INT4_LOSSLESS_ERROR
         self.int4_active = use
+        self.int4_rows = 0
         for lin in linears:
             if mode == "auto" and not use:
                 lin.int4 = None  # lossy: no use keeping the copies (int4_error remembers why)
-            lin.int4_max_rows = int4_max_rows(kernels) if use else 0
+            lin.int4_max_rows = int4_max_rows(kernels, lin.int4.tiles) if use and lin.int4 is not None else 0
+            self.int4_rows = max(self.int4_rows, lin.int4_max_rows)
 
     # ---- generation ------------------------------------------------------------------------------
     @torch.no_grad()

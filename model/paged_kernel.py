@@ -43,7 +43,8 @@ SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
 FUSED_SOURCE = Path(__file__).parent / "csrc" / "fused_ops.cpp"  # residual add + RMSNorm, RoPE
 QUANT_SOURCE = Path(__file__).parent / "csrc" / "quant_ops.cpp"  # int8 LM head, row argmax
 GEMM_SOURCE = Path(__file__).parent / "csrc" / "bf16_gemm.cpp"  # the bf16 GEMM of PackedLinear
-SOURCES = (SOURCE, FUSED_SOURCE, QUANT_SOURCE, GEMM_SOURCE)
+INT4_SOURCE = Path(__file__).parent / "csrc" / "int4_gemm.cpp"  # its int4 GEMM for a few rows
+SOURCES = (SOURCE, FUSED_SOURCE, QUANT_SOURCE, GEMM_SOURCE, INT4_SOURCE)
 LIBRARY_NAME = "smollm2_paged_attention"
 STAMP_NAME = "smollm2_sources.sha1"
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]

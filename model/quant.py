@@ -16,13 +16,17 @@ import torch
 from model.kernels import Kernels
 
 INT4_GROUP = 32  # weights per (scale, zero) pair along the input dim, as in GGUF's Q4_0/Q4_1 blocks
-# Up to this many rows the int4 GEMV is faster than the bf16 GEMM: it streams a quarter of the bytes, but
-# its cost steps up every 4 rows while the GEMM's barely moves below 8 (`python -m bench.int4_bench`
+# Up to this many rows torch's int4 GEMV is faster than the bf16 GEMM: it streams a quarter of the bytes,
+# but its cost steps up every 4 rows while the GEMM's barely moves below 8 (`python -m bench.int4_bench`
 # measures the crossover; bench/NOTES.md, "Figures behind the code's constants").
 INT4_MAX_ROWS = 4
-# Against oneDNN's GEMM (CPUs without ours, or with AMX, where rows are padded to at least 8) the int4
+# Against oneDNN's GEMM (CPUs without ours, or with AMX, where rows are padded to at least 8) torch's int4
 # GEMV stays ahead up to 8 rows.
 INT4_MAX_ROWS_ONEDNN = 8
+# Our int4 GEMM (model/csrc/int4_gemm.cpp, AVX512-VNNI) spends a few instructions per 128 weights where
+# torch's widens each to float32: it stays ahead of either bf16 GEMM to 24 rows and more, and 16 keeps a
+# margin on CPUs whose bf16 rate is higher relative to their int8 one.
+INT4_MAX_ROWS_TILES = 16
 # Largest int4_reconstruction_error still called lossless: weights that already sit on a 4-bit groupwise
 # grid come back within bf16 rounding: 0.0059 at worst over the Q4_1 GGUF's layers in bf16 (0 in
 # float32). Rounding arbitrary weights to 16 levels is off by up to half a step: 0.069 for normal ones.
@@ -30,8 +34,11 @@ INT4_LOSSLESS_ERROR = 0.02
 INT4_MODES = ("off", "auto", "on")
 
 
-def int4_max_rows(kernels: Kernels) -> int:
-    """Up to how many rows a linear with an int4 copy takes it, given the bf16 GEMM it would use instead."""
+def int4_max_rows(kernels: Kernels, tiles: bool = False) -> int:
+    """Up to how many rows a linear with an int4 copy takes it, given that copy's kernel (tiles: ours, see
+    Int4Weight) and the bf16 GEMM it would use instead."""
+    if tiles:
+        return INT4_MAX_ROWS_TILES
     return INT4_MAX_ROWS if kernels.bf16_gemm else INT4_MAX_ROWS_ONEDNN
 
 
@@ -45,20 +52,27 @@ def int4_supported(device: torch.device, dtype: torch.dtype) -> bool:
     )
 
 
-def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, K) weight -> q (N, K) int32 in 0..15 and scales_and_zeros (K / 32, N, 2) in weight's dtype.
+def int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K) weight -> q (N, K) int32 in 0..15, step (N, K / 32) and low (N, K / 32) float32: w ~ q * step + low.
 
-    Asymmetric min/max per group of 32 along K, in the layout of torch's int4 kernels, which compute
-    w = (q - 8) * scale + zero: so zero = min + 8 * scale.
-    """
+    Asymmetric min/max per group of 32 along K, as GGUF's Q4_1 blocks."""
     N, K = weight.shape
     assert K % INT4_GROUP == 0, f"K={K} is not a multiple of {INT4_GROUP}"
     w = weight.detach().float().view(N, K // INT4_GROUP, INT4_GROUP)  # (N, G, 32)
     lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-    scale = (hi - lo) / 15  # (N, G, 1)
-    q = ((w - lo) / scale.where(scale > 0, 1.0)).round_().clamp_(0, 15).to(torch.int32).view(N, K)
-    zero = lo + 8 * scale
-    sz = torch.cat([scale, zero], dim=-1).transpose(0, 1).to(weight.dtype).contiguous()  # (G, N, 2)
+    step = (hi - lo) / 15  # (N, G, 1)
+    q = ((w - lo) / step.where(step > 0, 1.0)).round_().clamp_(0, 15).to(torch.int32).view(N, K)
+    return q, step.squeeze(-1), lo.squeeze(-1)
+
+
+def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) weight -> q (N, K) int32 in 0..15 and scales_and_zeros (K / 32, N, 2) in weight's dtype.
+
+    int4_groups in the layout of torch's int4 kernels, which compute w = (q - 8) * scale + zero: so
+    zero = min + 8 * scale.
+    """
+    q, step, lo = int4_groups(weight)
+    sz = torch.stack([step, lo + 8 * step], dim=-1).transpose(0, 1).to(weight.dtype).contiguous()  # (G, N, 2)
     return q, sz
 
 
@@ -68,6 +82,23 @@ def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Te
     sz = scales_and_zeros.float().transpose(0, 1)  # (N, G, 2)
     w = (q.view(N, K // INT4_GROUP, INT4_GROUP).float() - 8) * sz[..., :1] + sz[..., 1:]
     return w.view(N, K)
+
+
+def _dequantize_groups(q: torch.Tensor, step: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """(N, K) float32 from q (N, K) and step, low (N, K / 32)."""
+    N, K = q.shape
+    w = q.view(N, K // INT4_GROUP, INT4_GROUP).float() * step.unsqueeze(-1) + low.unsqueeze(-1)
+    return w.view(N, K)
+
+
+def _relative_group_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
+    """max over groups of 32 of max |approx - w| / max |w| in that group."""
+    N, K = weight.shape
+    w = weight.detach().float().view(N, K // INT4_GROUP, INT4_GROUP)
+    err = (approx.view_as(w) - w).abs().amax(-1)  # (N, G)
+    mag = w.abs().amax(-1)
+    rel = torch.where(mag > 0, err / mag.clamp(min=torch.finfo(torch.float32).tiny), err)
+    return float(rel.max()) if rel.numel() else 0.0
 
 
 def int4_reconstruction_error(
@@ -80,12 +111,7 @@ def int4_reconstruction_error(
     """
     if q is None or sz is None:
         q, sz = quantize_int4(weight)
-    N, K = weight.shape
-    w = weight.detach().float().view(N, K // INT4_GROUP, INT4_GROUP)
-    err = (dequantize_int4(q, sz).view_as(w) - w).abs().amax(-1)  # (N, G)
-    mag = w.abs().amax(-1)
-    rel = torch.where(mag > 0, err / mag.clamp(min=torch.finfo(torch.float32).tiny), err)
-    return float(rel.max()) if rel.numel() else 0.0
+    return _relative_group_error(weight, dequantize_int4(q, sz))
 
 
 # The LM head (tied to the embedding; Q8_0 in the GGUF) as symmetric int8 in blocks of 32 along K with a
@@ -148,23 +174,69 @@ class Int8Weight:
         return torch.ops.smollm2.int8_linear(x, self.qweight, self.scales)
 
 
+def pack_int4_tiles(
+    q: torch.Tensor, step: torch.Tensor, low: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """int4_groups' (q, step, low) -> the layout of smollm2::int4_linear (model/csrc/int4_gemm.cpp):
+    nibbles (N / 16, K / 32, 4, 64) uint8 and scales (N / 16, K / 32, 2, 16) bfloat16 (step, then low).
+
+    Byte 4 o + b of chunk c of (tile t, group g) holds output 16 t + o at input 32 g + 4 c + b in its low
+    nibble and at 32 g + 4 (c + 4) + b in its high one."""
+    N, K = q.shape
+    T, G = N // 16, K // INT4_GROUP
+    lanes = q.view(T, 16, G, 8, 4).permute(0, 2, 3, 1, 4).reshape(T, G, 8, 64)  # (t, g, k-quad, 4 o + b)
+    packed = (lanes[:, :, :4] | (lanes[:, :, 4:] << 4)).to(torch.uint8).contiguous()
+    scales = torch.stack([step.view(T, 16, G), low.view(T, 16, G)], dim=2).permute(0, 3, 2, 1)
+    return packed, scales.to(torch.bfloat16).contiguous()
+
+
+def int4_tiles_supported(weight: torch.Tensor, kernels: Kernels) -> bool:
+    """smollm2::int4_linear serves this weight: CPU, bfloat16, N a multiple of 16, kernels built with
+    AVX512-VNNI and AVX512-BF16."""
+    n, k = weight.shape
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.bfloat16
+        and n % 16 == 0
+        and k % INT4_GROUP == 0
+        and kernels.cpp
+        and bool(torch.ops.smollm2.int4_gemm_available())
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Int4Weight:
-    """A weight in torch's CPU int4 layout: y = x @ ((q - 8) * scale + zero)^T, groups of 32 along K."""
+    """A weight as 4-bit groups of 32 along K: y = x @ W^T with W = q * step + low per group.
 
-    packed: torch.Tensor  # (N, K / 2) uint8, from _convert_weight_to_int4pack_for_cpu
-    scales_and_zeros: torch.Tensor  # (K / 32, N, 2)
+    tiles: in the layout of our int4 GEMM (pack_int4_tiles), which streams the nibbles at the memory's
+    rate; else in torch's CPU int4 layout (w = (q - 8) * scale + zero, scales_and_zeros (K / 32, N, 2)).
+    """
+
+    packed: torch.Tensor
+    scales: torch.Tensor
     error: float  # int4_reconstruction_error of the weight it was made from
+    tiles: bool
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor) -> Int4Weight:
+    def from_weight(cls, weight: torch.Tensor, kernels: Kernels | None = None) -> Int4Weight:
+        """kernels: where int4_tiles_supported, our layout (None: torch's)."""
+        if kernels is not None and int4_tiles_supported(weight, kernels):
+            q, step, low = int4_groups(weight)
+            packed, scales = pack_int4_tiles(q, step, low)
+            t = scales.float()
+            deq_step = t[:, :, 0].permute(0, 2, 1).reshape(weight.shape[0], -1)
+            deq_low = t[:, :, 1].permute(0, 2, 1).reshape(weight.shape[0], -1)
+            error = _relative_group_error(weight, _dequantize_groups(q, deq_step, deq_low))
+            return cls(packed, scales, error, tiles=True)
         q, sz = quantize_int4(weight)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        return cls(packed, sz, int4_reconstruction_error(weight, q, sz))
+        return cls(packed, sz, int4_reconstruction_error(weight, q, sz), tiles=False)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tiles:
+            return torch.ops.smollm2.int4_linear(x, self.packed, self.scales)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.contiguous(), self.packed, INT4_GROUP, self.scales_and_zeros
+            x.contiguous(), self.packed, INT4_GROUP, self.scales
         )
 
 

@@ -126,7 +126,6 @@ def model_source(settings: Settings) -> str:
 def load_core(settings: Settings) -> EngineCore:
     """Load the model named by `settings` and build its EngineCore (in whichever process runs the steps)."""
     from model.prepared import load_prepared
-    from model.quant import int4_max_rows
     from model.tokenizer import Tokenizer
 
     source = model_source(settings)
@@ -153,7 +152,7 @@ def load_core(settings: Settings) -> EngineCore:
     if model.int4_active:
         log.info(
             "int4 weights for steps of <= %d tokens (reconstruction error %.4f)",
-            int4_max_rows(model.kernels) if model.kernels is not None else 0,
+            model.int4_rows,
             model.int4_error,
         )
     elif settings.int4_small_batch != "off" and model.int4_error is not None:

@@ -8,6 +8,7 @@ import torch
 
 from model import SmolLM2ForCausalLM
 from model.attention import AttentionMetadata, allocate_kv_cache, build_decode_mask
+from model.kernels import Kernels
 from model.quant import (
     INT4_GROUP,
     INT4_LOSSLESS_ERROR,
@@ -18,6 +19,7 @@ from model.quant import (
     int4_max_rows,
     int4_reconstruction_error,
     int4_supported,
+    int4_tiles_supported,
     quantize_int4,
 )
 from tests.model.test_modeling import PROMPTS  # the same prompts as the bf16 checks
@@ -62,6 +64,37 @@ def test_int4_linear_equals_dequantized_matmul(shape: tuple[int, int]) -> None:
     assert torch.equal(lin(x1), lin.int4(x1))
 
 
+@pytest.mark.parametrize("shape", [(48, 64), (960, 576), (576, 1536)])
+def test_our_int4_gemm_matches_the_dequantized_matmul(shape: tuple[int, int]) -> None:
+    """Our int4 GEMM (model/csrc/int4_gemm.cpp): every row count through its row blocks and tile remainders,
+    activations with an outlier channel (as the real model's hidden states have) and an all-zero row."""
+    kernels = Kernels.detect(torch.device("cpu"))
+    n, k = shape
+    w = grid_weight(n, k, seed=1)
+    if not int4_tiles_supported(w, kernels):
+        pytest.skip("our int4 GEMM needs the C++ kernels on a CPU with AVX512-VNNI and AVX512-BF16")
+    ours, torchs = Int4Weight.from_weight(w, kernels), Int4Weight.from_weight(w)
+    assert ours.tiles and not torchs.tiles and ours.error <= INT4_LOSSLESS_ERROR
+    g = torch.Generator().manual_seed(2)
+    for m in (1, 2, 3, 4, 5, 7, 9, 16, 17):
+        x = torch.randn(m, k, generator=g)
+        x[:, 5] *= 200  # one channel far above the rest of its group
+        zero = m // 2 if m > 2 else None
+        if zero is not None:
+            x[zero] = 0
+        x = x.to(torch.bfloat16)
+        ref = x.float() @ w.float().t()
+        got = ours(x)
+        assert got.shape == (m, n) and got.dtype == torch.bfloat16
+        if zero is not None:
+            assert torch.equal(got[zero], torch.zeros(n, dtype=torch.bfloat16))
+        scale = ref.abs().max().item()
+        # as close as torch's int4 kernel (both: bf16 output and bf16 step/low rounding); 8-bit activations
+        # without their remainder are several times further off beside the outlier
+        err, err_torch = (got.float() - ref).abs().max().item(), (torchs(x).float() - ref).abs().max().item()
+        assert err < 1e-2 * scale and err < 2 * err_torch + 1e-3 * scale, (m, err, err_torch)
+
+
 def test_lossless_detector() -> None:
     torch.manual_seed(0)
     lossless = int4_reconstruction_error(grid_weight(576, 576))
@@ -104,7 +137,9 @@ def test_prepare_for_serving_modes() -> None:
     exact.prepare_for_serving(int4_small_batch="auto")
     assert exact.int4_active and exact.int4_error is not None and exact.int4_error <= INT4_LOSSLESS_ERROR
     assert exact.kernels is not None
-    assert all(lin.int4_max_rows == int4_max_rows(exact.kernels) for lin in exact._layer_linears())
+    for lin in exact._layer_linears():
+        assert lin.int4 is not None and lin.int4_max_rows == int4_max_rows(exact.kernels, lin.int4.tiles)
+    assert exact.int4_rows == max(lin.int4_max_rows for lin in exact._layer_linears())
 
     fp32 = grid_model("grid").float()  # no int4 kernels wanted there: ignored without an error
     fp32.prepare_for_serving(int4_small_batch="on")
