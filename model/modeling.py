@@ -23,13 +23,13 @@ from model.kernels import TORCH_ONLY, Kernels
 from model.quant import (
     INT4_LOSSLESS_ERROR,
     INT4_MODES,
-    INT8_HEAD_MAX_ROWS,
     INT8_LOSSLESS_ERROR,
     Int4Weight,
     Int8Weight,
     PackedLinear,
     int4_max_rows,
     int4_supported,
+    int8_head_max_rows,
     int8_supported,
 )
 
@@ -606,13 +606,13 @@ class SmolLM2ForCausalLM(nn.Module):
         )
         if use:
             if lin.int8 is None:
-                lin.int8 = Int8Weight.from_weight(lin.weight)
+                lin.int8 = Int8Weight.from_weight(lin.weight, self.kernels)
             self.int8_head_error = lin.int8.error
             use = mode == "on" or self.int8_head_error <= INT8_LOSSLESS_ERROR
         self.int8_head_active = use
         if mode == "auto" and not use:
             lin.int8 = None
-        lin.int8_max_rows = INT8_HEAD_MAX_ROWS if use else 0
+        lin.int8_max_rows = int8_head_max_rows(lin.int8.tiles) if use and lin.int8 is not None else 0
 
     def _layer_linears(self) -> list[PackedLinear]:
         out: list[PackedLinear] = []

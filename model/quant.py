@@ -120,6 +120,16 @@ def int4_reconstruction_error(
 # or ahead (bench/NOTES.md, "Figures behind the code's constants").
 INT8_BLOCK = 32
 INT8_HEAD_MAX_ROWS = 4
+# Our VNNI int8 kernel (Int8Weight.tiles) multiplies 64 weights per instruction where the plain one widens
+# each to float32, so it stays ahead of the bf16 GEMM for more rows (bench/NOTES.md).
+INT8_HEAD_MAX_ROWS_TILES = 8
+
+
+def int8_head_max_rows(tiles: bool) -> int:
+    """Up to how many rows the LM head takes its int8 copy, given that copy's kernel (Int8Weight.tiles)."""
+    return INT8_HEAD_MAX_ROWS_TILES if tiles else INT8_HEAD_MAX_ROWS
+
+
 # Largest int8_reconstruction_error still called lossless. It is relative to each element, not to its
 # block: weights on an 8-bit grid (dequantized from Q8_0) come back within bf16 rounding (2^-8, two
 # roundings), while int8 on arbitrary weights loses the small elements of a block entirely (error ~1).
@@ -157,20 +167,42 @@ def int8_supported(device: torch.device, dtype: torch.dtype, kernels: Kernels) -
     return device.type == "cpu" and dtype == torch.bfloat16 and kernels.cpp
 
 
+def pack_int8_tiles(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_int8's (q, scales) -> the layout of smollm2::int8_tiles_linear (model/csrc/int4_gemm.cpp):
+    (N / 16, K / 32, 8, 64) uint8 holding q + 128 (byte 4 o + b of chunk c: output 16 t + o at input
+    32 g + 4 c + b) and scales (N / 16, K / 32, 16) float32."""
+    N, K = q.shape
+    T, G = N // 16, K // INT8_BLOCK
+    lanes = q.view(T, 16, G, 8, 4).permute(0, 2, 3, 1, 4).reshape(T, G, 8, 64)
+    packed = (lanes.to(torch.int16) + 128).to(torch.uint8).contiguous()
+    return packed, scales.view(T, 16, G).transpose(1, 2).contiguous()
+
+
 @dataclass(frozen=True, slots=True)
 class Int8Weight:
-    """A weight as int8 blocks of 32 along K with a float32 scale each: y = x @ (q * scale)^T, in float32."""
+    """A weight as int8 blocks of 32 along K with a float32 scale each: y = x @ (q * scale)^T, in float32.
 
-    qweight: torch.Tensor  # (N, K) int8
-    scales: torch.Tensor  # (N, K / 32) float32
+    tiles: in the layout of our VNNI kernel (pack_int8_tiles), which takes bf16 rows as int8 with their
+    remainder (model/csrc/int4_gemm.cpp); else rows plain (quant_ops.cpp widens each weight to float32).
+    """
+
+    qweight: torch.Tensor  # (N, K) int8, or pack_int8_tiles' layout
+    scales: torch.Tensor  # (N, K / 32) float32, or pack_int8_tiles' layout
     error: float  # int8_reconstruction_error of the weight it was made from
+    tiles: bool = False
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor) -> Int8Weight:
+    def from_weight(cls, weight: torch.Tensor, kernels: Kernels | None = None) -> Int8Weight:
+        """kernels: where tiles_supported, our VNNI layout (None: plain rows)."""
         q, scales = quantize_int8(weight)
-        return cls(q, scales, int8_reconstruction_error(weight, q, scales))
+        error = int8_reconstruction_error(weight, q, scales)
+        if kernels is not None and tiles_supported(weight, kernels):
+            return cls(*pack_int8_tiles(q, scales), error, tiles=True)
+        return cls(q, scales, error)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tiles:
+            return torch.ops.smollm2.int8_tiles_linear(x, self.qweight, self.scales)
         return torch.ops.smollm2.int8_linear(x, self.qweight, self.scales)
 
 
@@ -190,9 +222,9 @@ def pack_int4_tiles(
     return packed, scales.to(torch.bfloat16).contiguous()
 
 
-def int4_tiles_supported(weight: torch.Tensor, kernels: Kernels) -> bool:
-    """smollm2::int4_linear serves this weight: CPU, bfloat16, N a multiple of 16, kernels built with
-    AVX512-VNNI and AVX512-BF16."""
+def tiles_supported(weight: torch.Tensor, kernels: Kernels) -> bool:
+    """smollm2::int4_linear and int8_tiles_linear serve this weight: CPU, bfloat16, N a multiple of 16, K
+    of 32, kernels built with AVX512-VNNI and AVX512-BF16."""
     n, k = weight.shape
     return (
         weight.device.type == "cpu"
@@ -219,8 +251,8 @@ class Int4Weight:
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, kernels: Kernels | None = None) -> Int4Weight:
-        """kernels: where int4_tiles_supported, our layout (None: torch's)."""
-        if kernels is not None and int4_tiles_supported(weight, kernels):
+        """kernels: where tiles_supported, our layout (None: torch's)."""
+        if kernels is not None and tiles_supported(weight, kernels):
             q, step, low = int4_groups(weight)
             packed, scales = pack_int4_tiles(q, step, low)
             t = scales.float()

@@ -158,8 +158,11 @@ def load_core(settings: Settings) -> EngineCore:
     elif settings.int4_small_batch != "off" and model.int4_error is not None:
         log.info("int4 weights off: they would change the model (error %.4f > lossless)", model.int4_error)
     if model.int8_head_active:
+        head = model.lm_head_linear
         log.info(
-            "int8 LM head for steps sampling <= 4 tokens (reconstruction error %.4f)", model.int8_head_error
+            "int8 LM head for steps sampling <= %d tokens (reconstruction error %.4f)",
+            head.int8_max_rows if head is not None else 0,
+            model.int8_head_error,
         )
     elif settings.int8_lm_head != "off" and model.int8_head_error is not None:
         log.info("int8 LM head off: it would change the model (error %.4f > lossless)", model.int8_head_error)

@@ -1,5 +1,5 @@
-// The serving path's int4 GEMM for a few rows (CPU, AVX512-VNNI), built with the other kernels by
-// model/paged_kernel.py.
+// The serving path's int4 GEMM for a few rows and its int8 LM head (CPU, AVX512-VNNI), built with the other
+// kernels by model/paged_kernel.py.
 //
 // int4_linear(x (M, K) bfloat16, packed (N / 16, K / 32, 4, 64) uint8, scales (N / 16, K / 32, 2, 16)
 //             bfloat16) -> (M, N) bfloat16:
@@ -7,6 +7,11 @@
 //   model/quant.py). Per tile of 16 outputs and group of 32 inputs the 512 nibbles are 4 chunks of 64
 //   bytes: byte 4 o + b of chunk c holds output o's weight at input 4 c + b (low nibble) and at
 //   4 (c + 4) + b (high nibble), the lane order of vpdpbusd. scales holds the 16 outputs' d, then their m.
+//
+// int8_tiles_linear(x (M, K) bfloat16, packed (N / 16, K / 32, 8, 64) uint8, scales (N / 16, K / 32, 16)
+//                   float32) -> (M, N) float32:
+//   y = x @ W^T for W[n, k] = q[n, k] * d[n, g], q in -127..127 stored as q + 128 (pack_int8_tiles): the
+//   LM head (Q8_0 in the GGUF). Chunk c of a tile and group holds input quad c, as above.
 //
 // Why not torch's _weight_int4pack_mm_for_cpu, nor widening nibbles to bfloat16 for vdpbf16ps: at one
 // stream a decode step streams the weights, and both spend more instructions per weight than the memory
@@ -34,9 +39,7 @@
 namespace {
 
 constexpr int64_t kGroup = 32;
-constexpr int64_t kChunk = 64;               // bytes of nibbles per chunk (two k-quads of 16 outputs)
-constexpr int64_t kGroupBytes = 4 * kChunk;  // one tile's nibbles for one group
-constexpr int64_t kScaleElems = 2 * 16;      // one tile's d and m for one group
+constexpr int64_t kChunk = 64;  // bytes per chunk: 16 outputs x one k-quad of int8, or two of int4
 
 #ifdef SMOLLM2_HAVE_INT4_GEMM
 inline __m512 widen_bf16(const uint16_t* p) {
@@ -44,10 +47,11 @@ inline __m512 widen_bf16(const uint16_t* p) {
       _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
 
-// One row of x (K bfloat16) -> per group of 32: qx (32 int8) and its remainder qr (32 int8), dx, xsum:
-// x ~ dx * (qx + qr / 254). (As a single int8 term the product missed by ~3 logits on the real model: its
-// activations have outlier channels; the remainder brings x's error to dx / 508, far under bf16's own.)
-void quantize_row(const uint16_t* x, int64_t K, int8_t* qx, int8_t* qr, float* dx, float* xsum) {
+// One row of x (K bfloat16) -> per group of 32: qx (32 int8) and its remainder qr (32 int8), dx, xsum and
+// corr: x ~ dx * (qx + qr / 254). (As a single int8 term the product missed by ~3 logits on the real model:
+// its activations have outlier channels; the remainder brings x's error to dx / 508, far under bf16's
+// own.) corr = 128 * (sum qx + sum qr / 254) takes off the 128 by which int8 weights are stored as u8.
+void quantize_row(const uint16_t* x, int64_t K, int8_t* qx, int8_t* qr, float* dx, float* xsum, float* corr) {
   for (int64_t g = 0; g < K / kGroup; ++g) {
     __m512 v[2];
     for (int h = 0; h < 2; ++h)
@@ -58,29 +62,52 @@ void quantize_row(const uint16_t* x, int64_t K, int8_t* qx, int8_t* qr, float* d
     const float d = amax / 127.f;
     const __m512 inv = _mm512_set1_ps(d > 0.f ? 1.f / d : 0.f);
     const __m512 inv_r = _mm512_set1_ps(d > 0.f ? 254.f / d : 0.f);
+    __m512i sq = _mm512_setzero_si512(), sr = _mm512_setzero_si512();
     for (int h = 0; h < 2; ++h) {
       const __m512 t = _mm512_mul_ps(v[h], inv);
       const __m512 q = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       // remainder in units of dx / 254: |x / dx - q| <= 1/2 (a little more from float32 rounding), so
       // within -127..127 after rounding; saturation guards the edge
       const __m512 r = _mm512_mul_ps(_mm512_fnmadd_ps(q, _mm512_set1_ps(d), v[h]), inv_r);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(qx + g * kGroup + 16 * h),
-                       _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(q)));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + g * kGroup + 16 * h),
-                       _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(r)));
+      const __m128i q8 = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(q));
+      const __m128i r8 = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(r));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(qx + g * kGroup + 16 * h), q8);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + g * kGroup + 16 * h), r8);
+      sq = _mm512_add_epi32(sq, _mm512_cvtepi8_epi32(q8));
+      sr = _mm512_add_epi32(sr, _mm512_cvtepi8_epi32(r8));
     }
     dx[g] = d;
     xsum[g] = _mm512_reduce_add_ps(_mm512_add_ps(v[0], v[1]));
+    corr[g] = 128.f * (static_cast<float>(_mm512_reduce_add_epi32(sq)) +
+                       static_cast<float>(_mm512_reduce_add_epi32(sr)) / 254.f);
   }
 }
 
-// MR rows x NT tiles: out[r, 16 (t0 + j) + c] for r < MR, j < NT. qx holds each row's K int8, then its
-// K remainders.
-template <int MR, int NT>
-inline void block(const int8_t* __restrict qx, const float* __restrict dx, const float* __restrict xsum, int64_t K,
-                  const uint8_t* __restrict w, const uint16_t* __restrict s, int64_t t0, uint16_t* __restrict out,
-                  int64_t N) {
-  const int64_t G = K / kGroup;
+// x's rows quantized by quantize_row: row r's qx at q + 2 r K, its qr at q + (2 r + 1) K; dx, xsum and corr
+// at stats + (0, 1, 2) * M * G + r * G.
+struct QuantRows {
+  const int8_t* q;
+  const float* stats;
+  int64_t M, K, G;
+  QuantRows rows_from(int64_t m0) const { return {q + 2 * m0 * K, stats + m0 * G, M, K, G}; }
+  const int8_t* qx(int r) const { return q + 2 * r * K; }
+  float dx(int r, int64_t g) const { return stats[r * G + g]; }
+  float xsum(int r, int64_t g) const { return stats[M * G + r * G + g]; }
+  float corr(int r, int64_t g) const { return stats[2 * M * G + r * G + g]; }
+};
+
+inline int32_t quad(const int8_t* p) { return *reinterpret_cast<const int32_t*>(p); }
+
+// MR rows x NT tiles: out[r, 16 (t0 + j) + c] for r < MR, j < NT.
+//   INT8 = false: int4 weights (4 chunks of 64 bytes per tile and group, two k-quads each; scales: d, m as
+//   bfloat16), bfloat16 out.
+//   INT8 = true: int8 weights stored as u8 (w + 128; 8 chunks of 64 bytes, one k-quad each; scales: d as
+//   float32), float32 out.
+template <bool INT8, int MR, int NT>
+inline void block(const QuantRows& x, const uint8_t* __restrict w, const void* __restrict scales, int64_t t0,
+                  void* __restrict out, int64_t N) {
+  constexpr int64_t chunks = INT8 ? 8 : 4;
+  const int64_t G = x.G, K = x.K;
   const __m512i low = _mm512_set1_epi8(0x0F);
   const __m512 rem = _mm512_set1_ps(1.f / 254.f);
   __m512 acc[MR][NT];
@@ -90,55 +117,102 @@ inline void block(const int8_t* __restrict qx, const float* __restrict dx, const
     __m512i part[MR][NT], part_r[MR][NT];
     for (int r = 0; r < MR; ++r)
       for (int j = 0; j < NT; ++j) part[r][j] = part_r[r][j] = _mm512_setzero_si512();
-    const int8_t* xg = qx + g * kGroup;
-    for (int c = 0; c < 4; ++c) {
+    for (int c = 0; c < chunks; ++c) {
       for (int j = 0; j < NT; ++j) {
-        const __m512i v = _mm512_loadu_si512(w + ((t0 + j) * G + g) * kGroupBytes + c * kChunk);
-        const __m512i lo = _mm512_and_si512(v, low);
-        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        const __m512i v = _mm512_loadu_si512(w + ((t0 + j) * G + g) * chunks * kChunk + c * kChunk);
         for (int r = 0; r < MR; ++r) {
-          const int8_t* xr = xg + 2 * r * K;
-          part[r][j] = _mm512_dpbusd_epi32(part[r][j], lo, _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(xr + 4 * c)));
-          part[r][j] = _mm512_dpbusd_epi32(part[r][j], hi, _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(xr + 4 * c + 16)));
-          part_r[r][j] = _mm512_dpbusd_epi32(part_r[r][j], lo, _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(xr + K + 4 * c)));
-          part_r[r][j] = _mm512_dpbusd_epi32(part_r[r][j], hi, _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(xr + K + 4 * c + 16)));
+          const int8_t* xq = x.qx(r) + g * kGroup + 4 * c;  // this chunk's k-quad (the low nibbles' for int4)
+          if constexpr (INT8) {
+            part[r][j] = _mm512_dpbusd_epi32(part[r][j], v, _mm512_set1_epi32(quad(xq)));
+            part_r[r][j] = _mm512_dpbusd_epi32(part_r[r][j], v, _mm512_set1_epi32(quad(xq + K)));
+          } else {
+            const __m512i lo = _mm512_and_si512(v, low);
+            const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+            part[r][j] = _mm512_dpbusd_epi32(part[r][j], lo, _mm512_set1_epi32(quad(xq)));
+            part[r][j] = _mm512_dpbusd_epi32(part[r][j], hi, _mm512_set1_epi32(quad(xq + 16)));
+            part_r[r][j] = _mm512_dpbusd_epi32(part_r[r][j], lo, _mm512_set1_epi32(quad(xq + K)));
+            part_r[r][j] = _mm512_dpbusd_epi32(part_r[r][j], hi, _mm512_set1_epi32(quad(xq + K + 16)));
+          }
         }
       }
     }
     for (int j = 0; j < NT; ++j) {
-      const uint16_t* sg = s + ((t0 + j) * G + g) * kScaleElems;
-      const __m512 d = widen_bf16(sg);
-      const __m512 m = widen_bf16(sg + 16);
-      for (int r = 0; r < MR; ++r) {
-        const __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(part_r[r][j]), rem, _mm512_cvtepi32_ps(part[r][j]));
-        acc[r][j] = _mm512_fmadd_ps(sum, _mm512_mul_ps(d, _mm512_set1_ps(dx[r * G + g])), acc[r][j]);
-        acc[r][j] = _mm512_fmadd_ps(m, _mm512_set1_ps(xsum[r * G + g]), acc[r][j]);
+      if constexpr (INT8) {
+        const __m512 d = _mm512_loadu_ps(static_cast<const float*>(scales) + ((t0 + j) * G + g) * 16);
+        for (int r = 0; r < MR; ++r) {
+          __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(part_r[r][j]), rem, _mm512_cvtepi32_ps(part[r][j]));
+          sum = _mm512_sub_ps(sum, _mm512_set1_ps(x.corr(r, g)));
+          acc[r][j] = _mm512_fmadd_ps(sum, _mm512_mul_ps(d, _mm512_set1_ps(x.dx(r, g))), acc[r][j]);
+        }
+      } else {
+        const uint16_t* sg = static_cast<const uint16_t*>(scales) + ((t0 + j) * G + g) * 32;
+        const __m512 d = widen_bf16(sg);
+        const __m512 m = widen_bf16(sg + 16);
+        for (int r = 0; r < MR; ++r) {
+          const __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(part_r[r][j]), rem, _mm512_cvtepi32_ps(part[r][j]));
+          acc[r][j] = _mm512_fmadd_ps(sum, _mm512_mul_ps(d, _mm512_set1_ps(x.dx(r, g))), acc[r][j]);
+          acc[r][j] = _mm512_fmadd_ps(m, _mm512_set1_ps(x.xsum(r, g)), acc[r][j]);
+        }
       }
     }
   }
   for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < NT; ++j)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * N + 16 * (t0 + j)),
-                          (__m256i)_mm512_cvtneps_pbh(acc[r][j]));
+    for (int j = 0; j < NT; ++j) {
+      if constexpr (INT8)
+        _mm512_storeu_ps(static_cast<float*>(out) + r * N + 16 * (t0 + j), acc[r][j]);
+      else
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + r * N + 16 * (t0 + j)),
+                            (__m256i)_mm512_cvtneps_pbh(acc[r][j]));
+    }
 }
 
-// rows [0, MR) of x through tiles [t0, t1), NT at a time
-template <int MR, int NT>
-void rows_through(const int8_t* qx, const float* dx, const float* xsum, int64_t K, const uint8_t* w,
-                  const uint16_t* s, int64_t t0, int64_t t1, uint16_t* out, int64_t N) {
+// MR rows of x through tiles [t0, t1), NT at a time
+template <bool INT8, int MR, int NT>
+void rows_through(const QuantRows& x, const uint8_t* w, const void* s, int64_t t0, int64_t t1, void* out,
+                  int64_t N) {
   int64_t t = t0;
-  for (; t + NT <= t1; t += NT) block<MR, NT>(qx, dx, xsum, K, w, s, t, out, N);
-  for (; t < t1; ++t) block<MR, 1>(qx, dx, xsum, K, w, s, t, out, N);
+  for (; t + NT <= t1; t += NT) block<INT8, MR, NT>(x, w, s, t, out, N);
+  for (; t < t1; ++t) block<INT8, MR, 1>(x, w, s, t, out, N);
 }
 
-void rows_block(int64_t mr, const int8_t* qx, const float* dx, const float* xsum, int64_t K, const uint8_t* w,
-                const uint16_t* s, int64_t t0, int64_t t1, uint16_t* out, int64_t N) {
+template <bool INT8>
+void rows_block(int64_t mr, const QuantRows& x, const uint8_t* w, const void* s, int64_t t0, int64_t t1, void* out,
+                int64_t N) {
   switch (mr) {
-    case 1: return rows_through<1, 4>(qx, dx, xsum, K, w, s, t0, t1, out, N);
-    case 2: return rows_through<2, 2>(qx, dx, xsum, K, w, s, t0, t1, out, N);
-    case 3: return rows_through<3, 1>(qx, dx, xsum, K, w, s, t0, t1, out, N);
-    default: return rows_through<4, 1>(qx, dx, xsum, K, w, s, t0, t1, out, N);
+    case 1: return rows_through<INT8, 1, 4>(x, w, s, t0, t1, out, N);
+    case 2: return rows_through<INT8, 2, 2>(x, w, s, t0, t1, out, N);
+    case 3: return rows_through<INT8, 3, 1>(x, w, s, t0, t1, out, N);
+    default: return rows_through<INT8, 4, 1>(x, w, s, t0, t1, out, N);
   }
+}
+
+// out (M, N) = x @ W^T for W in tiles (INT8: the int8 layout, else the int4 one); see block.
+template <bool INT8>
+void tiled_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, at::Tensor& out) {
+  const int64_t M = x.size(0), K = x.size(1), T = packed.size(0), G = K / kGroup, N = 16 * T;
+  const at::Tensor xc = x.contiguous();
+  at::Tensor q = at::empty({M, 2, K}, x.options().dtype(at::kChar));       // per row: int8 terms, remainders
+  at::Tensor stats = at::empty({3, M, G}, x.options().dtype(at::kFloat));  // dx, xsum, corr
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = stats.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    quantize_row(xp + m * K, K, qp + 2 * m * K, qp + (2 * m + 1) * K, sp + m * G, sp + (M + m) * G,
+                 sp + (2 * M + m) * G);
+  const QuantRows rows{qp, sp, M, K, G};
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  const void* scp = scales.data_ptr();
+  char* op = static_cast<char*>(out.data_ptr());
+  const int64_t row_bytes = N * out.element_size();
+  at::parallel_for(0, T, 4, [&](int64_t t0, int64_t t1) {
+    // a panel of 4 tiles (64 outputs: 20 KB of int4 weights and scales at K = 576) stays in cache while
+    // every row block reads it
+    for (int64_t p = t0; p < t1; p += 4) {
+      const int64_t p1 = std::min<int64_t>(p + 4, t1);
+      for (int64_t m0 = 0; m0 < M; m0 += 4)
+        rows_block<INT8>(std::min<int64_t>(4, M - m0), rows.rows_from(m0), wp, scp, p, p1, op + m0 * row_bytes, N);
+    }
+  });
 }
 #endif
 
@@ -150,44 +224,39 @@ bool int4_gemm_available() {
 #endif
 }
 
-at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales) {
-  TORCH_CHECK(int4_gemm_available(), "int4_linear needs a CPU with AVX512-VNNI and AVX512-BF16 (built -march=native)");
+void check_x(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, const char* op) {
+  TORCH_CHECK(int4_gemm_available(), op, " needs a CPU with AVX512-VNNI and AVX512-BF16 (built -march=native)");
   TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu() && scales.device().is_cpu(), "CPU only");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "x must be an (M, K) bfloat16 tensor");
   TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
-                  packed.size(2) == 4 && packed.size(3) == kChunk,
-              "packed must be a contiguous (N / 16, K / 32, 4, 64) uint8 tensor (pack_int4_tiles)");
-  const int64_t M = x.size(0), K = x.size(1), T = packed.size(0), G = packed.size(1), N = 16 * T;
-  TORCH_CHECK(G * kGroup == K, "packed is for K = ", G * kGroup, ", x has K = ", K);
+                  packed.size(3) == kChunk && packed.size(1) * kGroup == x.size(1),
+              "packed must be a contiguous (N / 16, K / 32, chunks, 64) uint8 tensor for x's K");
+}
+
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales) {
+  check_x(x, packed, scales, "int4_linear");
+  const int64_t T = packed.size(0), G = packed.size(1);
+  TORCH_CHECK(packed.size(2) == 4, "packed must be (N / 16, K / 32, 4, 64) (pack_int4_tiles)");
   TORCH_CHECK(scales.dim() == 4 && scales.scalar_type() == at::kBFloat16 && scales.is_contiguous() &&
                   scales.size(0) == T && scales.size(1) == G && scales.size(2) == 2 && scales.size(3) == 16,
               "scales must be a contiguous (N / 16, K / 32, 2, 16) bfloat16 tensor");
-  at::Tensor out = at::empty({M, N}, x.options());
+  at::Tensor out = at::empty({x.size(0), 16 * T}, x.options());
 #ifdef SMOLLM2_HAVE_INT4_GEMM
-  if (M == 0) return out;
-  const at::Tensor xc = x.contiguous();
-  at::Tensor qx = at::empty({M, 2, K}, x.options().dtype(at::kChar));  // per row: int8 terms, remainders
-  at::Tensor stats = at::empty({2, M, G}, x.options().dtype(at::kFloat));  // dx, xsum
-  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
-  int8_t* qp = qx.data_ptr<int8_t>();
-  float* dxp = stats.data_ptr<float>();
-  float* sump = dxp + M * G;
-  for (int64_t m = 0; m < M; ++m)
-    quantize_row(xp + m * K, K, qp + 2 * m * K, qp + (2 * m + 1) * K, dxp + m * G, sump + m * G);
-  const uint8_t* wp = packed.data_ptr<uint8_t>();
-  const uint16_t* scp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
-  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  at::parallel_for(0, T, 4, [&](int64_t t0, int64_t t1) {
-    // a panel of 4 tiles (64 outputs: 20 KB of nibbles and scales at K = 576) stays in cache while every
-    // row block reads it
-    for (int64_t p = t0; p < t1; p += 4) {
-      const int64_t p1 = std::min<int64_t>(p + 4, t1);
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const int64_t mr = std::min<int64_t>(4, M - m0);
-        rows_block(mr, qp + 2 * m0 * K, dxp + m0 * G, sump + m0 * G, K, wp, scp, p, p1, op + m0 * N, N);
-      }
-    }
-  });
+  if (x.size(0) > 0) tiled_linear<false>(x, packed, scales, out);
+#endif
+  return out;
+}
+
+at::Tensor int8_tiles_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales) {
+  check_x(x, packed, scales, "int8_tiles_linear");
+  const int64_t T = packed.size(0), G = packed.size(1);
+  TORCH_CHECK(packed.size(2) == 8, "packed must be (N / 16, K / 32, 8, 64) (pack_int8_tiles)");
+  TORCH_CHECK(scales.dim() == 3 && scales.scalar_type() == at::kFloat && scales.is_contiguous() &&
+                  scales.size(0) == T && scales.size(1) == G && scales.size(2) == 16,
+              "scales must be a contiguous (N / 16, K / 32, 16) float32 tensor");
+  at::Tensor out = at::empty({x.size(0), 16 * T}, x.options().dtype(at::kFloat));
+#ifdef SMOLLM2_HAVE_INT4_GEMM
+  if (x.size(0) > 0) tiled_linear<true>(x, packed, scales, out);
 #endif
   return out;
 }
@@ -197,4 +266,5 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
 TORCH_LIBRARY_FRAGMENT(smollm2, m) {
   m.def("int4_gemm_available() -> bool", &int4_gemm_available);
   m.def("int4_linear(Tensor x, Tensor packed, Tensor scales) -> Tensor", &int4_linear);
+  m.def("int8_tiles_linear(Tensor x, Tensor packed, Tensor scales) -> Tensor", &int8_tiles_linear);
 }

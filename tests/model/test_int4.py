@@ -19,8 +19,8 @@ from model.quant import (
     int4_max_rows,
     int4_reconstruction_error,
     int4_supported,
-    int4_tiles_supported,
     quantize_int4,
+    tiles_supported,
 )
 from tests.model.test_modeling import PROMPTS  # the same prompts as the bf16 checks
 from tests.tiny import make_tiny_model
@@ -71,7 +71,7 @@ def test_our_int4_gemm_matches_the_dequantized_matmul(shape: tuple[int, int]) ->
     kernels = Kernels.detect(torch.device("cpu"))
     n, k = shape
     w = grid_weight(n, k, seed=1)
-    if not int4_tiles_supported(w, kernels):
+    if not tiles_supported(w, kernels):
         pytest.skip("our int4 GEMM needs the C++ kernels on a CPU with AVX512-VNNI and AVX512-BF16")
     ours, torchs = Int4Weight.from_weight(w, kernels), Int4Weight.from_weight(w)
     assert ours.tiles and not torchs.tiles and ours.error <= INT4_LOSSLESS_ERROR

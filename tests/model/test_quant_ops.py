@@ -16,9 +16,11 @@ from model.quant import (
     Int4Weight,
     Int8Weight,
     PackedLinear,
+    int8_head_max_rows,
     int8_reconstruction_error,
     pack_bf16_tiles,
     quantize_int8,
+    tiles_supported,
 )
 from model.sampling import _argmax
 from tests.tiny import make_tiny_model
@@ -75,6 +77,31 @@ def test_lossless_detector() -> None:
     assert Int8Weight.from_weight(torch.zeros(4, 64)).error == 0.0
 
 
+@pytest.mark.parametrize("shape", [(48, 64), (320, 96), (4096, 576)])
+def test_our_vnni_int8_kernel_matches_the_plain_one(shape: tuple[int, int]) -> None:
+    """Int8Weight.tiles (model/csrc/int4_gemm.cpp: bf16 rows as int8 plus remainder, weights stored + 128)
+    against the plain kernel that widens every weight to float32, over its row blocks and tile remainders,
+    with an outlier channel in the activations and an all-zero row."""
+    kernels = Kernels.detect(torch.device("cpu"))
+    n, k = shape
+    w = q8_weight(n, k)
+    if not tiles_supported(w, kernels):
+        pytest.skip("the VNNI kernels need the C++ library on a CPU with AVX512-VNNI and AVX512-BF16")
+    ours, plain = Int8Weight.from_weight(w, kernels), Int8Weight.from_weight(w)
+    assert ours.tiles and not plain.tiles and ours.error == plain.error
+    g = torch.Generator().manual_seed(3)
+    for m in (1, 2, 3, 4, 5, 8, 9, 17):
+        x = torch.randn(m, k, generator=g)
+        x[:, 3] *= 300
+        x[-1] = 0
+        x = x.to(torch.bfloat16)
+        got, want = ours(x), plain(x)  # plain: float32 products of the exact inputs
+        assert got.shape == (m, n) and got.dtype == torch.float32
+        assert torch.equal(got[-1], torch.zeros(n))
+        # x within max|x| / (127 * 508) of itself per group: ~1e-5 of the output's scale, float32 sums aside
+        assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item(), m
+
+
 def test_packed_linear_takes_int8_only_up_to_its_rows() -> None:
     w = q8_weight(300, 96)
     lin = PackedLinear(w)
@@ -105,7 +132,8 @@ def test_prepare_for_serving_int8_modes() -> None:
     assert not lossy.int8_head_active and head.int8 is None
     assert lossy.int8_head_error is not None and lossy.int8_head_error > INT8_LOSSLESS_ERROR
     lossy.prepare_for_serving(int8_lm_head="on")
-    assert lossy.int8_head_active and head.int8 is not None and head.int8_max_rows == INT8_HEAD_MAX_ROWS
+    assert lossy.int8_head_active and head.int8 is not None
+    assert head.int8_max_rows == int8_head_max_rows(head.int8.tiles)
     lossy.prepare_for_serving(int8_lm_head="off")
     assert not lossy.int8_head_active and head.int8_max_rows == 0
 
