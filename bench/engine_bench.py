@@ -12,7 +12,8 @@ baseline levels ours and transformers run --repeat times, alternating, and the t
 each and the median of the pairs' ratios: on a shared box either side's figure moves 10-25% from run to run.
 
 --int4-small-batch runs every level once per listed mode of prepare_for_serving(int4_small_batch=...)
-on the same engine. --profile-decode N prints torch.profiler's top ops over N decode steps at one stream,
+on the same engine. --profile-decode N prints torch.profiler's top ops over N decode steps of
+--profile-streams streams (1),
 per mode.
 """
 
@@ -86,14 +87,16 @@ def run_ours(engine: LLMEngine, n: int, vocab: int) -> tuple[float, float, float
     return produced / wall, statistics.fmean(decode_steps) * 1000, statistics.median(decode_steps) * 1000
 
 
-def profile_decode(engine: LLMEngine, vocab: int, steps: int) -> str:
-    """torch.profiler's top ops (by self CPU time) over `steps` decode steps of one stream."""
+def profile_decode(engine: LLMEngine, vocab: int, steps: int, streams: int = 1) -> str:
+    """torch.profiler's top ops (by self CPU time) over `steps` decode steps of `streams` streams."""
     from torch.profiler import ProfilerActivity, profile
 
     engine.scheduler.allocator.reset_prefix_cache()
     params = SamplingParams(max_tokens=steps + 2, temperature=0.0, ignore_eos=True)
-    engine.add_request("profile", prompts(1, vocab)[0], params)
-    engine.step()  # the prefill
+    for i, prompt in enumerate(prompts(streams, vocab)):
+        engine.add_request(f"profile-{i}", prompt, params)
+    while engine.scheduler.waiting or not all(r.output_token_ids for r in engine.scheduler.running):
+        engine.step()  # the prefills
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             engine.step()
@@ -189,7 +192,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="ours/transformers pairs at the baseline levels")
     ap.add_argument("--int4-small-batch", default="off", help="comma-separated modes of off, auto, on")
     ap.add_argument("--int8-lm-head", default="auto", choices=INT4_MODES, help="int8 LM head for <= 4 rows")
-    ap.add_argument("--profile-decode", type=int, default=0, help="decode steps to profile at 1 stream")
+    ap.add_argument("--profile-decode", type=int, default=0, help="decode steps to profile")
+    ap.add_argument("--profile-streams", type=int, default=1, help="streams in the profiled steps")
     ap.add_argument(
         "--threads",
         default="server",
@@ -252,7 +256,7 @@ def main() -> None:
                 )
             rows.append((mode, model.int4_active, n, tok_s, step_ms, median_ms, base, ratio))
         if args.profile_decode:
-            print(profile_decode(engine, vocab, args.profile_decode), flush=True)
+            print(profile_decode(engine, vocab, args.profile_decode, args.profile_streams), flush=True)
     write_table(args, rows, machine)
 
 

@@ -1,11 +1,12 @@
-"""Our AVX512-BF16 GEMM against oneDNN's for the serving linears, in the engine, alternating in one run.
+"""Our bf16 GEMM (AVX512-BF16, or the AMX tile unit where the CPU has one) against oneDNN's for the serving
+linears, in the engine, alternating in one run.
 
     python -m bench.gemm_ab [--rounds 3] [--prompt-tokens 1500] [--out bench/results]
 
 Both engines serve the default model in bfloat16 (int4/int8 copies as the server's defaults); one has its
 linears packed for model/csrc/bf16_gemm.cpp, the other for oneDNN (`_linear_pointwise`, which uses AMX
 where the CPU has it). Rows: one long prompt's prefill (max_tokens 1, prefix cache reset) and the median
-decode step at 1 / 8 / 32 / 64 streams (64-token prompts). Kernels.detect picks oneDNN on AMX CPUs.
+decode step at 1 / 8 / 32 / 64 streams (64-token prompts). Kernels.detect picks ours wherever it runs.
 """
 
 from __future__ import annotations

@@ -38,9 +38,8 @@ T = TypeVar("T")
 @dataclass(frozen=True, slots=True)
 class Kernels:
     cpp: bool = False  # our C++ library: paged attention, fused element-wise ops, int8 LM head, argmax
-    # its AVX512-BF16 GEMM (needs the instructions as well as the library). Not on CPUs with AMX unless
-    # batch_invariant: there oneDNN's bf16 GEMM runs on the tile unit and is several times faster from a
-    # few rows up, but it picks its blocking by the number of rows.
+    # its bf16 GEMM (needs AVX512-BF16 as well as the library; on the AMX tile unit where the CPU has one
+    # and Linux grants it, with the same packed tiles). Else oneDNN's.
     bf16_gemm: bool = False
     batch_invariant: bool = False  # one kernel per op for every batch (module docstring)
     # Threads for the GEMMs, attention and the element-wise ops of long steps, apart from torch's count for
@@ -68,7 +67,7 @@ class Kernels:
         cpp = paged_kernel.use_kernel(device)
         ours = cpp and has_bf16_gemm()
         if not batch_invariant:
-            return cls(cpp=cpp, bf16_gemm=ours and not cpu_has_amx())
+            return cls(cpp=cpp, bf16_gemm=ours)
         if not ours:
             raise ValueError(
                 "--batch-invariant needs the C++ kernels with the AVX512-BF16 GEMM on CPU (this "

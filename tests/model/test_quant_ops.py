@@ -202,7 +202,8 @@ def test_real_gguf_int8_head_is_lossless_and_closer_to_float32_than_bf16(real_bf
 def test_bf16_linear_equals_a_float_matmul_rounded_to_bf16(shape: tuple[int, int]) -> None:
     """Every row block (1-4 rows, several passes) and panel width (1-4 tiles of 16 outputs, with the tails a
     thread's share leaves) of the C++ bf16 GEMM against float64 sums: within one bf16 rounding of the output
-    plus float32 summation error."""
+    plus float32 summation error. Where the CPU has AMX, K a multiple of 32 takes the tile unit: its tiles
+    configured to 1-16 and 17-32 rows, and longer inputs padded to 16 rows."""
     if not torch.ops.smollm2.bf16_gemm_available():
         pytest.skip("this CPU has no AVX512-BF16")
     n, k = shape
@@ -210,7 +211,7 @@ def test_bf16_linear_equals_a_float_matmul_rounded_to_bf16(shape: tuple[int, int
     w = (torch.randn(n, k, generator=g) * 0.05).to(torch.bfloat16)
     tiles = pack_bf16_tiles(w)
     assert tiles.shape == (n // 16, k // 2, 16, 2)
-    for m in (1, 2, 3, 4, 5, 7, 33, 130):
+    for m in (1, 2, 3, 4, 5, 7, 16, 20, 32, 33, 130):
         x = torch.randn(m, k, generator=g).to(torch.bfloat16)
         got = torch.ops.smollm2.bf16_linear(x, tiles)
         assert got.dtype == torch.bfloat16 and got.shape == (m, n)
@@ -258,10 +259,10 @@ def test_swiglu_epilogue_is_bit_identical_to_the_gemm_then_silu_mul(inter: int) 
         pytest.skip("this CPU has no AVX512-BF16")
     g = torch.Generator().manual_seed(inter)
     w = (torch.randn(2 * inter, 96, generator=g) * 0.2).to(torch.bfloat16)
-    ours = Kernels(cpp=True, bf16_gemm=True)  # what an AMX CPU leaves to oneDNN
+    ours = Kernels(cpp=True, bf16_gemm=True)
     lin, fused = PackedLinear(w, kernels=ours), PackedLinear(w, swiglu=True, kernels=ours)
     assert fused.swiglu_tiles and not lin.swiglu_tiles
-    for m in (1, 3, 4, 9, 70):
+    for m in (1, 3, 4, 9, 20, 70):
         x = torch.randn(m, 96, generator=g).to(torch.bfloat16)
         want = torch.ops.smollm2.silu_mul(lin(x))
         assert torch.equal(fused.swiglu(x), want), m
