@@ -22,6 +22,7 @@ from model.config import SmolLM2Config
 from model.kernels import TORCH_ONLY, Kernels
 from model.quant import (
     INT4_LOSSLESS_ERROR,
+    INT4_MAX_ROWS_AMX,
     INT4_MODES,
     INT8_LOSSLESS_ERROR,
     Int4Weight,
@@ -561,7 +562,8 @@ class SmolLM2ForCausalLM(nn.Module):
     def drop_unpacked_weights(self) -> int:
         """Free the layer weights that serving never reads, once prepared: a linear packed for our GEMM
         (or oneDNN's) multiplies by its packed copy at every batch size, and by its int4 copy below
-        quant.int4_max_rows rows, never by the plain weight; the embedding (the LM head's weight) is read from the LM
+        quant.int4_max_rows rows, never by the plain weight (and where the int4 copy takes every row count,
+        as on CPUs with AMX, not by the packed one either); the embedding (the LM head's weight) is read from the LM
         head's tiles then. Returns the bytes freed. Afterwards only the serving path works: forward(), generate(), a new int4 or
         int8 setting and state_dict()'s layer weights are gone. The weights become meta tensors, so
         their shapes remain."""
@@ -576,7 +578,16 @@ class SmolLM2ForCausalLM(nn.Module):
                 (mlp.down_linear, [mlp.down_proj]),
             ]
             for lin, projections in groups:
-                if lin is None or (lin.tiles is None and lin.packed is None):
+                if lin is None:
+                    continue
+                if lin.int4 is not None and lin.int4_max_rows >= INT4_MAX_ROWS_AMX:
+                    # its int4 copy takes every step: the bf16 packings are never read either
+                    for packed in (lin.tiles, lin.packed):
+                        if packed is not None:
+                            freed += packed.numel() * packed.element_size()
+                    lin.tiles = lin.packed = None
+                    lin.swiglu_tiles = False
+                elif lin.tiles is None and lin.packed is None:
                     continue  # a plain mm reads the weight itself
                 freed += lin.weight.numel() * lin.weight.element_size()
                 lin.weight = lin.weight.to("meta")

@@ -126,6 +126,7 @@ def model_source(settings: Settings) -> str:
 def load_core(settings: Settings) -> EngineCore:
     """Load the model named by `settings` and build its EngineCore (in whichever process runs the steps)."""
     from model.prepared import load_prepared
+    from model.quant import INT4_MAX_ROWS_AMX
     from model.tokenizer import Tokenizer
 
     source = model_source(settings)
@@ -151,8 +152,8 @@ def load_core(settings: Settings) -> EngineCore:
     )  # fmt: skip
     if model.int4_active:
         log.info(
-            "int4 weights for steps of <= %d tokens (reconstruction error %.4f)",
-            model.int4_rows,
+            "int4 weights for %s (reconstruction error %.4f)",
+            "every step" if model.int4_rows >= INT4_MAX_ROWS_AMX else f"steps of <= {model.int4_rows} tokens",
             model.int4_error,
         )
     elif settings.int4_small_batch != "off" and model.int4_error is not None:

@@ -14,7 +14,7 @@
 // the output is rounded to bfloat16 (nearest even), as oneDNN's bf16 output is.
 //
 // On CPUs with AMX (and K a multiple of 32) the same tiles go through the tile unit instead: 16 k-pairs of
-// a weight tile are one B tile as they lie, so nothing is repacked (amx_run below). oneDNN's AMX GEMM read
+// a weight tile are one B tile as they lie, so nothing is repacked (model/csrc/amx.h). oneDNN's AMX GEMM read
 // the streamed weights at about half the memory's rate; this one is 1.3-1.5x faster for decode steps and
 // ~1.1x for 512-row prefill chunks (bench/NOTES.md). Every row count takes the tile unit, so a row's result
 // still does not depend on the batch (--batch-invariant).
@@ -34,12 +34,9 @@
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
 #define SMOLLM2_HAVE_BF16_GEMM 1
-#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
-#include <sys/syscall.h>
-#include <unistd.h>
-#define SMOLLM2_HAVE_AMX 1
 #endif
-#endif
+
+#include "amx.h"
 
 namespace {
 
@@ -136,129 +133,9 @@ void check_args(const at::Tensor& x, const at::Tensor& tiles) {
   TORCH_CHECK(tiles.size(1) * 2 == x.size(1), "tiles are for K = ", tiles.size(1) * 2, ", x has K = ", x.size(1));
 }
 
-#ifdef SMOLLM2_HAVE_AMX
-// The same tiles on AMX: one k-block of 16 k-pairs of a tile (16 lines, 1 KB, contiguous in the layout) is
-// one B tile, 16 rows of x over the same 32 inputs one A tile, and _tile_dpbf16ps adds their product into a
-// 16 x 16 float32 C tile. A step of up to 32 rows and 2 tiles keeps 4 C tiles, 2 A and 2 B (the 8 tile
-// registers); C is written out (rounded to bf16, or through the SwiGLU) once K is done.
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// Linux hands out the AMX tile state only on request, once per process.
-bool amx_ready() {
-  static const bool ok = [] {
-    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return ok;
-}
-
-// Tiles 0, 1 (C) and 4 (A) hold the first rows0 rows of a block, 2, 3 (C) and 5 (A) the next rows1 (0: not
-// used); 6 and 7 (B) are whole k-blocks of a weight tile.
-void amx_configure(int rows0, int rows1) {
-  TileConfig cfg;
-  for (int i = 0; i < 8; ++i) cfg.colsb[i] = 64;
-  cfg.rows[0] = cfg.rows[1] = cfg.rows[4] = static_cast<uint8_t>(rows0);
-  cfg.rows[2] = cfg.rows[3] = cfg.rows[5] = static_cast<uint8_t>(rows1 > 0 ? rows1 : 16);
-  cfg.rows[6] = cfg.rows[7] = 16;
-  _tile_loadconfig(&cfg);
-}
-
-// C (32 x 32 float32, row stride 32) = rows [0, 16 R) of x (row stride K) @ tiles w0 (and w1 if C2). Each
-// k-block also prefetches into L2 its share (pf_per of pf_lines lines) of what comes next: the weights
-// stream from memory, and the tile unit is done with a block long before the hardware prefetcher has the next.
-template <bool R2, bool C2>
-void amx_block(const uint16_t* x, int64_t K, const uint16_t* w0, const uint16_t* w1, float* c, const char* pf,
-               int64_t pf_lines) {
-  _tile_zero(0);
-  if constexpr (C2) _tile_zero(1);
-  if constexpr (R2) {
-    _tile_zero(2);
-    if constexpr (C2) _tile_zero(3);
-  }
-  const int64_t stride = K * 2, blocks = K / 32, pf_per = (pf_lines + blocks - 1) / blocks;
-  for (int64_t kb = 0; kb < K / 32; ++kb) {
-    for (int64_t i = kb * pf_per; i < (kb + 1) * pf_per && i < pf_lines; ++i) _mm_prefetch(pf + i * 64, _MM_HINT_T1);
-    _tile_loadd(4, x + kb * 32, stride);
-    if constexpr (R2) _tile_loadd(5, x + 16 * K + kb * 32, stride);
-    _tile_loadd(6, w0 + kb * 512, 64);
-    if constexpr (C2) _tile_loadd(7, w1 + kb * 512, 64);
-    _tile_dpbf16ps(0, 4, 6);
-    if constexpr (C2) _tile_dpbf16ps(1, 4, 7);
-    if constexpr (R2) {
-      _tile_dpbf16ps(2, 5, 6);
-      if constexpr (C2) _tile_dpbf16ps(3, 5, 7);
-    }
-  }
-  _tile_stored(0, c, 128);
-  if constexpr (C2) _tile_stored(1, c + 16, 128);
-  if constexpr (R2) {
-    _tile_stored(2, c + 16 * 32, 128);
-    if constexpr (C2) _tile_stored(3, c + 16 * 32 + 16, 128);
-  }
-}
-
-template <bool SWIGLU>
-void amx_run(const uint16_t* xp, int64_t M, int64_t K, const uint16_t* wp, int64_t T, uint16_t* op, int64_t cols) {
-  const int64_t tile_elems = K * 16;
-  // Up to 32 rows the tiles are configured to M's rows, so that no tile reads past x; longer x is padded
-  // to a multiple of 16 rows by the caller.
-  const int rows0 = M < 16 ? static_cast<int>(M) : 16;
-  const int rows1 = M <= 32 ? static_cast<int>(M) - rows0 : 16;
-  at::parallel_for(0, (T + 1) / 2, 1, [&](int64_t u0, int64_t u1) {
-    amx_configure(rows0, rows1);
-    alignas(64) float c[32 * 32];
-    const __m512 one = _mm512_set1_ps(1.f);
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t t = 2 * u;
-      const bool two = t + 1 < T;
-      const uint16_t* w0 = wp + t * tile_elems;
-      const uint16_t* w1 = w0 + tile_elems;
-      // the next pair of this thread's tiles, prefetched while the first row block runs
-      const int64_t next_tiles = u + 1 < u1 ? (t + 3 < T ? 2 : T - t - 2) : 0;
-      const char* pf = reinterpret_cast<const char*>(w0 + 2 * tile_elems);
-      for (int64_t m0 = 0; m0 < M; m0 += 32) {
-        const int64_t rows = M - m0 < 32 ? M - m0 : 32;
-        const uint16_t* xm = xp + m0 * K;
-        const int64_t pf_lines = m0 == 0 ? next_tiles * (K / 2) : 0;
-        if (rows > 16) {
-          if (two) amx_block<true, true>(xm, K, w0, w1, c, pf, pf_lines);
-          else amx_block<true, false>(xm, K, w0, w1, c, pf, pf_lines);
-        } else {
-          if (two) amx_block<false, true>(xm, K, w0, w1, c, pf, pf_lines);
-          else amx_block<false, false>(xm, K, w0, w1, c, pf, pf_lines);
-        }
-        for (int64_t r = 0; r < rows; ++r) {
-          const float* cr = c + r * 32;
-          if constexpr (SWIGLU) {  // tiles t, t + 1: gate and up of outputs 8 t .. 8 t + 15
-            const __m512 g = round_bf16(_mm512_load_ps(cr)), up = round_bf16(_mm512_load_ps(cr + 16));
-            const __m512 silu = round_bf16(
-                _mm512_div_ps(g, _mm512_add_ps(one, smollm2::exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(op + (m0 + r) * cols + 8 * t),
-                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(silu, up)));
-          } else {
-            uint16_t* orow = op + (m0 + r) * cols + 16 * t;
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(orow), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(cr)));
-            if (two)
-              _mm256_storeu_si256(reinterpret_cast<__m256i*>(orow + 16),
-                                  (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(cr + 16)));
-          }
-        }
-      }
-    }
-    _tile_release();
-  });
-}
-#endif
-
 bool amx_available() {
 #ifdef SMOLLM2_HAVE_AMX
-  return amx_ready();
+  return smollm2::amx::ready();
 #else
   return false;
 #endif
@@ -276,7 +153,7 @@ void run(const at::Tensor& x, const at::Tensor& tiles, at::Tensor& out) {
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(tiles.data_ptr());
   uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr());
 #ifdef SMOLLM2_HAVE_AMX
-  if (K % 32 == 0 && amx_ready()) {
+  if (K % 32 == 0 && smollm2::amx::ready()) {
     // beyond 32 rows A tiles read 16 rows at a time: pad x to a multiple of 16 with zero rows
     const int64_t padded = M <= 32 ? M : (M + 15) / 16 * 16;
     at::Tensor xpad = xc;
@@ -284,7 +161,13 @@ void run(const at::Tensor& x, const at::Tensor& tiles, at::Tensor& out) {
       xpad = at::zeros({padded, K}, xc.options());
       xpad.narrow(0, 0, M).copy_(xc);
     }
-    amx_run<SWIGLU>(reinterpret_cast<const uint16_t*>(xpad.data_ptr()), M, K, wp, T, op, cols);
+    // plain: tiles 2 u, 2 u + 1; SwiGLU: the pair (gate, up) of columns 16 u .. 16 u + 15
+    const int64_t tile_elems = K * 16;
+    auto tiles = [&](int64_t u, int which, uint16_t*) -> const uint16_t* {
+      return 2 * u + which < T ? wp + (2 * u + which) * tile_elems : nullptr;
+    };
+    smollm2::amx::run<SWIGLU>(reinterpret_cast<const uint16_t*>(xpad.data_ptr()), M, K, (T + 1) / 2, tiles, op,
+                              cols);
     return;
   }
 #endif

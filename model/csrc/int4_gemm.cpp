@@ -36,9 +36,14 @@
 #define SMOLLM2_HAVE_INT4_GEMM 1
 #endif
 
+#include "amx.h"
+
 namespace {
 
 constexpr int64_t kGroup = 32;
+// Up to this many rows int4_linear multiplies with vpdpbusd, beyond them on the AMX tile unit where there is
+// one (bench/NOTES.md)
+constexpr int64_t kVnniRows = 8;
 constexpr int64_t kChunk = 64;  // bytes per chunk: 16 outputs x one k-quad of int8, or two of int4
 
 #ifdef SMOLLM2_HAVE_INT4_GEMM
@@ -216,6 +221,66 @@ void tiled_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tenso
 }
 #endif
 
+#if defined(SMOLLM2_HAVE_INT4_GEMM) && defined(SMOLLM2_HAVE_AMX)
+// Beyond a few rows, on AMX: each weight tile of 16 outputs is dequantized (q * d + m in float32, rounded to
+// bf16) into the packed bf16 layout in cache, then goes through the tile unit as the bf16 GEMM's tiles do
+// (model/csrc/amx.h). The weights stream as int4, a quarter of the bf16 bytes; the dequantizing costs the
+// same whatever the rows, and the tile unit's share grows with them.
+inline void dequant_tile(const uint8_t* w, const uint16_t* s, int64_t G, uint16_t* out) {
+  alignas(64) static constexpr uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,
+                                                           21, 6, 22, 7, 23, 8,  24, 9,  25, 10, 26,
+                                                           11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i inter = _mm512_load_si512(kInterleave);  // word 2 o + j <- word 16 j + o
+  const __m512i nib = _mm512_set1_epi32(0xF);
+  for (int64_t g = 0; g < G; ++g) {
+    const __m512 d = widen_bf16(s + g * 32), m = widen_bf16(s + g * 32 + 16);
+    for (int c = 0; c < 4; ++c) {
+      const __m512i v = _mm512_loadu_si512(w + g * 4 * kChunk + c * kChunk);  // lane o: inputs 4 c + b, b < 4
+      for (int h = 0; h < 2; ++h)      // low nibbles: inputs 4 c + b; high: 16 + 4 c + b
+        for (int pb = 0; pb < 2; ++pb) {  // b = 2 pb, 2 pb + 1: one k-pair
+          const int shift = 16 * pb + 4 * h;
+          const __m512 w0 = _mm512_fmadd_ps(
+              _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srl_epi32(v, _mm_cvtsi32_si128(shift)), nib)), d, m);
+          const __m512 w1 = _mm512_fmadd_ps(
+              _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srl_epi32(v, _mm_cvtsi32_si128(shift + 8)), nib)), d, m);
+          const __m512i pair = _mm512_permutexvar_epi16(inter, (__m512i)_mm512_cvtne2ps_pbh(w1, w0));
+          _mm512_store_si512(out + (g * 16 + 8 * h + 2 * c + pb) * 32, pair);
+        }
+    }
+  }
+}
+
+void int4_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, at::Tensor& out) {
+  const int64_t M = x.size(0), K = x.size(1), T = packed.size(0), G = packed.size(1), N = 16 * T;
+  // beyond 32 rows the tile unit reads 16 rows at a time: x padded to a multiple of 16 with zero rows
+  const int64_t padded = M <= 32 ? M : (M + 15) / 16 * 16;
+  at::Tensor xc = x.contiguous();
+  if (padded != M) {
+    at::Tensor xpad = at::zeros({padded, K}, x.options());
+    xpad.narrow(0, 0, M).copy_(xc);
+    xc = xpad;
+  }
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
+  auto tiles = [&](int64_t u, int which, uint16_t* scratch) -> const uint16_t* {
+    const int64_t t = 2 * u + which;
+    if (t >= T) return nullptr;
+    dequant_tile(wp + t * G * 4 * kChunk, sp + t * G * 32, G, scratch);
+    return scratch;
+  };
+  smollm2::amx::run<false>(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), M, K, (T + 1) / 2, tiles,
+                           reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), N);
+}
+#endif
+
+bool int4_amx_available() {
+#if defined(SMOLLM2_HAVE_INT4_GEMM) && defined(SMOLLM2_HAVE_AMX)
+  return smollm2::amx::ready();
+#else
+  return false;
+#endif
+}
+
 bool int4_gemm_available() {
 #ifdef SMOLLM2_HAVE_INT4_GEMM
   return true;
@@ -242,6 +307,12 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
               "scales must be a contiguous (N / 16, K / 32, 2, 16) bfloat16 tensor");
   at::Tensor out = at::empty({x.size(0), 16 * T}, x.options());
 #ifdef SMOLLM2_HAVE_INT4_GEMM
+#ifdef SMOLLM2_HAVE_AMX
+  if (x.size(0) > kVnniRows && int4_amx_available()) {
+    int4_amx(x, packed, scales, out);
+    return out;
+  }
+#endif
   if (x.size(0) > 0) tiled_linear<false>(x, packed, scales, out);
 #endif
   return out;
@@ -265,6 +336,7 @@ at::Tensor int8_tiles_linear(const at::Tensor& x, const at::Tensor& packed, cons
 
 TORCH_LIBRARY_FRAGMENT(smollm2, m) {
   m.def("int4_gemm_available() -> bool", &int4_gemm_available);
+  m.def("int4_gemm_amx() -> bool", &int4_amx_available);
   m.def("int4_linear(Tensor x, Tensor packed, Tensor scales) -> Tensor", &int4_linear);
   m.def("int8_tiles_linear(Tensor x, Tensor packed, Tensor scales) -> Tensor", &int8_tiles_linear);
 }

@@ -66,7 +66,8 @@ def test_int4_linear_equals_dequantized_matmul(shape: tuple[int, int]) -> None:
 
 @pytest.mark.parametrize("shape", [(48, 64), (960, 576), (576, 1536)])
 def test_our_int4_gemm_matches_the_dequantized_matmul(shape: tuple[int, int]) -> None:
-    """Our int4 GEMM (model/csrc/int4_gemm.cpp): every row count through its row blocks and tile remainders,
+    """Our int4 GEMM (model/csrc/int4_gemm.cpp): every row count through its row blocks and tile remainders
+    (past 8 rows, on CPUs with AMX, the tile unit on dequantized tiles: 16- and 32-row blocks, padding),
     activations with an outlier channel (as the real model's hidden states have) and an all-zero row."""
     kernels = Kernels.detect(torch.device("cpu"))
     n, k = shape
@@ -76,7 +77,7 @@ def test_our_int4_gemm_matches_the_dequantized_matmul(shape: tuple[int, int]) ->
     ours, torchs = Int4Weight.from_weight(w, kernels), Int4Weight.from_weight(w)
     assert ours.tiles and not torchs.tiles and ours.error <= INT4_LOSSLESS_ERROR
     g = torch.Generator().manual_seed(2)
-    for m in (1, 2, 3, 4, 5, 7, 9, 16, 17):
+    for m in (1, 2, 3, 4, 5, 7, 9, 16, 17, 32, 33, 70):
         x = torch.randn(m, k, generator=g)
         x[:, 5] *= 200  # one channel far above the rest of its group
         zero = m // 2 if m > 2 else None
