@@ -21,8 +21,8 @@ from model.attention import AttentionMetadata, paged_attention
 from model.config import SmolLM2Config
 from model.kernels import TORCH_ONLY, Kernels
 from model.quant import (
+    ALL_ROWS,
     INT4_LOSSLESS_ERROR,
-    INT4_MAX_ROWS_AMX,
     INT4_MODES,
     INT8_LOSSLESS_ERROR,
     Int4Weight,
@@ -580,7 +580,7 @@ class SmolLM2ForCausalLM(nn.Module):
             for lin, projections in groups:
                 if lin is None:
                     continue
-                if lin.int4 is not None and lin.int4_max_rows >= INT4_MAX_ROWS_AMX:
+                if lin.int4 is not None and lin.int4_max_rows >= ALL_ROWS:
                     # its int4 copy takes every step: the bf16 packings are never read either
                     for packed in (lin.tiles, lin.packed):
                         if packed is not None:

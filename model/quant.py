@@ -29,8 +29,8 @@ INT4_MAX_ROWS_ONEDNN = 8
 INT4_MAX_ROWS_TILES = 16
 # Where the CPU has AMX, our int4 GEMM takes steps of more rows to the tile unit (each weight tile
 # dequantized to bf16 in cache): level with the bf16 GEMM there from 32 rows, ahead of it below and for
-# prefill chunks (128-512 rows: 0.77-0.81x), so the int4 copies take every step.
-INT4_MAX_ROWS_AMX = 1 << 62
+# prefill chunks (128-512 rows: 0.77-0.81x), so the int4 copies take every step: a row limit no step reaches.
+ALL_ROWS = 1 << 62
 # Largest int4_reconstruction_error still called lossless: weights that already sit on a 4-bit groupwise
 # grid come back within bf16 rounding: 0.0059 at worst over the Q4_1 GGUF's layers in bf16 (0 in
 # float32). Rounding arbitrary weights to 16 levels is off by up to half a step: 0.069 for normal ones.
@@ -42,7 +42,7 @@ def int4_max_rows(kernels: Kernels, tiles: bool = False) -> int:
     """Up to how many rows a linear with an int4 copy takes it, given that copy's kernel (tiles: ours, see
     Int4Weight) and the bf16 GEMM it would use instead."""
     if tiles:
-        return INT4_MAX_ROWS_AMX if torch.ops.smollm2.int4_gemm_amx() else INT4_MAX_ROWS_TILES
+        return ALL_ROWS if torch.ops.smollm2.int4_gemm_amx() else INT4_MAX_ROWS_TILES
     return INT4_MAX_ROWS if kernels.bf16_gemm else INT4_MAX_ROWS_ONEDNN
 
 

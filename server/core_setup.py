@@ -126,7 +126,7 @@ def model_source(settings: Settings) -> str:
 def load_core(settings: Settings) -> EngineCore:
     """Load the model named by `settings` and build its EngineCore (in whichever process runs the steps)."""
     from model.prepared import load_prepared
-    from model.quant import INT4_MAX_ROWS_AMX
+    from model.quant import ALL_ROWS
     from model.tokenizer import Tokenizer
 
     source = model_source(settings)
@@ -153,7 +153,7 @@ def load_core(settings: Settings) -> EngineCore:
     if model.int4_active:
         log.info(
             "int4 weights for %s (reconstruction error %.4f)",
-            "every step" if model.int4_rows >= INT4_MAX_ROWS_AMX else f"steps of <= {model.int4_rows} tokens",
+            "every step" if model.int4_rows >= ALL_ROWS else f"steps of <= {model.int4_rows} tokens",
             model.int4_error,
         )
     elif settings.int4_small_batch != "off" and model.int4_error is not None:

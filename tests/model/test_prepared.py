@@ -13,7 +13,7 @@ import torch
 
 from model.kernels import Kernels, has_bf16_gemm
 from model.prepared import load_prepared, prepared_path
-from model.quant import INT4_MAX_ROWS_AMX
+from model.quant import ALL_ROWS
 from model.weights import save_hf_folder
 from tests.tiny import make_tiny_model
 
@@ -127,7 +127,7 @@ def test_dropping_the_unpacked_weights_keeps_the_serving_path_bit_identical() ->
             p for n, p in model.named_parameters() if "embed" in n or ("layers." in n and "norm" not in n)
         ]
         # where the int4 copies take every step (our int4 GEMM on AMX) the layers' bf16 tiles go too
-        every = model.int4_rows >= INT4_MAX_ROWS_AMX
+        every = model.int4_rows >= ALL_ROWS
         tiles = sum(2 * p.numel() for p in dropped if p.shape[0] != cfg.vocab_size) if every else 0
         assert freed == sum(2 * p.numel() for p in dropped) + tiles and all(p.is_meta for p in dropped)
         assert all((lin.tiles is None) == every for lin in model._layer_linears())
