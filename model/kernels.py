@@ -8,8 +8,9 @@ batch_invariant (--batch-invariant) asks for one kernel per operation whatever t
 reducing a row in an order that depends only on that row, so a greedy request gives the same tokens alone,
 in any batch and after a prefix-cache hit:
 - every linear (layers and LM head) goes through the bf16 tile GEMM (model/csrc/bf16_gemm.cpp), never the
-  int4 or int8 copies nor oneDNN: each output element is one float32 accumulator over K in k order; rows
-  are blocked and threads split only the output columns, so M changes neither the order nor the kernel;
+  int4 or int8 copies nor oneDNN: each output element is one float32 accumulator over K in k order (on
+  AMX CPUs the tile unit's, in blocks of 32 k, for every row count alike); rows are blocked and threads
+  split only the output columns, so M changes neither the order nor the kernel;
 - every query row (prefill, chunk, prefix-cache continuation, decode, draft) goes through the paged
   attention kernel (model/csrc/paged_attention.cpp) in one call per step (attention.step_rows), never SDPA:
   a row's keys are reduced in tiles of 16 from position 0, with its own online softmax, whatever the
