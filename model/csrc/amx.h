@@ -16,7 +16,7 @@
 #include <unistd.h>
 
 #include <cstdint>
-#include <vector>
+#include <memory>
 
 #include "vec_math.h"
 
@@ -100,8 +100,9 @@ void run(const uint16_t* xp, int64_t M, int64_t K, int64_t units, const Tiles& t
   at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
     configure(rows0, rows1);
     alignas(64) float c[32 * 32];
-    std::vector<uint16_t> scratch(2 * K * 16 + 32);
-    uint16_t* s0 = scratch.data() + (32 - reinterpret_cast<uintptr_t>(scratch.data()) / 2 % 32) % 32;  // 64-byte aligned
+    // two dequantized weight tiles for the tiles callback (left uninitialized: it writes before it reads)
+    const std::unique_ptr<uint16_t[]> scratch(new uint16_t[2 * K * 16 + 32]);
+    uint16_t* s0 = scratch.get() + (32 - reinterpret_cast<uintptr_t>(scratch.get()) / 2 % 32) % 32;  // 64-byte aligned
     uint16_t* s1 = s0 + K * 16;
     const __m512 one = _mm512_set1_ps(1.f);
     for (int64_t u = u0; u < u1; ++u) {
