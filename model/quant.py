@@ -27,6 +27,9 @@ INT4_MAX_ROWS_ONEDNN = 8
 # torch's widens each to float32: it stays ahead of either bf16 GEMM to 24 rows and more, and 16 keeps a
 # margin on CPUs whose bf16 rate is higher relative to their int8 one.
 INT4_MAX_ROWS_TILES = 16
+# Past this many rows our int4 GEMM runs on the AMX tile unit where there is one (kVnniRows in
+# model/csrc/int4_gemm.cpp).
+INT4_VNNI_ROWS = 8
 # Where the CPU has AMX, our int4 GEMM takes steps of more rows to the tile unit (each weight tile
 # dequantized to bf16 in cache): level with the bf16 GEMM there from 32 rows, ahead of it below and for
 # prefill chunks (128-512 rows: 0.77-0.81x), so the int4 copies take every step: a row limit no step reaches.
@@ -408,7 +411,16 @@ class PackedLinear:
 
     def swiglu(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up of the [gate; up] weight, as smollm2::silu_mul(self(x)) rounds (C++ kernels only)."""
-        if self.swiglu_tiles and not (self.int4 is not None and x.shape[0] <= self.int4_max_rows):
+        int4 = self.int4 if self.int4 is not None and x.shape[0] <= self.int4_max_rows else None
+        if (
+            int4 is not None
+            and int4.tiles
+            and x.shape[0] > INT4_VNNI_ROWS
+            and torch.ops.smollm2.int4_gemm_amx()
+        ):
+            # on the tile unit the SwiGLU is the epilogue of the int4 GEMM too
+            return self.kernels.wide(torch.ops.smollm2.int4_linear_swiglu, x, int4.packed, int4.scales)
+        if self.swiglu_tiles and int4 is None:
             assert self.tiles is not None
             return self.kernels.wide(torch.ops.smollm2.bf16_linear_swiglu, x, self.tiles)
         return self.kernels.wide_rows(len(x), torch.ops.smollm2.silu_mul, self(x))

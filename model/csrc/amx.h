@@ -10,6 +10,7 @@
 #pragma once
 
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <sys/syscall.h>
@@ -92,9 +93,13 @@ inline __m512 round_bf16(__m512 v) {
 // weight itself, or scratch filled with it). Plain: unit u writes columns 32 u .. 32 u + 31. SWIGLU: its two
 // tiles are the gate and up of columns 16 u .. 16 u + 15, written as silu(gate) * up with the roundings of
 // the GEMM then smollm2::silu_mul. Up to 32 rows the tiles are configured to M's rows, so that no tile reads
-// past x; longer x must be padded to a multiple of 16 rows. Threads split the units.
+// past x; beyond, tiles read 16 rows, and where M is not a multiple of 16 the last partial block of 32 rows
+// reads instead from tail (32 rows: x's rows from M / 32 * 32 on, then zeros; see padded_tail). Threads
+// split the units.
 template <bool SWIGLU, class Tiles>
-void run(const uint16_t* xp, int64_t M, int64_t K, int64_t units, const Tiles& tiles, uint16_t* op, int64_t cols) {
+void run(const uint16_t* xp, const uint16_t* tail, int64_t M, int64_t K, int64_t units, const Tiles& tiles,
+         uint16_t* op, int64_t cols) {
+  const int64_t tail0 = M / 32 * 32;  // the last, partial block of 32 rows reads from tail where there is one
   const int rows0 = M < 16 ? static_cast<int>(M) : 16;
   const int rows1 = M <= 32 ? static_cast<int>(M) - rows0 : 16;
   at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
@@ -111,7 +116,7 @@ void run(const uint16_t* xp, int64_t M, int64_t K, int64_t units, const Tiles& t
       const bool two = w1 != nullptr;
       for (int64_t m0 = 0; m0 < M; m0 += 32) {
         const int64_t rows = M - m0 < 32 ? M - m0 : 32;
-        const uint16_t* xm = xp + m0 * K;
+        const uint16_t* xm = m0 == tail0 && tail != nullptr ? tail : xp + m0 * K;
         if (rows > 16) {
           if (two) block<true, true>(xm, K, w0, w1, c);
           else block<true, false>(xm, K, w0, w1, c);
@@ -139,6 +144,19 @@ void run(const uint16_t* xp, int64_t M, int64_t K, int64_t units, const Tiles& t
     }
     _tile_release();
   });
+}
+
+// The tail buffer run needs for x (M, K) contiguous bf16, or an undefined tensor where none is needed.
+inline at::Tensor padded_tail(const at::Tensor& x) {
+  const int64_t M = x.size(0);
+  if (M <= 32 || M % 16 == 0) return at::Tensor();
+  at::Tensor tail = at::zeros({32, x.size(1)}, x.options());
+  tail.narrow(0, 0, M - M / 32 * 32).copy_(x.narrow(0, M / 32 * 32, M - M / 32 * 32));
+  return tail;
+}
+
+inline const uint16_t* tail_ptr(const at::Tensor& tail) {
+  return tail.defined() ? reinterpret_cast<const uint16_t*>(tail.data_ptr()) : nullptr;
 }
 
 }  // namespace smollm2::amx

@@ -154,20 +154,13 @@ void run(const at::Tensor& x, const at::Tensor& tiles, at::Tensor& out) {
   uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr());
 #ifdef SMOLLM2_HAVE_AMX
   if (K % 32 == 0 && smollm2::amx::ready()) {
-    // beyond 32 rows A tiles read 16 rows at a time: pad x to a multiple of 16 with zero rows
-    const int64_t padded = M <= 32 ? M : (M + 15) / 16 * 16;
-    at::Tensor xpad = xc;
-    if (padded != M) {
-      xpad = at::zeros({padded, K}, xc.options());
-      xpad.narrow(0, 0, M).copy_(xc);
-    }
     // plain: tiles 2 u, 2 u + 1; SwiGLU: the pair (gate, up) of columns 16 u .. 16 u + 15
     const int64_t tile_elems = K * 16;
     auto tiles = [&](int64_t u, int which, uint16_t*) -> const uint16_t* {
       return 2 * u + which < T ? wp + (2 * u + which) * tile_elems : nullptr;
     };
-    smollm2::amx::run<SWIGLU>(reinterpret_cast<const uint16_t*>(xpad.data_ptr()), M, K, (T + 1) / 2, tiles, op,
-                              cols);
+    const at::Tensor tail = smollm2::amx::padded_tail(xc);
+    smollm2::amx::run<SWIGLU>(xp, smollm2::amx::tail_ptr(tail), M, K, (T + 1) / 2, tiles, op, cols);
     return;
   }
 #endif

@@ -250,26 +250,24 @@ inline void dequant_tile(const uint8_t* w, const uint16_t* s, int64_t G, uint16_
   }
 }
 
+// SWIGLU: packed is [gate; up] (N = 2 I outputs) and out (M, I) gets silu(gate) * up; unit u is gate tile u
+// with up tile u + T / 2.
+template <bool SWIGLU>
 void int4_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, at::Tensor& out) {
-  const int64_t M = x.size(0), K = x.size(1), T = packed.size(0), G = packed.size(1), N = 16 * T;
-  // beyond 32 rows the tile unit reads 16 rows at a time: x padded to a multiple of 16 with zero rows
-  const int64_t padded = M <= 32 ? M : (M + 15) / 16 * 16;
-  at::Tensor xc = x.contiguous();
-  if (padded != M) {
-    at::Tensor xpad = at::zeros({padded, K}, x.options());
-    xpad.narrow(0, 0, M).copy_(xc);
-    xc = xpad;
-  }
+  const int64_t M = x.size(0), K = x.size(1), T = packed.size(0), G = packed.size(1);
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor tail = smollm2::amx::padded_tail(xc);
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
   auto tiles = [&](int64_t u, int which, uint16_t* scratch) -> const uint16_t* {
-    const int64_t t = 2 * u + which;
+    const int64_t t = SWIGLU ? u + which * (T / 2) : 2 * u + which;
     if (t >= T) return nullptr;
     dequant_tile(wp + t * G * 4 * kChunk, sp + t * G * 32, G, scratch);
     return scratch;
   };
-  smollm2::amx::run<false>(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), M, K, (T + 1) / 2, tiles,
-                           reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), N);
+  smollm2::amx::run<SWIGLU>(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()),
+                            smollm2::amx::tail_ptr(tail), M, K, SWIGLU ? T / 2 : (T + 1) / 2, tiles,
+                            reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), out.size(1));
 }
 #endif
 
@@ -309,11 +307,28 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
 #ifdef SMOLLM2_HAVE_INT4_GEMM
 #ifdef SMOLLM2_HAVE_AMX
   if (x.size(0) > kVnniRows && int4_amx_available()) {
-    int4_amx(x, packed, scales, out);
+    int4_amx<false>(x, packed, scales, out);
     return out;
   }
 #endif
   if (x.size(0) > 0) tiled_linear<false>(x, packed, scales, out);
+#endif
+  return out;
+}
+
+// silu(gate) * up for packed [gate; up] on the AMX tile unit (int4_gemm_amx() only): the SwiGLU as the
+// epilogue, with the roundings of int4_linear then smollm2::silu_mul, without writing the (M, 2 I) product.
+at::Tensor int4_linear_swiglu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales) {
+  TORCH_CHECK(int4_amx_available(), "int4_linear_swiglu needs the AMX tile unit (int4_gemm_amx())");
+  check_x(x, packed, scales, "int4_linear_swiglu");
+  const int64_t T = packed.size(0), G = packed.size(1);
+  TORCH_CHECK(packed.size(2) == 4 && T % 2 == 0, "packed must be (N / 16, K / 32, 4, 64) for [gate; up], N / 16 even");
+  TORCH_CHECK(scales.dim() == 4 && scales.scalar_type() == at::kBFloat16 && scales.is_contiguous() &&
+                  scales.size(0) == T && scales.size(1) == G && scales.size(2) == 2 && scales.size(3) == 16,
+              "scales must be a contiguous (N / 16, K / 32, 2, 16) bfloat16 tensor");
+  at::Tensor out = at::empty({x.size(0), 8 * T}, x.options());
+#if defined(SMOLLM2_HAVE_INT4_GEMM) && defined(SMOLLM2_HAVE_AMX)
+  if (x.size(0) > 0) int4_amx<true>(x, packed, scales, out);
 #endif
   return out;
 }
@@ -337,6 +352,7 @@ at::Tensor int8_tiles_linear(const at::Tensor& x, const at::Tensor& packed, cons
 TORCH_LIBRARY_FRAGMENT(smollm2, m) {
   m.def("int4_gemm_available() -> bool", &int4_gemm_available);
   m.def("int4_gemm_amx() -> bool", &int4_amx_available);
+  m.def("int4_linear_swiglu(Tensor x, Tensor packed, Tensor scales) -> Tensor", &int4_linear_swiglu);
   m.def("int4_linear(Tensor x, Tensor packed, Tensor scales) -> Tensor", &int4_linear);
   m.def("int8_tiles_linear(Tensor x, Tensor packed, Tensor scales) -> Tensor", &int8_tiles_linear);
 }

@@ -214,3 +214,22 @@ def test_real_gguf_int4_serving_path_says_paris(real_bf16) -> None:  # type: ign
                 tokens.extend(c.new_token_ids)
     assert len(tokens) >= 1
     assert "Paris" in tok.decode(tokens), tok.decode(tokens)
+
+
+def test_int4_swiglu_on_amx_is_bit_identical_to_the_gemm_then_silu_mul() -> None:
+    """Past 8 rows on AMX the MLP's [gate; up] int4 GEMM takes the SwiGLU as its epilogue: exactly
+    smollm2::silu_mul of the plain int4 GEMM's output, for one or several 32-row blocks and a padded tail."""
+    kernels = Kernels.detect(torch.device("cpu"))
+    w = grid_weight(2 * 96, 64, seed=4)
+    if not (tiles_supported(w, kernels) and torch.ops.smollm2.int4_gemm_amx()):
+        pytest.skip("needs our int4 GEMM on a CPU with AMX")
+    lin = PackedLinear(w, swiglu=True, kernels=kernels)
+    lin.int4 = Int4Weight.from_weight(w, kernels)
+    lin.int4_max_rows = int4_max_rows(kernels, lin.int4.tiles)
+    g = torch.Generator().manual_seed(5)
+    for m in (9, 20, 32, 33, 70):
+        x = torch.randn(m, 64, generator=g).to(torch.bfloat16)
+        want = torch.ops.smollm2.silu_mul(lin.int4(x))
+        got = torch.ops.smollm2.int4_linear_swiglu(x, lin.int4.packed, lin.int4.scales)
+        assert got.shape == (m, 96) and torch.equal(got, want), m
+        assert torch.equal(lin.swiglu(x), want), m
