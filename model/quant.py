@@ -24,9 +24,11 @@ INT4_MAX_ROWS = 4
 # GEMV stays ahead up to 8 rows.
 INT4_MAX_ROWS_ONEDNN = 8
 # Our int4 GEMM (model/csrc/int4_gemm.cpp, AVX512-VNNI) spends a few instructions per 128 weights where
-# torch's widens each to float32: it stays ahead of either bf16 GEMM to 24 rows and more, and 16 keeps a
-# margin on CPUs whose bf16 rate is higher relative to their int8 one.
+# torch's widens each to float32. Against oneDNN's bf16 GEMM it stays ahead to 24 rows and more; against
+# our AVX512-BF16 GEMM on a CPU where vdpbf16ps issues as fast as vpdpbusd (the EPYCs; predicted, not
+# measured here, where vdpbf16ps is the slower one) the two are level around 10-14 rows, so 8 there.
 INT4_MAX_ROWS_TILES = 16
+INT4_MAX_ROWS_TILES_OURS = 8
 # Past this many rows our int4 GEMM runs on the AMX tile unit where there is one (kVnniRows in
 # model/csrc/int4_gemm.cpp).
 INT4_VNNI_ROWS = 8
@@ -45,7 +47,9 @@ def int4_max_rows(kernels: Kernels, tiles: bool = False) -> int:
     """Up to how many rows a linear with an int4 copy takes it, given that copy's kernel (tiles: ours, see
     Int4Weight) and the bf16 GEMM it would use instead."""
     if tiles:
-        return ALL_ROWS if torch.ops.smollm2.int4_gemm_amx() else INT4_MAX_ROWS_TILES
+        if torch.ops.smollm2.int4_gemm_amx():
+            return ALL_ROWS
+        return INT4_MAX_ROWS_TILES_OURS if kernels.bf16_gemm else INT4_MAX_ROWS_TILES
     return INT4_MAX_ROWS if kernels.bf16_gemm else INT4_MAX_ROWS_ONEDNN
 
 
