@@ -34,7 +34,7 @@ INT4_MAX_ROWS_TILES_OURS = 8
 INT4_VNNI_ROWS = 8
 # Where the CPU has AMX, our int4 GEMM takes steps of more rows to the tile unit (each weight tile
 # dequantized to bf16 in cache): level with the bf16 GEMM there from 32 rows, ahead of it below and for
-# prefill chunks (128-512 rows: 0.77-0.81x), so the int4 copies take every step: a row limit no step reaches.
+# prefill chunks (bench/NOTES.md), so the int4 copies take every step: a row limit no step reaches.
 ALL_ROWS = 1 << 62
 # Largest int4_reconstruction_error still called lossless: weights that already sit on a 4-bit groupwise
 # grid come back within bf16 rounding: 0.0059 at worst over the Q4_1 GGUF's layers in bf16 (0 in

@@ -15,8 +15,8 @@
 //
 // On CPUs with AMX (and K a multiple of 32) the same tiles go through the tile unit instead: 16 k-pairs of
 // a weight tile are one B tile as they lie, so nothing is repacked (model/csrc/amx.h). oneDNN's AMX GEMM read
-// the streamed weights at about half the memory's rate; this one is 1.3-1.5x faster for decode steps and
-// ~1.1x for 512-row prefill chunks (bench/NOTES.md). Every row count takes the tile unit, so a row's result
+// the streamed weights at about half the memory's rate, and this one is faster for decode steps and prefill
+// chunks alike (bench/NOTES.md). Every row count takes the tile unit, so a row's result
 // still does not depend on the batch (--batch-invariant).
 //
 // bf16_linear_swiglu(x (M, K), tiles of [gate; up] (2 I, K) with gate and up tiles interleaved) -> (M, I):
