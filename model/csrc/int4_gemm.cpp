@@ -21,8 +21,10 @@
 //   sum_k W[n, k] x[k] = sum_g d[n, g] * dx[g] * sum_{k in g} q[n, k] (qx[k] + qr[k] / 254) + m[n, g] * xsum[g]
 // with xsum[g] the float32 sum of the group's x. x is then within dx / 508 of itself, far under bfloat16's
 // own rounding; one int8 term alone moved the real model's logits well past bf16's differences (its hidden
-// states have outlier channels). Sums are float32; the output is rounded to bfloat16 (nearest even). Threads split the tiles;
-// rows go through each panel of tiles in blocks of up to 4, so the panel is read from memory once.
+// states have outlier channels). Sums are float32; the output is rounded to bfloat16 (nearest even).
+// Threads split the tiles; rows go through each panel of tiles in blocks of up to 4, so the panel is read
+// from memory once. Past kVnniRows rows on CPUs with AMX, int4_linear (and int4_linear_swiglu) run on the
+// tile unit instead, each weight tile dequantized to bf16 in cache (int4_amx below).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -54,7 +56,8 @@ inline __m512 widen_bf16(const uint16_t* p) {
 
 // One row of x (K bfloat16) -> per group of 32: qx (32 int8) and its remainder qr (32 int8), dx, xsum and
 // corr: x ~ dx * (qx + qr / 254). (A single int8 term is too coarse for the real model, whose activations
-// have outlier channels; the remainder brings x's error to dx / 508, far under bf16's own.) corr = 128 * (sum qx + sum qr / 254) takes off the 128 by which int8 weights are stored as u8.
+// have outlier channels; the remainder brings x's error to dx / 508, far under bf16's own.)
+// corr = 128 * (sum qx + sum qr / 254) takes off the 128 by which int8 weights are stored as u8.
 void quantize_row(const uint16_t* x, int64_t K, int8_t* qx, int8_t* qr, float* dx, float* xsum, float* corr) {
   for (int64_t g = 0; g < K / kGroup; ++g) {
     __m512 v[2];
