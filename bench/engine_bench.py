@@ -190,8 +190,12 @@ def main() -> None:
     )
     ap.add_argument("--baseline", default="32", help="concurrencies to run transformers at ('' for none)")
     ap.add_argument("--repeat", type=int, default=3, help="ours/transformers pairs at the baseline levels")
-    ap.add_argument("--int4-small-batch", default="off", help="comma-separated modes of off, auto, on")
-    ap.add_argument("--int8-lm-head", default="auto", choices=INT4_MODES, help="int8 LM head for <= 4 rows")
+    ap.add_argument(
+        "--int4-small-batch",
+        default="auto",
+        help="comma-separated modes of off, auto, on (the server's: auto)",
+    )
+    ap.add_argument("--int8-lm-head", default="auto", choices=INT4_MODES, help="the LM head's int8 copy")
     ap.add_argument("--profile-decode", type=int, default=0, help="decode steps to profile")
     ap.add_argument("--profile-streams", type=int, default=1, help="streams in the profiled steps")
     ap.add_argument(
