@@ -176,7 +176,9 @@ def test_real_gguf_int4_auto_is_lossless_and_close_to_bf16(real_bf16) -> None:  
     model, tok = real_bf16
     model.prepare_for_serving(int4_small_batch="auto")
     assert model.int4_active, f"the Q4_1 layers should reconstruct losslessly, error {model.int4_error}"
-    assert model.int4_error is not None and model.int4_error < 0.01  # measured 0.0059: bf16 rounding
+    assert (
+        model.int4_error is not None and model.int4_error < 0.01
+    )  # bf16 rounding: 0.0086 in our layout, 0.0059 in torch's
     for text in PROMPTS:
         ids = tok.encode(text)
         model.prepare_for_serving(int4_small_batch="auto")
