@@ -37,8 +37,9 @@ INT4_VNNI_ROWS = 8
 # prefill chunks (bench/NOTES.md), so the int4 copies take every step: a row limit no step reaches.
 ALL_ROWS = 1 << 62
 # Largest int4_reconstruction_error still called lossless: weights that already sit on a 4-bit groupwise
-# grid come back within bf16 rounding of their step and low: 0.0086 at worst over the Q4_1 GGUF's layers in
-# our layout, 0.0059 in torch's (0 in float32). Rounding arbitrary weights to 16 levels is off by up to half a step: 0.069 for normal ones.
+# grid come back within bf16 rounding of their step and low: 0.0086 at worst over the Q4_1 GGUF's layers
+# in our layout, 0.0059 in torch's (0 in float32). Rounding arbitrary weights to 16 levels is off by up to
+# half a step: 0.069 for normal ones.
 INT4_LOSSLESS_ERROR = 0.02
 INT4_MODES = ("off", "auto", "on")
 
