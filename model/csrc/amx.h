@@ -83,11 +83,6 @@ inline void block(const uint16_t* x, int64_t K, const uint16_t* w0, const uint16
   }
 }
 
-// v rounded to bfloat16 (nearest even) and widened back
-inline __m512 round_bf16(__m512 v) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
-}
-
 // out = x (M, K) @ W^T over `units` blocks of output: unit u is weight tiles tiles(u, 0, scratch0) and, where
 // tiles(u, 1, scratch1) is not null, a second one, each a pointer to K * 16 bf16 in the packed layout (the
 // weight itself, or scratch filled with it). Plain: unit u writes columns 32 u .. 32 u + 31. SWIGLU: its two

@@ -44,10 +44,7 @@ namespace {
 constexpr int kRows = 4;   // rows of x per register block
 constexpr int kPanel = 4;  // tiles of 16 outputs per panel
 
-// bf16 round trip: v rounded to bfloat16 (nearest even) and widened back
-inline __m512 round_bf16(__m512 v) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
-}
+using smollm2::round_bf16;
 
 // MR rows x NR tiles: out[i, 16 j + c] = sum_k x[i, k] W[16 j + c, k] (SWIGLU: tiles 2 j, 2 j + 1 are the gate
 // and up halves of out[i, 16 j + c]). Each k-pair also prefetches one line of the next panel while lines

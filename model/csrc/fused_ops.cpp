@@ -32,8 +32,7 @@ inline __m512 load16(const T* p) {
   if constexpr (std::is_same_v<T, float>) {
     return _mm512_loadu_ps(p);
   } else {
-    return _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+    return smollm2::load_bf16(reinterpret_cast<const uint16_t*>(p));
   }
 }
 template <typename T>
@@ -50,7 +49,7 @@ inline __m512 round16(__m512 v) {
   if constexpr (std::is_same_v<T, float>) {
     return v;
   } else {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+    return smollm2::round_bf16(v);
   }
 }
 #endif

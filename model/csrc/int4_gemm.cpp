@@ -39,6 +39,7 @@
 #endif
 
 #include "amx.h"
+#include "vec_math.h"
 
 namespace {
 
@@ -49,10 +50,7 @@ constexpr int64_t kVnniRows = 8;
 constexpr int64_t kChunk = 64;  // bytes per chunk: 16 outputs x one k-quad of int8, or two of int4
 
 #ifdef SMOLLM2_HAVE_INT4_GEMM
-inline __m512 widen_bf16(const uint16_t* p) {
-  return _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
+using smollm2::load_bf16;
 
 // One row of x (K bfloat16) -> per group of 32: qx (32 int8) and its remainder qr (32 int8), dx, xsum and
 // corr: x ~ dx * (qx + qr / 254). (A single int8 term is too coarse for the real model, whose activations
@@ -61,10 +59,7 @@ inline __m512 widen_bf16(const uint16_t* p) {
 void quantize_row(const uint16_t* x, int64_t K, int8_t* qx, int8_t* qr, float* dx, float* xsum, float* corr) {
   for (int64_t g = 0; g < K / kGroup; ++g) {
     __m512 v[2];
-    for (int h = 0; h < 2; ++h)
-      v[h] = _mm512_castsi512_ps(_mm512_slli_epi32(
-          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + g * kGroup + 16 * h))),
-          16));
+    for (int h = 0; h < 2; ++h) v[h] = load_bf16(x + g * kGroup + 16 * h);
     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
     const float d = amax / 127.f;
     const __m512 inv = _mm512_set1_ps(d > 0.f ? 1.f / d : 0.f);
@@ -153,8 +148,8 @@ inline void block(const QuantRows& x, const uint8_t* __restrict w, const void* _
         }
       } else {
         const uint16_t* sg = static_cast<const uint16_t*>(scales) + ((t0 + j) * G + g) * 32;
-        const __m512 d = widen_bf16(sg);
-        const __m512 m = widen_bf16(sg + 16);
+        const __m512 d = load_bf16(sg);
+        const __m512 m = load_bf16(sg + 16);
         for (int r = 0; r < MR; ++r) {
           const __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(part_r[r][j]), rem, _mm512_cvtepi32_ps(part[r][j]));
           acc[r][j] = _mm512_fmadd_ps(sum, _mm512_mul_ps(d, _mm512_set1_ps(x.dx(r, g))), acc[r][j]);
@@ -235,7 +230,7 @@ inline void dequant_tile(const uint8_t* w, const uint16_t* s, int64_t G, uint16_
   const __m512i inter = _mm512_load_si512(kInterleave);  // word 2 o + j <- word 16 j + o
   const __m512i nib = _mm512_set1_epi32(0xF);
   for (int64_t g = 0; g < G; ++g) {
-    const __m512 d = widen_bf16(s + g * 32), m = widen_bf16(s + g * 32 + 16);
+    const __m512 d = load_bf16(s + g * 32), m = load_bf16(s + g * 32 + 16);
     for (int c = 0; c < 4; ++c) {
       const __m512i v = _mm512_loadu_si512(w + g * 4 * kChunk + c * kChunk);  // lane o: inputs 4 c + b, b < 4
       for (int h = 0; h < 2; ++h)      // low nibbles: inputs 4 c + b; high: 16 + 4 c + b

@@ -5,6 +5,8 @@
 #ifdef __AVX512F__
 #include <immintrin.h>
 
+#include <cstdint>
+
 namespace smollm2 {
 
 // exp(x) in float32, |rel err| ~1e-7 (Cody-Waite reduction, degree-6 polynomial); inf above 88.7, 0 below.
@@ -23,6 +25,19 @@ inline __m512 exp16(__m512 x) {
   y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
   return _mm512_scalef_ps(y, n);
 }
+
+#ifdef __AVX512BF16__
+// 16 bfloat16 (raw bits) widened to float32
+inline __m512 load_bf16(const uint16_t* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+// v rounded to bfloat16 (nearest even) and widened back
+inline __m512 round_bf16(__m512 v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+#endif
 
 }  // namespace smollm2
 #endif
