@@ -254,12 +254,14 @@ class Int4Weight:
 
     tiles: in the layout of our int4 GEMM (pack_int4_tiles), which streams the nibbles at the memory's
     rate; else in torch's CPU int4 layout (w = (q - 8) * scale + zero, scales_and_zeros (K / 32, N, 2)).
+    amx: tiles, and past INT4_VNNI_ROWS rows our GEMM runs on the AMX tile unit (int4_linear_swiglu too).
     """
 
     packed: torch.Tensor
     scales: torch.Tensor
     error: float  # int4_reconstruction_error of the weight it was made from
     tiles: bool
+    amx: bool = False
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, kernels: Kernels | None = None) -> Int4Weight:
@@ -271,7 +273,7 @@ class Int4Weight:
             deq_step = t[:, :, 0].permute(0, 2, 1).reshape(weight.shape[0], -1)
             deq_low = t[:, :, 1].permute(0, 2, 1).reshape(weight.shape[0], -1)
             error = _relative_group_error(weight, _dequantize_groups(q, deq_step, deq_low))
-            return cls(packed, scales, error, tiles=True)
+            return cls(packed, scales, error, tiles=True, amx=bool(torch.ops.smollm2.int4_gemm_amx()))
         q, sz = quantize_int4(weight)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
         return cls(packed, sz, int4_reconstruction_error(weight, q, sz), tiles=False)
@@ -417,12 +419,7 @@ class PackedLinear:
     def swiglu(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up of the [gate; up] weight, as smollm2::silu_mul(self(x)) rounds (C++ kernels only)."""
         int4 = self.int4 if self.int4 is not None and x.shape[0] <= self.int4_max_rows else None
-        if (
-            int4 is not None
-            and int4.tiles
-            and x.shape[0] > INT4_VNNI_ROWS
-            and torch.ops.smollm2.int4_gemm_amx()
-        ):
+        if int4 is not None and int4.amx and x.shape[0] > INT4_VNNI_ROWS:
             # on the tile unit the SwiGLU is the epilogue of the int4 GEMM too
             return self.kernels.wide(torch.ops.smollm2.int4_linear_swiglu, x, int4.packed, int4.scales)
         if self.swiglu_tiles and int4 is None:
