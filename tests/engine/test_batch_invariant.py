@@ -13,6 +13,7 @@ import torch
 
 from model import SmolLM2ForCausalLM
 from model.kernels import Kernels, has_bf16_gemm
+from model.tokenizer import Tokenizer
 from server.engine.engine import LLMEngine
 from server.engine.request import RequestOutput, SamplingParams
 from server.engine.runner import ModelRunner
@@ -48,13 +49,9 @@ def invariant_model() -> SmolLM2ForCausalLM:
 
 
 @pytest.fixture(scope="module")
-def target_prompt() -> list[int]:
+def target_prompt(tokenizer: Tokenizer) -> list[int]:
     """Longer than attention.KERNEL_PROMPT_MAX, so that outside the mode it would be attended by SDPA."""
-    from model.defaults import require_default_model
-    from model.tokenizer import Tokenizer
-
-    tok = Tokenizer.from_file(require_default_model())
-    ids = tok.encode(PARAGRAPH * 6 + "Question: what did the librarians do every spring? Answer:")
+    ids = tokenizer.encode(PARAGRAPH * 6 + "Question: what did the librarians do every spring? Answer:")
     assert 256 < len(ids) < 400
     return ids
 
