@@ -65,6 +65,8 @@ class AttentionMetadata:
     row_tables: torch.Tensor | None = None
     row_lens: torch.Tensor | None = None
     prefill_runs: list[PrefillRun] = field(default_factory=list)  # prefills grouped, when row_tables is None
+    # prompts and chunks (bf16, hd 64) through the AMX tile kernel, one call per sequence, instead of SDPA
+    prefill_amx: bool = False
 
 
 def step_metadata(
@@ -77,12 +79,15 @@ def step_metadata(
     decode_mask: torch.Tensor | None = None,
     batch_invariant: bool = False,
     compute_threads: int | None = None,
+    prefill_amx: bool = False,
 ) -> AttentionMetadata:
     """The whole AttentionMetadata of a step: how its rows are attended (one kernel call, or decodes and
     prefill runs) is decided here, once, not by the layers.
 
     batch_invariant (Kernels.batch_invariant): every row goes through the C++ kernel whatever the prompt
-    lengths, since SDPA's reduction over keys depends on how many queries share the call."""
+    lengths, since SDPA's reduction over keys depends on how many queries share the call. prefill_amx
+    (paged_kernel.prefill_amx_available, bf16 with head dim 64): prompts and chunks longer than
+    KERNEL_PROMPT_MAX go through the AMX kernel, one call per sequence; not with batch_invariant."""
     if batch_invariant and not use_kernel:
         raise ValueError("batch-invariant attention needs the C++ paged kernel")
     D = 0 if decode_block_tables is None else decode_block_tables.shape[0]
@@ -96,13 +101,17 @@ def step_metadata(
         decode_context_lens,
         use_kernel,
         compute_threads,
+        prefill_amx=prefill_amx and use_kernel and not batch_invariant,
     )
     if use_kernel and prefills and (decode_context_lens is not None or not D):
         rows = step_rows(meta, slot_mapping.shape[0], None if batch_invariant else KERNEL_PROMPT_MAX)
         if rows is not None:
             meta.row_tables, meta.row_lens = rows
     if prefills and meta.row_tables is None:
-        meta.prefill_runs = prefill_runs(prefills, slot_mapping.device)
+        if meta.prefill_amx:  # one kernel call per sequence, fresh or not: no padded runs to build
+            meta.prefill_runs = [PrefillRun(False, [s]) for s in prefills]
+        else:
+            meta.prefill_runs = prefill_runs(prefills, slot_mapping.device)
     return meta
 
 
@@ -377,7 +386,20 @@ def paged_attention(
     for run in runs:
         start = run.seqs[0].query_start
         end = run.seqs[-1].query_start + run.seqs[-1].query_len
-        if run.fresh:
+        if meta.prefill_amx and use_kernel:  # the cache holds the run's keys and values already
+            for seq in run.seqs:
+                a, b = seq.query_start, seq.query_start + seq.query_len
+                parts.append(
+                    paged_kernel.prefill_attention_amx(
+                        q[a:b],
+                        kv_cache,
+                        seq.block_table,
+                        seq.context_len,
+                        meta.block_size,
+                        meta.compute_threads,
+                    )
+                )
+        elif run.fresh:
             parts.append(
                 fresh_prefill_attention(
                     q[start:end], kv[start:end], run.seqs, run.padding, meta.compute_threads

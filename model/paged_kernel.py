@@ -44,7 +44,8 @@ FUSED_SOURCE = Path(__file__).parent / "csrc" / "fused_ops.cpp"  # residual add 
 QUANT_SOURCE = Path(__file__).parent / "csrc" / "quant_ops.cpp"  # int8 LM head, row argmax
 GEMM_SOURCE = Path(__file__).parent / "csrc" / "bf16_gemm.cpp"  # the bf16 GEMM of PackedLinear
 INT4_SOURCE = Path(__file__).parent / "csrc" / "int4_gemm.cpp"  # its int4 GEMM for a few rows
-SOURCES = (SOURCE, FUSED_SOURCE, QUANT_SOURCE, GEMM_SOURCE, INT4_SOURCE)
+PREFILL_SOURCE = Path(__file__).parent / "csrc" / "prefill_attention.cpp"  # prompt chunks on AMX
+SOURCES = (SOURCE, FUSED_SOURCE, QUANT_SOURCE, GEMM_SOURCE, INT4_SOURCE, PREFILL_SOURCE)
 LIBRARY_NAME = "smollm2_paged_attention"
 STAMP_NAME = "smollm2_sources.sha1"
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
@@ -202,6 +203,26 @@ def _headers_hash() -> str:
     for header in sorted(SOURCE.parent.glob("*.h")):
         digest.update(header.read_bytes())
     return digest.hexdigest()[:12]
+
+
+def prefill_amx_available() -> bool:
+    """Prompt chunks can go through the AMX tile unit (model/csrc/prefill_attention.cpp) on this CPU."""
+    return load() and bool(torch.ops.smollm2.prefill_attention_amx_available())
+
+
+def prefill_attention_amx(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    context_len: int,
+    block_size: int,
+    threads: int | None = None,
+) -> torch.Tensor:
+    """q (T, nh, 64) scaled bf16, the chunk's queries at positions context_len - T .. context_len - 1, whose
+    keys and values are already in kv_cache (bf16) -> (T, nh * 64): causal attention over the sequence's
+    first context_len tokens. threads: as for paged_decode_attention."""
+    op = torch.ops.smollm2.prefill_attention_amx
+    return run_on(threads, op, q, kv_cache, block_table, context_len, block_size)
 
 
 def paged_decode_attention(

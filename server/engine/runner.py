@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from model import paged_kernel
 from model.attention import (
     AttentionMetadata,
     PrefillSeq,
@@ -102,6 +103,14 @@ class ModelRunner:
         self.structured: StructuredOutputs | None = None
         model.prepare_for_serving()  # builds the CPU kernels now (Kernels.detect), not in the first step
         cfg = model.config
+        # prompt chunks on the AMX tile unit where this CPU has it (bf16, head dim 64, 16-token groups)
+        self.prefill_amx = (
+            self.kernels.cpp
+            and self.dtype == torch.bfloat16
+            and cfg.head_dim == 64
+            and block_size % 16 == 0
+            and paged_kernel.prefill_amx_available()
+        )
         use_graphs = cuda_graphs and self.device.type == "cuda"
         # with CUDA graphs, one extra block past the allocator's range takes the padding rows' writes
         self.kv_caches = allocate_kv_cache(
@@ -236,6 +245,7 @@ class ModelRunner:
             mask,
             self.kernels.batch_invariant,
             self.kernels.compute_threads,
+            self.prefill_amx,
         )
         return (
             torch.tensor(x.tokens, dtype=torch.long, device=dev),

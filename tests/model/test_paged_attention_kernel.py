@@ -307,3 +307,119 @@ def test_first_build_is_announced_and_a_built_library_is_loaded_without_the_buil
     library.write_bytes(b"rebuilt by another checkout")  # a library the stamp does not describe
     paged_kernel._build_and_load()
     assert len(builds) == 2
+
+
+amx = pytest.mark.skipif(
+    not paged_kernel.prefill_amx_available(),
+    reason="needs the AMX tile unit (Intel Xeon from Sapphire Rapids on)",
+)
+
+
+@amx
+@pytest.mark.parametrize("bs", [16, 32])
+@pytest.mark.parametrize(
+    ("T", "S"),
+    [
+        (1, 1),
+        (5, 5),
+        (3, 17),
+        (16, 16),
+        (17, 40),
+        (33, 33),
+        (31, 95),
+        (KERNEL_PROMPT_MAX + 1, 700),
+        (471, 1495),
+    ],
+)
+def test_prefill_amx_chunk_equals_reference(T: int, S: int, bs: int) -> None:
+    """The AMX kernel for a chunk of T queries after S - T cached tokens (a whole prompt when T == S), over a
+    scattered table, with q a slice of a fused qkv (strided rows): each row equals float64 attention over
+    its own prefix to bf16's precision, like the torch path; partial query and key blocks included."""
+    g = torch.Generator().manual_seed(T * 1000 + S + bs)
+    blocks = 1500 // bs + 2
+    cache = torch.randn(6, blocks * bs, 64, generator=g).to(torch.bfloat16)
+    table = torch.randperm(blocks, generator=g)[: (S + bs - 1) // bs]
+    qkv = (torch.randn(T, 15, 64, generator=g) / 4).to(torch.bfloat16)
+    q = qkv[:, :9]
+    out = paged_kernel.prefill_attention_amx(q, cache, table, S, bs)
+    rows = reference(q, cache, table.view(1, -1).expand(T, -1), torch.arange(S - T + 1, S + 1), bs)
+    torch.testing.assert_close(out.double(), rows, atol=5e-3, rtol=3e-2)
+    paged_kernel.set_attention_kernel("torch")
+    expected = prefill_attention(q, cache, PrefillSeq(0, T, S, table), bs)
+    torch.testing.assert_close(out, expected, atol=3e-2, rtol=3e-2)
+
+
+@amx
+def test_prefill_amx_peaked_scores_stay_finite() -> None:
+    """Scores in the hundreds (a row's softmax nearly one-hot, exp of large negatives underflowing to 0):
+    no inf or NaN, and the row picks its value."""
+    g = torch.Generator().manual_seed(3)
+    T = S = 70
+    cache = torch.randn(6, 8 * 16, 64, generator=g).to(torch.bfloat16)
+    table = torch.arange(5)
+    q = (torch.randn(T, 9, 64, generator=g) * 20).to(torch.bfloat16)
+    out = paged_kernel.prefill_attention_amx(q, cache, table, S, 16)
+    assert torch.isfinite(out).all()
+    rows = reference(q, cache, table.view(1, -1).expand(T, -1), torch.arange(1, S + 1), 16)
+    torch.testing.assert_close(out.double(), rows, atol=2e-2, rtol=3e-2)
+
+
+@amx
+def test_prefill_amx_rejects_contexts_outside_the_cache() -> None:
+    cache = torch.zeros(6, 4 * 16, 64, dtype=torch.bfloat16)
+    q = torch.zeros(8, 9, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="exceeds the block table"):
+        paged_kernel.prefill_attention_amx(q, cache, torch.arange(2), 40, 16)
+    with pytest.raises(RuntimeError, match="out of range"):
+        paged_kernel.prefill_attention_amx(q, cache, torch.tensor([0, 9]), 20, 16)
+    with pytest.raises(RuntimeError, match="within its context"):
+        paged_kernel.prefill_attention_amx(q, cache, torch.arange(4), 4, 16)
+
+
+@amx
+def test_a_mixed_step_with_amx_prefill_equals_the_torch_path() -> None:
+    """Decodes, a long fresh prompt, a short one and a long chunk after cached tokens in one bf16 step with
+    prefill_amx: the long prompt and the chunk go through the AMX kernel, the rest as before; the output
+    equals the torch path's to bf16's precision and the cache gets the step's K/V."""
+    g = torch.Generator().manual_seed(11)
+    bs, nkv, nh, hd = 16, 3, 9, 64
+    cache0 = torch.randn(2 * nkv, 160 * bs, hd, generator=g).to(torch.bfloat16)
+    order = torch.randperm(160, generator=g)
+    dec_lens = [5, 40]
+    dec_tables = order[:6].view(2, 3)
+    start, prefills, used = len(dec_lens), [], 6
+    for n, ctx in [(KERNEL_PROMPT_MAX + 40, KERNEL_PROMPT_MAX + 40), (9, 9), (KERNEL_PROMPT_MAX + 5, 900)]:
+        table = order[used : used + (ctx + bs - 1) // bs]
+        used += len(table)
+        prefills.append(PrefillSeq(start, n, ctx, table))
+        start += n
+    slots = [int(dec_tables[d, (n - 1) // bs]) * bs + (n - 1) % bs for d, n in enumerate(dec_lens)]
+    for s in prefills:
+        slots += [
+            int(s.block_table[t // bs]) * bs + t % bs
+            for t in range(s.context_len - s.query_len, s.context_len)
+        ]
+    q = (torch.randn(start, nh, hd, generator=g) / 4).to(torch.bfloat16)
+    kv = torch.randn(start, 2 * nkv, hd, generator=g).to(torch.bfloat16)
+
+    def run(cpp: bool) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        lens = torch.tensor(dec_lens)
+        mask = build_decode_mask(lens, 3 * bs, nkv, q.dtype)
+        meta = step_metadata(torch.tensor(slots), prefills, bs, cpp, dec_tables, lens, mask, prefill_amx=cpp)
+        cache = cache0.clone()
+        return paged_attention(q, kv, cache, meta), cache, meta
+
+    out, cache, meta = run(True)
+    assert meta.prefill_amx and meta.row_tables is None
+    expected, expected_cache, _ = run(False)
+    torch.testing.assert_close(out, expected, atol=3e-2, rtol=3e-2)
+    assert torch.equal(cache, expected_cache)
+
+
+def test_batch_invariant_steps_never_take_the_amx_prefill() -> None:
+    """The AMX kernel shares key tiles between 16 queries: batch-invariant mode keeps every row on the
+    per-row kernel, whatever the runner asks."""
+    table = torch.arange(40)
+    seq = PrefillSeq(0, KERNEL_PROMPT_MAX + 1, KERNEL_PROMPT_MAX + 1, table)
+    meta = step_metadata(torch.arange(seq.query_len), [seq], 16, True, batch_invariant=True, prefill_amx=True)
+    assert not meta.prefill_amx and meta.row_tables is not None

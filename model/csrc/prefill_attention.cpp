@@ -1,0 +1,309 @@
+// Causal attention of one prompt chunk over the paged KV cache on the AMX tile unit (CPU), for prefill.
+//
+// prefill_attention_amx(q (T, nh, hd) scaled bf16, kv_cache (2 nkv, slots, hd) bf16, block_table (nb,)
+//                       int64, context_len S, block_size) -> (T, nh * hd)
+//
+// The chunk's T queries sit at positions S - T .. S - 1 of one sequence, whose first S tokens (the chunk's
+// own included) are already in the cache; query i sees keys 0 .. S - T + i. The decode kernel
+// (paged_attention.cpp) reads a row's whole context once per row; here 16 query rows of a head share each
+// key tile, and both products run on the tile unit:
+// - the keys and values of each KV head are packed once per call as AMX B tiles, 32 keys at a time:
+//   K^T as 2 x 2 tiles (16 keys x 32 dims each, dims in pairs), V as 4 tiles (32 keys in pairs x 16 dims),
+//   keys past S zero;
+// - for 16 queries of one head, S = Q K^T goes into two float32 C tiles (32 keys), the online softmax runs
+//   on its rows in AVX-512 (running max and sum per row, P rounded to bf16 and the sum taken over the
+//   rounded values), and O += P V accumulates in four C tiles that stay in the tile registers; they are
+//   written out and rescaled only when a row's running max rises.
+// Work items are (KV head, query head of its group, 16 queries), dealt to threads round robin from the
+// most expensive (the last queries, which see the most keys). Needs hd 64 and a block size that is a
+// multiple of 16 (16 consecutive keys in consecutive slots).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <vector>
+
+#include "amx.h"
+
+namespace {
+
+#ifdef SMOLLM2_HAVE_AMX
+
+constexpr int64_t HD = 64;       // head dim this kernel serves
+constexpr int64_t KB = 32;       // keys per block: the K dim of one P V tile product
+constexpr int64_t TILE = 512;    // bf16 per packed tile (16 lines of 64 bytes)
+constexpr int64_t KB_TILES = 8;  // per KV head and key block: K^T (sub 0/1 x dims 0-31/32-63), V (4 dim quarters)
+
+// Keys [kb * 32, kb * 32 + 32) of KV head h, as 8 packed tiles at dst; keys at or past S are zeros.
+// slot0(t): cache slot of token t (16 consecutive tokens from a multiple of 16 are consecutive slots).
+void pack_block(const uint16_t* kcache, const uint16_t* vcache, int64_t row_stride, const int64_t* table,
+                int64_t bs, int64_t S, int64_t kb, uint16_t* dst) {
+  alignas(64) uint16_t keys[KB * HD], vals[KB * HD];  // the 32 keys' rows, zero past S
+  for (int64_t sub = 0; sub < 2; ++sub) {
+    const int64_t t0 = kb * KB + sub * 16;
+    const int64_t n = std::clamp<int64_t>(S - t0, 0, 16);
+    if (n > 0) {
+      const int64_t slot = table[t0 / bs] * bs + t0 % bs;
+      for (int64_t r = 0; r < n; ++r) {
+        std::memcpy(keys + (sub * 16 + r) * HD, kcache + (slot + r) * row_stride, HD * 2);
+        std::memcpy(vals + (sub * 16 + r) * HD, vcache + (slot + r) * row_stride, HD * 2);
+      }
+    }
+    if (n < 16) {
+      std::memset(keys + (sub * 16 + n) * HD, 0, (16 - n) * HD * 2);
+      std::memset(vals + (sub * 16 + n) * HD, 0, (16 - n) * HD * 2);
+    }
+  }
+  // K^T tile (sub, half): line r holds dims half * 32 + 2r, 2r + 1 of keys sub * 16 .. + 15, i.e. the
+  // transpose of the keys' rows seen as 16 x 16 uint32.
+  const __m512i lane = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32(HD / 2));
+  for (int64_t sub = 0; sub < 2; ++sub)
+    for (int64_t half = 0; half < 2; ++half) {
+      uint32_t* t = reinterpret_cast<uint32_t*>(dst + (sub * 2 + half) * TILE);
+      const int* base = reinterpret_cast<const int*>(keys + sub * 16 * HD) + half * 16;
+      for (int64_t r = 0; r < 16; ++r)
+        _mm512_store_si512(t + r * 16, _mm512_i32gather_epi32(lane, base + r, 4));
+    }
+  // V tile q: line r holds keys 2r, 2r + 1 interleaved over dims q * 16 .. + 15.
+  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                      37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  for (int64_t r = 0; r < 16; ++r)
+    for (int64_t h = 0; h < 2; ++h) {  // dims h * 32 .. + 31 of both keys: quarters 2h, 2h + 1
+      const __m512i a = _mm512_load_si512(vals + (2 * r) * HD + h * 32);
+      const __m512i b = _mm512_load_si512(vals + (2 * r + 1) * HD + h * 32);
+      _mm512_store_si512(dst + (4 + 2 * h) * TILE + r * 32, _mm512_permutex2var_epi16(a, lo, b));
+      _mm512_store_si512(dst + (5 + 2 * h) * TILE + r * 32, _mm512_permutex2var_epi16(a, hi, b));
+    }
+}
+
+constexpr float kLog2e = 1.44269504088896341f;
+
+// 2^t for finite t <= 0, relative error < 5e-5 (degree-4 polynomial on the fraction in [-0.5, 0.5]):
+// well inside the bf16 rounding the probabilities get before P V.
+inline __m512 exp2_neg(__m512 t) {
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 y = _mm512_set1_ps(9.6181291e-3f);
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.5504109e-2f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.4022651e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.9314718e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(y, n);
+}
+
+// Tiles: 0, 1 scores (keys 0-15, 16-31 of the block), 2-5 the output (dims in quarters), 6 A, 7 B.
+void configure() {
+  smollm2::amx::TileConfig cfg;
+  for (int i = 0; i < 8; ++i) {
+    cfg.colsb[i] = 64;
+    cfg.rows[i] = 16;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// The output tiles 2-5 as 16 rows of 64 float32.
+inline void store_out(float* o) {
+  _tile_stored(2, o, HD * 4);
+  _tile_stored(3, o + 16, HD * 4);
+  _tile_stored(4, o + 32, HD * 4);
+  _tile_stored(5, o + 48, HD * 4);
+}
+
+struct Chunk {
+  const uint16_t* q;  // query 0, head 0
+  int64_t q_row, q_head;  // strides in elements
+  const uint16_t* packed;  // (nkv, key blocks, 8 tiles)
+  int64_t nkb, T, P, nh, g;
+  uint16_t* out;  // (T, nh * HD)
+};
+
+// Per-thread rows of scores and probabilities for 16 queries over up to `width` keys.
+struct Scratch {
+  explicit Scratch(int64_t width)
+      : buf(new float[16 * (width + 32) * 3 / 2 + 16]),
+        s(buf.get() + (16 - reinterpret_cast<uintptr_t>(buf.get()) / 4 % 16) % 16),
+        p(reinterpret_cast<uint16_t*>(s + 16 * (width + 32))) {}
+  std::unique_ptr<float[]> buf;
+  float* s;     // (16, width) float32, 64-byte aligned
+  uint16_t* p;  // (16, width) bf16
+};
+
+// 16 queries qb * 16 .. of query head j of KV head h, in three passes over the keys they see: the scores
+// (tile unit), each row's softmax with its exact max (AVX-512), then P V (tile unit) into C tiles that stay
+// in the registers. Passes rather than one online loop: each runs without waiting on the other unit.
+void attend(const Chunk& c, int64_t h, int64_t j, int64_t qb, Scratch& w) {
+  const int64_t head = h * c.g + j;
+  const int64_t rows = std::min<int64_t>(16, c.T - qb * 16);
+  const int64_t first = c.P + qb * 16;  // position of the block's first query
+  alignas(64) uint16_t qpad[16 * HD];
+  const uint16_t* qa = c.q + qb * 16 * c.q_row + head * c.q_head;
+  int64_t qstride = c.q_row * 2;
+  if (rows < 16) {  // the chunk's last queries: a zero-padded copy, so the tile reads nothing past q
+    std::memset(qpad, 0, sizeof(qpad));
+    for (int64_t r = 0; r < rows; ++r) std::memcpy(qpad + r * HD, qa + r * c.q_row, HD * 2);
+    qa = qpad;
+    qstride = HD * 2;
+  }
+  const int64_t blocks = (first + rows - 1) / KB + 1;  // key blocks the last real query reaches
+  const int64_t width = blocks * KB;
+  const int64_t ld = width + 32;  // row stride of s and p: off a power of two, so 16 rows do not share a cache set
+  const uint16_t* kv = c.packed + h * c.nkb * KB_TILES * TILE;
+  float* s = w.s;
+  uint16_t* p = w.p;
+  for (int64_t kb = 0; kb < blocks; ++kb) {
+    const uint16_t* blk = kv + kb * KB_TILES * TILE;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_loadd(6, qa, qstride);
+    _tile_loadd(7, blk, 64);
+    _tile_dpbf16ps(0, 6, 7);
+    _tile_loadd(7, blk + 2 * TILE, 64);
+    _tile_dpbf16ps(1, 6, 7);
+    _tile_loadd(6, qa + 32, qstride);
+    _tile_loadd(7, blk + TILE, 64);
+    _tile_dpbf16ps(0, 6, 7);
+    _tile_loadd(7, blk + 3 * TILE, 64);
+    _tile_dpbf16ps(1, 6, 7);
+    _tile_stored(0, s + kb * KB, ld * 4);
+    _tile_stored(1, s + kb * KB + 16, ld * 4);
+  }
+  float l[16];
+  for (int64_t r = 0; r < 16; ++r) {
+    // row r sees keys 0 .. first + r (a padding row past the chunk: every key in the range, all finite)
+    const int64_t n = r < rows ? first + r + 1 : width;
+    const float* sr = s + r * ld;
+    uint16_t* pr = p + r * ld;
+    const int64_t full = n / 16;
+    const __mmask16 tail = static_cast<__mmask16>((1u << (n % 16)) - 1);
+    __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t i = 0; i < full; ++i) mx = _mm512_max_ps(mx, _mm512_load_ps(sr + 16 * i));
+    if (tail) mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_load_ps(sr + 16 * full));
+    // p = 2^((s - max) log2 e), summed in float32 and stored as bf16
+    const __m512 mlog = _mm512_set1_ps(_mm512_reduce_max_ps(mx) * kLog2e);
+    const __m512 log2e = _mm512_set1_ps(kLog2e);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t i = 0; i < full; ++i) {
+      const __m512 e = exp2_neg(_mm512_fmsub_ps(_mm512_load_ps(sr + 16 * i), log2e, mlog));
+      sum = _mm512_add_ps(sum, e);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(pr + 16 * i), (__m256i)_mm512_cvtneps_pbh(e));
+    }
+    for (int64_t i = full; i < width / 16; ++i) {  // the partial group, then zeros to the block's end
+      __m512 e = _mm512_setzero_ps();
+      if (i == full && tail)
+        e = _mm512_maskz_mov_ps(tail, exp2_neg(_mm512_fmsub_ps(_mm512_load_ps(sr + 16 * i), log2e, mlog)));
+      sum = _mm512_add_ps(sum, e);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(pr + 16 * i), (__m256i)_mm512_cvtneps_pbh(e));
+    }
+    l[r] = _mm512_reduce_add_ps(sum);
+  }
+  _tile_zero(2);
+  _tile_zero(3);
+  _tile_zero(4);
+  _tile_zero(5);
+  for (int64_t kb = 0; kb < blocks; ++kb) {
+    const uint16_t* blk = kv + kb * KB_TILES * TILE;
+    _tile_loadd(6, p + kb * KB, ld * 2);
+    _tile_loadd(7, blk + 4 * TILE, 64);
+    _tile_dpbf16ps(2, 6, 7);
+    _tile_loadd(7, blk + 5 * TILE, 64);
+    _tile_dpbf16ps(3, 6, 7);
+    _tile_loadd(7, blk + 6 * TILE, 64);
+    _tile_dpbf16ps(4, 6, 7);
+    _tile_loadd(7, blk + 7 * TILE, 64);
+    _tile_dpbf16ps(5, 6, 7);
+  }
+  alignas(64) float o[16 * HD];
+  store_out(o);
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m512 inv = _mm512_set1_ps(1.f / l[r]);
+    uint16_t* dst = c.out + (qb * 16 + r) * c.nh * HD + head * HD;
+    for (int64_t d = 0; d < HD; d += 32) {
+      const __m512 a = _mm512_mul_ps(_mm512_load_ps(o + r * HD + d), inv);
+      const __m512 b = _mm512_mul_ps(_mm512_load_ps(o + r * HD + d + 16), inv);
+      _mm512_storeu_si512(dst + d, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+    }
+  }
+}
+
+#endif  // SMOLLM2_HAVE_AMX
+
+bool available() {
+#ifdef SMOLLM2_HAVE_AMX
+  return smollm2::amx::ready();
+#else
+  return false;
+#endif
+}
+
+at::Tensor prefill_attention_amx(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_table,
+                                 int64_t context_len, int64_t block_size) {
+  TORCH_CHECK(available(), "prefill_attention_amx needs the AMX tile unit");
+  TORCH_CHECK(q.device().is_cpu() && kv_cache.device().is_cpu(), "prefill_attention_amx is CPU only");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && kv_cache.scalar_type() == at::kBFloat16, "bfloat16 only");
+  TORCH_CHECK(q.dim() == 3 && kv_cache.dim() == 3, "q (T, nh, hd) and kv_cache (2 nkv, slots, hd)");
+  TORCH_CHECK(q.size(2) == 64 && kv_cache.size(2) == 64, "head dim 64 only");
+  TORCH_CHECK(q.stride(2) == 1 && kv_cache.stride(2) == 1, "rows must be contiguous");
+  TORCH_CHECK(block_table.scalar_type() == at::kLong && block_table.dim() == 1 && block_table.is_contiguous(),
+              "block_table (nb,) int64 contiguous");
+  const int64_t T = q.size(0), nh = q.size(1), nkv = kv_cache.size(0) / 2;
+  TORCH_CHECK(nkv > 0 && kv_cache.size(0) == 2 * nkv && nh % nkv == 0, "query heads must be a multiple of KV heads");
+  TORCH_CHECK(block_size > 0 && block_size % 16 == 0 && kv_cache.size(1) % block_size == 0,
+              "block_size must be a multiple of 16");
+  const int64_t S = context_len;
+  TORCH_CHECK(T >= 1 && T <= S, "the chunk's ", T, " queries must be within its context of ", S);
+  TORCH_CHECK(S <= block_table.size(0) * block_size, "context length ", S, " exceeds the block table");
+  const int64_t* table = block_table.data_ptr<int64_t>();
+  const int64_t num_blocks = kv_cache.size(1) / block_size;
+  for (int64_t b = 0; b < (S + block_size - 1) / block_size; ++b)
+    TORCH_CHECK(table[b] >= 0 && table[b] < num_blocks, "block id ", table[b], " out of range");
+  at::Tensor out = at::empty({T, nh * 64}, q.options());
+#ifdef SMOLLM2_HAVE_AMX
+  const int64_t nkb = (S + KB - 1) / KB, g = nh / nkv;
+  at::Tensor packed = at::empty({nkv * nkb * KB_TILES * TILE + 32}, q.options());
+  uint16_t* pk = reinterpret_cast<uint16_t*>(packed.data_ptr());
+  pk += (32 - reinterpret_cast<uintptr_t>(pk) / 2 % 32) % 32;  // 64-byte aligned
+  const uint16_t* cache = reinterpret_cast<const uint16_t*>(kv_cache.data_ptr());
+  at::parallel_for(0, nkv * nkb, 8, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t h = i / nkb, kb = i % nkb;
+      pack_block(cache + h * kv_cache.stride(0), cache + (nkv + h) * kv_cache.stride(0), kv_cache.stride(1), table,
+                 block_size, S, kb, pk + i * KB_TILES * TILE);
+    }
+  });
+  const Chunk c{reinterpret_cast<const uint16_t*>(q.data_ptr()), q.stride(0), q.stride(1), pk, nkb, T, S - T, nh, g,
+                reinterpret_cast<uint16_t*>(out.data_ptr())};
+  // Items from the most expensive (last query block) down, dealt round robin: each thread's share is within
+  // one item of the others'.
+  const int64_t nqb = (T + 15) / 16, items = nqb * nh;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), items);
+  at::parallel_for(0, threads, 1, [&](int64_t w0, int64_t w1) {
+    configure();
+    Scratch scratch(nkb * KB);
+    for (int64_t w = w0; w < w1; ++w)
+      for (int64_t i = w; i < items; i += threads) {
+        const int64_t qb = nqb - 1 - i / nh, head = i % nh;
+        attend(c, head / g, head % g, qb, scratch);
+      }
+    _tile_release();
+  });
+#endif
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(smollm2, m) {
+  m.def("prefill_attention_amx_available() -> bool", &available);
+  m.def("prefill_attention_amx(Tensor q, Tensor kv_cache, Tensor block_table, int context_len, int block_size) "
+        "-> Tensor",
+        &prefill_attention_amx);
+}
