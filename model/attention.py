@@ -11,7 +11,8 @@ A step's flat batch is ordered decodes first (one query token each), then prefil
 attended together with two batched matmuls, the query heads of each KV head grouped (no repeat_kv copy);
 prefill chunks, which are few and large, go one by one through scaled_dot_product_attention. On CPU with the
 C++ kernel, a step whose whole prompts are at most KERNEL_PROMPT_MAX tokens is one kernel call over all its
-rows (step_rows).
+rows (step_rows). Where the CPU has AMX tiles (bf16), prompts and chunks of AMX_PROMPT_MIN tokens or more go
+instead one by one through model/csrc/prefill_attention.cpp, which shares each key tile between 16 queries.
 """
 
 from __future__ import annotations
@@ -86,8 +87,9 @@ def step_metadata(
 
     batch_invariant (Kernels.batch_invariant): every row goes through the C++ kernel whatever the prompt
     lengths, since SDPA's reduction over keys depends on how many queries share the call. prefill_amx
-    (paged_kernel.prefill_amx_available, bf16 with head dim 64): prompts and chunks longer than
-    KERNEL_PROMPT_MAX go through the AMX kernel, one call per sequence; not with batch_invariant."""
+    (paged_kernel.prefill_amx_available, bf16 with head dim 64): prompts and chunks of at least
+    AMX_PROMPT_MIN tokens go through the AMX kernel, one call per sequence, and the other rows as before;
+    not with batch_invariant."""
     if batch_invariant and not use_kernel:
         raise ValueError("batch-invariant attention needs the C++ paged kernel")
     D = 0 if decode_block_tables is None else decode_block_tables.shape[0]
@@ -104,7 +106,8 @@ def step_metadata(
         prefill_amx=prefill_amx and use_kernel and not batch_invariant,
     )
     if use_kernel and prefills and (decode_context_lens is not None or not D):
-        rows = step_rows(meta, slot_mapping.shape[0], None if batch_invariant else KERNEL_PROMPT_MAX)
+        limit = None if batch_invariant else AMX_PROMPT_MIN - 1 if meta.prefill_amx else KERNEL_PROMPT_MAX
+        rows = step_rows(meta, slot_mapping.shape[0], limit)
         if rows is not None:
             meta.row_tables, meta.row_lens = rows
     if prefills and meta.row_tables is None:
@@ -336,6 +339,11 @@ def prefill_runs(prefills: list[PrefillSeq], device: torch.device) -> list[Prefi
 # SDPA, whose batched GEMMs overtake the kernel's per-row loop somewhere between 256 and 1,024 tokens on
 # the 2-core CPU (bench/NOTES.md, "Figures behind the code's constants").
 KERNEL_PROMPT_MAX = 256
+
+# Prompts and chunks from this many tokens go through the AMX kernel where the step may use it (2x the
+# per-row kernel at 32 tokens, 6x at 256 on the 2-core CPU, bench/NOTES.md); fewer (a draft's verification
+# rows) stay with the step's other rows.
+AMX_PROMPT_MIN = 16
 
 
 def step_rows(
