@@ -27,7 +27,6 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <memory>
 #include <vector>
 
 #include "amx.h"
@@ -100,7 +99,7 @@ inline __m512 exp2_neg(__m512 t) {
   return _mm512_scalef_ps(y, n);
 }
 
-// Tiles: 0, 1 scores (keys 0-15, 16-31 of the block), 2-5 the output (dims in quarters), 6 A, 7 B.
+// Eight tiles of 16 lines of 64 bytes (attend says what each holds).
 void configure() {
   smollm2::amx::TileConfig cfg;
   for (int i = 0; i < 8; ++i) {
@@ -108,14 +107,6 @@ void configure() {
     cfg.rows[i] = 16;
   }
   _tile_loadconfig(&cfg);
-}
-
-// The output tiles 2-5 as 16 rows of 64 float32.
-inline void store_out(float* o) {
-  _tile_stored(2, o, HD * 4);
-  _tile_stored(3, o + 16, HD * 4);
-  _tile_stored(4, o + 32, HD * 4);
-  _tile_stored(5, o + 48, HD * 4);
 }
 
 struct Chunk {
@@ -126,32 +117,69 @@ struct Chunk {
   uint16_t* out;  // (T, nh * HD)
 };
 
-// Per-thread rows of scores and probabilities for 16 queries over up to `width` keys.
+// A 64-byte aligned buffer of at least n elements of T, kept by the thread from call to call: fresh large
+// allocations are fresh pages, and their faults cost as much as a short chunk's attention.
+template <class T>
+T* thread_buffer(int64_t n) {
+  thread_local std::vector<T> buf;
+  const int64_t pad = 64 / sizeof(T);
+  if (static_cast<int64_t>(buf.size()) < n + pad) buf.resize(n + pad);
+  T* p = buf.data();
+  return p + (pad - reinterpret_cast<uintptr_t>(p) / sizeof(T) % pad) % pad;
+}
+
+// Per-thread rows of scores and probabilities for 32 queries over up to `width` keys.
 struct Scratch {
   explicit Scratch(int64_t width)
-      : buf(new float[16 * (width + 32) * 3 / 2 + 16]),
-        s(buf.get() + (16 - reinterpret_cast<uintptr_t>(buf.get()) / 4 % 16) % 16),
-        p(reinterpret_cast<uint16_t*>(s + 16 * (width + 32))) {}
-  std::unique_ptr<float[]> buf;
-  float* s;     // (16, width) float32, 64-byte aligned
-  uint16_t* p;  // (16, width) bf16
+      : s(thread_buffer<float>(32 * (width + 32) * 3 / 2)), p(reinterpret_cast<uint16_t*>(s + 32 * (width + 32))) {}
+  float* s;     // (32, width + 32) float32
+  uint16_t* p;  // (32, width + 32) bf16
 };
 
-// 16 queries qb * 16 .. of query head j of KV head h, in three passes over the keys they see: the scores
-// (tile unit), each row's softmax with its exact max (AVX-512), then P V (tile unit) into C tiles that stay
-// in the registers. Passes rather than one online loop: each runs without waiting on the other unit.
-void attend(const Chunk& c, int64_t h, int64_t j, int64_t qb, Scratch& w) {
-  const int64_t head = h * c.g + j;
-  const int64_t rows = std::min<int64_t>(16, c.T - qb * 16);
-  const int64_t first = c.P + qb * 16;  // position of the block's first query
-  alignas(64) uint16_t qpad[16 * HD];
-  const uint16_t* qa = c.q + qb * 16 * c.q_row + head * c.q_head;
-  int64_t qstride = c.q_row * 2;
-  if (rows < 16) {  // the chunk's last queries: a zero-padded copy, so the tile reads nothing past q
+// Row r's softmax over its first n of `width` scores (the rest of the row: zeros), into p as bf16; returns
+// the sum of the probabilities.
+inline float softmax_row(const float* sr, uint16_t* pr, int64_t n, int64_t width) {
+  const int64_t full = n / 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (n % 16)) - 1);
+  __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t i = 0; i < full; ++i) mx = _mm512_max_ps(mx, _mm512_load_ps(sr + 16 * i));
+  if (tail) mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_load_ps(sr + 16 * full));
+  // p = 2^((s - max) log2 e), summed in float32 and stored as bf16
+  const __m512 mlog = _mm512_set1_ps(_mm512_reduce_max_ps(mx) * kLog2e);
+  const __m512 log2e = _mm512_set1_ps(kLog2e);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t i = 0; i < full; ++i) {
+    const __m512 e = exp2_neg(_mm512_fmsub_ps(_mm512_load_ps(sr + 16 * i), log2e, mlog));
+    sum = _mm512_add_ps(sum, e);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(pr + 16 * i), (__m256i)_mm512_cvtneps_pbh(e));
+  }
+  for (int64_t i = full; i < width / 16; ++i) {  // the partial group, then zeros to the block's end
+    __m512 e = _mm512_setzero_ps();
+    if (i == full && tail)
+      e = _mm512_maskz_mov_ps(tail, exp2_neg(_mm512_fmsub_ps(_mm512_load_ps(sr + 16 * i), log2e, mlog)));
+    sum = _mm512_add_ps(sum, e);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(pr + 16 * i), (__m256i)_mm512_cvtneps_pbh(e));
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+// Queries qb * 32 .. of query head `head` (of KV head h): 16 of them, or 32 with TWO (a second row block
+// that shares every key tile load with the first), in three passes over the keys they see: the scores (tile
+// unit), each row's softmax with its exact max (AVX-512), then P V (tile unit), a half of the head dims at
+// a time. Passes rather than one online loop: each runs without waiting on the other unit.
+template <bool TWO>
+void attend(const Chunk& c, int64_t h, int64_t head, int64_t qb, Scratch& w) {
+  constexpr int64_t R = TWO ? 32 : 16;
+  const int64_t rows = std::min<int64_t>(R, c.T - qb * 32);
+  const int64_t first = c.P + qb * 32;  // position of the first query
+  alignas(64) uint16_t qpad[R * HD];
+  const uint16_t* qa = c.q + qb * 32 * c.q_row + head * c.q_head;
+  int64_t qld = c.q_row;
+  if (rows < R) {  // the chunk's last queries: a zero-padded copy, so the tile reads nothing past q
     std::memset(qpad, 0, sizeof(qpad));
     for (int64_t r = 0; r < rows; ++r) std::memcpy(qpad + r * HD, qa + r * c.q_row, HD * 2);
     qa = qpad;
-    qstride = HD * 2;
+    qld = HD;
   }
   const int64_t blocks = (first + rows - 1) / KB + 1;  // key blocks the last real query reaches
   const int64_t width = blocks * KB;
@@ -159,73 +187,69 @@ void attend(const Chunk& c, int64_t h, int64_t j, int64_t qb, Scratch& w) {
   const uint16_t* kv = c.packed + h * c.nkb * KB_TILES * TILE;
   float* s = w.s;
   uint16_t* p = w.p;
+  // scores: C tiles 0, 1 (rows 0-15, keys 0-15 / 16-31 of the block), 2, 3 (rows 16-31); A 4, 5; B 6, 7
   for (int64_t kb = 0; kb < blocks; ++kb) {
     const uint16_t* blk = kv + kb * KB_TILES * TILE;
     _tile_zero(0);
     _tile_zero(1);
-    _tile_loadd(6, qa, qstride);
-    _tile_loadd(7, blk, 64);
-    _tile_dpbf16ps(0, 6, 7);
-    _tile_loadd(7, blk + 2 * TILE, 64);
-    _tile_dpbf16ps(1, 6, 7);
-    _tile_loadd(6, qa + 32, qstride);
-    _tile_loadd(7, blk + TILE, 64);
-    _tile_dpbf16ps(0, 6, 7);
-    _tile_loadd(7, blk + 3 * TILE, 64);
-    _tile_dpbf16ps(1, 6, 7);
+    if constexpr (TWO) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
+    for (int half = 0; half < 2; ++half) {
+      _tile_loadd(4, qa + half * 32, qld * 2);
+      if constexpr (TWO) _tile_loadd(5, qa + 16 * qld + half * 32, qld * 2);
+      _tile_loadd(6, blk + half * TILE, 64);
+      _tile_loadd(7, blk + (2 + half) * TILE, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      if constexpr (TWO) {
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+    }
     _tile_stored(0, s + kb * KB, ld * 4);
     _tile_stored(1, s + kb * KB + 16, ld * 4);
-  }
-  float l[16];
-  for (int64_t r = 0; r < 16; ++r) {
-    // row r sees keys 0 .. first + r (a padding row past the chunk: every key in the range, all finite)
-    const int64_t n = r < rows ? first + r + 1 : width;
-    const float* sr = s + r * ld;
-    uint16_t* pr = p + r * ld;
-    const int64_t full = n / 16;
-    const __mmask16 tail = static_cast<__mmask16>((1u << (n % 16)) - 1);
-    __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    for (int64_t i = 0; i < full; ++i) mx = _mm512_max_ps(mx, _mm512_load_ps(sr + 16 * i));
-    if (tail) mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_load_ps(sr + 16 * full));
-    // p = 2^((s - max) log2 e), summed in float32 and stored as bf16
-    const __m512 mlog = _mm512_set1_ps(_mm512_reduce_max_ps(mx) * kLog2e);
-    const __m512 log2e = _mm512_set1_ps(kLog2e);
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t i = 0; i < full; ++i) {
-      const __m512 e = exp2_neg(_mm512_fmsub_ps(_mm512_load_ps(sr + 16 * i), log2e, mlog));
-      sum = _mm512_add_ps(sum, e);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(pr + 16 * i), (__m256i)_mm512_cvtneps_pbh(e));
+    if constexpr (TWO) {
+      _tile_stored(2, s + 16 * ld + kb * KB, ld * 4);
+      _tile_stored(3, s + 16 * ld + kb * KB + 16, ld * 4);
     }
-    for (int64_t i = full; i < width / 16; ++i) {  // the partial group, then zeros to the block's end
-      __m512 e = _mm512_setzero_ps();
-      if (i == full && tail)
-        e = _mm512_maskz_mov_ps(tail, exp2_neg(_mm512_fmsub_ps(_mm512_load_ps(sr + 16 * i), log2e, mlog)));
-      sum = _mm512_add_ps(sum, e);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(pr + 16 * i), (__m256i)_mm512_cvtneps_pbh(e));
+  }
+  float l[R];
+  for (int64_t r = 0; r < R; ++r)  // row r sees keys 0 .. first + r; a padding row past the chunk, all (finite)
+    l[r] = softmax_row(s + r * ld, p + r * ld, r < rows ? first + r + 1 : width, width);
+  // P V, dims 32 d .. 32 d + 31: C tiles 0, 1 (rows 0-15, 16 dims each), 2, 3 (rows 16-31); A 4, 5; B 6, 7
+  alignas(64) float o[R * HD];
+  for (int d = 0; d < 2; ++d) {
+    _tile_zero(0);
+    _tile_zero(1);
+    if constexpr (TWO) {
+      _tile_zero(2);
+      _tile_zero(3);
     }
-    l[r] = _mm512_reduce_add_ps(sum);
+    for (int64_t kb = 0; kb < blocks; ++kb) {
+      const uint16_t* blk = kv + kb * KB_TILES * TILE;
+      _tile_loadd(4, p + kb * KB, ld * 2);
+      if constexpr (TWO) _tile_loadd(5, p + 16 * ld + kb * KB, ld * 2);
+      _tile_loadd(6, blk + (4 + 2 * d) * TILE, 64);
+      _tile_loadd(7, blk + (5 + 2 * d) * TILE, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      if constexpr (TWO) {
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+    _tile_stored(0, o + 32 * d, HD * 4);
+    _tile_stored(1, o + 32 * d + 16, HD * 4);
+    if constexpr (TWO) {
+      _tile_stored(2, o + 16 * HD + 32 * d, HD * 4);
+      _tile_stored(3, o + 16 * HD + 32 * d + 16, HD * 4);
+    }
   }
-  _tile_zero(2);
-  _tile_zero(3);
-  _tile_zero(4);
-  _tile_zero(5);
-  for (int64_t kb = 0; kb < blocks; ++kb) {
-    const uint16_t* blk = kv + kb * KB_TILES * TILE;
-    _tile_loadd(6, p + kb * KB, ld * 2);
-    _tile_loadd(7, blk + 4 * TILE, 64);
-    _tile_dpbf16ps(2, 6, 7);
-    _tile_loadd(7, blk + 5 * TILE, 64);
-    _tile_dpbf16ps(3, 6, 7);
-    _tile_loadd(7, blk + 6 * TILE, 64);
-    _tile_dpbf16ps(4, 6, 7);
-    _tile_loadd(7, blk + 7 * TILE, 64);
-    _tile_dpbf16ps(5, 6, 7);
-  }
-  alignas(64) float o[16 * HD];
-  store_out(o);
   for (int64_t r = 0; r < rows; ++r) {
     const __m512 inv = _mm512_set1_ps(1.f / l[r]);
-    uint16_t* dst = c.out + (qb * 16 + r) * c.nh * HD + head * HD;
+    uint16_t* dst = c.out + (qb * 32 + r) * c.nh * HD + head * HD;
     for (int64_t d = 0; d < HD; d += 32) {
       const __m512 a = _mm512_mul_ps(_mm512_load_ps(o + r * HD + d), inv);
       const __m512 b = _mm512_mul_ps(_mm512_load_ps(o + r * HD + d + 16), inv);
@@ -268,9 +292,7 @@ at::Tensor prefill_attention_amx(const at::Tensor& q, const at::Tensor& kv_cache
   at::Tensor out = at::empty({T, nh * 64}, q.options());
 #ifdef SMOLLM2_HAVE_AMX
   const int64_t nkb = (S + KB - 1) / KB, g = nh / nkv;
-  at::Tensor packed = at::empty({nkv * nkb * KB_TILES * TILE + 32}, q.options());
-  uint16_t* pk = reinterpret_cast<uint16_t*>(packed.data_ptr());
-  pk += (32 - reinterpret_cast<uintptr_t>(pk) / 2 % 32) % 32;  // 64-byte aligned
+  uint16_t* pk = thread_buffer<uint16_t>(nkv * nkb * KB_TILES * TILE);
   const uint16_t* cache = reinterpret_cast<const uint16_t*>(kv_cache.data_ptr());
   at::parallel_for(0, nkv * nkb, 8, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
@@ -283,15 +305,19 @@ at::Tensor prefill_attention_amx(const at::Tensor& q, const at::Tensor& kv_cache
                 reinterpret_cast<uint16_t*>(out.data_ptr())};
   // Items from the most expensive (last query block) down, dealt round robin: each thread's share is within
   // one item of the others'.
-  const int64_t nqb = (T + 15) / 16, items = nqb * nh;
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), items);
+  const int64_t nqb = (T + 31) / 32, items = nqb * nh;
+  // (32 queries x 32 keys) products: below ~32 of them (~20 us) a second thread's wake-up costs more
+  int64_t work = 0;
+  for (int64_t qb = 0; qb < nqb; ++qb) work += nh * ((S - T + std::min(qb * 32 + 32, T) - 1) / KB + 1);
+  const int64_t threads = work < 32 ? 1 : std::min<int64_t>(at::get_num_threads(), items);
   at::parallel_for(0, threads, 1, [&](int64_t w0, int64_t w1) {
     configure();
     Scratch scratch(nkb * KB);
     for (int64_t w = w0; w < w1; ++w)
       for (int64_t i = w; i < items; i += threads) {
         const int64_t qb = nqb - 1 - i / nh, head = i % nh;
-        attend(c, head / g, head % g, qb, scratch);
+        if (T - qb * 32 > 16) attend<true>(c, head / g, head, qb, scratch);
+        else attend<false>(c, head / g, head, qb, scratch);
       }
     _tile_release();
   });
