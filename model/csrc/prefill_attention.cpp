@@ -5,18 +5,17 @@
 //
 // The chunk's T queries sit at positions S - T .. S - 1 of one sequence, whose first S tokens (the chunk's
 // own included) are already in the cache; query i sees keys 0 .. S - T + i. The decode kernel
-// (paged_attention.cpp) reads a row's whole context once per row; here 16 query rows of a head share each
+// (paged_attention.cpp) reads a row's whole context once per row; here 32 query rows of a head share each
 // key tile, and both products run on the tile unit:
 // - the keys and values of each KV head are packed once per call as AMX B tiles, 32 keys at a time:
 //   K^T as 2 x 2 tiles (16 keys x 32 dims each, dims in pairs), V as 4 tiles (32 keys in pairs x 16 dims),
 //   keys past S zero;
-// - for 16 queries of one head, S = Q K^T goes into two float32 C tiles (32 keys), the online softmax runs
-//   on its rows in AVX-512 (running max and sum per row, P rounded to bf16 and the sum taken over the
-//   rounded values), and O += P V accumulates in four C tiles that stay in the tile registers; they are
-//   written out and rescaled only when a row's running max rises.
-// Work items are (KV head, query head of its group, 16 queries), dealt to threads round robin from the
-// most expensive (the last queries, which see the most keys). Needs hd 64 and a block size that is a
-// multiple of 16 (16 consecutive keys in consecutive slots).
+// - for 32 queries of one head: S = Q K^T for every key they see into a float32 buffer (tile unit); each
+//   row's softmax with its exact max, P stored as bf16 and its sum taken in float32 (AVX-512); then P V (tile
+//   unit) and a division by the sum. A row's result depends only on its own scores.
+// Work items are (query head, 32 queries), dealt to threads round robin from the most expensive (the last
+// queries, which see the most keys). Needs hd 64 and a block size that is a multiple of 16 (16 consecutive
+// keys in consecutive slots).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
