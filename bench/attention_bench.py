@@ -2,13 +2,14 @@
 fused C++ kernel (model/csrc/paged_attention.cpp), SmolLM2-135M shapes (9 query heads, 3 KV heads, hd 64).
 
     python -m bench.attention_bench [--batches 1,8,32,64] [--contexts 170,1000] [--dtype bfloat16]
-                                    [--chunks 16x200,64x1000,256x1000]
+                                    [--chunks 16x200,64x1000,256x1000,512x512,471x1495]
 
 Each case lays out D sequences of a given context over scattered blocks (as the allocator does after some
 traffic) in enough layer caches that their K/V exceed the L3 cache, and times one call per layer in turn,
 as a decode step does; figures are microseconds per layer call. "GB/s" is the K/V bytes the kernel must
 read over its time. A second table times prefill_attention for one chunk of T queries after S - T cached
-tokens (chunked prefill, a prefix-cache hit): SDPA with a mask against the kernel with T rows.
+tokens (chunked prefill, a prefix-cache hit): SDPA with a mask, the C++ kernel path, and where the CPU has
+AMX tiles the kernel prompts take there (model/csrc/prefill_attention.cpp).
 """
 
 from __future__ import annotations
@@ -70,11 +71,17 @@ def time_chunk(T: int, S: int, dtype: torch.dtype, mode: str, min_seconds: float
     cache = torch.randn(2 * NKV, (nb + 8) * BS, HD, generator=g).to(dtype)
     seq = PrefillSeq(0, T, S, torch.randperm(nb + 8, generator=g)[:nb])
     q = (torch.randn(T, NH, HD, generator=g) / math.sqrt(HD)).to(dtype)
-    paged_kernel.set_attention_kernel(mode)
-    prefill_attention(q, cache, seq, BS)
+    paged_kernel.set_attention_kernel("cpp" if mode == "amx" else mode)
+
+    def call() -> object:
+        if mode == "amx":  # what the runner's prefill_amx steps call
+            return paged_kernel.prefill_attention_amx(q, cache, seq.block_table, S, BS)
+        return prefill_attention(q, cache, seq, BS)
+
+    call()
     calls, t0 = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - t0) < min_seconds:
-        prefill_attention(q, cache, seq, BS)
+        call()
         calls += 1
     return elapsed / calls * 1e6
 
@@ -83,7 +90,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,8,32,64")
     ap.add_argument("--contexts", default="170,1000")
-    ap.add_argument("--chunks", default="16x200,64x1000,256x1000", help="prefill chunks TxS ('' for none)")
+    ap.add_argument(
+        "--chunks",
+        default="16x200,64x1000,256x1000,512x512,471x1495",
+        help="prefill chunks TxS ('' for none)",
+    )
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--out", default="bench/results/attention_bench.md")
     args = ap.parse_args()
@@ -104,8 +115,13 @@ def main() -> None:
     for spec in filter(None, args.chunks.split(",")):
         T, S = (int(x) for x in spec.split("x"))
         t_torch, t_cpp = time_chunk(T, S, dtype, "torch"), time_chunk(T, S, dtype, "cpp")
-        chunk_rows.append((T, S, t_torch, t_cpp))
-        print(f"chunk T={T} S={S}: torch {t_torch:.0f} us, kernel {t_cpp:.0f} us", flush=True)
+        amx = dtype == torch.bfloat16 and paged_kernel.prefill_amx_available()
+        t_amx = time_chunk(T, S, dtype, "amx") if amx else None
+        chunk_rows.append((T, S, t_torch, t_cpp, t_amx))
+        print(
+            f"chunk T={T} S={S}: torch {t_torch:.0f} us, kernel {t_cpp:.0f} us, AMX {t_amx or 0:.0f} us",
+            flush=True,
+        )
     paged_kernel.set_attention_kernel(None)
     lines = [
         f"# Decode attention per layer, torch path vs C++ kernel, {dt.datetime.now():%Y-%m-%d %H:%M}",
@@ -122,12 +138,16 @@ def main() -> None:
     if chunk_rows:
         lines += [
             "",
-            "Prefill chunk of T queries after S - T cached tokens (prefill_attention), one layer:",
+            "Prefill chunk of T queries after S - T cached tokens, one layer: prefill_attention in torch mode",
+            "(SDPA + mask) and with the C++ kernels (the per-row kernel up to 256 queries, flash attention over",
+            "the cache and the chunk beyond), and the AMX kernel (bf16 on CPUs with AMX tiles; - elsewhere):",
             "",
-            "| T | S | torch path (SDPA + mask) us | kernel us | speedup |",
-            "|---|---|---|---|---|",
+            "| T | S | torch path us | kernel path us | speedup | AMX kernel us | AMX vs kernel path |",
+            "|---|---|---|---|---|---|---|",
         ]
-        lines += [f"| {T} | {S} | {a:.0f} | {b:.0f} | {a / b:.1f}x |" for T, S, a, b in chunk_rows]
+        for T, S, a, b, c in chunk_rows:
+            amx_cols = f"{c:.0f} | {b / c:.1f}x" if c else "- | -"
+            lines.append(f"| {T} | {S} | {a:.0f} | {b:.0f} | {a / b:.1f}x | {amx_cols} |")
     table = "\n".join(lines) + "\n"
     print(table)
     out = Path(args.out)
