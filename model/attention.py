@@ -11,8 +11,9 @@ A step's flat batch is ordered decodes first (one query token each), then prefil
 attended together with two batched matmuls, the query heads of each KV head grouped (no repeat_kv copy);
 prefill chunks, which are few and large, go one by one through scaled_dot_product_attention. On CPU with the
 C++ kernel, a step whose whole prompts are at most KERNEL_PROMPT_MAX tokens is one kernel call over all its
-rows (step_rows). Where the CPU has AMX tiles (bf16), prompts and chunks of AMX_PROMPT_MIN tokens or more go
-instead one by one through model/csrc/prefill_attention.cpp, which shares each key tile between 16 queries.
+rows (step_rows). Where the CPU has AMX tiles (bf16), a step with a prompt or chunk of AMX_PROMPT_MIN tokens or
+more sends each of its prompts and chunks through model/csrc/prefill_attention.cpp instead (one call per
+sequence; 32 queries share each key tile), and its decodes through the kernel in one call.
 """
 
 from __future__ import annotations
@@ -87,9 +88,9 @@ def step_metadata(
 
     batch_invariant (Kernels.batch_invariant): every row goes through the C++ kernel whatever the prompt
     lengths, since SDPA's reduction over keys depends on how many queries share the call. prefill_amx
-    (paged_kernel.prefill_amx_available, bf16 with head dim 64): prompts and chunks of at least
-    AMX_PROMPT_MIN tokens go through the AMX kernel, one call per sequence, and the other rows as before;
-    not with batch_invariant."""
+    (paged_kernel.prefill_amx_available, bf16 with head dim 64): once a prompt or chunk has at least
+    AMX_PROMPT_MIN tokens, every prompt and chunk of the step goes through the AMX kernel, one call per
+    sequence, and the decodes through the paged kernel; not with batch_invariant."""
     if batch_invariant and not use_kernel:
         raise ValueError("batch-invariant attention needs the C++ paged kernel")
     D = 0 if decode_block_tables is None else decode_block_tables.shape[0]
@@ -340,9 +341,9 @@ def prefill_runs(prefills: list[PrefillSeq], device: torch.device) -> list[Prefi
 # the 2-core CPU (bench/NOTES.md, "Figures behind the code's constants").
 KERNEL_PROMPT_MAX = 256
 
-# Prompts and chunks from this many tokens go through the AMX kernel where the step may use it (2x the
-# per-row kernel at 32 tokens, 6x at 256 on the 2-core CPU, bench/NOTES.md); fewer (a draft's verification
-# rows) stay with the step's other rows.
+# A step with a prompt or chunk of this many tokens takes the AMX kernel where it may (2x the per-row kernel
+# at 32 tokens, 6x at 256 on the 2-core CPU, bench/NOTES.md); a step of shorter ones only (a draft's
+# verification rows) stays one per-row call over all its rows.
 AMX_PROMPT_MIN = 16
 
 

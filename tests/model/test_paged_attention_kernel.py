@@ -14,6 +14,7 @@ import torch
 
 from model import paged_kernel
 from model.attention import (
+    AMX_PROMPT_MIN,
     KERNEL_PROMPT_MAX,
     AttentionMetadata,
     PrefillSeq,
@@ -379,8 +380,8 @@ def test_prefill_amx_rejects_contexts_outside_the_cache() -> None:
 @amx
 def test_a_mixed_step_with_amx_prefill_equals_the_torch_path() -> None:
     """Decodes, a long fresh prompt, a short one and a long chunk after cached tokens in one bf16 step with
-    prefill_amx: the long prompt and the chunk go through the AMX kernel, the rest as before; the output
-    equals the torch path's to bf16's precision and the cache gets the step's K/V."""
+    prefill_amx: the prompts and the chunk go through the AMX kernel, the decodes through the paged kernel;
+    the output equals the torch path's to bf16's precision and the cache gets the step's K/V."""
     g = torch.Generator().manual_seed(11)
     bs, nkv, nh, hd = 16, 3, 9, 64
     cache0 = torch.randn(2 * nkv, 160 * bs, hd, generator=g).to(torch.bfloat16)
@@ -414,6 +415,18 @@ def test_a_mixed_step_with_amx_prefill_equals_the_torch_path() -> None:
     expected, expected_cache, _ = run(False)
     torch.testing.assert_close(out, expected, atol=3e-2, rtol=3e-2)
     assert torch.equal(cache, expected_cache)
+
+
+def test_a_step_of_draft_sized_chunks_stays_one_kernel_call() -> None:
+    """Chunks under AMX_PROMPT_MIN tokens (a draft's verification rows) beside decodes: one paged-kernel call
+    over every row, as without the AMX kernel."""
+    dec_tables, dec_lens = torch.arange(6).view(2, 3), torch.tensor([20, 33])
+    seq = PrefillSeq(2, AMX_PROMPT_MIN - 1, 60, torch.arange(6, 10))
+    mask = build_decode_mask(dec_lens, 48, 3, torch.bfloat16)
+    meta = step_metadata(
+        torch.arange(2 + seq.query_len), [seq], 16, True, dec_tables, dec_lens, mask, prefill_amx=True
+    )
+    assert meta.row_tables is not None and not meta.prefill_runs
 
 
 def test_batch_invariant_steps_never_take_the_amx_prefill() -> None:
