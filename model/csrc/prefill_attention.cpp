@@ -39,8 +39,8 @@ constexpr int64_t KB = 32;       // keys per block: the K dim of one P V tile pr
 constexpr int64_t TILE = 512;    // bf16 per packed tile (16 lines of 64 bytes)
 constexpr int64_t KB_TILES = 8;  // per KV head and key block: K^T (sub 0/1 x dims 0-31/32-63), V (4 dim quarters)
 
-// Keys [kb * 32, kb * 32 + 32) of KV head h, as 8 packed tiles at dst; keys at or past S are zeros.
-// slot0(t): cache slot of token t (16 consecutive tokens from a multiple of 16 are consecutive slots).
+// Keys [kb * 32, kb * 32 + 32) of one KV head (its K and V rows in kcache, vcache), as 8 packed tiles at dst;
+// keys at or past S are zeros. 16 tokens from a multiple of 16 sit in consecutive slots of one block.
 void pack_block(const uint16_t* kcache, const uint16_t* vcache, int64_t row_stride, const int64_t* table,
                 int64_t bs, int64_t S, int64_t kb, uint16_t* dst) {
   alignas(64) uint16_t keys[KB * HD], vals[KB * HD];  // the 32 keys' rows, zero past S
@@ -112,7 +112,7 @@ struct Chunk {
   const uint16_t* q;  // query 0, head 0
   int64_t q_row, q_head;  // strides in elements
   const uint16_t* packed;  // (nkv, key blocks, 8 tiles)
-  int64_t nkb, T, P, nh, g;
+  int64_t nkb, T, P, nh;
   uint16_t* out;  // (T, nh * HD)
 };
 
@@ -300,7 +300,7 @@ at::Tensor prefill_attention_amx(const at::Tensor& q, const at::Tensor& kv_cache
                  block_size, S, kb, pk + i * KB_TILES * TILE);
     }
   });
-  const Chunk c{reinterpret_cast<const uint16_t*>(q.data_ptr()), q.stride(0), q.stride(1), pk, nkb, T, S - T, nh, g,
+  const Chunk c{reinterpret_cast<const uint16_t*>(q.data_ptr()), q.stride(0), q.stride(1), pk, nkb, T, S - T, nh,
                 reinterpret_cast<uint16_t*>(out.data_ptr())};
   // Items from the most expensive (last query block) down, dealt round robin: each thread's share is within
   // one item of the others'.
