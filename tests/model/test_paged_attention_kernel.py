@@ -436,3 +436,46 @@ def test_batch_invariant_steps_never_take_the_amx_prefill() -> None:
     seq = PrefillSeq(0, KERNEL_PROMPT_MAX + 1, KERNEL_PROMPT_MAX + 1, table)
     meta = step_metadata(torch.arange(seq.query_len), [seq], 16, True, batch_invariant=True, prefill_amx=True)
     assert not meta.prefill_amx and meta.row_tables is not None
+
+
+@amx
+def test_real_model_prompt_on_the_amx_kernel_scores_like_the_per_row_kernel(real_bf16) -> None:  # type: ignore[no-untyped-def]
+    """The real model in bf16 as served, a ~500-token prompt in chunks of 128 after cached context: the
+    log-probabilities of its tokens with prompt attention on the AMX kernel and on the per-row kernel (the
+    same engine, the runner's switch flipped) differ by bf16 noise only."""
+    from model.sampling_params import SamplingParams
+    from server.engine.engine import LLMEngine
+    from server.engine.runner import ModelRunner
+    from server.engine.scheduler import Scheduler, SchedulerConfig
+
+    model, tok = real_bf16
+    model.prepare_for_serving(int4_small_batch="auto")
+    cfg = SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=128, max_model_len=1024, block_size=16,
+                          num_blocks=64, eos_token_id=None)  # fmt: skip
+    runner = ModelRunner(model, cfg.num_blocks, cfg.block_size)
+    engine = LLMEngine(runner, Scheduler(cfg))
+    assert runner.prefill_amx
+    text = (
+        "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
+        "foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light, "
+        "it was the season of Darkness, it was the spring of hope, it was the winter of despair. "
+    )
+    ids = tok.encode(text * 6)
+    assert 400 < len(ids) < 1000
+
+    def prompt_logprobs(on_amx: bool) -> torch.Tensor:
+        runner.prefill_amx = on_amx
+        engine.add_request(
+            f"p{on_amx}", ids, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        )
+        got: list[float] = []
+        while engine.has_unfinished():
+            for out in engine.step():
+                got += [p.logprob for p in out.prompt_logprobs or [] if p is not None]
+        return torch.tensor(got)
+
+    amx_lp, row_lp = prompt_logprobs(True), prompt_logprobs(False)
+    assert len(amx_lp) == len(row_lp) == len(ids) - 1
+    diff = (amx_lp - row_lp).abs()
+    assert diff.mean().item() < 0.03 and diff.max().item() < 0.5, (diff.mean().item(), diff.max().item())
+    assert row_lp[len(ids) // 2 :].mean().item() > -1.0  # the repeated text is predicted: the model works
