@@ -170,3 +170,15 @@ inline const uint16_t* tail_ptr(const at::Tensor& tail) {
 
 }  // namespace smollm2::amx
 #endif
+
+namespace smollm2::amx {
+// Whether this build has the AMX loops and Linux grants the tile state: what every op that may take the tile
+// unit asks, in builds with and without AMX.
+inline bool usable() {
+#ifdef SMOLLM2_HAVE_AMX
+  return ready();
+#else
+  return false;
+#endif
+}
+}  // namespace smollm2::amx

@@ -130,14 +130,6 @@ void check_args(const at::Tensor& x, const at::Tensor& tiles) {
   TORCH_CHECK(tiles.size(1) * 2 == x.size(1), "tiles are for K = ", tiles.size(1) * 2, ", x has K = ", x.size(1));
 }
 
-bool amx_available() {
-#ifdef SMOLLM2_HAVE_AMX
-  return smollm2::amx::ready();
-#else
-  return false;
-#endif
-}
-
 // out (M, out_cols): the thread's tiles [t0, t1) in panels of up to kPanel; a panel of tiles t.. writes
 // outputs from column t * 16 (plain) or t * 8 (SwiGLU: two tiles per 16 outputs).
 template <bool SWIGLU>
@@ -197,7 +189,7 @@ at::Tensor bf16_linear_swiglu(const at::Tensor& x, const at::Tensor& tiles) {
 
 TORCH_LIBRARY_FRAGMENT(smollm2, m) {
   m.def("bf16_gemm_available() -> bool", &bf16_gemm_available);
-  m.def("bf16_gemm_amx() -> bool", &amx_available);
+  m.def("bf16_gemm_amx() -> bool", &smollm2::amx::usable);
   m.def("bf16_linear(Tensor x, Tensor tiles) -> Tensor", &bf16_linear);
   m.def("bf16_linear_swiglu(Tensor x, Tensor tiles) -> Tensor", &bf16_linear_swiglu);
 }

@@ -269,8 +269,8 @@ void int4_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& s
 #endif
 
 bool int4_amx_available() {
-#if defined(SMOLLM2_HAVE_INT4_GEMM) && defined(SMOLLM2_HAVE_AMX)
-  return smollm2::amx::ready();
+#ifdef SMOLLM2_HAVE_INT4_GEMM
+  return smollm2::amx::usable();
 #else
   return false;
 #endif

@@ -259,17 +259,9 @@ void attend(const Chunk& c, int64_t h, int64_t head, int64_t qb, Scratch& w) {
 
 #endif  // SMOLLM2_HAVE_AMX
 
-bool available() {
-#ifdef SMOLLM2_HAVE_AMX
-  return smollm2::amx::ready();
-#else
-  return false;
-#endif
-}
-
 at::Tensor prefill_attention_amx(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_table,
                                  int64_t context_len, int64_t block_size) {
-  TORCH_CHECK(available(), "prefill_attention_amx needs the AMX tile unit");
+  TORCH_CHECK(smollm2::amx::usable(), "prefill_attention_amx needs the AMX tile unit");
   TORCH_CHECK(q.device().is_cpu() && kv_cache.device().is_cpu(), "prefill_attention_amx is CPU only");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && kv_cache.scalar_type() == at::kBFloat16, "bfloat16 only");
   TORCH_CHECK(q.dim() == 3 && kv_cache.dim() == 3, "q (T, nh, hd) and kv_cache (2 nkv, slots, hd)");
@@ -327,7 +319,7 @@ at::Tensor prefill_attention_amx(const at::Tensor& q, const at::Tensor& kv_cache
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(smollm2, m) {
-  m.def("prefill_attention_amx_available() -> bool", &available);
+  m.def("prefill_attention_amx_available() -> bool", &smollm2::amx::usable);
   m.def("prefill_attention_amx(Tensor q, Tensor kv_cache, Tensor block_table, int context_len, int block_size) "
         "-> Tensor",
         &prefill_attention_amx);
