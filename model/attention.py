@@ -372,6 +372,23 @@ def step_rows(
     return tables, lens
 
 
+def one_kernel_call(
+    meta: AttentionMetadata, n_rows: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(block tables, context lengths) of the step's n_rows rows where paged_attention attends them all in
+    one call of the C++ kernel (a step of decodes only, or one step_rows call), else None."""
+    if not _kernel(meta, device):
+        return None
+    if meta.row_tables is not None:
+        assert meta.row_lens is not None
+        return meta.row_tables, meta.row_lens
+    if meta.prefills or meta.num_decode_tokens != n_rows:
+        return None
+    if meta.decode_block_tables is None or meta.decode_context_lens is None:
+        return None
+    return meta.decode_block_tables, meta.decode_context_lens
+
+
 def paged_attention(
     q: torch.Tensor, kv: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
 ) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.attention import AttentionMetadata, paged_attention
+from model.attention import AttentionMetadata, one_kernel_call, paged_attention
 from model.config import SmolLM2Config
 from model.kernels import TORCH_ONLY, Kernels
 from model.quant import (
@@ -33,6 +33,7 @@ from model.quant import (
     int8_head_max_rows,
     int8_supported,
 )
+from model.threads import WIDE_ROWS
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (B, nkv, S, hd) each
 
@@ -304,6 +305,9 @@ class SmolLM2Model(nn.Module):
         self.rotary_emb = SmolLM2RotaryEmbedding(
             config.head_dim, config.max_position_embeddings, config.rope_theta
         )
+        # serving: steps whose attention is one C++ kernel call run their layer loop in C++ (decode_layers)
+        self.cpp_layers = True
+        self._layer_plans: dict[tuple[int, ...], tuple[list[torch.Tensor], list[int]] | None] = {}
 
     @property
     def decoder_layers(self) -> Sequence[SmolLM2DecoderLayer]:
@@ -360,6 +364,16 @@ class SmolLM2Model(nn.Module):
         dtype = self.norm.weight.dtype
         rope = self.rope_tables(positions, dtype)
         fused = kernels.cpp and dtype in (torch.float32, torch.bfloat16)
+        if fused and self.cpp_layers and x.device.type == "cpu":
+            calls = one_kernel_call(meta, len(x), x.device)
+            plan = self._layer_plan(len(x)) if calls is not None else None
+            if calls is not None and plan is not None:  # the same ops as the loop below, called from C++
+                cfg = self.config
+                return torch.ops.smollm2.decode_layers(
+                    x, plan[0], plan[1], rope[0], rope[1], kv_caches, meta.slot_mapping, calls[0], calls[1],
+                    meta.block_size, cfg.num_attention_heads, cfg.num_key_value_heads, self.norm.variance_epsilon,
+                    kernels.compute_threads or 0, WIDE_ROWS,
+                )  # fmt: skip
         delta: torch.Tensor | None = None  # what the last block adds to x
         for layer, kv_cache in zip(self.decoder_layers, kv_caches, strict=True):
             h = _add_norm(x, delta, layer.input_layernorm, dtype, fused, kernels)
@@ -367,6 +381,46 @@ class SmolLM2Model(nn.Module):
             h = _add_norm(x, attn, layer.post_attention_layernorm, dtype, fused, kernels)
             delta = layer.mlp.forward_flat(h, fused)
         return _add_norm(x, delta, self.norm, dtype, fused, kernels)
+
+    def _layer_plan(self, rows: int) -> tuple[list[torch.Tensor], list[int]] | None:
+        """The weights and linear modes (qkv, o, gate/up, down) with which smollm2::decode_layers runs every
+        layer at `rows` rows, as the Python loop would (PackedLinear.cpp_plan), or None where a linear takes
+        a path the C++ loop does not have. Cached by the modes: the row count changes them only through the
+        int4 and int8 row limits. reset_layer_plans() drops the cache when the linears change."""
+        layers = self.decoder_layers
+
+        def plans(layer: SmolLM2DecoderLayer) -> list[tuple[int, torch.Tensor, torch.Tensor] | None]:
+            attn, mlp = layer.self_attn, layer.mlp
+            linears = (attn.qkv_linear, attn.o_linear, mlp.gate_up_linear, mlp.down_linear)
+            if any(lin is None for lin in linears):
+                return [None]
+            return [lin.cpp_plan(rows, swiglu=i == 2) for i, lin in enumerate(linears) if lin is not None]
+
+        first = plans(layers[0])
+        if any(p is None for p in first):
+            return None
+        key = tuple(p[0] for p in first if p is not None)
+        if key in self._layer_plans:
+            return self._layer_plans[key]
+        eps = self.norm.variance_epsilon
+        weights: list[torch.Tensor] = []
+        plan: tuple[list[torch.Tensor], list[int]] | None = (weights, list(key))
+        for layer in layers:
+            got = plans(layer)
+            norms = (layer.input_layernorm, layer.post_attention_layernorm)
+            if any(p is None or p[0] != k for p, k in zip(got, key, strict=True)) or any(
+                n.variance_epsilon != eps for n in norms
+            ):
+                plan = None
+                break
+            qkv, o, gate_up, down = (p for p in got if p is not None)
+            weights += [norms[0].weight, *qkv[1:], *o[1:], norms[1].weight, *gate_up[1:], *down[1:]]
+        weights.append(self.norm.weight)
+        self._layer_plans[key] = plan
+        return plan
+
+    def reset_layer_plans(self) -> None:
+        self._layer_plans.clear()
 
     def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, nh + 2 nkv, hd) cos and sign-folded sin for the fused q/k/v heads, built once per step.
@@ -522,6 +576,7 @@ class SmolLM2ForCausalLM(nn.Module):
         if self.kernels.batch_invariant:
             int4_small_batch = None if int4_small_batch is None else "off"
             int8_lm_head = None if int8_lm_head is None else "off"
+        self.model.reset_layer_plans()
         if int4_small_batch is not None:
             self._set_int4(int4_small_batch)
         if int8_lm_head is not None:
@@ -568,6 +623,7 @@ class SmolLM2ForCausalLM(nn.Module):
         int8 setting and state_dict()'s layer weights are gone. The weights become meta tensors, so
         their shapes remain."""
         assert self.prepared_for_serving, "prepare_for_serving() first"
+        self.model.reset_layer_plans()  # they hold the weights this drops
         freed = 0
         for layer in self.model.decoder_layers:
             attn, mlp = layer.self_attn, layer.mlp

@@ -45,7 +45,8 @@ QUANT_SOURCE = Path(__file__).parent / "csrc" / "quant_ops.cpp"  # int8 LM head,
 GEMM_SOURCE = Path(__file__).parent / "csrc" / "bf16_gemm.cpp"  # the bf16 GEMM of PackedLinear
 INT4_SOURCE = Path(__file__).parent / "csrc" / "int4_gemm.cpp"  # its int4 GEMM for a few rows
 PREFILL_SOURCE = Path(__file__).parent / "csrc" / "prefill_attention.cpp"  # prompt chunks on AMX
-SOURCES = (SOURCE, FUSED_SOURCE, QUANT_SOURCE, GEMM_SOURCE, INT4_SOURCE, PREFILL_SOURCE)
+LAYERS_SOURCE = Path(__file__).parent / "csrc" / "decode_layers.cpp"  # a step's layer loop in one call
+SOURCES = (SOURCE, FUSED_SOURCE, QUANT_SOURCE, GEMM_SOURCE, INT4_SOURCE, PREFILL_SOURCE, LAYERS_SOURCE)
 LIBRARY_NAME = "smollm2_paged_attention"
 STAMP_NAME = "smollm2_sources.sha1"
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]

@@ -333,6 +333,10 @@ def _onednn_pack(weight: torch.Tensor) -> torch.Tensor:
     return packed
 
 
+# The linear modes of smollm2::decode_layers (model/csrc/decode_layers.cpp, enum Mode)
+CPP_INT4, CPP_TILES, CPP_INT4_SWIGLU_AMX, CPP_INT4_THEN_SILU, CPP_TILES_SWIGLU = range(5)
+
+
 class PackedLinear:
     """y = x @ W^T for the serving path. On CPU in bfloat16 the weight is packed once: into the tiles of our
     C++ GEMM (model/csrc/bf16_gemm.cpp) when the kernels are built and the CPU has AVX512-BF16, which
@@ -410,6 +414,28 @@ class PackedLinear:
             y = torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none", [], "")
             return y if rows == m else y[:m]
         return torch.mm(x, self.weight.t())
+
+    def cpp_plan(self, rows: int, swiglu: bool = False) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+        """How smollm2::decode_layers runs this linear at `rows` rows, as __call__ (swiglu: as swiglu) would:
+        (mode, a, b) with the modes of model/csrc/decode_layers.cpp, or None where the call would take a
+        path the C++ layer loop does not have (oneDNN, torch's int4 kernel, an int8 copy, a plain mm)."""
+        if self.int8 is not None and rows <= self.int8_max_rows:
+            return None
+        int4 = self.int4 if self.int4 is not None and rows <= self.int4_max_rows else None
+        if int4 is not None and not int4.tiles:
+            return None
+        if swiglu:
+            if int4 is not None:
+                amx = int4.amx and rows > INT4_VNNI_ROWS
+                return (CPP_INT4_SWIGLU_AMX if amx else CPP_INT4_THEN_SILU, int4.packed, int4.scales)
+            if self.swiglu_tiles and self.tiles is not None:
+                return CPP_TILES_SWIGLU, self.tiles, self.tiles
+            return None
+        if int4 is not None:
+            return CPP_INT4, int4.packed, int4.scales
+        if self.tiles is not None and not self.swiglu_tiles:
+            return CPP_TILES, self.tiles, self.tiles
+        return None
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """weight[ids] (len(ids), K), gathered from the tiles (tiles[n // 16, :, n % 16, :] is row n)."""
