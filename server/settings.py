@@ -68,9 +68,10 @@ class Settings:
     max_num_seqs: int = _opt(64, "most sequences running in one engine step", int)
     max_num_batched_tokens: int = _opt(
         512,
-        "token budget of one engine step; longer prompts are chunked across steps. Smaller steps let the "
-        "first prompts of a burst start streaming sooner and shorten the stalls of running streams; "
-        "larger ones batch more rows per GEMM (512 gave 6-8 percent more tokens/s than 256 at 32-64 streams)",
+        "prompt-token budget of one engine step (each decoding sequence adds its one row on top); longer "
+        "prompts are chunked across steps. Smaller steps let the first prompts of a burst start streaming "
+        "sooner and shorten the stalls of running streams; larger ones batch more rows per GEMM (512 gave "
+        "6-8 percent more tokens/s than 256 at 32-64 streams)",
         int,
     )
     max_num_batched_tokens_idle: int = _opt(

@@ -3,8 +3,11 @@
 There are no prefill or decode phases (vLLM v1): a request carries `num_computed_tokens`, and each
 step computes min(tokens it still lacks, budget left). Long prompts thus chunk across steps while
 running decodes keep their one token a step; while nothing is decoding, the budget may be larger
-(`idle_batched_tokens`), since no stream waits on the step. Running requests go first (FCFS), then waiting ones
-while the token budget, `max_num_seqs` and the block pool allow. When a running request needs a
+(`idle_batched_tokens`), since no stream waits on the step. The budget is for prompt tokens (and draft
+tokens): a decode's one row rides on top of it (as SGLang's chunked-prefill size), so a prompt's chunk
+does not shrink as streams grow, and no stream waits a step because prompts took the budget; `max_num_seqs`
+bounds those rows. Running requests go first (FCFS), then waiting ones while the token budget,
+`max_num_seqs` and the block pool allow. When a running request needs a
 block and none is left, the newest running request is preempted: its blocks are freed and it goes
 back to the front of the queue to be recomputed (prompt + outputs so far), which leaves its output
 unchanged. Its full blocks usually come back from the prefix cache.
@@ -162,9 +165,13 @@ class Scheduler:
 
     def _schedule_running(self, budget: int, scheduled: list[ScheduledSeq], preempted: list[Request]) -> int:
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running):
             request = self.running[i]
-            num_tokens = self._chunk(request, budget)
+            decode = request.num_tokens - request.num_computed_tokens == 1  # one row, outside the budget
+            if not decode and budget <= 0:  # a chunk waits for the next step; the decodes after it do not
+                i += 1
+                continue
+            num_tokens = self._chunk(request, max(budget, 1))
             drafts = self._drafts(request, budget)
             # drafts are a bonus: with no room for their slots the request decodes plainly
             if drafts and self.allocator.allocate_for(request, 1 + len(drafts)):
@@ -178,7 +185,7 @@ class Scheduler:
                     if victim is request:
                         return budget
             scheduled.append(ScheduledSeq(request, num_tokens, drafts))
-            budget -= num_tokens
+            budget -= num_tokens - 1 if decode else num_tokens
             i += 1
         return budget
 
@@ -192,7 +199,9 @@ class Scheduler:
         params = request.params
         if not self.proposer.eligible(params, request.num_output_tokens):
             return []
-        room = min(budget, self.config.max_model_len - request.num_tokens) - 1
+        room = min(
+            budget, self.config.max_model_len - request.num_tokens - 1
+        )  # the row itself is not budgeted
         if params.max_tokens is not None:
             room = min(room, params.max_tokens - request.num_output_tokens - 1)
         return self.proposer.propose(request.all_token_ids, room)

@@ -68,13 +68,35 @@ def test_chunked_prefill_keeps_decodes_flowing() -> None:
         plan = engine.scheduler.schedule()
         plans.append({s.request.request_id: s.num_tokens for s in plan.scheduled})
         engine.scheduler.update(plan, runner.execute(plan))
-    assert len(plans) >= 40 // 7  # the 40-token prompt took several chunks
+    # the decode row does not eat into the prompt's budget: 40 tokens in chunks of 8
+    assert [plan["long"] for plan in plans] == [8, 8, 8, 8, 8]
     for plan in plans:
         assert plan.get("short") == 1  # one decode token every step, never starved
-        assert sum(plan.values()) <= 8
     run_to_end(engine)
     assert short.output_token_ids == reference_tokens([5, 6, 7], params, VOCAB)
     assert long.output_token_ids == reference_tokens(list(range(1, 41)), params, VOCAB)
+
+
+def test_every_decoding_stream_runs_each_step_whatever_the_budget() -> None:
+    """The budget bounds prompt tokens; each decoding stream adds its one row, so a budget smaller than the
+    number of streams starves none of them, and a prompt still gets its chunk beside them."""
+    engine, runner = make_engine(max_num_batched_tokens=4)
+    params = SamplingParams(max_tokens=10)
+    for i in range(6):
+        engine.add_request(f"s{i}", [5 + i, 6, 7], params)
+    while any(r.num_output_tokens == 0 for r in engine.scheduler.requests.values()):
+        engine.step()
+    engine.add_request("prompt", list(range(1, 13)), params)
+    requests = dict(engine.scheduler.requests)
+    plan = engine.scheduler.schedule()
+    got = {s.request.request_id: s.num_tokens for s in plan.scheduled}
+    assert got == {**{f"s{i}": 1 for i in range(6)}, "prompt": 4}
+    engine.scheduler.update(plan, runner.execute(plan))
+    run_to_end(engine)
+    for i in range(6):
+        assert requests[f"s{i}"].output_token_ids == reference_tokens([5 + i, 6, 7], params, VOCAB)
+    assert requests["prompt"].output_token_ids == reference_tokens(list(range(1, 13)), params, VOCAB)
+    assert engine.scheduler.allocator.usage == 0.0
 
 
 def test_a_prompt_alone_takes_the_idle_budget_but_not_while_a_stream_decodes() -> None:
@@ -92,7 +114,8 @@ def test_a_prompt_alone_takes_the_idle_budget_but_not_while_a_stream_decodes() -
     engine.add_request("second", list(range(50, 90)), params)
     while engine.scheduler.requests["second"].num_output_tokens == 0:
         plan = engine.scheduler.schedule()
-        assert sum(s.num_tokens for s in plan.scheduled) <= 8  # "first" is streaming
+        # "first" is streaming: its one row, and at most the budget of prompt tokens
+        assert sum(s.num_tokens for s in plan.scheduled if s.request.request_id != "first") <= 8
         engine.scheduler.update(plan, runner.execute(plan))
     first, second = engine.scheduler.requests["first"], engine.scheduler.requests["second"]
     run_to_end(engine)

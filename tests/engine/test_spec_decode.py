@@ -200,9 +200,11 @@ def test_sampled_requests_are_not_drafted() -> None:
 
 
 def test_drafts_stay_within_the_token_budget() -> None:
+    """A step's draft tokens stay within the budget; each stream's own row rides on top of it."""
     engine, runner = fake_engine(6, max_num_batched_tokens=5)
     run(engine, {"a": ([4, 5, 6] * 3, greedy(max_tokens=40)), "b": ([7, 8] * 4, greedy(max_tokens=40))})
-    assert max(runner.batched_tokens) <= 5 and engine.scheduler.num_draft_tokens > 0
+    assert max(runner.batched_tokens) <= 5 + 2 and engine.scheduler.num_draft_tokens > 0
+    assert 5 + 2 in runner.batched_tokens  # both streams drafted in one step, up to the budget
 
 
 def test_no_drafts_while_more_sequences_run_than_the_limit() -> None:
