@@ -84,28 +84,6 @@ inline void block(const uint16_t* x, int64_t K, const uint16_t* w0, const uint16
   }
 }
 
-// The output of one block: C (rows x 32 float32, row stride 32) of unit u, rows m0 .. m0 + rows - 1, rounded
-// to bf16 into op (row stride cols); SWIGLU: silu(gate) * up of its two halves, as run() describes.
-template <bool SWIGLU>
-inline void write_block(const float* c, int64_t rows, uint16_t* op, int64_t cols, int64_t m0, int64_t u, bool two) {
-  const __m512 one = _mm512_set1_ps(1.f);
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* cr = c + r * 32;
-    if constexpr (SWIGLU) {
-      const __m512 g = round_bf16(_mm512_load_ps(cr)), up = round_bf16(_mm512_load_ps(cr + 16));
-      const __m512 silu =
-          round_bf16(_mm512_div_ps(g, _mm512_add_ps(one, smollm2::exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(op + (m0 + r) * cols + 16 * u),
-                          (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(silu, up)));
-    } else {
-      uint16_t* orow = op + (m0 + r) * cols + 32 * u;
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(orow), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(cr)));
-      if (two)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(orow + 16), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(cr + 16)));
-    }
-  }
-}
-
 // out = x (M, K) @ W^T over `units` blocks of output: unit u is weight tiles tiles(u, 0, scratch0) and, where
 // tiles(u, 1, scratch1) is not null, a second one, each a pointer to K * 16 bf16 in the packed layout (the
 // weight itself, or scratch filled with it). Plain: unit u writes columns 32 u .. 32 u + 31. SWIGLU: its two
@@ -135,6 +113,7 @@ void run(const uint16_t* xp, const uint16_t* tail, int64_t M, int64_t K, int64_t
     const std::unique_ptr<uint16_t[]> scratch(new uint16_t[2 * group * K * 16 + 32]);
     uint16_t* s0 = scratch.get() + (32 - reinterpret_cast<uintptr_t>(scratch.get()) / 2 % 32) % 32;  // 64-byte aligned
     const uint16_t* w[2 * kGroup];
+    const __m512 one = _mm512_set1_ps(1.f);
     for (int64_t ug = u0; ug < u1; ug += group) {
       const int64_t n = std::min(group, u1 - ug);
       for (int64_t i = 0; i < 2 * n; ++i) w[i] = tiles(ug + i / 2, static_cast<int>(i % 2), s0 + i * K * 16);
@@ -153,7 +132,22 @@ void run(const uint16_t* xp, const uint16_t* tail, int64_t M, int64_t K, int64_t
             if (two) block<false, true>(xm, K, w0, w1, c);
             else block<false, false>(xm, K, w0, w1, c);
           }
-          write_block<SWIGLU>(c, rows, op, cols, m0, u, two);
+          for (int64_t r = 0; r < rows; ++r) {
+            const float* cr = c + r * 32;
+            if constexpr (SWIGLU) {
+              const __m512 g = round_bf16(_mm512_load_ps(cr)), up = round_bf16(_mm512_load_ps(cr + 16));
+              const __m512 silu = round_bf16(
+                  _mm512_div_ps(g, _mm512_add_ps(one, smollm2::exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(op + (m0 + r) * cols + 16 * u),
+                                  (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(silu, up)));
+            } else {
+              uint16_t* orow = op + (m0 + r) * cols + 32 * u;
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(orow), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(cr)));
+              if (two)
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(orow + 16),
+                                    (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(cr + 16)));
+            }
+          }
         }
       }
     }

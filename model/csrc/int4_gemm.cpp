@@ -32,7 +32,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <memory>
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
@@ -224,102 +223,28 @@ void tiled_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tenso
 // bf16) into the packed bf16 layout in cache, then goes through the tile unit as the bf16 GEMM's tiles do
 // (model/csrc/amx.h). The weights stream as int4, a quarter of the bf16 bytes; the dequantizing costs the
 // same whatever the rows, and the tile unit's share grows with them.
-inline void dequant_group(const uint8_t* w, const uint16_t* s, int64_t g, uint16_t* out) {
+inline void dequant_tile(const uint8_t* w, const uint16_t* s, int64_t G, uint16_t* out) {
   alignas(64) static constexpr uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,
                                                            21, 6, 22, 7, 23, 8,  24, 9,  25, 10, 26,
                                                            11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
   const __m512i inter = _mm512_load_si512(kInterleave);  // word 2 o + j <- word 16 j + o
   const __m512i nib = _mm512_set1_epi32(0xF);
-  const __m512 d = load_bf16(s + g * 32), m = load_bf16(s + g * 32 + 16);
-  for (int c = 0; c < 4; ++c) {
-    const __m512i v = _mm512_loadu_si512(w + g * 4 * kChunk + c * kChunk);  // lane o: inputs 4 c + b, b < 4
-    for (int h = 0; h < 2; ++h)      // low nibbles: inputs 4 c + b; high: 16 + 4 c + b
-      for (int pb = 0; pb < 2; ++pb) {  // b = 2 pb, 2 pb + 1: one k-pair
-        const int shift = 16 * pb + 4 * h;
-        const __m512 w0 = _mm512_fmadd_ps(
-            _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srl_epi32(v, _mm_cvtsi32_si128(shift)), nib)), d, m);
-        const __m512 w1 = _mm512_fmadd_ps(
-            _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srl_epi32(v, _mm_cvtsi32_si128(shift + 8)), nib)), d, m);
-        const __m512i pair = _mm512_permutexvar_epi16(inter, (__m512i)_mm512_cvtne2ps_pbh(w1, w0));
-        _mm512_store_si512(out + (g * 16 + 8 * h + 2 * c + pb) * 32, pair);
-      }
-  }
-}
-
-// A whole tile (its G groups): the B tiles of all K / 32 k-blocks.
-inline void dequant_tile(const uint8_t* w, const uint16_t* s, int64_t G, uint16_t* out) {
-  for (int64_t g = 0; g < G; ++g) dequant_group(w, s, g, out);
-}
-
-// Up to kPipelineRows rows (decode steps) a thread's units go through the tile unit one after another while
-// the next unit's tiles are dequantized, a group per k-block: the AVX-512 work and the tile products overlap
-// instead of taking turns (amx::run dequantizes a unit's tiles whole, then multiplies). The same products in
-// the same order as amx::run, so the same output bits.
-constexpr int64_t kPipelineRows = 64;
-
-template <bool SWIGLU>
-void int4_amx_pipelined(const uint16_t* xp, const uint16_t* tail, int64_t M, int64_t K, const uint8_t* wp,
-                        const uint16_t* sp, int64_t T, int64_t G, uint16_t* op, int64_t cols) {
-  const int64_t units = SWIGLU ? T / 2 : (T + 1) / 2;
-  const int64_t tail0 = M / 32 * 32;
-  const int rows0 = M < 16 ? static_cast<int>(M) : 16;
-  const int rows1 = M <= 32 ? static_cast<int>(M) - rows0 : 16;
-  auto tile_of = [&](int64_t u, int which) -> int64_t {
-    const int64_t t = SWIGLU ? u + which * (T / 2) : 2 * u + which;
-    return t < T ? t : -1;
-  };
-  at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
-    smollm2::amx::configure(rows0, rows1);
-    alignas(64) float c[32 * 32];
-    const std::unique_ptr<uint16_t[]> scratch(new uint16_t[4 * K * 16 + 32]);
-    uint16_t* s0 = scratch.get() + (32 - reinterpret_cast<uintptr_t>(scratch.get()) / 2 % 32) % 32;  // 64-byte aligned
-    uint16_t* buf[2][2] = {{s0, s0 + K * 16}, {s0 + 2 * K * 16, s0 + 3 * K * 16}};
-    auto dequant = [&](int64_t u, int64_t g, uint16_t* const* b) {
-      for (int which = 0; which < 2; ++which) {
-        const int64_t t = tile_of(u, which);
-        if (t >= 0) dequant_group(wp + t * G * 4 * kChunk, sp + t * G * 32, g, b[which]);
-      }
-    };
-    for (int64_t g = 0; g < G; ++g) dequant(u0, g, buf[0]);
-    const int64_t stride = K * 2;
-    for (int64_t u = u0; u < u1; ++u) {
-      uint16_t* const* cur = buf[(u - u0) % 2];
-      uint16_t* const* nxt = buf[(u - u0 + 1) % 2];
-      const bool more = u + 1 < u1, two = tile_of(u, 1) >= 0;
-      for (int64_t m0 = 0; m0 < M; m0 += 32) {
-        const int64_t rows = std::min<int64_t>(32, M - m0);
-        const uint16_t* xm = m0 == tail0 && tail != nullptr ? tail : xp + m0 * K;
-        const bool r2 = rows > 16, ahead = more && m0 == 0;
-        _tile_zero(0);
-        if (two) _tile_zero(1);
-        if (r2) {
-          _tile_zero(2);
-          if (two) _tile_zero(3);
+  for (int64_t g = 0; g < G; ++g) {
+    const __m512 d = load_bf16(s + g * 32), m = load_bf16(s + g * 32 + 16);
+    for (int c = 0; c < 4; ++c) {
+      const __m512i v = _mm512_loadu_si512(w + g * 4 * kChunk + c * kChunk);  // lane o: inputs 4 c + b, b < 4
+      for (int h = 0; h < 2; ++h)      // low nibbles: inputs 4 c + b; high: 16 + 4 c + b
+        for (int pb = 0; pb < 2; ++pb) {  // b = 2 pb, 2 pb + 1: one k-pair
+          const int shift = 16 * pb + 4 * h;
+          const __m512 w0 = _mm512_fmadd_ps(
+              _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srl_epi32(v, _mm_cvtsi32_si128(shift)), nib)), d, m);
+          const __m512 w1 = _mm512_fmadd_ps(
+              _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srl_epi32(v, _mm_cvtsi32_si128(shift + 8)), nib)), d, m);
+          const __m512i pair = _mm512_permutexvar_epi16(inter, (__m512i)_mm512_cvtne2ps_pbh(w1, w0));
+          _mm512_store_si512(out + (g * 16 + 8 * h + 2 * c + pb) * 32, pair);
         }
-        for (int64_t kb = 0; kb < G; ++kb) {  // the order of amx::block
-          _tile_loadd(4, xm + kb * 32, stride);
-          if (r2) _tile_loadd(5, xm + 16 * K + kb * 32, stride);
-          _tile_loadd(6, cur[0] + kb * 512, 64);
-          if (two) _tile_loadd(7, cur[1] + kb * 512, 64);
-          _tile_dpbf16ps(0, 4, 6);
-          if (two) _tile_dpbf16ps(1, 4, 7);
-          if (r2) {
-            _tile_dpbf16ps(2, 5, 6);
-            if (two) _tile_dpbf16ps(3, 5, 7);
-          }
-          if (ahead) dequant(u + 1, kb, nxt);
-        }
-        _tile_stored(0, c, 128);
-        if (two) _tile_stored(1, c + 16, 128);
-        if (r2) {
-          _tile_stored(2, c + 16 * 32, 128);
-          if (two) _tile_stored(3, c + 16 * 32 + 16, 128);
-        }
-        smollm2::amx::write_block<SWIGLU>(c, rows, op, cols, m0, u, two);
-      }
     }
-    _tile_release();
-  });
+  }
 }
 
 // SWIGLU: packed is [gate; up] (N = 2 I outputs) and out (M, I) gets silu(gate) * up; unit u is gate tile u
@@ -331,12 +256,6 @@ void int4_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& s
   const at::Tensor tail = smollm2::amx::padded_tail(xc);
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
-  if (M <= kPipelineRows) {
-    int4_amx_pipelined<SWIGLU>(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()),
-                               smollm2::amx::tail_ptr(tail), M, K, wp, sp, T, G,
-                               reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), out.size(1));
-    return;
-  }
   auto tiles = [&](int64_t u, int which, uint16_t* scratch) -> const uint16_t* {
     const int64_t t = SWIGLU ? u + which * (T / 2) : 2 * u + which;
     if (t >= T) return nullptr;
