@@ -235,3 +235,22 @@ def test_int4_swiglu_on_amx_is_bit_identical_to_the_gemm_then_silu_mul() -> None
         got = torch.ops.smollm2.int4_linear_swiglu(x, lin.int4.packed, lin.int4.scales)
         assert got.shape == (m, 96) and torch.equal(got, want), m
         assert torch.equal(lin.swiglu(x), want), m
+
+
+@pytest.mark.parametrize("shape", [(80, 64), (96, 64), (960, 576), (2 * 1536, 576), (576, 1536)])
+def test_int4_amx_decode_rows_equal_the_same_rows_of_a_long_call(shape: tuple[int, int]) -> None:
+    """On AMX, up to 64 rows take a pipelined loop (the next tiles dequantized while the tile unit multiplies)
+    and longer inputs the grouped one; a row's output depends on its own inputs only, so the first m rows of a
+    long call must equal an m-row call bit for bit, plain and with the SwiGLU epilogue."""
+    kernels = Kernels.detect(torch.device("cpu"))
+    n, k = shape
+    w = grid_weight(n, k, seed=6)
+    if not (tiles_supported(w, kernels) and torch.ops.smollm2.int4_gemm_amx()):
+        pytest.skip("needs our int4 GEMM on a CPU with AMX")
+    int4 = Int4Weight.from_weight(w, kernels)
+    x = torch.randn(100, k, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    ops = [torch.ops.smollm2.int4_linear] + ([torch.ops.smollm2.int4_linear_swiglu] if n % 32 == 0 else [])
+    for op in ops:  # 80 outputs: 5 tiles, the last unit has one
+        long = op(x, int4.packed, int4.scales)
+        for m in (9, 16, 17, 31, 32, 33, 47, 48, 63, 64):
+            assert torch.equal(op(x[:m], int4.packed, int4.scales), long[:m]), (op, m)
