@@ -528,11 +528,14 @@ class SmolLM2ForCausalLM(nn.Module):
             return self.lm_head_linear.rows(input_ids).float()
         return self.model.embed_tokens(input_ids).float()
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(M, H) -> (M, V) float32; called only on the rows that need a token."""
+    def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
+        """(M, H) -> (M, V) float32; called only on the rows that need a token. float32=False: in the dtype
+        the head's GEMM gives (bf16 from the tile GEMM), for a sampler that widens them only if it must."""
         if self.lm_head_linear is None:
-            return torch.mm(hidden, self.lm_head.weight.t()).float()
-        return self.lm_head_linear(hidden).float()
+            logits = torch.mm(hidden, self.lm_head.weight.t())
+        else:
+            logits = self.lm_head_linear(hidden)
+        return logits.float() if float32 else logits
 
     @torch.no_grad()
     def prepare_for_serving(

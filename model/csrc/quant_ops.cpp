@@ -9,7 +9,7 @@
 // logits are float32 and at least as precise as the bf16 GEMM's (which rounds its output to bf16). Meant
 // for a few rows (the weights are read once per 8 rows); work is split over N with at::parallel_for.
 //
-// argmax_rows(x (M, N) float32) -> (M,) int64: the first index of each row's maximum, NaN counting as the
+// argmax_rows(x (M, N) float32 or bfloat16) -> (M,) int64: the first index of each row's maximum, NaN counting as the
 // maximum (torch.max(dim).indices' rule); ~10x faster than ATen's max(dim) over 49152 logits.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -118,41 +118,55 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
   return out;
 }
 
+inline float as_float(float v) { return v; }
+inline float as_float(c10::BFloat16 v) { return static_cast<float>(v); }
+
 // Scalar scan: the first NaN, else the first maximum.
-int64_t argmax_row_scalar(const float* x, int64_t n) {
+template <typename T>
+int64_t argmax_row_scalar(const T* x, int64_t n) {
   int64_t arg = 0;
   for (int64_t j = 0; j < n; ++j) {
-    if (std::isnan(x[j])) return j;
-    if (x[j] > x[arg]) arg = j;
+    if (std::isnan(as_float(x[j]))) return j;
+    if (as_float(x[j]) > as_float(x[arg])) arg = j;
   }
   return arg;
 }
 
-int64_t argmax_row(const float* x, int64_t n) {
+#ifdef __AVX512F__
+inline __m512 load16(const float* x) { return _mm512_loadu_ps(x); }
+// bf16 to float32 is exact (the upper half of the float's bits), so the argmax is that of the widened row
+inline __m512 load16(const c10::BFloat16* x) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), 16));
+}
+#endif
+
+template <typename T>
+int64_t argmax_row(const T* x, int64_t n) {
 #ifdef __AVX512F__
   // one pass for the maximum (noting any NaN), one for its first index
   __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   __mmask16 nan = 0;
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    const __m512 v = _mm512_loadu_ps(x + i);
+    const __m512 v = load16(x + i);
     nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     vmax = _mm512_max_ps(vmax, v);
   }
   float best = _mm512_reduce_max_ps(vmax);
   for (int64_t j = i; j < n; ++j) {
-    if (std::isnan(x[j])) nan = 1;
-    else if (x[j] > best) best = x[j];
+    if (std::isnan(as_float(x[j]))) nan = 1;
+    else if (as_float(x[j]) > best) best = as_float(x[j]);
   }
   if (nan) return argmax_row_scalar(x, n);
   const __m512 b = _mm512_set1_ps(best);
   int64_t j = 0;
   for (; j + 16 <= n; j += 16) {
-    const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + j), b, _CMP_EQ_OQ);
+    const __mmask16 hit = _mm512_cmp_ps_mask(load16(x + j), b, _CMP_EQ_OQ);
     if (hit) return j + __builtin_ctz(hit);
   }
   for (; j < n; ++j)
-    if (x[j] == best) return j;
+    if (as_float(x[j]) == best) return j;
   return 0;
 #else
   return argmax_row_scalar(x, n);
@@ -160,16 +174,25 @@ int64_t argmax_row(const float* x, int64_t n) {
 }
 
 at::Tensor argmax_rows(const at::Tensor& x) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
-              "x must be a contiguous CPU (M, N) float32 tensor");
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.is_contiguous() &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "x must be a contiguous CPU (M, N) float32 or bfloat16 tensor");
   TORCH_CHECK(x.size(1) > 0, "argmax_rows of empty rows");
   const int64_t M = x.size(0), N = x.size(1);
   at::Tensor out = at::empty({M}, x.options().dtype(at::kLong));
-  const float* xp = x.data_ptr<float>();
   int64_t* op = out.data_ptr<int64_t>();
-  at::parallel_for(0, M, std::max<int64_t>(1, (1 << 16) / N), [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) op[m] = argmax_row(xp + m * N, N);
-  });
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / N);
+  if (x.scalar_type() == at::kFloat) {
+    const float* xp = x.data_ptr<float>();
+    at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) op[m] = argmax_row(xp + m * N, N);
+    });
+  } else {
+    const c10::BFloat16* xp = x.data_ptr<c10::BFloat16>();
+    at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) op[m] = argmax_row(xp + m * N, N);
+    });
+  }
   return out;
 }
 

@@ -162,8 +162,8 @@ class ModelRunner:
                 # a draft row's last 1 + k rows all need logits: row i verifies draft i
                 end = [r.query_start + r.num_tokens for r in sampling]
                 picks = [p for r, e in zip(sampling, end, strict=True) for p in range(e - r.num_samples, e)]
-                logits = self.model.compute_logits(
-                    hidden.index_select(0, torch.tensor(picks, device=self.device))
+                logits = self.model.compute_logits(  # left in the head's dtype: sample() widens if it must
+                    hidden.index_select(0, torch.tensor(picks, device=self.device)), float32=False
                 )
         if sampling:
             assert logits is not None

@@ -171,8 +171,13 @@ def test_argmax_rows_matches_torch_max_indices() -> None:
         want = x.max(dim=-1).indices
         assert torch.equal(torch.ops.smollm2.argmax_rows(x), want), width
         assert torch.equal(_argmax(x), want)
-    with pytest.raises(RuntimeError, match="float32"):
-        torch.ops.smollm2.argmax_rows(torch.zeros(2, 3, dtype=torch.bfloat16))
+        # bf16 logits (the LM head's output for greedy batches): the argmax of their exact float32 widening
+        xb = x.to(torch.bfloat16)
+        want_b = xb.float().max(dim=-1).indices
+        assert torch.equal(torch.ops.smollm2.argmax_rows(xb), want_b), width
+        assert torch.equal(_argmax(xb), want_b)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        torch.ops.smollm2.argmax_rows(torch.zeros(2, 3, dtype=torch.float16))
 
 
 # ---- the real model ----------------------------------------------------------------------------------

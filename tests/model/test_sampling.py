@@ -55,6 +55,29 @@ def test_greedy_is_argmax(logits: torch.Tensor) -> None:
     assert out.logprobs is None
 
 
+@pytest.mark.parametrize(
+    "params",
+    [
+        [SamplingParams(temperature=0.0)] * 4,
+        [SamplingParams(temperature=0.0, logprobs=2)] * 4,
+        [SamplingParams(temperature=0.0, repetition_penalty=1.3)] * 4,
+        [SamplingParams(temperature=0.0, logit_bias={3: 5.0})] * 4,
+        [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, seed=1)] * 2,
+    ],
+    ids=["greedy", "logprobs", "penalty", "bias", "mixed"],
+)
+def test_bf16_logits_give_what_their_float32_widening_gives(params: list[SamplingParams]) -> None:
+    """The LM head hands bf16 logits over as they are: a plain greedy batch takes their argmax directly, any
+    other is widened first; either way the tokens (and logprobs) are those of the float32 widening."""
+    x = (torch.randn(4, V, generator=torch.Generator().manual_seed(3)) * 2).to(torch.bfloat16)
+    outputs, prompts = [[1, 3, 3]] * 4, [[2, 3]] * 4
+    seeds = [p.seed for p in params]
+    got = sample(x.clone(), _batch(params, outputs, prompts, seeds))
+    want = sample(x.float(), _batch(params, outputs, prompts, seeds))
+    assert got.token_ids == want.token_ids
+    assert got.logprobs == want.logprobs
+
+
 def test_greedy_rows_mixed_with_random_rows(logits: torch.Tensor) -> None:
     params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.5)] * 2
     for _ in range(20):
