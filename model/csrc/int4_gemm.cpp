@@ -223,26 +223,40 @@ void tiled_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tenso
 // bf16) into the packed bf16 layout in cache, then goes through the tile unit as the bf16 GEMM's tiles do
 // (model/csrc/amx.h). The weights stream as int4, a quarter of the bf16 bytes; the dequantizing costs the
 // same whatever the rows, and the tile unit's share grows with them.
+// The nibble at bit S of each lane as float32: vpermps reads only an index's low 4 bits, so one permute of
+// the table 0 .. 15 masks and converts at once (in place of and + cvtdq2ps); shifts are immediates.
+template <int S>
+inline __m512 nibble_f32(__m512i v, __m512 table) {
+  if constexpr (S == 0) return _mm512_permutexvar_ps(v, table);
+  else return _mm512_permutexvar_ps(_mm512_srli_epi32(v, S), table);
+}
+
+// One k-pair row of the B tile: inputs 4 c + 2 PB and 4 c + 2 PB + 1 (H = 0) or 16 more (H = 1), q * d + m
+// in float32, rounded to bf16 and interleaved to (output, pair) order.
+template <int H, int PB>
+inline void dequant_pair(__m512i v, __m512 table, __m512 d, __m512 m, __m512i inter, uint16_t* row) {
+  constexpr int kShift = 16 * PB + 4 * H;
+  const __m512 w0 = _mm512_fmadd_ps(nibble_f32<kShift>(v, table), d, m);
+  const __m512 w1 = _mm512_fmadd_ps(nibble_f32<kShift + 8>(v, table), d, m);
+  _mm512_store_si512(row, _mm512_permutexvar_epi16(inter, (__m512i)_mm512_cvtne2ps_pbh(w1, w0)));
+}
+
 inline void dequant_tile(const uint8_t* w, const uint16_t* s, int64_t G, uint16_t* out) {
   alignas(64) static constexpr uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,
                                                            21, 6, 22, 7, 23, 8,  24, 9,  25, 10, 26,
                                                            11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
   const __m512i inter = _mm512_load_si512(kInterleave);  // word 2 o + j <- word 16 j + o
-  const __m512i nib = _mm512_set1_epi32(0xF);
+  const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int64_t g = 0; g < G; ++g) {
     const __m512 d = load_bf16(s + g * 32), m = load_bf16(s + g * 32 + 16);
+    uint16_t* rows = out + g * 16 * 32;
     for (int c = 0; c < 4; ++c) {
       const __m512i v = _mm512_loadu_si512(w + g * 4 * kChunk + c * kChunk);  // lane o: inputs 4 c + b, b < 4
-      for (int h = 0; h < 2; ++h)      // low nibbles: inputs 4 c + b; high: 16 + 4 c + b
-        for (int pb = 0; pb < 2; ++pb) {  // b = 2 pb, 2 pb + 1: one k-pair
-          const int shift = 16 * pb + 4 * h;
-          const __m512 w0 = _mm512_fmadd_ps(
-              _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srl_epi32(v, _mm_cvtsi32_si128(shift)), nib)), d, m);
-          const __m512 w1 = _mm512_fmadd_ps(
-              _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srl_epi32(v, _mm_cvtsi32_si128(shift + 8)), nib)), d, m);
-          const __m512i pair = _mm512_permutexvar_epi16(inter, (__m512i)_mm512_cvtne2ps_pbh(w1, w0));
-          _mm512_store_si512(out + (g * 16 + 8 * h + 2 * c + pb) * 32, pair);
-        }
+      // row 8 h + 2 c + pb: low nibbles (h = 0) are inputs 4 c + b, high ones 16 + 4 c + b; b = 2 pb, 2 pb + 1
+      dequant_pair<0, 0>(v, table, d, m, inter, rows + (2 * c) * 32);
+      dequant_pair<0, 1>(v, table, d, m, inter, rows + (2 * c + 1) * 32);
+      dequant_pair<1, 0>(v, table, d, m, inter, rows + (8 + 2 * c) * 32);
+      dequant_pair<1, 1>(v, table, d, m, inter, rows + (8 + 2 * c + 1) * 32);
     }
   }
 }

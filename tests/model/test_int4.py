@@ -16,6 +16,7 @@ from model.quant import (
     Int4Weight,
     PackedLinear,
     dequantize_int4,
+    int4_groups,
     int4_max_rows,
     int4_reconstruction_error,
     int4_supported,
@@ -254,3 +255,23 @@ def test_int4_amx_decode_rows_equal_the_same_rows_of_a_long_call(shape: tuple[in
         long = op(x, int4.packed, int4.scales)
         for m in (9, 16, 17, 31, 32, 33, 47, 48, 63, 64):
             assert torch.equal(op(x[:m], int4.packed, int4.scales), long[:m]), (op, m)
+
+
+def test_int4_amx_dequantizes_each_weight_exactly() -> None:
+    """On the tile unit each int4 weight is dequantized as q * d + m with one float32 rounding (an FMA), then
+    rounded to bf16: one-hot rows of x pick single weights, which must come back bit for bit."""
+    kernels = Kernels.detect(torch.device("cpu"))
+    w = grid_weight(96, 128, seed=8)
+    if not (tiles_supported(w, kernels) and torch.ops.smollm2.int4_gemm_amx()):
+        pytest.skip("needs our int4 GEMM on a CPU with AMX")
+    int4 = Int4Weight.from_weight(w, kernels)
+    q = int4_groups(w)[0].double()  # (N, K)
+    sc = int4.scales.double()  # (N / 16, K / 32, 2, 16): d then m of 16 outputs
+    d = sc[:, :, 0].permute(0, 2, 1).reshape(96, 4).repeat_interleave(32, dim=1)
+    m = sc[:, :, 1].permute(0, 2, 1).reshape(96, 4).repeat_interleave(32, dim=1)
+    want = (q * d + m).float().to(torch.bfloat16)  # exact in float64, then one float32 rounding
+    cols = torch.arange(0, 128, 5)  # 26 rows: past the VNNI path's 8
+    x = torch.zeros(len(cols), 128, dtype=torch.bfloat16)
+    x[torch.arange(len(cols)), cols] = 1.0
+    got = torch.ops.smollm2.int4_linear(x, int4.packed, int4.scales)
+    assert torch.equal(got, want[:, cols].t())
