@@ -387,19 +387,23 @@ class SmolLM2Model(nn.Module):
         layer at `rows` rows, as the Python loop would (PackedLinear.cpp_plan), or None where a linear takes
         a path the C++ loop does not have. Cached by the modes: the row count changes them only through the
         int4 and int8 row limits. reset_layer_plans() drops the cache when the linears change."""
-        layers = self.decoder_layers
+        Plan = tuple[int, torch.Tensor, torch.Tensor]
 
-        def plans(layer: SmolLM2DecoderLayer) -> list[tuple[int, torch.Tensor, torch.Tensor] | None]:
+        def plans(layer: SmolLM2DecoderLayer) -> list[Plan] | None:
             attn, mlp = layer.self_attn, layer.mlp
-            linears = (attn.qkv_linear, attn.o_linear, mlp.gate_up_linear, mlp.down_linear)
-            if any(lin is None for lin in linears):
-                return [None]
-            return [lin.cpp_plan(rows, swiglu=i == 2) for i, lin in enumerate(linears) if lin is not None]
+            got: list[Plan] = []
+            for i, lin in enumerate((attn.qkv_linear, attn.o_linear, mlp.gate_up_linear, mlp.down_linear)):
+                p = None if lin is None else lin.cpp_plan(rows, swiglu=i == 2)
+                if p is None:
+                    return None
+                got.append(p)
+            return got
 
+        layers = self.decoder_layers
         first = plans(layers[0])
-        if any(p is None for p in first):
+        if first is None:
             return None
-        key = tuple(p[0] for p in first if p is not None)
+        key = tuple(p[0] for p in first)
         if key in self._layer_plans:
             return self._layer_plans[key]
         eps = self.norm.variance_epsilon
@@ -408,12 +412,14 @@ class SmolLM2Model(nn.Module):
         for layer in layers:
             got = plans(layer)
             norms = (layer.input_layernorm, layer.post_attention_layernorm)
-            if any(p is None or p[0] != k for p, k in zip(got, key, strict=True)) or any(
-                n.variance_epsilon != eps for n in norms
+            if (
+                got is None
+                or tuple(p[0] for p in got) != key
+                or any(n.variance_epsilon != eps for n in norms)
             ):
                 plan = None
                 break
-            qkv, o, gate_up, down = (p for p in got if p is not None)
+            qkv, o, gate_up, down = got
             weights += [norms[0].weight, *qkv[1:], *o[1:], norms[1].weight, *gate_up[1:], *down[1:]]
         weights.append(self.norm.weight)
         self._layer_plans[key] = plan

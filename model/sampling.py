@@ -282,14 +282,12 @@ def _token_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, top_n: list
 
 
 def _has_processors(batch: SamplingBatch) -> bool:
-    """Whether _apply_processors changes any logit of the batch."""
+    """Whether _apply_processors touches the batch's logits (the conditions it tests)."""
     return (
         batch.logit_bias is not None
         or batch.banned is not None
+        or batch.needs_penalties
         or batch.grammar_bias is not None
-        or batch.repetition_penalty is not None
-        or batch.frequency_penalty is not None
-        or batch.presence_penalty is not None
     )
 
 

@@ -171,7 +171,7 @@ class Scheduler:
             if not decode and budget <= 0:  # a chunk waits for the next step; the decodes after it do not
                 i += 1
                 continue
-            num_tokens = self._chunk(request, max(budget, 1))
+            num_tokens = 1 if decode else self._chunk(request, budget)
             drafts = self._drafts(request, budget)
             # drafts are a bonus: with no room for their slots the request decodes plainly
             if drafts and self.allocator.allocate_for(request, 1 + len(drafts)):
