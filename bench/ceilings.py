@@ -101,6 +101,7 @@ def _measure() -> Ceilings:
     M, K, N = 32, 576, 3072
     w = torch.randn(N, K).to(torch.bfloat16)
     x = torch.randn(M, K).to(torch.bfloat16)
+
     def gemm() -> torch.Tensor:
         return torch.nn.functional.linear(x, w)
 

@@ -688,7 +688,9 @@ class SmolLM2ForCausalLM(nn.Module):
         self.int8_head_active = use
         if mode == "auto" and not use:
             lin.int8 = None
-        lin.int8_max_rows = int8_head_max_rows(lin.int8.tiles) if use and lin.int8 is not None else 0
+        lin.int8_max_rows = (
+            int8_head_max_rows(lin.int8.tiles, self.kernels) if use and lin.int8 is not None else 0
+        )
 
     def _layer_linears(self) -> list[PackedLinear]:
         out: list[PackedLinear] = []

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import bisect
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -48,10 +49,28 @@ def int4_max_rows(kernels: Kernels, tiles: bool = False) -> int:
     """Up to how many rows a linear with an int4 copy takes it, given that copy's kernel (tiles: ours, see
     Int4Weight) and the bf16 GEMM it would use instead."""
     if tiles:
-        if torch.ops.smollm2.int4_gemm_amx():
+        if torch.ops.smollm2.int4_gemm_amx() or not bf16_gemm_fast(kernels):
             return ALL_ROWS
         return INT4_MAX_ROWS_TILES_OURS if kernels.bf16_gemm else INT4_MAX_ROWS_TILES
     return INT4_MAX_ROWS if kernels.bf16_gemm else INT4_MAX_ROWS_ONEDNN
+
+
+def bf16_gemm_fast(kernels: Kernels) -> bool:
+    """This CPU multiplies bf16 in hardware for the linears: our AVX512-BF16 GEMM or oneDNN's bf16 path
+    (AVX512 or AVX-NE-CONVERT). Elsewhere (AVX2-only CPUs) a bf16 matmul falls back to a generic loop about
+    a tenth of the float32 rate, and our int8-product kernels (int4 layers, int8 head) take every row count."""
+    return kernels.bf16_gemm or _onednn_bf16()
+
+
+@functools.cache
+def _onednn_bf16() -> bool:
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        _onednn_pack(torch.zeros(16, 32, dtype=torch.bfloat16))
+    except (RuntimeError, AttributeError):
+        return False
+    return True
 
 
 def int4_supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -137,8 +156,11 @@ INT8_HEAD_MAX_ROWS = 4
 INT8_HEAD_MAX_ROWS_TILES = 8
 
 
-def int8_head_max_rows(tiles: bool) -> int:
-    """Up to how many rows the LM head takes its int8 copy, given that copy's kernel (Int8Weight.tiles)."""
+def int8_head_max_rows(tiles: bool, kernels: Kernels | None = None) -> int:
+    """Up to how many rows the LM head takes its int8 copy, given that copy's kernel (Int8Weight.tiles) and
+    the kernels the bf16 GEMM would take instead (None: a fast one)."""
+    if tiles and kernels is not None and not bf16_gemm_fast(kernels):
+        return ALL_ROWS
     return INT8_HEAD_MAX_ROWS_TILES if tiles else INT8_HEAD_MAX_ROWS
 
 
@@ -236,7 +258,7 @@ def pack_int4_tiles(
 
 def tiles_supported(weight: torch.Tensor, kernels: Kernels) -> bool:
     """smollm2::int4_linear and int8_tiles_linear serve this weight: CPU, bfloat16, N a multiple of 16, K
-    of 32, kernels built with AVX512-VNNI and AVX512-BF16."""
+    of 32, kernels built with AVX512-VNNI and AVX512-BF16, or with AVX2 and FMA."""
     n, k = weight.shape
     return (
         weight.device.type == "cpu"

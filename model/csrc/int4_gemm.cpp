@@ -1,4 +1,4 @@
-// The serving path's int4 GEMM for a few rows and its int8 LM head (CPU, AVX512-VNNI), built with the other
+// The serving path's int4 GEMM and its int8 LM head (CPU: AVX512-VNNI, else AVX2), built with the other
 // kernels by model/paged_kernel.py.
 //
 // int4_linear(x (M, K) bfloat16, packed (N / 16, K / 32, 4, 64) uint8, scales (N / 16, K / 32, 2, 16)
@@ -36,6 +36,11 @@
 #if defined(__AVX512VNNI__) && defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
 #define SMOLLM2_HAVE_INT4_GEMM 1
+#define SMOLLM2_INT4_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define SMOLLM2_HAVE_INT4_GEMM 1
+#define SMOLLM2_INT4_AVX2 1
 #endif
 
 #include "amx.h"
@@ -50,6 +55,23 @@ constexpr int64_t kVnniRows = 8;
 constexpr int64_t kChunk = 64;  // bytes per chunk: 16 outputs x one k-quad of int8, or two of int4
 
 #ifdef SMOLLM2_HAVE_INT4_GEMM
+// x's rows quantized by quantize_row: row r's qx at q + 2 r K, its qr at q + (2 r + 1) K; dx, xsum and corr
+// at stats + (0, 1, 2) * M * G + r * G.
+struct QuantRows {
+  const int8_t* q;
+  const float* stats;
+  int64_t M, K, G;
+  QuantRows rows_from(int64_t m0) const { return {q + 2 * m0 * K, stats + m0 * G, M, K, G}; }
+  const int8_t* qx(int r) const { return q + 2 * r * K; }
+  float dx(int r, int64_t g) const { return stats[r * G + g]; }
+  float xsum(int r, int64_t g) const { return stats[M * G + r * G + g]; }
+  float corr(int r, int64_t g) const { return stats[2 * M * G + r * G + g]; }
+};
+
+inline int32_t quad(const int8_t* p) { return *reinterpret_cast<const int32_t*>(p); }
+#endif
+
+#ifdef SMOLLM2_INT4_AVX512
 using smollm2::load_bf16;
 
 // One row of x (K bfloat16) -> per group of 32: qx (32 int8) and its remainder qr (32 int8), dx, xsum and
@@ -85,20 +107,6 @@ void quantize_row(const uint16_t* x, int64_t K, int8_t* qx, int8_t* qr, float* d
   }
 }
 
-// x's rows quantized by quantize_row: row r's qx at q + 2 r K, its qr at q + (2 r + 1) K; dx, xsum and corr
-// at stats + (0, 1, 2) * M * G + r * G.
-struct QuantRows {
-  const int8_t* q;
-  const float* stats;
-  int64_t M, K, G;
-  QuantRows rows_from(int64_t m0) const { return {q + 2 * m0 * K, stats + m0 * G, M, K, G}; }
-  const int8_t* qx(int r) const { return q + 2 * r * K; }
-  float dx(int r, int64_t g) const { return stats[r * G + g]; }
-  float xsum(int r, int64_t g) const { return stats[M * G + r * G + g]; }
-  float corr(int r, int64_t g) const { return stats[2 * M * G + r * G + g]; }
-};
-
-inline int32_t quad(const int8_t* p) { return *reinterpret_cast<const int32_t*>(p); }
 
 // MR rows x NT tiles: out[r, 16 (t0 + j) + c] for r < MR, j < NT.
 //   INT8 = false: int4 weights (4 chunks of 64 bytes per tile and group, two k-quads each; scales: d, m as
@@ -177,6 +185,8 @@ void rows_through(const QuantRows& x, const uint8_t* w, const void* s, int64_t t
   for (; t < t1; ++t) block<INT8, MR, 1>(x, w, s, t, out, N);
 }
 
+constexpr int64_t kRowBlock = 4;  // rows per pass over a panel of tiles
+
 template <bool INT8>
 void rows_block(int64_t mr, const QuantRows& x, const uint8_t* w, const void* s, int64_t t0, int64_t t1, void* out,
                 int64_t N) {
@@ -188,6 +198,173 @@ void rows_block(int64_t mr, const QuantRows& x, const uint8_t* w, const void* s,
   }
 }
 
+#endif  // SMOLLM2_INT4_AVX512
+
+#ifdef SMOLLM2_INT4_AVX2
+// ---- AVX2 + FMA (CPUs without AVX512-VNNI/BF16: AMD Zen 2/3, Intel before Sapphire Rapids) ---------------
+//
+// The same packed layouts and the same integer sums, without vpdpbusd: vpmaddubsw multiplies unsigned bytes
+// by signed ones into pairs of int16, vpmaddwd adds pairs of those into the int32 lanes vpdpbusd fills (one
+// output's k-quad per lane). int4: a nibble (0..15) times an int8 term (-128..127) is at most 1,920 in size,
+// so the 8 products per lane of a whole group sum in int16 (30,720 < 32,767) before one vpmaddwd. int8 (the
+// LM head): a weight of -127..127 needs the x side unsigned: |x| times the weight with x's sign (vpsignb),
+// at most 32,512 per pair, so each k-quad goes to int32 at once. Two 8-lane halves per 16-output tile.
+
+using smollm2::bf16_bits;
+using smollm2::load_bf16x8;
+
+inline float hmax8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+inline float hsum8(__m256 v) {
+  __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)));
+}
+
+// 4 x 8 int32, in order -> 32 int8 in order, saturated
+inline __m256i pack_i8(const __m256i* v) {
+  const __m256i ab = _mm256_packs_epi32(v[0], v[1]);  // per 128-bit lane: a b (4 each)
+  const __m256i cd = _mm256_packs_epi32(v[2], v[3]);
+  const __m256i abcd = _mm256_packs_epi16(ab, cd);  // dwords: a0-3 b0-3 c0-3 d0-3 a4-7 b4-7 c4-7 d4-7
+  return _mm256_permutevar8x32_epi32(abcd, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+// As the AVX-512 quantize_row: x ~ dx * (qx + qr / 254) per group of 32. corr is 0: the int8 loop below
+// takes the weights signed, so nothing of the u8 storage is left to take off.
+void quantize_row(const uint16_t* x, int64_t K, int8_t* qx, int8_t* qr, float* dx, float* xsum, float* corr) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  for (int64_t g = 0; g < K / kGroup; ++g) {
+    __m256 v[4];
+    for (int h = 0; h < 4; ++h) v[h] = load_bf16x8(x + g * kGroup + 8 * h);
+    const __m256 a = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                                   _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
+    const float d = hmax8(a) / 127.f;
+    const __m256 inv = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
+    const __m256 inv_r = _mm256_set1_ps(d > 0.f ? 254.f / d : 0.f);
+    __m256i q[4], r[4];
+    for (int h = 0; h < 4; ++h) {
+      const __m256 t = _mm256_round_ps(_mm256_mul_ps(v[h], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      q[h] = _mm256_cvtps_epi32(t);
+      r[h] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_fnmadd_ps(t, _mm256_set1_ps(d), v[h]), inv_r));
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(qx + g * kGroup), pack_i8(q));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(qr + g * kGroup), pack_i8(r));
+    dx[g] = d;
+    xsum[g] = hsum8(_mm256_add_ps(_mm256_add_ps(v[0], v[2]), _mm256_add_ps(v[1], v[3])));
+    corr[g] = 0.f;
+  }
+}
+
+// MR rows x NT tiles, as the AVX-512 block. Per group, each 8-output half of a tile is loaded (and its
+// nibbles split) once into registers, then every row of the block goes through it: the weights' registers
+// stay put while the rows' accumulators come and go.
+template <bool INT8, int MR, int NT>
+inline void block(const QuantRows& x, const uint8_t* __restrict w, const void* __restrict scales, int64_t t0,
+                  void* __restrict out, int64_t N) {
+  constexpr int chunks = INT8 ? 8 : 4;
+  const int64_t G = x.G, K = x.K;
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256 rem = _mm256_set1_ps(1.f / 254.f);
+  __m256 acc[MR][NT][2];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NT; ++j) acc[r][j][0] = acc[r][j][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    for (int j = 0; j < NT; ++j) {
+      const uint8_t* wg = w + ((t0 + j) * G + g) * chunks * kChunk;
+      for (int h = 0; h < 2; ++h) {
+        if constexpr (INT8) {
+          const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+          __m256i ws[chunks];  // the stored q + 128 back to q
+          for (int c = 0; c < chunks; ++c)
+            ws[c] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + c * kChunk + 32 * h)),
+                                     flip);
+          const __m256 d = _mm256_loadu_ps(static_cast<const float*>(scales) + ((t0 + j) * G + g) * 16 + 8 * h);
+          for (int r = 0; r < MR; ++r) {
+            const int8_t* xq = x.qx(r) + g * kGroup;
+            __m256i p = _mm256_setzero_si256(), pr = _mm256_setzero_si256();
+            for (int c = 0; c < chunks; ++c) {
+              const __m256i bq = _mm256_set1_epi32(quad(xq + 4 * c)), br = _mm256_set1_epi32(quad(xq + K + 4 * c));
+              p = _mm256_add_epi32(
+                  p, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(bq), _mm256_sign_epi8(ws[c], bq)), ones));
+              pr = _mm256_add_epi32(
+                  pr, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(br), _mm256_sign_epi8(ws[c], br)), ones));
+            }
+            const __m256 sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pr), rem, _mm256_cvtepi32_ps(p));
+            acc[r][j][h] = _mm256_fmadd_ps(sum, _mm256_mul_ps(d, _mm256_set1_ps(x.dx(r, g))), acc[r][j][h]);
+          }
+        } else {
+          const __m256i low = _mm256_set1_epi8(0x0F);
+          __m256i lo[chunks], hi[chunks];
+          for (int c = 0; c < chunks; ++c) {
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + c * kChunk + 32 * h));
+            lo[c] = _mm256_and_si256(v, low);
+            hi[c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+          }
+          const uint16_t* sg = static_cast<const uint16_t*>(scales) + ((t0 + j) * G + g) * 32;
+          const __m256 d = load_bf16x8(sg + 8 * h);
+          const __m256 m = load_bf16x8(sg + 16 + 8 * h);
+          for (int r = 0; r < MR; ++r) {
+            const int8_t* xq = x.qx(r) + g * kGroup;  // chunk c's k-quad at 4 c (low nibbles), 16 + 4 c (high)
+            __m256i p = _mm256_setzero_si256(), pr = _mm256_setzero_si256();
+            for (int c = 0; c < chunks; ++c) {
+              p = _mm256_add_epi16(p, _mm256_add_epi16(_mm256_maddubs_epi16(lo[c], _mm256_set1_epi32(quad(xq + 4 * c))),
+                                                       _mm256_maddubs_epi16(hi[c], _mm256_set1_epi32(quad(xq + 16 + 4 * c)))));
+              pr = _mm256_add_epi16(
+                  pr, _mm256_add_epi16(_mm256_maddubs_epi16(lo[c], _mm256_set1_epi32(quad(xq + K + 4 * c))),
+                                       _mm256_maddubs_epi16(hi[c], _mm256_set1_epi32(quad(xq + K + 16 + 4 * c)))));
+            }
+            const __m256 sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pr, ones)), rem,
+                                               _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)));
+            acc[r][j][h] = _mm256_fmadd_ps(sum, _mm256_mul_ps(d, _mm256_set1_ps(x.dx(r, g))), acc[r][j][h]);
+            acc[r][j][h] = _mm256_fmadd_ps(m, _mm256_set1_ps(x.xsum(r, g)), acc[r][j][h]);
+          }
+        }
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NT; ++j) {
+      if constexpr (INT8) {
+        float* o = static_cast<float*>(out) + r * N + 16 * (t0 + j);
+        _mm256_storeu_ps(o, acc[r][j][0]);
+        _mm256_storeu_ps(o + 8, acc[r][j][1]);
+      } else {
+        // words: half 0's 0-3, half 1's 0-3, half 0's 4-7, half 1's 4-7 -> in order
+        const __m256i both = _mm256_packus_epi32(bf16_bits(acc[r][j][0]), bf16_bits(acc[r][j][1]));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + r * N + 16 * (t0 + j)),
+                            _mm256_permute4x64_epi64(both, _MM_SHUFFLE(3, 1, 2, 0)));
+      }
+    }
+}
+
+// MR rows of x through tiles [t0, t1), NT at a time
+template <bool INT8, int MR, int NT>
+void rows_through(const QuantRows& x, const uint8_t* w, const void* s, int64_t t0, int64_t t1, void* out,
+                  int64_t N) {
+  int64_t t = t0;
+  for (; t + NT <= t1; t += NT) block<INT8, MR, NT>(x, w, s, t, out, N);
+  for (; t < t1; ++t) block<INT8, MR, 1>(x, w, s, t, out, N);
+}
+
+constexpr int64_t kRowBlock = 4;  // rows per pass over a panel of tiles
+
+template <bool INT8>
+void rows_block(int64_t mr, const QuantRows& x, const uint8_t* w, const void* s, int64_t t0, int64_t t1, void* out,
+                int64_t N) {
+  switch (mr) {
+    case 1: return rows_through<INT8, 1, 1>(x, w, s, t0, t1, out, N);
+    case 2: return rows_through<INT8, 2, 1>(x, w, s, t0, t1, out, N);
+    case 3: return rows_through<INT8, 3, 1>(x, w, s, t0, t1, out, N);
+    default: return rows_through<INT8, 4, 1>(x, w, s, t0, t1, out, N);
+  }
+}
+#endif  // SMOLLM2_INT4_AVX2
+
+#ifdef SMOLLM2_HAVE_INT4_GEMM
 // out (M, N) = x @ W^T for W in tiles (INT8: the int8 layout, else the int4 one); see block.
 template <bool INT8>
 void tiled_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, at::Tensor& out) {
@@ -211,14 +388,15 @@ void tiled_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tenso
     // every row block reads it
     for (int64_t p = t0; p < t1; p += 4) {
       const int64_t p1 = std::min<int64_t>(p + 4, t1);
-      for (int64_t m0 = 0; m0 < M; m0 += 4)
-        rows_block<INT8>(std::min<int64_t>(4, M - m0), rows.rows_from(m0), wp, scp, p, p1, op + m0 * row_bytes, N);
+      for (int64_t m0 = 0; m0 < M; m0 += kRowBlock)
+        rows_block<INT8>(std::min<int64_t>(kRowBlock, M - m0), rows.rows_from(m0), wp, scp, p, p1, op + m0 * row_bytes,
+                         N);
     }
   });
 }
 #endif
 
-#if defined(SMOLLM2_HAVE_INT4_GEMM) && defined(SMOLLM2_HAVE_AMX)
+#if defined(SMOLLM2_INT4_AVX512) && defined(SMOLLM2_HAVE_AMX)
 // Beyond a few rows, on AMX: each weight tile of 16 outputs is dequantized (q * d + m in float32, rounded to
 // bf16) into the packed bf16 layout in cache, then goes through the tile unit as the bf16 GEMM's tiles do
 // (model/csrc/amx.h). The weights stream as int4, a quarter of the bf16 bytes; the dequantizing costs the
@@ -299,7 +477,7 @@ bool int4_gemm_available() {
 }
 
 void check_x(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, const char* op) {
-  TORCH_CHECK(int4_gemm_available(), op, " needs a CPU with AVX512-VNNI and AVX512-BF16 (built -march=native)");
+  TORCH_CHECK(int4_gemm_available(), op, " needs a CPU with AVX512-VNNI and AVX512-BF16, or AVX2 and FMA (built -march=native)");
   TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu() && scales.device().is_cpu(), "CPU only");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "x must be an (M, K) bfloat16 tensor");
   TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
@@ -316,7 +494,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
               "scales must be a contiguous (N / 16, K / 32, 2, 16) bfloat16 tensor");
   at::Tensor out = at::empty({x.size(0), 16 * T}, x.options());
 #ifdef SMOLLM2_HAVE_INT4_GEMM
-#ifdef SMOLLM2_HAVE_AMX
+#if defined(SMOLLM2_INT4_AVX512) && defined(SMOLLM2_HAVE_AMX)
   if (x.size(0) > kVnniRows && int4_amx_available()) {
     int4_amx<false>(x, packed, scales, out);
     return out;
@@ -338,7 +516,7 @@ at::Tensor int4_linear_swiglu(const at::Tensor& x, const at::Tensor& packed, con
                   scales.size(0) == T && scales.size(1) == G && scales.size(2) == 2 && scales.size(3) == 16,
               "scales must be a contiguous (N / 16, K / 32, 2, 16) bfloat16 tensor");
   at::Tensor out = at::empty({x.size(0), 8 * T}, x.options());
-#if defined(SMOLLM2_HAVE_INT4_GEMM) && defined(SMOLLM2_HAVE_AMX)
+#if defined(SMOLLM2_INT4_AVX512) && defined(SMOLLM2_HAVE_AMX)
   if (x.size(0) > 0) int4_amx<true>(x, packed, scales, out);
 #endif
   return out;

@@ -312,6 +312,108 @@ void attend_avx512(const scalar_t* q, const scalar_t* cache, const Problem& p, i
 }
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+// ---- AVX2 path: G query heads per KV head, hd = 8 * NC ---------------------------------------------
+//
+// As the AVX-512 path in 8 lanes, with 16 registers: per token the G dots run over the row's NC vectors
+// (q in a float32 array, read from L1) and are summed across lanes; P @ V goes one 8-dim slice at a time
+// through the tile's tokens, so only G accumulators are live (the rest in a float32 array).
+template <typename scalar_t>
+inline __m256 load8(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, float>) return _mm256_loadu_ps(p);
+  else return smollm2::load_bf16x8(reinterpret_cast<const uint16_t*>(p));
+}
+
+inline float hsum8(__m256 v) {
+  __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)));
+}
+
+template <typename scalar_t>
+inline void prefetch_row(const scalar_t* row, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(row) + b, _MM_HINT_T1);
+}
+
+template <typename scalar_t, int G, int NC>
+void attend_avx2(const scalar_t* q, const scalar_t* cache, const Problem& p, int64_t d, int64_t h,
+                 scalar_t* out) {
+  constexpr int HD = 8 * NC;
+  const int64_t len = p.lens[d], bs = p.block_size, row_bytes = HD * sizeof(scalar_t);
+  const int64_t* table = p.tables + d * p.table_stride;
+  const scalar_t* kbase = cache + h * p.head_stride;
+  const int64_t voff = p.nkv * p.head_stride;  // V head h sits nkv heads after K head h
+  alignas(32) float qf[G][HD], acc[G][HD];
+  float m[G], l[G];
+  for (int j = 0; j < G; ++j) {
+    for (int c = 0; c < NC; ++c) {
+      _mm256_store_ps(qf[j] + 8 * c, load8(q + j * p.q_head_stride + 8 * c));
+      _mm256_store_ps(acc[j] + 8 * c, _mm256_setzero_ps());
+    }
+    m[j] = -std::numeric_limits<float>::infinity();
+    l[j] = 0.f;
+  }
+  const scalar_t* rows[2][TILE];  // this tile's rows and the next one's, prefetched a tile ahead
+  auto fill_rows = [&](int64_t t0, const scalar_t** r) {
+    const int n = static_cast<int>(std::min<int64_t>(TILE, len - t0));
+    for (int t = 0; t < n; ++t) {
+      r[t] = kbase + slot_of(table, t0 + t, bs) * p.row_stride;
+      prefetch_row(r[t], row_bytes);
+      prefetch_row(r[t] + voff, row_bytes);
+    }
+  };
+  if (len > 0) fill_rows(0, rows[0]);
+  for (int64_t t0 = 0, k = 0; t0 < len; t0 += TILE, ++k) {
+    const int n = static_cast<int>(std::min<int64_t>(TILE, len - t0));
+    if (t0 + TILE < len) fill_rows(t0 + TILE, rows[(k + 1) % 2]);
+    const scalar_t* const* r = rows[k % 2];
+    alignas(32) float probs[G][TILE];
+    for (int t = 0; t < n; ++t) {
+      __m256 dot[G];
+      for (int j = 0; j < G; ++j) dot[j] = _mm256_setzero_ps();
+      for (int c = 0; c < NC; ++c) {
+        const __m256 kv = load8(r[t] + 8 * c);
+        for (int j = 0; j < G; ++j) dot[j] = _mm256_fmadd_ps(_mm256_load_ps(qf[j] + 8 * c), kv, dot[j]);
+      }
+      for (int j = 0; j < G; ++j) probs[j][t] = hsum8(dot[j]);
+    }
+    for (int j = 0; j < G; ++j) {
+      float mt = m[j];
+      for (int t = 0; t < n; ++t) mt = std::max(mt, probs[j][t]);
+      const float alpha = std::exp(m[j] - mt);  // 0 on the first tile
+      for (int t = n; t < TILE; ++t) probs[j][t] = -std::numeric_limits<float>::infinity();
+      const __m256 mv = _mm256_set1_ps(mt);
+      const __m256 p0 = smollm2::exp8(_mm256_sub_ps(_mm256_load_ps(probs[j]), mv));
+      const __m256 p1 = smollm2::exp8(_mm256_sub_ps(_mm256_load_ps(probs[j] + 8), mv));
+      // exp8 clamps its argument, so the -inf past n comes back as a tiny number: those are zeroed
+      const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+      const __m256 nv = _mm256_set1_ps(static_cast<float>(n));
+      const __m256 q0 = _mm256_and_ps(p0, _mm256_cmp_ps(lane, nv, _CMP_LT_OQ));
+      const __m256 q1 = _mm256_and_ps(p1, _mm256_cmp_ps(_mm256_add_ps(lane, _mm256_set1_ps(8.f)), nv, _CMP_LT_OQ));
+      _mm256_store_ps(probs[j], q0);
+      _mm256_store_ps(probs[j] + 8, q1);
+      l[j] = l[j] * alpha + hsum8(_mm256_add_ps(q0, q1));
+      m[j] = mt;
+      const __m256 a = _mm256_set1_ps(alpha);
+      for (int c = 0; c < NC; ++c) _mm256_store_ps(acc[j] + 8 * c, _mm256_mul_ps(_mm256_load_ps(acc[j] + 8 * c), a));
+    }
+    for (int c = 0; c < NC; ++c) {
+      __m256 a[G];
+      for (int j = 0; j < G; ++j) a[j] = _mm256_load_ps(acc[j] + 8 * c);
+      for (int t = 0; t < n; ++t) {
+        const __m256 v = load8(r[t] + voff + 8 * c);
+        for (int j = 0; j < G; ++j) a[j] = _mm256_fmadd_ps(_mm256_set1_ps(probs[j][t]), v, a[j]);
+      }
+      for (int j = 0; j < G; ++j) _mm256_store_ps(acc[j] + 8 * c, a[j]);
+    }
+  }
+  for (int j = 0; j < G; ++j) {
+    const float inv = l[j] > 0.f ? 1.f / l[j] : 0.f;
+    for (int c = 0; c < HD; ++c) out[j * HD + c] = static_cast<scalar_t>(acc[j][c] * inv);
+  }
+}
+#endif
+
 template <typename scalar_t>
 using AttendFn = void (*)(const scalar_t*, const scalar_t*, const Problem&, int64_t, int64_t, scalar_t*);
 
@@ -328,6 +430,18 @@ AttendFn<scalar_t> pick_kernel(int64_t g, int64_t hd) {
   SMOLLM2_CASE(2, 4)
   SMOLLM2_CASE(4, 8)  // head_dim 128 models
   SMOLLM2_CASE(1, 8)
+#undef SMOLLM2_CASE
+#elif defined(__AVX2__) && defined(__FMA__)
+#define SMOLLM2_CASE(G, NC) \
+  if (g == G && hd == 8 * NC) return &attend_avx2<scalar_t, G, NC>;
+  SMOLLM2_CASE(3, 8)  // SmolLM2-135M: 9 query heads over 3 KV heads, head_dim 64
+  SMOLLM2_CASE(1, 8)
+  SMOLLM2_CASE(3, 2)  // the tests' tiny configs
+  SMOLLM2_CASE(1, 2)
+  SMOLLM2_CASE(4, 8)
+  SMOLLM2_CASE(2, 8)
+  SMOLLM2_CASE(4, 16)  // head_dim 128 models
+  SMOLLM2_CASE(1, 16)
 #undef SMOLLM2_CASE
 #endif
   return &attend_scalar<scalar_t>;

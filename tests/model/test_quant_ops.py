@@ -133,7 +133,7 @@ def test_prepare_for_serving_int8_modes() -> None:
     assert lossy.int8_head_error is not None and lossy.int8_head_error > INT8_LOSSLESS_ERROR
     lossy.prepare_for_serving(int8_lm_head="on")
     assert lossy.int8_head_active and head.int8 is not None
-    assert head.int8_max_rows == int8_head_max_rows(head.int8.tiles)
+    assert head.int8_max_rows == int8_head_max_rows(head.int8.tiles, lossy.kernels)
     lossy.prepare_for_serving(int8_lm_head="off")
     assert not lossy.int8_head_active and head.int8_max_rows == 0
 
