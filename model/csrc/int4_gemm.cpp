@@ -259,9 +259,12 @@ void quantize_row(const uint16_t* x, int64_t K, int8_t* qx, int8_t* qr, float* d
   }
 }
 
-// MR rows x NT tiles, as the AVX-512 block. Per group, each 8-output half of a tile is loaded (and its
-// nibbles split) once into registers, then every row of the block goes through it: the weights' registers
-// stay put while the rows' accumulators come and go.
+// MR rows x NT tiles, as the AVX-512 block. Registers are what bounds it (16): per group and k-chunk the
+// chunk's weights (both 8-output halves, split into nibbles) stay in 4 registers while each row's four
+// broadcast quads go through them into that row's 4 accumulators, so a multiply reads at most one operand
+// from memory. Two rows fill the register file; more would spill. The int16 sums use the saturating add,
+// which never saturates here (see above) but, unlike vpaddw, is not associative: the compiler would
+// otherwise reorder each chain into a tree of all the products first and spill them.
 template <bool INT8, int MR, int NT>
 inline void block(const QuantRows& x, const uint8_t* __restrict w, const void* __restrict scales, int64_t t0,
                   void* __restrict out, int64_t N) {
@@ -275,50 +278,61 @@ inline void block(const QuantRows& x, const uint8_t* __restrict w, const void* _
   for (int64_t g = 0; g < G; ++g) {
     for (int j = 0; j < NT; ++j) {
       const uint8_t* wg = w + ((t0 + j) * G + g) * chunks * kChunk;
-      for (int h = 0; h < 2; ++h) {
+      __m256i p[MR][2], pr[MR][2];  // int4: int16 pairs over the group; int8: int32 lanes
+      for (int r = 0; r < MR; ++r) p[r][0] = p[r][1] = pr[r][0] = pr[r][1] = _mm256_setzero_si256();
+      for (int c = 0; c < chunks; ++c) {
+        const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + c * kChunk));
+        const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + c * kChunk + 32));
         if constexpr (INT8) {
-          const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
-          __m256i ws[chunks];  // the stored q + 128 back to q
-          for (int c = 0; c < chunks; ++c)
-            ws[c] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + c * kChunk + 32 * h)),
-                                     flip);
-          const __m256 d = _mm256_loadu_ps(static_cast<const float*>(scales) + ((t0 + j) * G + g) * 16 + 8 * h);
+          const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));  // the stored q + 128 back to q
+          const __m256i w0 = _mm256_xor_si256(v0, flip), w1 = _mm256_xor_si256(v1, flip);
           for (int r = 0; r < MR; ++r) {
-            const int8_t* xq = x.qx(r) + g * kGroup;
-            __m256i p = _mm256_setzero_si256(), pr = _mm256_setzero_si256();
-            for (int c = 0; c < chunks; ++c) {
-              const __m256i bq = _mm256_set1_epi32(quad(xq + 4 * c)), br = _mm256_set1_epi32(quad(xq + K + 4 * c));
-              p = _mm256_add_epi32(
-                  p, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(bq), _mm256_sign_epi8(ws[c], bq)), ones));
-              pr = _mm256_add_epi32(
-                  pr, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(br), _mm256_sign_epi8(ws[c], br)), ones));
-            }
-            const __m256 sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pr), rem, _mm256_cvtepi32_ps(p));
-            acc[r][j][h] = _mm256_fmadd_ps(sum, _mm256_mul_ps(d, _mm256_set1_ps(x.dx(r, g))), acc[r][j][h]);
+            const int8_t* xq = x.qx(r) + g * kGroup + 4 * c;
+            const __m256i bq = _mm256_set1_epi32(quad(xq));
+            const __m256i aq = _mm256_abs_epi8(bq);
+            p[r][0] = _mm256_add_epi32(p[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(aq, _mm256_sign_epi8(w0, bq)), ones));
+            p[r][1] = _mm256_add_epi32(p[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(aq, _mm256_sign_epi8(w1, bq)), ones));
+            const __m256i br = _mm256_set1_epi32(quad(xq + K));
+            const __m256i ar = _mm256_abs_epi8(br);
+            pr[r][0] = _mm256_add_epi32(pr[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(ar, _mm256_sign_epi8(w0, br)), ones));
+            pr[r][1] = _mm256_add_epi32(pr[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(ar, _mm256_sign_epi8(w1, br)), ones));
+            asm("" : "+x"(p[r][0]), "+x"(p[r][1]), "+x"(pr[r][0]), "+x"(pr[r][1]));  // as above: keep the chains
           }
         } else {
           const __m256i low = _mm256_set1_epi8(0x0F);
-          __m256i lo[chunks], hi[chunks];
-          for (int c = 0; c < chunks; ++c) {
-            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + c * kChunk + 32 * h));
-            lo[c] = _mm256_and_si256(v, low);
-            hi[c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+          const __m256i lo0 = _mm256_and_si256(v0, low), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low);
+          const __m256i lo1 = _mm256_and_si256(v1, low), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low);
+          for (int r = 0; r < MR; ++r) {
+            const int8_t* xq = x.qx(r) + g * kGroup + 4 * c;  // the low nibbles' k-quad; the high ones' at 16
+            __m256i b = _mm256_set1_epi32(quad(xq));
+            p[r][0] = _mm256_adds_epi16(p[r][0], _mm256_maddubs_epi16(lo0, b));
+            p[r][1] = _mm256_adds_epi16(p[r][1], _mm256_maddubs_epi16(lo1, b));
+            b = _mm256_set1_epi32(quad(xq + 16));
+            p[r][0] = _mm256_adds_epi16(p[r][0], _mm256_maddubs_epi16(hi0, b));
+            p[r][1] = _mm256_adds_epi16(p[r][1], _mm256_maddubs_epi16(hi1, b));
+            b = _mm256_set1_epi32(quad(xq + K));
+            pr[r][0] = _mm256_adds_epi16(pr[r][0], _mm256_maddubs_epi16(lo0, b));
+            pr[r][1] = _mm256_adds_epi16(pr[r][1], _mm256_maddubs_epi16(lo1, b));
+            b = _mm256_set1_epi32(quad(xq + K + 16));
+            pr[r][0] = _mm256_adds_epi16(pr[r][0], _mm256_maddubs_epi16(hi0, b));
+            pr[r][1] = _mm256_adds_epi16(pr[r][1], _mm256_maddubs_epi16(hi1, b));
           }
+        }
+      }
+      for (int h = 0; h < 2; ++h) {
+        if constexpr (INT8) {
+          const __m256 d = _mm256_loadu_ps(static_cast<const float*>(scales) + ((t0 + j) * G + g) * 16 + 8 * h);
+          for (int r = 0; r < MR; ++r) {
+            const __m256 sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pr[r][h]), rem, _mm256_cvtepi32_ps(p[r][h]));
+            acc[r][j][h] = _mm256_fmadd_ps(sum, _mm256_mul_ps(d, _mm256_set1_ps(x.dx(r, g))), acc[r][j][h]);
+          }
+        } else {
           const uint16_t* sg = static_cast<const uint16_t*>(scales) + ((t0 + j) * G + g) * 32;
           const __m256 d = load_bf16x8(sg + 8 * h);
           const __m256 m = load_bf16x8(sg + 16 + 8 * h);
           for (int r = 0; r < MR; ++r) {
-            const int8_t* xq = x.qx(r) + g * kGroup;  // chunk c's k-quad at 4 c (low nibbles), 16 + 4 c (high)
-            __m256i p = _mm256_setzero_si256(), pr = _mm256_setzero_si256();
-            for (int c = 0; c < chunks; ++c) {
-              p = _mm256_add_epi16(p, _mm256_add_epi16(_mm256_maddubs_epi16(lo[c], _mm256_set1_epi32(quad(xq + 4 * c))),
-                                                       _mm256_maddubs_epi16(hi[c], _mm256_set1_epi32(quad(xq + 16 + 4 * c)))));
-              pr = _mm256_add_epi16(
-                  pr, _mm256_add_epi16(_mm256_maddubs_epi16(lo[c], _mm256_set1_epi32(quad(xq + K + 4 * c))),
-                                       _mm256_maddubs_epi16(hi[c], _mm256_set1_epi32(quad(xq + K + 16 + 4 * c)))));
-            }
-            const __m256 sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pr, ones)), rem,
-                                               _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)));
+            const __m256 sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pr[r][h], ones)), rem,
+                                               _mm256_cvtepi32_ps(_mm256_madd_epi16(p[r][h], ones)));
             acc[r][j][h] = _mm256_fmadd_ps(sum, _mm256_mul_ps(d, _mm256_set1_ps(x.dx(r, g))), acc[r][j][h]);
             acc[r][j][h] = _mm256_fmadd_ps(m, _mm256_set1_ps(x.xsum(r, g)), acc[r][j][h]);
           }
@@ -350,17 +364,13 @@ void rows_through(const QuantRows& x, const uint8_t* w, const void* s, int64_t t
   for (; t < t1; ++t) block<INT8, MR, 1>(x, w, s, t, out, N);
 }
 
-constexpr int64_t kRowBlock = 4;  // rows per pass over a panel of tiles
+constexpr int64_t kRowBlock = 2;  // rows per pass over a panel of tiles (see block)
 
 template <bool INT8>
 void rows_block(int64_t mr, const QuantRows& x, const uint8_t* w, const void* s, int64_t t0, int64_t t1, void* out,
                 int64_t N) {
-  switch (mr) {
-    case 1: return rows_through<INT8, 1, 1>(x, w, s, t0, t1, out, N);
-    case 2: return rows_through<INT8, 2, 1>(x, w, s, t0, t1, out, N);
-    case 3: return rows_through<INT8, 3, 1>(x, w, s, t0, t1, out, N);
-    default: return rows_through<INT8, 4, 1>(x, w, s, t0, t1, out, N);
-  }
+  if (mr == 1) return rows_through<INT8, 1, 1>(x, w, s, t0, t1, out, N);
+  return rows_through<INT8, 2, 1>(x, w, s, t0, t1, out, N);
 }
 #endif  // SMOLLM2_INT4_AVX2
 
