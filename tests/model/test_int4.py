@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import SmolLM2ForCausalLM
+from model import SmolLM2ForCausalLM, quant
 from model.attention import AttentionMetadata, allocate_kv_cache, build_decode_mask
 from model.kernels import Kernels
 from model.quant import (
+    ALL_ROWS,
     INT4_GROUP,
     INT4_LOSSLESS_ERROR,
     INT4_MAX_ROWS,
@@ -74,7 +75,7 @@ def test_our_int4_gemm_matches_the_dequantized_matmul(shape: tuple[int, int]) ->
     n, k = shape
     w = grid_weight(n, k, seed=1)
     if not tiles_supported(w, kernels):
-        pytest.skip("our int4 GEMM needs the C++ kernels on a CPU with AVX512-VNNI and AVX512-BF16")
+        pytest.skip("our int4 GEMM needs the C++ kernels on a CPU with AVX512-VNNI and AVX512-BF16, or AVX2")
     ours, torchs = Int4Weight.from_weight(w, kernels), Int4Weight.from_weight(w)
     assert ours.tiles and not torchs.tiles and ours.error <= INT4_LOSSLESS_ERROR
     g = torch.Generator().manual_seed(2)
@@ -95,6 +96,27 @@ def test_our_int4_gemm_matches_the_dequantized_matmul(shape: tuple[int, int]) ->
         # without their remainder are several times further off beside the outlier
         err, err_torch = (got.float() - ref).abs().max().item(), (torchs(x).float() - ref).abs().max().item()
         assert err < 1e-2 * scale and err < 2 * err_torch + 1e-3 * scale, (m, err, err_torch)
+
+
+def test_without_a_hardware_bf16_gemm_our_int4_and_int8_kernels_take_every_row_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On CPUs where a bf16 matmul has no hardware path (AVX2 only: neither our AVX512-BF16 GEMM nor oneDNN's
+    bf16) torch falls back to a generic loop ~10x under float32, so our int8-product kernels take every
+    step; with a bf16 GEMM they stop at the crossover rows."""
+    kernels = Kernels(cpp=True, bf16_gemm=False)
+    monkeypatch.setattr(quant, "_onednn_bf16", lambda: False)
+    monkeypatch.setattr(torch.ops.smollm2, "int4_gemm_amx", lambda: False)
+    assert not quant.bf16_gemm_fast(kernels)
+    assert int4_max_rows(kernels, tiles=True) == ALL_ROWS
+    assert quant.int8_head_max_rows(True, kernels) == ALL_ROWS
+    assert int4_max_rows(kernels, tiles=False) == quant.INT4_MAX_ROWS_ONEDNN  # torch's kernel: its crossover
+    monkeypatch.setattr(quant, "_onednn_bf16", lambda: True)
+    assert int4_max_rows(kernels, tiles=True) == quant.INT4_MAX_ROWS_TILES
+    assert quant.int8_head_max_rows(True, kernels) == quant.INT8_HEAD_MAX_ROWS_TILES
+    ours = Kernels(cpp=True, bf16_gemm=True)
+    assert int4_max_rows(ours, tiles=True) == quant.INT4_MAX_ROWS_TILES_OURS
+    assert quant.int8_head_max_rows(True, ours) == quant.INT8_HEAD_MAX_ROWS_TILES
 
 
 def test_lossless_detector() -> None:
