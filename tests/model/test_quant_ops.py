@@ -86,7 +86,9 @@ def test_our_vnni_int8_kernel_matches_the_plain_one(shape: tuple[int, int]) -> N
     n, k = shape
     w = q8_weight(n, k)
     if not tiles_supported(w, kernels):
-        pytest.skip("the VNNI kernels need the C++ library on a CPU with AVX512-VNNI and AVX512-BF16, or AVX2")
+        pytest.skip(
+            "the VNNI kernels need the C++ library on a CPU with AVX512-VNNI and AVX512-BF16, or AVX2"
+        )
     ours, plain = Int8Weight.from_weight(w, kernels), Int8Weight.from_weight(w)
     assert ours.tiles and not plain.tiles and ours.error == plain.error
     g = torch.Generator().manual_seed(3)
