@@ -4,8 +4,8 @@
 // 8 ATen kernels and RoPE 3, each with its own dispatch, allocation and pass over memory. These do one
 // pass each and round exactly where the torch path rounds (to the weights' dtype after x * rsqrt(...)
 // and after * weight; RoPE's a * cos rounded, then + roll(a) * sin), so the two paths agree to float32
-// summation order. With AVX512-BF16 the loops are vectorized (16 lanes; the same roundings, float32 sums in
-// lane order). SwiGLU (silu(gate) * up, with a vectorized exp) and the KV-cache write are here too. Rows run
+// summation order. With AVX512-BF16 the loops are vectorized in 16 lanes, with AVX2 in 8 (the same
+// roundings, float32 sums in lane order). SwiGLU (silu(gate) * up, with a vectorized exp) and the KV-cache write are here too. Rows run
 // in parallel above a grain of work; on one thread (the server's setting for small ops) they run inline.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -22,7 +22,7 @@
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #define SMOLLM2_VEC 1  // the AVX-512 loops below; others take the scalar ones (the same roundings)
 #elif defined(__AVX2__) && defined(__FMA__)
-#define SMOLLM2_VEC8 1  // SwiGLU's exp on 8 lanes (the same roundings)
+#define SMOLLM2_VEC8 1  // the same loops on 8 AVX2 lanes (the same roundings)
 #endif
 
 namespace {
@@ -56,6 +56,31 @@ inline __m512 round16(__m512 v) {
 }
 #endif
 
+#ifdef SMOLLM2_VEC8
+// 8 values of T as float32, float32 rounded to 8 values of T, and v rounded to T and back (AVX2)
+template <typename T>
+inline __m256 load8(const T* p) {
+  if constexpr (std::is_same_v<T, float>) return _mm256_loadu_ps(p);
+  else return smollm2::load_bf16x8(reinterpret_cast<const uint16_t*>(p));
+}
+template <typename T>
+inline void store8(T* p, __m256 v) {
+  if constexpr (std::is_same_v<T, float>) _mm256_storeu_ps(p, v);
+  else smollm2::store_bf16x8(reinterpret_cast<uint16_t*>(p), v);
+}
+template <typename T>
+inline __m256 round8(__m256 v) {
+  if constexpr (std::is_same_v<T, float>) return v;
+  else return smollm2::round_bf16x8(v);
+}
+
+inline float hsum8(__m256 v) {
+  __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)));
+}
+#endif
+
 constexpr int64_t kGrain = 1 << 15;  // elements per parallel task, like ATen's GRAIN_SIZE
 
 template <typename T>
@@ -84,6 +109,23 @@ void rms_norm_rows(float* x, const T* delta, const T* w, T* out, int64_t N, int6
         T* orow = out + n * H;
         for (int64_t i = 0; i < H; i += 16)
           store16(orow + i, _mm512_mul_ps(round16<T>(_mm512_mul_ps(_mm512_loadu_ps(xr + i), r)), load16(w + i)));
+        continue;
+      }
+#elif defined(SMOLLM2_VEC8)
+      if (H % 8 == 0) {
+        __m256 ss = _mm256_setzero_ps();
+        for (int64_t i = 0; i < H; i += 8) {
+          __m256 v = _mm256_loadu_ps(xr + i);
+          if (delta != nullptr) {
+            v = _mm256_add_ps(v, load8(delta + n * H + i));
+            _mm256_storeu_ps(xr + i, v);
+          }
+          ss = _mm256_fmadd_ps(v, v, ss);
+        }
+        const __m256 r = _mm256_set1_ps(1.f / std::sqrt(hsum8(ss) / static_cast<float>(H) + eps));
+        T* orow = out + n * H;
+        for (int64_t i = 0; i < H; i += 8)
+          store8(orow + i, _mm256_mul_ps(round8<T>(_mm256_mul_ps(_mm256_loadu_ps(xr + i), r)), load8(w + i)));
         continue;
       }
 #endif
@@ -168,6 +210,15 @@ void rope_rows(const T* x, const T* cos, const T* sin, T* out, int64_t rows, int
         }
         continue;
       }
+#elif defined(SMOLLM2_VEC8)
+      if (half % 8 == 0) {
+        for (int64_t j = 0; j < hd; j += 8) {
+          const __m256 a = round8<T>(_mm256_mul_ps(load8(xr + j), load8(c + j)));
+          const __m256 rolled = load8(xr + (j < half ? j + half : j - half));
+          store8(o + j, _mm256_fmadd_ps(rolled, load8(s + j), a));
+        }
+        continue;
+      }
 #endif
       for (int64_t j = 0; j < hd; ++j) {
         const float a = static_cast<float>(round_to<T>(static_cast<float>(xr[j]) * static_cast<float>(c[j])));
@@ -221,21 +272,9 @@ void silu_mul_rows(const T* gu, T* out, int64_t N, int64_t I) {
 #elif defined(SMOLLM2_VEC8)
       const __m256 one = _mm256_set1_ps(1.f);
       for (; i + 8 <= I; i += 8) {
-        __m256 gv, uv;
-        if constexpr (std::is_same_v<T, float>) {
-          gv = _mm256_loadu_ps(g + i);
-          uv = _mm256_loadu_ps(u + i);
-        } else {
-          gv = smollm2::load_bf16x8(reinterpret_cast<const uint16_t*>(g + i));
-          uv = smollm2::load_bf16x8(reinterpret_cast<const uint16_t*>(u + i));
-        }
-        __m256 sv = _mm256_div_ps(gv, _mm256_add_ps(one, smollm2::exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
-        if constexpr (std::is_same_v<T, float>) {
-          _mm256_storeu_ps(o + i, _mm256_mul_ps(sv, uv));
-        } else {
-          sv = smollm2::round_bf16x8(sv);
-          smollm2::store_bf16x8(reinterpret_cast<uint16_t*>(o + i), _mm256_mul_ps(sv, uv));
-        }
+        const __m256 gv = load8(g + i);
+        const __m256 sv = round8<T>(_mm256_div_ps(gv, _mm256_add_ps(one, smollm2::exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv)))));
+        store8(o + i, _mm256_mul_ps(sv, load8(u + i)));
       }
 #endif
       for (; i < I; ++i) {
