@@ -74,11 +74,6 @@ inline __m256 round8(__m256 v) {
   else return smollm2::round_bf16x8(v);
 }
 
-inline float hsum8(__m256 v) {
-  __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_add_ps(m, _mm_movehl_ps(m, m));
-  return _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)));
-}
 #endif
 
 constexpr int64_t kGrain = 1 << 15;  // elements per parallel task, like ATen's GRAIN_SIZE
@@ -122,7 +117,7 @@ void rms_norm_rows(float* x, const T* delta, const T* w, T* out, int64_t N, int6
           }
           ss = _mm256_fmadd_ps(v, v, ss);
         }
-        const __m256 r = _mm256_set1_ps(1.f / std::sqrt(hsum8(ss) / static_cast<float>(H) + eps));
+        const __m256 r = _mm256_set1_ps(1.f / std::sqrt(smollm2::hsum8(ss) / static_cast<float>(H) + eps));
         T* orow = out + n * H;
         for (int64_t i = 0; i < H; i += 8)
           store8(orow + i, _mm256_mul_ps(round8<T>(_mm256_mul_ps(_mm256_loadu_ps(xr + i), r)), load8(w + i)));

@@ -211,18 +211,13 @@ void rows_block(int64_t mr, const QuantRows& x, const uint8_t* w, const void* s,
 // at most 32,512 per pair, so each k-quad goes to int32 at once. Two 8-lane halves per 16-output tile.
 
 using smollm2::bf16_bits;
+using smollm2::hsum8;
 using smollm2::load_bf16x8;
 
 inline float hmax8(__m256 v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
   return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-}
-
-inline float hsum8(__m256 v) {
-  __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_add_ps(m, _mm_movehl_ps(m, m));
-  return _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)));
 }
 
 // 4 x 8 int32, in order -> 32 int8 in order, saturated

@@ -324,12 +324,6 @@ inline __m256 load8(const scalar_t* p) {
   else return smollm2::load_bf16x8(reinterpret_cast<const uint16_t*>(p));
 }
 
-inline float hsum8(__m256 v) {
-  __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_add_ps(m, _mm_movehl_ps(m, m));
-  return _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)));
-}
-
 template <typename scalar_t>
 inline void prefetch_row(const scalar_t* row, int64_t bytes) {
   for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(row) + b, _MM_HINT_T1);
@@ -375,7 +369,7 @@ void attend_avx2(const scalar_t* q, const scalar_t* cache, const Problem& p, int
         const __m256 kv = load8(r[t] + 8 * c);
         for (int j = 0; j < G; ++j) dot[j] = _mm256_fmadd_ps(_mm256_load_ps(qf[j] + 8 * c), kv, dot[j]);
       }
-      for (int j = 0; j < G; ++j) probs[j][t] = hsum8(dot[j]);
+      for (int j = 0; j < G; ++j) probs[j][t] = smollm2::hsum8(dot[j]);
     }
     for (int j = 0; j < G; ++j) {
       float mt = m[j];
@@ -392,7 +386,7 @@ void attend_avx2(const scalar_t* q, const scalar_t* cache, const Problem& p, int
       const __m256 q1 = _mm256_and_ps(p1, _mm256_cmp_ps(_mm256_add_ps(lane, _mm256_set1_ps(8.f)), nv, _CMP_LT_OQ));
       _mm256_store_ps(probs[j], q0);
       _mm256_store_ps(probs[j] + 8, q1);
-      l[j] = l[j] * alpha + hsum8(_mm256_add_ps(q0, q1));
+      l[j] = l[j] * alpha + smollm2::hsum8(_mm256_add_ps(q0, q1));
       m[j] = mt;
       const __m256 a = _mm256_set1_ps(alpha);
       for (int c = 0; c < NC; ++c) _mm256_store_ps(acc[j] + 8 * c, _mm256_mul_ps(_mm256_load_ps(acc[j] + 8 * c), a));

@@ -72,6 +72,13 @@ inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(_mm256_mul_ps(y, p1), p2);
 }
 
+// the sum of v's lanes
+inline float hsum8(__m256 v) {
+  __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)));
+}
+
 // 8 bfloat16 (raw bits) widened to float32
 inline __m256 load_bf16x8(const uint16_t* p) {
   return _mm256_castsi256_ps(
