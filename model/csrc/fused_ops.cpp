@@ -57,12 +57,8 @@ inline __m512 round16(__m512 v) {
 #endif
 
 #ifdef SMOLLM2_VEC8
-// 8 values of T as float32, float32 rounded to 8 values of T, and v rounded to T and back (AVX2)
-template <typename T>
-inline __m256 load8(const T* p) {
-  if constexpr (std::is_same_v<T, float>) return _mm256_loadu_ps(p);
-  else return smollm2::load_bf16x8(reinterpret_cast<const uint16_t*>(p));
-}
+// float32 rounded to 8 values of T, and v rounded to T and back (AVX2); smollm2::load8 reads them
+using smollm2::load8;
 template <typename T>
 inline void store8(T* p, __m256 v) {
   if constexpr (std::is_same_v<T, float>) _mm256_storeu_ps(p, v);

@@ -318,11 +318,7 @@ void attend_avx512(const scalar_t* q, const scalar_t* cache, const Problem& p, i
 // As the AVX-512 path in 8 lanes, with 16 registers: per token the G dots run over the row's NC vectors
 // (q in a float32 array, read from L1) and are summed across lanes; P @ V goes one 8-dim slice at a time
 // through the tile's tokens, so only G accumulators are live (the rest in a float32 array).
-template <typename scalar_t>
-inline __m256 load8(const scalar_t* p) {
-  if constexpr (std::is_same_v<scalar_t, float>) return _mm256_loadu_ps(p);
-  else return smollm2::load_bf16x8(reinterpret_cast<const uint16_t*>(p));
-}
+using smollm2::load8;
 
 template <typename scalar_t>
 inline void prefetch_row(const scalar_t* row, int64_t bytes) {
@@ -413,31 +409,21 @@ using AttendFn = void (*)(const scalar_t*, const scalar_t*, const Problem&, int6
 
 template <typename scalar_t>
 AttendFn<scalar_t> pick_kernel(int64_t g, int64_t hd) {
+// (query heads per KV head, head_dim) with a vector kernel: SmolLM2-135M (9 query heads over 3 KV heads,
+// head_dim 64), the tests' tiny configs, head_dim 128 models
+#define SMOLLM2_SHAPES(X) X(3, 64) X(1, 64) X(3, 16) X(1, 16) X(4, 64) X(2, 64) X(4, 128) X(1, 128)
 #ifdef __AVX512F__
-#define SMOLLM2_CASE(G, NC) \
-  if (g == G && hd == 16 * NC) return &attend_avx512<scalar_t, G, NC>;
-  SMOLLM2_CASE(3, 4)  // SmolLM2-135M: 9 query heads over 3 KV heads, head_dim 64
-  SMOLLM2_CASE(1, 4)
-  SMOLLM2_CASE(3, 1)  // the tests' tiny configs
-  SMOLLM2_CASE(1, 1)
-  SMOLLM2_CASE(4, 4)
-  SMOLLM2_CASE(2, 4)
-  SMOLLM2_CASE(4, 8)  // head_dim 128 models
-  SMOLLM2_CASE(1, 8)
+#define SMOLLM2_CASE(G, HD) \
+  if (g == G && hd == HD) return &attend_avx512<scalar_t, G, HD / 16>;
+  SMOLLM2_SHAPES(SMOLLM2_CASE)
 #undef SMOLLM2_CASE
 #elif defined(__AVX2__) && defined(__FMA__)
-#define SMOLLM2_CASE(G, NC) \
-  if (g == G && hd == 8 * NC) return &attend_avx2<scalar_t, G, NC>;
-  SMOLLM2_CASE(3, 8)  // SmolLM2-135M: 9 query heads over 3 KV heads, head_dim 64
-  SMOLLM2_CASE(1, 8)
-  SMOLLM2_CASE(3, 2)  // the tests' tiny configs
-  SMOLLM2_CASE(1, 2)
-  SMOLLM2_CASE(4, 8)
-  SMOLLM2_CASE(2, 8)
-  SMOLLM2_CASE(4, 16)  // head_dim 128 models
-  SMOLLM2_CASE(1, 16)
+#define SMOLLM2_CASE(G, HD) \
+  if (g == G && hd == HD) return &attend_avx2<scalar_t, G, HD / 8>;
+  SMOLLM2_SHAPES(SMOLLM2_CASE)
 #undef SMOLLM2_CASE
 #endif
+#undef SMOLLM2_SHAPES
   return &attend_scalar<scalar_t>;
 }
 

@@ -47,6 +47,7 @@ inline __m512 round_bf16(__m512 v) {
 #include <immintrin.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace smollm2 {
 
@@ -83,6 +84,13 @@ inline float hsum8(__m256 v) {
 inline __m256 load_bf16x8(const uint16_t* p) {
   return _mm256_castsi256_ps(
       _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+
+// 8 values of T (float, or a 2-byte bfloat16 type) as float32
+template <typename T>
+inline __m256 load8(const T* p) {
+  if constexpr (std::is_same_v<T, float>) return _mm256_loadu_ps(p);
+  else return load_bf16x8(reinterpret_cast<const uint16_t*>(p));
 }
 
 // float32 -> bfloat16 bits in the low half of each lane, rounded to nearest even as c10::BFloat16 and
