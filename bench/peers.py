@@ -65,6 +65,7 @@ def _tail(path: Path, n: int = 6) -> str:
 def run_logged(argv: list[str], log_path: Path, what: str, log: Log, timeout_s: float = 3600) -> None:
     """Run an install step, its output appended to ``log_path``; raise PeerUnavailable on failure."""
     log(f"  $ {' '.join(argv)}")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as fh:
         try:
             rc = subprocess.run(argv, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout_s).returncode
