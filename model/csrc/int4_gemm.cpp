@@ -113,6 +113,10 @@ void quantize_row(const uint16_t* x, int64_t K, int8_t* qx, int8_t* qr, float* d
 //   bfloat16), bfloat16 out.
 //   INT8 = true: int8 weights stored as u8 (w + 128; 8 chunks of 64 bytes, one k-quad each; scales: d as
 //   float32), float32 out.
+// Weights are read this many groups ahead of their use: each tile is its own stream of a few KB, too short
+// for the hardware prefetcher to ramp up on (bench/NOTES.md)
+constexpr int64_t kPrefetchGroups = 4;
+
 template <bool INT8, int MR, int NT>
 inline void block(const QuantRows& x, const uint8_t* __restrict w, const void* __restrict scales, int64_t t0,
                   void* __restrict out, int64_t N) {
@@ -127,6 +131,11 @@ inline void block(const QuantRows& x, const uint8_t* __restrict w, const void* _
     __m512i part[MR][NT], part_r[MR][NT];
     for (int r = 0; r < MR; ++r)
       for (int j = 0; j < NT; ++j) part[r][j] = part_r[r][j] = _mm512_setzero_si512();
+    for (int j = 0; j < NT; ++j)
+      for (int c = 0; c < chunks; ++c)
+        _mm_prefetch(reinterpret_cast<const char*>(w + ((t0 + j) * G + g + kPrefetchGroups) * chunks * kChunk +
+                                                   c * kChunk),
+                     _MM_HINT_T0);
     for (int c = 0; c < chunks; ++c) {
       for (int j = 0; j < NT; ++j) {
         const __m512i v = _mm512_loadu_si512(w + ((t0 + j) * G + g) * chunks * kChunk + c * kChunk);
@@ -191,7 +200,7 @@ template <bool INT8>
 void rows_block(int64_t mr, const QuantRows& x, const uint8_t* w, const void* s, int64_t t0, int64_t t1, void* out,
                 int64_t N) {
   switch (mr) {
-    case 1: return rows_through<INT8, 1, 4>(x, w, s, t0, t1, out, N);
+    case 1: return rows_through<INT8, 1, 1>(x, w, s, t0, t1, out, N);  // one stream: read in order
     case 2: return rows_through<INT8, 2, 2>(x, w, s, t0, t1, out, N);
     case 3: return rows_through<INT8, 3, 1>(x, w, s, t0, t1, out, N);
     default: return rows_through<INT8, 4, 1>(x, w, s, t0, t1, out, N);
