@@ -19,6 +19,7 @@ sequence; 32 queries share each key tile), and its decodes through the kernel in
 from __future__ import annotations
 
 import math
+import mmap
 from dataclasses import dataclass, field
 
 import torch
@@ -132,9 +133,16 @@ def allocate_kv_cache(
     dtype: torch.dtype,
     device: torch.device | str,
 ) -> list[torch.Tensor]:
-    """One (2 * nkv, num_blocks * block_size, hd) tensor per layer: K heads, then V heads."""
+    """One (2 * nkv, num_blocks * block_size, hd) tensor per layer: K heads, then V heads.
+
+    On the CPU each tensor is an anonymous memory map: zeros, as torch.zeros gives, but its pages take
+    memory only once a block in them is first written, so a pool sized for a busy server costs an idle
+    one nothing."""
     shape = (2 * num_kv_heads, num_blocks * block_size, head_dim)
-    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+    if torch.device(device).type != "cpu":
+        return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return [torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape) for _ in range(num_layers)]
 
 
 def kv_cache_bytes_per_block(

@@ -83,8 +83,9 @@ def make_core(
     config = EngineConfig(scheduler, settings.max_waiting, kv_cache_bytes=runner.kv_cache_bytes)
     core = EngineCore(runner, Scheduler(scheduler), config)
     log.info(
-        "KV cache: %d blocks x %d tokens = %d tokens, %.0f MiB (%s); max_model_len %d, max_num_seqs %d",
-        num_blocks, settings.block_size, num_blocks * settings.block_size, runner.kv_cache_bytes / 2**20, why,
+        "KV cache: %d blocks x %d tokens = %d tokens, %.0f MiB%s (%s); max_model_len %d, max_num_seqs %d",
+        num_blocks, settings.block_size, num_blocks * settings.block_size, runner.kv_cache_bytes / 2**20,
+        " reserved, taken as blocks are first written" if model.device.type == "cpu" else "", why,
         max_model_len, settings.max_num_seqs,
     )  # fmt: skip
     return core
@@ -92,8 +93,9 @@ def make_core(
 
 # Tokens per running sequence the default KV cache holds room for: a chat turn's prompt and answer. A
 # busier mix preempts (and later recomputes) the newest sequences instead of failing; a larger pool is
-# one --kv-cache-memory away.
-KV_TOKENS_PER_SEQ = 128
+# one --kv-cache-memory away. On the CPU the pool's pages take memory only once written
+# (model.attention.allocate_kv_cache), so an idle server does not pay for this room.
+KV_TOKENS_PER_SEQ = 256
 
 
 def kv_cache_blocks(model: Any, settings: Settings, max_model_len: int) -> tuple[int, str]:

@@ -84,7 +84,7 @@ class Settings:
     kv_cache_memory: int | None = _opt(
         None,
         "memory for the paged KV cache, e.g. 1GiB, 512MiB or bytes; default: room for --max-num-seqs "
-        "sequences of 128 tokens (at least one of --max-model-len), logged at start-up",
+        "sequences of 256 tokens (at least one of --max-model-len), logged at start-up",
         parse_bytes,
     )
     block_size: int = _opt(16, "tokens per KV cache block", int)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -277,3 +278,25 @@ def test_fresh_prompts_of_different_lengths_share_one_padded_attention_call(monk
         torch.testing.assert_close(out[rows], want, atol=1e-5, rtol=1e-5)
     long = PrefillSeq(27, 40, 40, torch.tensor([3, 4, 5]))
     assert attention._fresh_runs([*seqs, long]) == [(True, seqs), (True, [long])]
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc")
+def test_cpu_kv_cache_takes_memory_only_where_written() -> None:
+    """A large default pool must not cost an idle server its size: the CPU KV tensors read as zeros and
+    their pages count towards the process only once a block is written."""
+    layers, nkv, hd, blocks, bs = 30, 3, 64, 4096, 16  # 1.4 GiB of bf16 in all
+    before = _rss_bytes()
+    caches = allocate_kv_cache(layers, nkv, hd, blocks, bs, torch.bfloat16, "cpu")
+    assert sum(c.numel() * c.element_size() for c in caches) == 2 * layers * nkv * hd * blocks * bs * 2
+    assert _rss_bytes() - before < 64 * 2**20
+    for c in caches:
+        assert c.shape == (2 * nkv, blocks * bs, hd) and c.is_contiguous()
+        c[:, 5 * bs : 6 * bs].fill_(1.5)  # one block in every layer
+    assert _rss_bytes() - before < 64 * 2**20
+    assert bool((caches[7][:, 5 * bs : 6 * bs] == 1.5).all())
+    assert not caches[7][:, : 5 * bs].any() and not caches[7][:, 6 * bs :].any()
