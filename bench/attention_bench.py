@@ -9,7 +9,7 @@ traffic) in enough layer caches that their K/V exceed the L3 cache, and times on
 as a decode step does; figures are microseconds per layer call. "GB/s" is the K/V bytes the kernel must
 read over its time. A second table times prefill_attention for one chunk of T queries after S - T cached
 tokens (chunked prefill, a prefix-cache hit): SDPA with a mask, the C++ kernel path, and where the CPU has
-AMX tiles the kernel prompts take there (model/csrc/prefill_attention.cpp).
+AVX512-BF16 or AMX tiles the kernel prompts take there (model/csrc/prefill_attention.cpp).
 """
 
 from __future__ import annotations
@@ -71,11 +71,11 @@ def time_chunk(T: int, S: int, dtype: torch.dtype, mode: str, min_seconds: float
     cache = torch.randn(2 * NKV, (nb + 8) * BS, HD, generator=g).to(dtype)
     seq = PrefillSeq(0, T, S, torch.randperm(nb + 8, generator=g)[:nb])
     q = (torch.randn(T, NH, HD, generator=g) / math.sqrt(HD)).to(dtype)
-    paged_kernel.set_attention_kernel("cpp" if mode == "amx" else mode)
+    paged_kernel.set_attention_kernel("cpp" if mode == "prompt" else mode)
 
     def call() -> object:
-        if mode == "amx":  # what the runner's prefill_amx steps call
-            return paged_kernel.prefill_attention_amx(q, cache, seq.block_table, S, BS)
+        if mode == "prompt":  # what the runner's prefill_kernel steps call
+            return paged_kernel.prefill_attention_kernel(q, cache, seq.block_table, S, BS)
         return prefill_attention(q, cache, seq, BS)
 
     call()
@@ -115,11 +115,11 @@ def main() -> None:
     for spec in filter(None, args.chunks.split(",")):
         T, S = (int(x) for x in spec.split("x"))
         t_torch, t_cpp = time_chunk(T, S, dtype, "torch"), time_chunk(T, S, dtype, "cpp")
-        amx = dtype == torch.bfloat16 and paged_kernel.prefill_amx_available()
-        t_amx = time_chunk(T, S, dtype, "amx") if amx else None
-        chunk_rows.append((T, S, t_torch, t_cpp, t_amx))
+        prompt = dtype == torch.bfloat16 and paged_kernel.prefill_kernel_available()
+        t_prompt = time_chunk(T, S, dtype, "prompt") if prompt else None
+        chunk_rows.append((T, S, t_torch, t_cpp, t_prompt))
         print(
-            f"chunk T={T} S={S}: torch {t_torch:.0f} us, kernel {t_cpp:.0f} us, AMX {t_amx or 0:.0f} us",
+            f"chunk T={T} S={S}: torch {t_torch:.0f} us, kernel {t_cpp:.0f} us, prompt kernel {t_prompt or 0:.0f} us",
             flush=True,
         )
     paged_kernel.set_attention_kernel(None)
@@ -140,14 +140,14 @@ def main() -> None:
             "",
             "Prefill chunk of T queries after S - T cached tokens, one layer: prefill_attention in torch mode",
             "(SDPA + mask) and with the C++ kernels (the per-row kernel up to 256 queries, flash attention over",
-            "the cache and the chunk beyond), and the AMX kernel (bf16 on CPUs with AMX tiles; - elsewhere):",
+            "the cache and the chunk beyond), and the prompt kernel (bf16 on CPUs with AVX512-BF16 or AMX tiles; - elsewhere):",
             "",
-            "| T | S | torch path us | kernel path us | speedup | AMX kernel us | AMX vs kernel path |",
+            "| T | S | torch path us | kernel path us | speedup | prompt kernel us | prompt kernel vs kernel path |",
             "|---|---|---|---|---|---|---|",
         ]
         for T, S, a, b, c in chunk_rows:
-            amx_cols = f"{c:.0f} | {b / c:.1f}x" if c else "- | -"
-            lines.append(f"| {T} | {S} | {a:.0f} | {b:.0f} | {a / b:.1f}x | {amx_cols} |")
+            prompt_cols = f"{c:.0f} | {b / c:.1f}x" if c else "- | -"
+            lines.append(f"| {T} | {S} | {a:.0f} | {b:.0f} | {a / b:.1f}x | {prompt_cols} |")
     table = "\n".join(lines) + "\n"
     print(table)
     out = Path(args.out)

@@ -1,14 +1,15 @@
-"""Prompt attention on the AMX tile unit (model/csrc/prefill_attention.cpp) against the path it replaced,
-in the engine, alternating in one run.
+"""Prompt attention in the prompt kernel (model/csrc/prefill_attention.cpp: AMX tiles, else AVX512-BF16)
+against the path it replaced, in the engine, alternating in one run.
 
     python -m bench.prefill_ab [--rounds 3] [--prompt-tokens 64,256,512,1500,2000]
                                [--max-num-batched-tokens 512] [--out bench/results]
 
 One engine serves the default model as the server does (bf16, int4/int8 copies, GEMMs on every core); its
-runner's prefill_amx switches between the AMX kernel and the earlier path (the per-row paged kernel up to
+runner's prefill_kernel switches between the prompt kernel and the earlier path (the per-row paged kernel up to
 KERNEL_PROMPT_MAX tokens, torch's flash attention over the cache and the chunk, merged, beyond). Rows: the
 time from adding one prompt (prefix cache reset) to its first token, median over the rounds; the same for
-a 1,500-token prompt beside 31 decoding streams, and the median step meanwhile. Needs a CPU with AMX tiles.
+a 1,500-token prompt beside 31 decoding streams, and the median step meanwhile. Needs a CPU with
+AVX512-BF16.
 """
 
 from __future__ import annotations
@@ -63,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
-    if not paged_kernel.prefill_amx_available():
-        print("this CPU has no AMX tile unit: nothing to compare")
+    if not paged_kernel.prefill_kernel_available():
+        print("this CPU has neither AVX512-BF16 nor AMX tiles: nothing to compare")
         return 1
     torch.set_num_threads(1)
     engine = build(str(require_default_model()), True, args.max_num_batched_tokens)
@@ -75,28 +76,28 @@ def main(argv: list[str] | None = None) -> int:
         return [rng.randrange(100, 40000) for _ in range(n)]
 
     sizes = [int(n) for n in args.prompt_tokens.split(",")]
-    modes = {"AMX": True, "before": False}
-    for amx in modes.values():  # warm-up: first-call costs of both paths
-        runner.prefill_amx = amx
+    modes = {"kernel": True, "before": False}
+    for on in modes.values():  # warm-up: first-call costs of both paths
+        runner.prefill_kernel = on
         prefill_s(engine, tokens(600))
     results: dict[str, dict[str, list[float]]] = {name: {} for name in modes}
     for _ in range(args.rounds):
-        for name, amx in modes.items():
-            runner.prefill_amx = amx
+        for name, on in modes.items():
+            runner.prefill_kernel = on
             for n in sizes:
                 results[name].setdefault(f"prompt {n}", []).append(prefill_s(engine, tokens(n)))
             ttft, step = mixed_s(engine, [tokens(64) for _ in range(31)], tokens(1500))
             results[name].setdefault("mixed ttft", []).append(ttft)
             results[name].setdefault("mixed step", []).append(step)
-    runner.prefill_amx = paged_kernel.prefill_amx_available()
+    runner.prefill_kernel = paged_kernel.prefill_kernel_available()
     lines = [
-        f"# Prompt attention: AMX kernel vs before ({dt.datetime.now():%Y-%m-%d %H:%M}, median of "
+        f"# Prompt attention: the prompt kernel vs before ({dt.datetime.now():%Y-%m-%d %H:%M}, median of "
         f"{args.rounds} alternating rounds, chunks of {args.max_num_batched_tokens} tokens)",
         "",
-        "| measure | AMX ms | before ms | AMX / before |",
+        "| measure | kernel ms | before ms | kernel / before |",
         "|---|---|---|---|",
     ]
-    for key in results["AMX"]:
+    for key in results["kernel"]:
         a, b = (statistics.median(results[n][key]) * 1000 for n in modes)
         labels = {
             "mixed ttft": "first token of a 1,500-token prompt beside 31 decoding streams",

@@ -11,9 +11,9 @@ A step's flat batch is ordered decodes first (one query token each), then prefil
 attended together with two batched matmuls, the query heads of each KV head grouped (no repeat_kv copy);
 prefill chunks, which are few and large, go one by one through scaled_dot_product_attention. On CPU with the
 C++ kernel, a step whose whole prompts are at most KERNEL_PROMPT_MAX tokens is one kernel call over all its
-rows (step_rows). Where the CPU has AMX tiles (bf16), a step with a prompt or chunk of AMX_PROMPT_MIN tokens or
-more sends each of its prompts and chunks through model/csrc/prefill_attention.cpp instead (one call per
-sequence; 32 queries share each key tile), and its decodes through the kernel in one call.
+rows (step_rows). Where the CPU has AVX512-BF16 or AMX tiles (bf16), a step with a prompt or chunk of
+KERNEL_PROMPT_MIN tokens or more sends each of its prompts and chunks through model/csrc/prefill_attention.cpp
+instead (one call per sequence; 32 queries share each key block), and its decodes through the kernel in one call.
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ class AttentionMetadata:
     row_tables: torch.Tensor | None = None
     row_lens: torch.Tensor | None = None
     prefill_runs: list[PrefillRun] = field(default_factory=list)  # prefills grouped, when row_tables is None
-    # prompts and chunks (bf16, hd 64) through the AMX tile kernel, one call per sequence, instead of SDPA
-    prefill_amx: bool = False
+    # prompts and chunks (bf16, hd 64) through the prompt kernel, one call per sequence, instead of SDPA
+    prefill_kernel: bool = False
 
 
 def step_metadata(
@@ -82,15 +82,15 @@ def step_metadata(
     decode_mask: torch.Tensor | None = None,
     batch_invariant: bool = False,
     compute_threads: int | None = None,
-    prefill_amx: bool = False,
+    prefill_kernel: bool = False,
 ) -> AttentionMetadata:
     """The whole AttentionMetadata of a step: how its rows are attended (one kernel call, or decodes and
     prefill runs) is decided here, once, not by the layers.
 
     batch_invariant (Kernels.batch_invariant): every row goes through the C++ kernel whatever the prompt
-    lengths, since SDPA's reduction over keys depends on how many queries share the call. prefill_amx
-    (paged_kernel.prefill_amx_available, bf16 with head dim 64): once a prompt or chunk has at least
-    AMX_PROMPT_MIN tokens, every prompt and chunk of the step goes through the AMX kernel, one call per
+    lengths, since SDPA's reduction over keys depends on how many queries share the call. prefill_kernel
+    (paged_kernel.prefill_kernel_available, bf16 with head dim 64): once a prompt or chunk has at least
+    KERNEL_PROMPT_MIN tokens, every prompt and chunk of the step goes through the prompt kernel, one call per
     sequence, and the decodes through the paged kernel; not with batch_invariant."""
     if batch_invariant and not use_kernel:
         raise ValueError("batch-invariant attention needs the C++ paged kernel")
@@ -105,15 +105,17 @@ def step_metadata(
         decode_context_lens,
         use_kernel,
         compute_threads,
-        prefill_amx=prefill_amx and use_kernel and not batch_invariant,
+        prefill_kernel=prefill_kernel and use_kernel and not batch_invariant,
     )
     if use_kernel and prefills and (decode_context_lens is not None or not D):
-        limit = None if batch_invariant else AMX_PROMPT_MIN - 1 if meta.prefill_amx else KERNEL_PROMPT_MAX
+        limit = (
+            None if batch_invariant else KERNEL_PROMPT_MIN - 1 if meta.prefill_kernel else KERNEL_PROMPT_MAX
+        )
         rows = step_rows(meta, slot_mapping.shape[0], limit)
         if rows is not None:
             meta.row_tables, meta.row_lens = rows
     if prefills and meta.row_tables is None:
-        if meta.prefill_amx:  # one kernel call per sequence, fresh or not: no padded runs to build
+        if meta.prefill_kernel:  # one kernel call per sequence, fresh or not: no padded runs to build
             meta.prefill_runs = [PrefillRun(False, [s]) for s in prefills]
         else:
             meta.prefill_runs = prefill_runs(prefills, slot_mapping.device)
@@ -349,10 +351,10 @@ def prefill_runs(prefills: list[PrefillSeq], device: torch.device) -> list[Prefi
 # the 2-core CPU (bench/NOTES.md, "Figures behind the code's constants").
 KERNEL_PROMPT_MAX = 256
 
-# A step with a prompt or chunk of this many tokens takes the AMX kernel where it may (2x the per-row kernel
-# at 32 tokens, 6x at 256 on the 2-core CPU, bench/NOTES.md); a step of shorter ones only (a draft's
+# A step with a prompt or chunk of this many tokens takes the prompt kernel where it may (on AMX and on
+# AVX512-BF16 alone, ~1.5-2x the per-row kernel at 16-32 tokens, 4-6x at 256, bench/NOTES.md); a step of shorter ones only (a draft's
 # verification rows) stays one per-row call over all its rows.
-AMX_PROMPT_MIN = 16
+KERNEL_PROMPT_MIN = 16
 
 
 def step_rows(
@@ -420,11 +422,11 @@ def paged_attention(
     for run in runs:
         start = run.seqs[0].query_start
         end = run.seqs[-1].query_start + run.seqs[-1].query_len
-        if meta.prefill_amx and use_kernel:  # the cache holds the run's keys and values already
+        if meta.prefill_kernel and use_kernel:  # the cache holds the run's keys and values already
             for seq in run.seqs:
                 a, b = seq.query_start, seq.query_start + seq.query_len
                 parts.append(
-                    paged_kernel.prefill_attention_amx(
+                    paged_kernel.prefill_attention_kernel(
                         q[a:b],
                         kv_cache,
                         seq.block_table,

@@ -44,7 +44,7 @@ FUSED_SOURCE = Path(__file__).parent / "csrc" / "fused_ops.cpp"  # residual add 
 QUANT_SOURCE = Path(__file__).parent / "csrc" / "quant_ops.cpp"  # int8 LM head, row argmax
 GEMM_SOURCE = Path(__file__).parent / "csrc" / "bf16_gemm.cpp"  # the bf16 GEMM of PackedLinear
 INT4_SOURCE = Path(__file__).parent / "csrc" / "int4_gemm.cpp"  # its int4 GEMM for a few rows
-PREFILL_SOURCE = Path(__file__).parent / "csrc" / "prefill_attention.cpp"  # prompt chunks on AMX
+PREFILL_SOURCE = Path(__file__).parent / "csrc" / "prefill_attention.cpp"  # prompts and chunks, bf16
 LAYERS_SOURCE = Path(__file__).parent / "csrc" / "decode_layers.cpp"  # a step's layer loop in one call
 SOURCES = (SOURCE, FUSED_SOURCE, QUANT_SOURCE, GEMM_SOURCE, INT4_SOURCE, PREFILL_SOURCE, LAYERS_SOURCE)
 LIBRARY_NAME = "smollm2_paged_attention"
@@ -206,12 +206,13 @@ def _headers_hash() -> str:
     return digest.hexdigest()[:12]
 
 
-def prefill_amx_available() -> bool:
-    """Prompt chunks can go through the AMX tile unit (model/csrc/prefill_attention.cpp) on this CPU."""
-    return load() and bool(torch.ops.smollm2.prefill_attention_amx_available())
+def prefill_kernel_available() -> bool:
+    """Prompt chunks can go through the prompt kernel (model/csrc/prefill_attention.cpp: AVX512-BF16, or the
+    AMX tile unit) on this CPU."""
+    return load() and bool(torch.ops.smollm2.prefill_attention_available())
 
 
-def prefill_attention_amx(
+def prefill_attention_kernel(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
     block_table: torch.Tensor,
@@ -222,7 +223,7 @@ def prefill_attention_amx(
     """q (T, nh, 64) scaled bf16, the chunk's queries at positions context_len - T .. context_len - 1, whose
     keys and values are already in kv_cache (bf16) -> (T, nh * 64): causal attention over the sequence's
     first context_len tokens. threads: as for paged_decode_attention."""
-    op = torch.ops.smollm2.prefill_attention_amx
+    op = torch.ops.smollm2.prefill_attention
     return run_on(threads, op, q, kv_cache, block_table, context_len, block_size)
 
 

@@ -1,18 +1,20 @@
-// Causal attention of one prompt chunk over the paged KV cache on the AMX tile unit (CPU), for prefill.
+// Causal attention of one prompt chunk over the paged KV cache, for prefill (CPU: the AMX tile unit, else
+// AVX512-BF16).
 //
-// prefill_attention_amx(q (T, nh, hd) scaled bf16, kv_cache (2 nkv, slots, hd) bf16, block_table (nb,)
-//                       int64, context_len S, block_size) -> (T, nh * hd)
+// prefill_attention(q (T, nh, hd) scaled bf16, kv_cache (2 nkv, slots, hd) bf16, block_table (nb,) int64,
+//                   context_len S, block_size) -> (T, nh * hd)
 //
 // The chunk's T queries sit at positions S - T .. S - 1 of one sequence, whose first S tokens (the chunk's
 // own included) are already in the cache; query i sees keys 0 .. S - T + i. The decode kernel
 // (paged_attention.cpp) reads a row's whole context once per row; here 32 query rows of a head share each
-// key tile, and both products run on the tile unit:
-// - the keys and values of each KV head are packed once per call as AMX B tiles, 32 keys at a time:
-//   K^T as 2 x 2 tiles (16 keys x 32 dims each, dims in pairs), V as 4 tiles (32 keys in pairs x 16 dims),
-//   keys past S zero;
-// - for 32 queries of one head: S = Q K^T for every key they see into a float32 buffer (tile unit); each
-//   row's softmax with its exact max, P stored as bf16 and its sum taken in float32 (AVX-512); then P V (tile
-//   unit) and a division by the sum. A row's result depends only on its own scores.
+// key block:
+// - the keys and values of each KV head are packed once per call, 32 keys at a time: K^T as 2 x 2 tiles
+//   (16 keys x 32 dims each, dims in pairs), V as 4 tiles (32 keys in pairs x 16 dims), keys past S zero.
+//   A line of either is 16 lanes of a bf16 pair: one AMX B tile line, or one vdpbf16ps operand;
+// - for 32 queries of one head: S = Q K^T for every key they see into a float32 buffer; each row's softmax
+//   with its exact max, P stored as bf16 and its sum taken in float32; then P V and a division by the sum.
+//   A row's result depends only on its own scores. The products run on the tile unit where there is one
+//   (attend_amx), else as vdpbf16ps with one operand a broadcast pair of q or P (attend_avx512).
 // Work items are (query head, 32 queries), dealt to threads round robin from the most expensive (the last
 // queries, which see the most keys). Needs hd 64 and a block size that is a multiple of 16 (16 consecutive
 // keys in consecutive slots).
@@ -30,9 +32,13 @@
 
 #include "amx.h"
 
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512F__)
+#define SMOLLM2_PREFILL_KERNEL 1
+#endif
+
 namespace {
 
-#ifdef SMOLLM2_HAVE_AMX
+#ifdef SMOLLM2_PREFILL_KERNEL
 
 constexpr int64_t HD = 64;       // head dim this kernel serves
 constexpr int64_t KB = 32;       // keys per block: the K dim of one P V tile product
@@ -98,7 +104,8 @@ inline __m512 exp2_neg(__m512 t) {
   return _mm512_scalef_ps(y, n);
 }
 
-// Eight tiles of 16 lines of 64 bytes (attend says what each holds).
+#ifdef SMOLLM2_HAVE_AMX
+// Eight tiles of 16 lines of 64 bytes (attend_amx says what each holds).
 void configure() {
   smollm2::amx::TileConfig cfg;
   for (int i = 0; i < 8; ++i) {
@@ -107,6 +114,7 @@ void configure() {
   }
   _tile_loadconfig(&cfg);
 }
+#endif
 
 struct Chunk {
   const uint16_t* q;  // query 0, head 0
@@ -166,8 +174,9 @@ inline float softmax_row(const float* sr, uint16_t* pr, int64_t n, int64_t width
 // that shares every key tile load with the first), in three passes over the keys they see: the scores (tile
 // unit), each row's softmax with its exact max (AVX-512), then P V (tile unit), a half of the head dims at
 // a time. Passes rather than one online loop: each runs without waiting on the other unit.
+#ifdef SMOLLM2_HAVE_AMX
 template <bool TWO>
-void attend(const Chunk& c, int64_t h, int64_t head, int64_t qb, Scratch& w) {
+void attend_amx(const Chunk& c, int64_t h, int64_t head, int64_t qb, Scratch& w) {
   constexpr int64_t R = TWO ? 32 : 16;
   const int64_t rows = std::min<int64_t>(R, c.T - qb * 32);
   const int64_t first = c.P + qb * 32;  // position of the first query
@@ -259,10 +268,106 @@ void attend(const Chunk& c, int64_t h, int64_t head, int64_t qb, Scratch& w) {
 
 #endif  // SMOLLM2_HAVE_AMX
 
-at::Tensor prefill_attention_amx(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_table,
-                                 int64_t context_len, int64_t block_size) {
-  TORCH_CHECK(smollm2::amx::usable(), "prefill_attention_amx needs the AMX tile unit");
-  TORCH_CHECK(q.device().is_cpu() && kv_cache.device().is_cpu(), "prefill_attention_amx is CPU only");
+// The chunk's queries qb * 32 .. (up to 32) of query head `head` (of KV head h), as attend_amx, with
+// vdpbf16ps: lane i of a packed K^T line is key i's dim pair, so a broadcast pair of one query's dims
+// multiplies 16 keys at once; lane i of a packed V line is dim i's key pair, so a broadcast pair of one
+// row's probabilities multiplies 16 dims at once.
+constexpr int kScoreRows = 8;  // rows per pass over a key block's K^T: 8 x 2 accumulators
+constexpr int kOutRows = 4;    // rows per pass over a key block's V: 4 x 4 accumulators
+
+inline __m512 dot_pair(__m512 acc, const uint16_t* pair, const uint16_t* line) {
+  const __m512i a = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(pair));
+  return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)_mm512_load_si512(line));
+}
+
+void attend_avx512(const Chunk& c, int64_t h, int64_t head, int64_t qb, Scratch& w) {
+  constexpr int64_t R = 32;
+  const int64_t rows = std::min<int64_t>(R, c.T - qb * 32);
+  const int64_t first = c.P + qb * 32;
+  const int64_t padded = (rows + kScoreRows - 1) / kScoreRows * kScoreRows;
+  alignas(64) uint16_t qpad[R * HD];
+  const uint16_t* qa = c.q + qb * 32 * c.q_row + head * c.q_head;
+  int64_t qld = c.q_row;
+  if (rows < padded) {  // the chunk's last queries: a zero-padded copy, so nothing past q is read
+    std::memset(qpad, 0, sizeof(qpad));
+    for (int64_t r = 0; r < rows; ++r) std::memcpy(qpad + r * HD, qa + r * c.q_row, HD * 2);
+    qa = qpad;
+    qld = HD;
+  }
+  const int64_t blocks = (first + rows - 1) / KB + 1;
+  const int64_t width = blocks * KB;
+  const int64_t ld = width + 32;
+  const uint16_t* kv = c.packed + h * c.nkb * KB_TILES * TILE;
+  float* s = w.s;
+  uint16_t* p = w.p;
+  for (int64_t r0 = 0; r0 < padded; r0 += kScoreRows) {
+    // a row group sees keys up to its last row's position: later blocks are masked for all of it
+    const int64_t seen = std::min<int64_t>(blocks, (first + std::min<int64_t>(r0 + kScoreRows, rows) - 1) / KB + 1);
+    for (int64_t kb = 0; kb < seen; ++kb) {
+      const uint16_t* blk = kv + kb * KB_TILES * TILE;
+      __m512 acc[kScoreRows][2];
+      for (int r = 0; r < kScoreRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+      for (int dp = 0; dp < HD / 2; ++dp) {
+        const uint16_t* k0 = blk + (dp / 16) * TILE + (dp % 16) * 32;  // keys 0-15 of the block, dims 2 dp, + 1
+        const uint16_t* k1 = k0 + 2 * TILE;                            // keys 16-31
+        for (int r = 0; r < kScoreRows; ++r) {
+          const uint16_t* qr = qa + (r0 + r) * qld + 2 * dp;
+          acc[r][0] = dot_pair(acc[r][0], qr, k0);
+          acc[r][1] = dot_pair(acc[r][1], qr, k1);
+        }
+      }
+      for (int r = 0; r < kScoreRows; ++r) {
+        _mm512_store_ps(s + (r0 + r) * ld + kb * KB, acc[r][0]);
+        _mm512_store_ps(s + (r0 + r) * ld + kb * KB + 16, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < kScoreRows; ++r) {  // blocks past the group's last key hold no score it may see
+      const int64_t n = (seen < blocks) ? seen * KB : width;
+      std::fill(s + (r0 + r) * ld + n, s + (r0 + r) * ld + width, 0.f);
+    }
+  }
+  float l[R];
+  for (int64_t r = 0; r < padded; ++r)  // a padding row past the chunk sees all of them (finite)
+    l[r] = softmax_row(s + r * ld, p + r * ld, r < rows ? first + r + 1 : width, width);
+  for (int64_t r0 = 0; r0 < rows; r0 += kOutRows) {
+    const int64_t last = std::min<int64_t>(r0 + kOutRows, rows) - 1;
+    const int64_t seen = (first + last) / KB + 1;  // p is zero past each row's own keys
+    __m512 acc[kOutRows][4];
+    for (int r = 0; r < kOutRows; ++r)
+      for (int d = 0; d < 4; ++d) acc[r][d] = _mm512_setzero_ps();
+    for (int64_t kb = 0; kb < seen; ++kb) {
+      const uint16_t* vt = kv + kb * KB_TILES * TILE + 4 * TILE;
+      for (int kp = 0; kp < KB / 2; ++kp) {
+        for (int r = 0; r < kOutRows; ++r) {
+          const uint16_t* pr = p + (r0 + r) * ld + kb * KB + 2 * kp;
+          for (int d = 0; d < 4; ++d) acc[r][d] = dot_pair(acc[r][d], pr, vt + d * TILE + kp * 32);
+        }
+      }
+    }
+    for (int r = 0; r < kOutRows && r0 + r < rows; ++r) {
+      const __m512 inv = _mm512_set1_ps(1.f / l[r0 + r]);
+      uint16_t* dst = c.out + (qb * 32 + r0 + r) * c.nh * HD + head * HD;
+      for (int d = 0; d < 4; d += 2)
+        _mm512_storeu_si512(dst + 16 * d, (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(acc[r][d + 1], inv),
+                                                                       _mm512_mul_ps(acc[r][d], inv)));
+    }
+  }
+}
+
+#endif  // SMOLLM2_PREFILL_KERNEL
+
+bool prefill_attention_available() {
+#ifdef SMOLLM2_PREFILL_KERNEL
+  return true;
+#else
+  return false;
+#endif
+}
+
+at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_table,
+                             int64_t context_len, int64_t block_size) {
+  TORCH_CHECK(prefill_attention_available(), "prefill_attention needs AVX512-BF16 or the AMX tile unit");
+  TORCH_CHECK(q.device().is_cpu() && kv_cache.device().is_cpu(), "prefill_attention is CPU only");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && kv_cache.scalar_type() == at::kBFloat16, "bfloat16 only");
   TORCH_CHECK(q.dim() == 3 && kv_cache.dim() == 3, "q (T, nh, hd) and kv_cache (2 nkv, slots, hd)");
   TORCH_CHECK(q.size(2) == 64 && kv_cache.size(2) == 64, "head dim 64 only");
@@ -281,7 +386,8 @@ at::Tensor prefill_attention_amx(const at::Tensor& q, const at::Tensor& kv_cache
   for (int64_t b = 0; b < (S + block_size - 1) / block_size; ++b)
     TORCH_CHECK(table[b] >= 0 && table[b] < num_blocks, "block id ", table[b], " out of range");
   at::Tensor out = at::empty({T, nh * 64}, q.options());
-#ifdef SMOLLM2_HAVE_AMX
+#ifdef SMOLLM2_PREFILL_KERNEL
+  [[maybe_unused]] const bool amx = smollm2::amx::usable();
   const int64_t nkb = (S + KB - 1) / KB, g = nh / nkv;
   uint16_t* pk = thread_buffer<uint16_t>(nkv * nkb * KB_TILES * TILE);
   const uint16_t* cache = reinterpret_cast<const uint16_t*>(kv_cache.data_ptr());
@@ -302,15 +408,25 @@ at::Tensor prefill_attention_amx(const at::Tensor& q, const at::Tensor& kv_cache
   for (int64_t qb = 0; qb < nqb; ++qb) work += nh * ((S - T + std::min(qb * 32 + 32, T) - 1) / KB + 1);
   const int64_t threads = work < 32 ? 1 : std::min<int64_t>(at::get_num_threads(), items);
   at::parallel_for(0, threads, 1, [&](int64_t w0, int64_t w1) {
-    configure();
     Scratch scratch(nkb * KB);
+#ifdef SMOLLM2_HAVE_AMX
+    if (amx) {
+      configure();
+      for (int64_t w = w0; w < w1; ++w)
+        for (int64_t i = w; i < items; i += threads) {
+          const int64_t qb = nqb - 1 - i / nh, head = i % nh;
+          if (T - qb * 32 > 16) attend_amx<true>(c, head / g, head, qb, scratch);
+          else attend_amx<false>(c, head / g, head, qb, scratch);
+        }
+      _tile_release();
+      return;
+    }
+#endif
     for (int64_t w = w0; w < w1; ++w)
       for (int64_t i = w; i < items; i += threads) {
         const int64_t qb = nqb - 1 - i / nh, head = i % nh;
-        if (T - qb * 32 > 16) attend<true>(c, head / g, head, qb, scratch);
-        else attend<false>(c, head / g, head, qb, scratch);
+        attend_avx512(c, head / g, head, qb, scratch);
       }
-    _tile_release();
   });
 #endif
   return out;
@@ -319,8 +435,8 @@ at::Tensor prefill_attention_amx(const at::Tensor& q, const at::Tensor& kv_cache
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(smollm2, m) {
-  m.def("prefill_attention_amx_available() -> bool", &smollm2::amx::usable);
-  m.def("prefill_attention_amx(Tensor q, Tensor kv_cache, Tensor block_table, int context_len, int block_size) "
+  m.def("prefill_attention_available() -> bool", &prefill_attention_available);
+  m.def("prefill_attention(Tensor q, Tensor kv_cache, Tensor block_table, int context_len, int block_size) "
         "-> Tensor",
-        &prefill_attention_amx);
+        &prefill_attention);
 }

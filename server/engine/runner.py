@@ -103,13 +103,13 @@ class ModelRunner:
         self.structured: StructuredOutputs | None = None
         model.prepare_for_serving()  # builds the CPU kernels now (Kernels.detect), not in the first step
         cfg = model.config
-        # prompt chunks on the AMX tile unit where this CPU has it (bf16, head dim 64, 16-token groups)
-        self.prefill_amx = (
+        # prompt chunks through the prompt kernel where this CPU has AVX512-BF16 (bf16, head dim 64, 16-token groups)
+        self.prefill_kernel = (
             self.kernels.cpp
             and self.dtype == torch.bfloat16
             and cfg.head_dim == 64
             and block_size % 16 == 0
-            and paged_kernel.prefill_amx_available()
+            and paged_kernel.prefill_kernel_available()
         )
         use_graphs = cuda_graphs and self.device.type == "cuda"
         # with CUDA graphs, one extra block past the allocator's range takes the padding rows' writes
@@ -245,7 +245,7 @@ class ModelRunner:
             mask,
             self.kernels.batch_invariant,
             self.kernels.compute_threads,
-            self.prefill_amx,
+            self.prefill_kernel,
         )
         return (
             torch.tensor(x.tokens, dtype=torch.long, device=dev),

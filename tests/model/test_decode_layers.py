@@ -49,7 +49,7 @@ def _step(
     prefills = [PrefillSeq(D, prompt, prompt, torch.arange(PER_SEQ * D, PER_SEQ * (D + 1)))] if prompt else []
     meta = step_metadata(
         torch.tensor(slots), prefills, BS, True, tables if D else None, torch.tensor([n + 1 for n in lens]) if D else None,
-        compute_threads=2, prefill_amx=paged_kernel.prefill_amx_available(),
+        compute_threads=2, prefill_kernel=paged_kernel.prefill_kernel_available(),
     )  # fmt: skip
     with torch.inference_mode():
         return model.forward_paged(ids, pos, meta, caches)

@@ -14,8 +14,8 @@ import torch
 
 from model import paged_kernel
 from model.attention import (
-    AMX_PROMPT_MIN,
     KERNEL_PROMPT_MAX,
+    KERNEL_PROMPT_MIN,
     AttentionMetadata,
     PrefillSeq,
     build_decode_mask,
@@ -310,13 +310,13 @@ def test_first_build_is_announced_and_a_built_library_is_loaded_without_the_buil
     assert len(builds) == 2
 
 
-amx = pytest.mark.skipif(
-    not paged_kernel.prefill_amx_available(),
-    reason="needs the AMX tile unit (Intel Xeon from Sapphire Rapids on)",
+prefill_kernel = pytest.mark.skipif(
+    not paged_kernel.prefill_kernel_available(),
+    reason="needs AVX512-BF16 (or the AMX tile unit)",
 )
 
 
-@amx
+@prefill_kernel
 @pytest.mark.parametrize("bs", [16, 32])
 @pytest.mark.parametrize(
     ("T", "S"),
@@ -332,8 +332,8 @@ amx = pytest.mark.skipif(
         (471, 1495),
     ],
 )
-def test_prefill_amx_chunk_equals_reference(T: int, S: int, bs: int) -> None:
-    """The AMX kernel for a chunk of T queries after S - T cached tokens (a whole prompt when T == S), over a
+def test_prefill_kernel_chunk_equals_reference(T: int, S: int, bs: int) -> None:
+    """The prompt kernel for a chunk of T queries after S - T cached tokens (a whole prompt when T == S), over a
     scattered table, with q a slice of a fused qkv (strided rows): each row equals float64 attention over
     its own prefix to bf16's precision, like the torch path; partial query and key blocks included."""
     g = torch.Generator().manual_seed(T * 1000 + S + bs)
@@ -342,7 +342,7 @@ def test_prefill_amx_chunk_equals_reference(T: int, S: int, bs: int) -> None:
     table = torch.randperm(blocks, generator=g)[: (S + bs - 1) // bs]
     qkv = (torch.randn(T, 15, 64, generator=g) / 4).to(torch.bfloat16)
     q = qkv[:, :9]
-    out = paged_kernel.prefill_attention_amx(q, cache, table, S, bs)
+    out = paged_kernel.prefill_attention_kernel(q, cache, table, S, bs)
     rows = reference(q, cache, table.view(1, -1).expand(T, -1), torch.arange(S - T + 1, S + 1), bs)
     torch.testing.assert_close(out.double(), rows, atol=5e-3, rtol=3e-2)
     paged_kernel.set_attention_kernel("torch")
@@ -350,8 +350,8 @@ def test_prefill_amx_chunk_equals_reference(T: int, S: int, bs: int) -> None:
     torch.testing.assert_close(out, expected, atol=3e-2, rtol=3e-2)
 
 
-@amx
-def test_prefill_amx_peaked_scores_stay_finite() -> None:
+@prefill_kernel
+def test_prefill_kernel_peaked_scores_stay_finite() -> None:
     """Scores in the hundreds (a row's softmax nearly one-hot, exp of large negatives underflowing to 0):
     no inf or NaN, and the row picks its value."""
     g = torch.Generator().manual_seed(3)
@@ -359,28 +359,28 @@ def test_prefill_amx_peaked_scores_stay_finite() -> None:
     cache = torch.randn(6, 8 * 16, 64, generator=g).to(torch.bfloat16)
     table = torch.arange(5)
     q = (torch.randn(T, 9, 64, generator=g) * 20).to(torch.bfloat16)
-    out = paged_kernel.prefill_attention_amx(q, cache, table, S, 16)
+    out = paged_kernel.prefill_attention_kernel(q, cache, table, S, 16)
     assert torch.isfinite(out).all()
     rows = reference(q, cache, table.view(1, -1).expand(T, -1), torch.arange(1, S + 1), 16)
     torch.testing.assert_close(out.double(), rows, atol=2e-2, rtol=3e-2)
 
 
-@amx
-def test_prefill_amx_rejects_contexts_outside_the_cache() -> None:
+@prefill_kernel
+def test_prefill_kernel_rejects_contexts_outside_the_cache() -> None:
     cache = torch.zeros(6, 4 * 16, 64, dtype=torch.bfloat16)
     q = torch.zeros(8, 9, 64, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="exceeds the block table"):
-        paged_kernel.prefill_attention_amx(q, cache, torch.arange(2), 40, 16)
+        paged_kernel.prefill_attention_kernel(q, cache, torch.arange(2), 40, 16)
     with pytest.raises(RuntimeError, match="out of range"):
-        paged_kernel.prefill_attention_amx(q, cache, torch.tensor([0, 9]), 20, 16)
+        paged_kernel.prefill_attention_kernel(q, cache, torch.tensor([0, 9]), 20, 16)
     with pytest.raises(RuntimeError, match="within its context"):
-        paged_kernel.prefill_attention_amx(q, cache, torch.arange(4), 4, 16)
+        paged_kernel.prefill_attention_kernel(q, cache, torch.arange(4), 4, 16)
 
 
-@amx
-def test_a_mixed_step_with_amx_prefill_equals_the_torch_path() -> None:
+@prefill_kernel
+def test_a_mixed_step_with_the_prefill_kernel_equals_the_torch_path() -> None:
     """Decodes, a long fresh prompt, a short one and a long chunk after cached tokens in one bf16 step with
-    prefill_amx: the prompts and the chunk go through the AMX kernel, the decodes through the paged kernel;
+    prefill_kernel: the prompts and the chunk go through the prompt kernel, the decodes through the paged kernel;
     the output equals the torch path's to bf16's precision and the cache gets the step's K/V."""
     g = torch.Generator().manual_seed(11)
     bs, nkv, nh, hd = 16, 3, 9, 64
@@ -406,42 +406,46 @@ def test_a_mixed_step_with_amx_prefill_equals_the_torch_path() -> None:
     def run(cpp: bool) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         lens = torch.tensor(dec_lens)
         mask = build_decode_mask(lens, 3 * bs, nkv, q.dtype)
-        meta = step_metadata(torch.tensor(slots), prefills, bs, cpp, dec_tables, lens, mask, prefill_amx=cpp)
+        meta = step_metadata(
+            torch.tensor(slots), prefills, bs, cpp, dec_tables, lens, mask, prefill_kernel=cpp
+        )
         cache = cache0.clone()
         return paged_attention(q, kv, cache, meta), cache, meta
 
     out, cache, meta = run(True)
-    assert meta.prefill_amx and meta.row_tables is None
+    assert meta.prefill_kernel and meta.row_tables is None
     expected, expected_cache, _ = run(False)
     torch.testing.assert_close(out, expected, atol=3e-2, rtol=3e-2)
     assert torch.equal(cache, expected_cache)
 
 
 def test_a_step_of_draft_sized_chunks_stays_one_kernel_call() -> None:
-    """Chunks under AMX_PROMPT_MIN tokens (a draft's verification rows) beside decodes: one paged-kernel call
-    over every row, as without the AMX kernel."""
+    """Chunks under KERNEL_PROMPT_MIN tokens (a draft's verification rows) beside decodes: one paged-kernel call
+    over every row, as without the prompt kernel."""
     dec_tables, dec_lens = torch.arange(6).view(2, 3), torch.tensor([20, 33])
-    seq = PrefillSeq(2, AMX_PROMPT_MIN - 1, 60, torch.arange(6, 10))
+    seq = PrefillSeq(2, KERNEL_PROMPT_MIN - 1, 60, torch.arange(6, 10))
     mask = build_decode_mask(dec_lens, 48, 3, torch.bfloat16)
     meta = step_metadata(
-        torch.arange(2 + seq.query_len), [seq], 16, True, dec_tables, dec_lens, mask, prefill_amx=True
+        torch.arange(2 + seq.query_len), [seq], 16, True, dec_tables, dec_lens, mask, prefill_kernel=True
     )
     assert meta.row_tables is not None and not meta.prefill_runs
 
 
-def test_batch_invariant_steps_never_take_the_amx_prefill() -> None:
-    """The AMX kernel shares key tiles between 16 queries: batch-invariant mode keeps every row on the
+def test_batch_invariant_steps_never_take_the_prefill_kernel() -> None:
+    """The prompt kernel shares key blocks between 32 queries: batch-invariant mode keeps every row on the
     per-row kernel, whatever the runner asks."""
     table = torch.arange(40)
     seq = PrefillSeq(0, KERNEL_PROMPT_MAX + 1, KERNEL_PROMPT_MAX + 1, table)
-    meta = step_metadata(torch.arange(seq.query_len), [seq], 16, True, batch_invariant=True, prefill_amx=True)
-    assert not meta.prefill_amx and meta.row_tables is not None
+    meta = step_metadata(
+        torch.arange(seq.query_len), [seq], 16, True, batch_invariant=True, prefill_kernel=True
+    )
+    assert not meta.prefill_kernel and meta.row_tables is not None
 
 
-@amx
-def test_real_model_prompt_on_the_amx_kernel_scores_like_the_per_row_kernel(real_bf16) -> None:  # type: ignore[no-untyped-def]
+@prefill_kernel
+def test_real_model_prompt_on_the_prefill_kernel_scores_like_the_per_row_kernel(real_bf16) -> None:  # type: ignore[no-untyped-def]
     """The real model in bf16 as served, a ~500-token prompt in chunks of 128 after cached context: the
-    log-probabilities of its tokens with prompt attention on the AMX kernel and on the per-row kernel (the
+    log-probabilities of its tokens with prompt attention on the prompt kernel and on the per-row kernel (the
     same engine, the runner's switch flipped) differ by bf16 noise only."""
     from model.sampling_params import SamplingParams
     from server.engine.engine import LLMEngine
@@ -454,7 +458,7 @@ def test_real_model_prompt_on_the_amx_kernel_scores_like_the_per_row_kernel(real
                           num_blocks=64, eos_token_id=None)  # fmt: skip
     runner = ModelRunner(model, cfg.num_blocks, cfg.block_size)
     engine = LLMEngine(runner, Scheduler(cfg))
-    assert runner.prefill_amx
+    assert runner.prefill_kernel
     text = (
         "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
         "foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light, "
@@ -463,10 +467,10 @@ def test_real_model_prompt_on_the_amx_kernel_scores_like_the_per_row_kernel(real
     ids = tok.encode(text * 6)
     assert 400 < len(ids) < 1000
 
-    def prompt_logprobs(on_amx: bool) -> torch.Tensor:
-        runner.prefill_amx = on_amx
+    def prompt_logprobs(on_kernel: bool) -> torch.Tensor:
+        runner.prefill_kernel = on_kernel
         engine.add_request(
-            f"p{on_amx}", ids, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+            f"p{on_kernel}", ids, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         )
         got: list[float] = []
         while engine.has_unfinished():
@@ -474,8 +478,8 @@ def test_real_model_prompt_on_the_amx_kernel_scores_like_the_per_row_kernel(real
                 got += [p.logprob for p in out.prompt_logprobs or [] if p is not None]
         return torch.tensor(got)
 
-    amx_lp, row_lp = prompt_logprobs(True), prompt_logprobs(False)
-    assert len(amx_lp) == len(row_lp) == len(ids) - 1
-    diff = (amx_lp - row_lp).abs()
+    kernel_lp, row_lp = prompt_logprobs(True), prompt_logprobs(False)
+    assert len(kernel_lp) == len(row_lp) == len(ids) - 1
+    diff = (kernel_lp - row_lp).abs()
     assert diff.mean().item() < 0.03 and diff.max().item() < 0.5, (diff.mean().item(), diff.max().item())
     assert row_lp[len(ids) // 2 :].mean().item() > -1.0  # the repeated text is predicted: the model works
