@@ -32,6 +32,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
@@ -384,11 +385,15 @@ template <bool INT8>
 void tiled_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, at::Tensor& out) {
   const int64_t M = x.size(0), K = x.size(1), T = packed.size(0), G = K / kGroup, N = 16 * T;
   const at::Tensor xc = x.contiguous();
-  at::Tensor q = at::empty({M, 2, K}, x.options().dtype(at::kChar));       // per row: int8 terms, remainders
-  at::Tensor stats = at::empty({3, M, G}, x.options().dtype(at::kFloat));  // dx, xsum, corr
+  // per row: int8 terms and remainders (2 K), then dx, xsum and corr (3 G each); kept by the calling thread
+  // from call to call, as a decode step makes ~120 of these calls
+  thread_local std::vector<int8_t> q_buf;
+  thread_local std::vector<float> stats_buf;
+  if (static_cast<int64_t>(q_buf.size()) < 2 * M * K) q_buf.resize(2 * M * K);
+  if (static_cast<int64_t>(stats_buf.size()) < 3 * M * G) stats_buf.resize(3 * M * G);
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
-  int8_t* qp = q.data_ptr<int8_t>();
-  float* sp = stats.data_ptr<float>();
+  int8_t* qp = q_buf.data();
+  float* sp = stats_buf.data();
   for (int64_t m = 0; m < M; ++m)
     quantize_row(xp + m * K, K, qp + 2 * m * K, qp + (2 * m + 1) * K, sp + m * G, sp + (M + m) * G,
                  sp + (2 * M + m) * G);
