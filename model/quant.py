@@ -26,10 +26,10 @@ INT4_MAX_ROWS = 4
 INT4_MAX_ROWS_ONEDNN = 8
 # Our int4 GEMM (model/csrc/int4_gemm.cpp, AVX512-VNNI) spends a few instructions per 128 weights where
 # torch's widens each to float32. Against oneDNN's bf16 GEMM it stays ahead to 24 rows and more; against
-# our AVX512-BF16 GEMM on a CPU where vdpbf16ps issues as fast as vpdpbusd (the EPYCs; predicted, not
-# measured here, where vdpbf16ps is the slower one) the two are level around 10-14 rows, so 8 there.
+# our AVX512-BF16 GEMM on a Zen 5, where vdpbf16ps issues as fast as vpdpbusd, the two are level at 12-13
+# rows (bench/NOTES.md), so 12 there; CPUs with a slower vdpbf16ps (Zen 4, Intel) only move it up.
 INT4_MAX_ROWS_TILES = 16
-INT4_MAX_ROWS_TILES_OURS = 8
+INT4_MAX_ROWS_TILES_OURS = 12
 # Past this many rows our int4 GEMM runs on the AMX tile unit where there is one (kVnniRows in
 # model/csrc/int4_gemm.cpp).
 INT4_VNNI_ROWS = 8
