@@ -301,8 +301,9 @@ void attend_avx512(const Chunk& c, int64_t h, int64_t head, int64_t qb, Scratch&
   float* s = w.s;
   uint16_t* p = w.p;
   for (int64_t r0 = 0; r0 < padded; r0 += kScoreRows) {
-    // a row group sees keys up to its last row's position: later blocks are masked for all of it
-    const int64_t seen = std::min<int64_t>(blocks, (first + std::min<int64_t>(r0 + kScoreRows, rows) - 1) / KB + 1);
+    // a row group sees keys up to its last real row's position; softmax_row reads no score past a row's own
+    // (the last group, which holds the padding rows, sees every block)
+    const int64_t seen = (first + std::min<int64_t>(r0 + kScoreRows, rows) - 1) / KB + 1;
     for (int64_t kb = 0; kb < seen; ++kb) {
       const uint16_t* blk = kv + kb * KB_TILES * TILE;
       __m512 acc[kScoreRows][2];
@@ -320,10 +321,6 @@ void attend_avx512(const Chunk& c, int64_t h, int64_t head, int64_t qb, Scratch&
         _mm512_store_ps(s + (r0 + r) * ld + kb * KB, acc[r][0]);
         _mm512_store_ps(s + (r0 + r) * ld + kb * KB + 16, acc[r][1]);
       }
-    }
-    for (int r = 0; r < kScoreRows; ++r) {  // blocks past the group's last key hold no score it may see
-      const int64_t n = (seen < blocks) ? seen * KB : width;
-      std::fill(s + (r0 + r) * ld + n, s + (r0 + r) * ld + width, 0.f);
     }
   }
   float l[R];
