@@ -152,16 +152,24 @@ def int4_reconstruction_error(
 INT8_BLOCK = 32
 INT8_HEAD_MAX_ROWS = 4
 # Our VNNI int8 kernel (Int8Weight.tiles) multiplies 64 weights per instruction where the plain one widens
-# each to float32, so it stays ahead of the bf16 GEMM for more rows (bench/NOTES.md).
+# each to float32, so it stays ahead of the bf16 GEMM for more rows (bench/NOTES.md): to ~10 rows beside
+# oneDNN's on AMX, to 12-13 beside our AVX512-BF16 GEMM on a Zen 5.
 INT8_HEAD_MAX_ROWS_TILES = 8
+INT8_HEAD_MAX_ROWS_TILES_OURS = 12
 
 
 def int8_head_max_rows(tiles: bool, kernels: Kernels | None = None) -> int:
     """Up to how many rows the LM head takes its int8 copy, given that copy's kernel (Int8Weight.tiles) and
     the kernels the bf16 GEMM would take instead (None: a fast one)."""
-    if tiles and kernels is not None and not bf16_gemm_fast(kernels):
+    if not tiles:
+        return INT8_HEAD_MAX_ROWS
+    if kernels is not None and not bf16_gemm_fast(kernels):
         return ALL_ROWS
-    return INT8_HEAD_MAX_ROWS_TILES if tiles else INT8_HEAD_MAX_ROWS
+    return (
+        INT8_HEAD_MAX_ROWS_TILES_OURS
+        if kernels is not None and kernels.bf16_gemm
+        else INT8_HEAD_MAX_ROWS_TILES
+    )
 
 
 # Largest int8_reconstruction_error still called lossless. It is relative to each element, not to its

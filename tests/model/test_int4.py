@@ -116,7 +116,7 @@ def test_without_a_hardware_bf16_gemm_our_int4_and_int8_kernels_take_every_row_c
     assert quant.int8_head_max_rows(True, kernels) == quant.INT8_HEAD_MAX_ROWS_TILES
     ours = Kernels(cpp=True, bf16_gemm=True)
     assert int4_max_rows(ours, tiles=True) == quant.INT4_MAX_ROWS_TILES_OURS
-    assert quant.int8_head_max_rows(True, ours) == quant.INT8_HEAD_MAX_ROWS_TILES
+    assert quant.int8_head_max_rows(True, ours) == quant.INT8_HEAD_MAX_ROWS_TILES_OURS
 
 
 def test_lossless_detector() -> None:
