@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from bench.report import save_table
+from model import paged_kernel
 from model.defaults import require_default_model
 from model.kernels import Kernels, cpu_has_amx, has_bf16_gemm
 from model.weights import load_model
@@ -34,6 +35,8 @@ STREAMS = (1, 8, 32, 64)
 
 
 def build(source: str, bf16_gemm: bool, batched_tokens: int) -> LLMEngine:
+    if not paged_kernel.load():
+        raise SystemExit("the C++ kernels did not build (see the warning above)")
     model = load_model(source, dtype=torch.bfloat16)
     kernels = Kernels(cpp=True, bf16_gemm=bf16_gemm)
     model.prepare_for_serving(int4_small_batch="auto", int8_lm_head="auto", kernels=kernels)
