@@ -96,6 +96,15 @@ void attend_scalar(const scalar_t* q, const scalar_t* cache, const Problem& p, i
   }
 }
 
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+// a K or V row into L2 ahead of its use (both vector paths)
+template <typename scalar_t>
+inline void prefetch_row(const scalar_t* row, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(row) + b, _MM_HINT_T1);
+}
+
+#endif
+
 #ifdef __AVX512F__
 // ---- AVX-512 path: G query heads per KV head, hd = 16 * NC ------------------------------------------
 //
@@ -222,11 +231,6 @@ inline void pv_bf16_pairs(const c10::BFloat16* const* rows, int n, int64_t voff,
 }
 #endif
 
-template <typename scalar_t>
-inline void prefetch_row(const scalar_t* row, int64_t bytes) {
-  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(row) + b, _MM_HINT_T1);
-}
-
 template <typename scalar_t, int G, int NC>
 void attend_avx512(const scalar_t* q, const scalar_t* cache, const Problem& p, int64_t d, int64_t h,
                    scalar_t* out) {
@@ -319,11 +323,6 @@ void attend_avx512(const scalar_t* q, const scalar_t* cache, const Problem& p, i
 // (q in a float32 array, read from L1) and are summed across lanes; P @ V goes one 8-dim slice at a time
 // through the tile's tokens, so only G accumulators are live (the rest in a float32 array).
 using smollm2::load8;
-
-template <typename scalar_t>
-inline void prefetch_row(const scalar_t* row, int64_t bytes) {
-  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(row) + b, _MM_HINT_T1);
-}
 
 template <typename scalar_t, int G, int NC>
 void attend_avx2(const scalar_t* q, const scalar_t* cache, const Problem& p, int64_t d, int64_t h,
