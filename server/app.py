@@ -26,6 +26,7 @@ from server.dashboard import dashboard
 from server.engine.client import SpawnedCore
 from server.engine.engine import AsyncEngine, SupervisorConfig
 from server.engine.messages import CoreInfo
+from server.guided import GrammarChecker
 from server.logs import RequestIdMiddleware, stats_logging
 from server.metrics import HttpMetricsMiddleware, ServerMetrics
 from server.protocol import APIError
@@ -193,6 +194,7 @@ def _attach(app: FastAPI, engine: Any, tokenizer: Tokenizer, max_model_len: int)
         max_model_len,
         state.metrics,
         request_limits(settings),
+        GrammarChecker(tokenizer),
     )
     state.completion = ServingCompletion(*args)
     state.chat = ServingChat(*args)

@@ -3,11 +3,19 @@ older `guided_*` names, all turned into one `StructuredSpec` (or a 400 naming th
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import hashlib
 import json
-from typing import Any
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
 
+from model.tokenizer import Tokenizer
 from server.engine.request import StructuredSpec
 from server.protocol import APIError, SamplingFields
+
+if TYPE_CHECKING:
+    from server.engine.structured import GrammarCache
 
 
 def _schema_text(schema: dict[str, Any] | str | bool, field: str) -> str:
@@ -67,3 +75,55 @@ def structured_spec(req: SamplingFields) -> tuple[StructuredSpec, str] | None:
             400, f"Only one structured output constraint may be set; got {names}.", param=found[1][1]
         )
     return found[0] if found else None
+
+
+class GrammarChecker:
+    """Compiles each new constraint once in the server process, so that one that does not compile is a 400
+    before anything is queued; the engine compiles it again for itself (server/engine/structured.py).
+
+    A grammar can take seconds to compile (a schema's `"pattern": "a{10000}"` takes ~9 s), so compiles run
+    on one thread of their own, never on the pool that tokenizes prompts, and past MAX_COMPILING requests
+    compiling or waiting to, a new one gets a 429 at once instead of a place in an ever longer line. Only
+    a hash of each spec that compiled is kept (not the compiled grammar, ~0.1 MB to hundreds of MB)."""
+
+    MAX_COMPILING = 8
+    KNOWN_VALID = 4096
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._cache: GrammarCache | None = None  # built at the first structured request
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar-check")
+        self._valid: OrderedDict[bytes, None] = OrderedDict()
+        self._compiling = 0  # touched on the event loop only
+
+    async def check(self, spec: StructuredSpec, field: str) -> None:
+        """Return once `spec` compiles; APIError 400 naming `field` if it does not, 429 if too many
+        constraints are compiling already."""
+        key = hashlib.sha256(f"{spec.kind}\0{spec.source}".encode()).digest()
+        if key in self._valid:
+            self._valid.move_to_end(key)
+            return
+        if self._compiling >= self.MAX_COMPILING:
+            raise APIError(
+                429,
+                f"{self._compiling} structured-output constraints are being compiled; retry shortly",
+                "rate_limit_error",
+                param=field,
+            )
+        self._compiling += 1
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._pool, self._compile, spec)
+        except ValueError as e:
+            raise APIError(400, f"Invalid {field}: {e}", param=field) from e
+        finally:
+            self._compiling -= 1
+        self._valid[key] = None
+        while len(self._valid) > self.KNOWN_VALID:
+            self._valid.popitem(last=False)
+
+    def _compile(self, spec: StructuredSpec) -> None:
+        from server.engine.structured import GrammarCache, tokenizer_info  # imports xgrammar (~0.7 s)
+
+        if self._cache is None:  # only this pool's one thread gets here
+            self._cache = GrammarCache(tokenizer_info(self.tokenizer), max_entries=0)
+        self._cache.get(spec)

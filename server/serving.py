@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import threading
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from model.sampling_params import clamp_top_k
 from model.tokenizer import Tokenizer
@@ -29,7 +28,7 @@ from server.engine.request import (
     StructuredSpec,
     TokenLogprob,
 )
-from server.guided import structured_spec
+from server.guided import GrammarChecker, structured_spec
 from server.logs import current_request_id
 from server.metrics import RequestTimer, ServerMetrics
 from server.protocol import (
@@ -57,9 +56,6 @@ from server.protocol import (
 )
 from server.stop_strings import StopMatcher, stop_matcher
 from server.tools import ToolPlan, ToolTextFilter, render_messages, tool_plan
-
-if TYPE_CHECKING:  # xgrammar takes seconds to import: server.engine.structured loads at first use
-    from server.engine.structured import GrammarCache
 
 OutputHook = Callable[[int, RequestOutput], None]
 
@@ -250,6 +246,7 @@ class OpenAIServing:
         max_model_len: int,
         metrics: ServerMetrics | None,
         limits: RequestLimits | None = None,
+        grammars: GrammarChecker | None = None,
     ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
@@ -257,8 +254,7 @@ class OpenAIServing:
         self.max_model_len = max_model_len
         self.metrics = metrics
         self.limits = limits or RequestLimits()
-        self._grammars: GrammarCache | None = None  # built at the first structured request
-        self._grammars_lock = threading.Lock()
+        self.grammars = grammars or GrammarChecker(tokenizer)  # one per server: completions and chat share it
 
     # ---- bounds checked before the work they bound ----------------------------------------------
     def check_text_length(self, chars: int, param: str) -> None:
@@ -407,7 +403,7 @@ class OpenAIServing:
             ) from e
 
     async def structured(self, req: SamplingFields) -> StructuredSpec | None:
-        """The request's output constraint, compiled once here (in a worker thread) so that a bad schema,
+        """The request's output constraint, compiled once here (GrammarChecker) so that a bad schema,
         regex or grammar is a 400 naming its field before anything is queued."""
         found = structured_spec(req)
         if found is None:
@@ -415,21 +411,9 @@ class OpenAIServing:
         return await self.compiled(*found)
 
     async def compiled(self, spec: StructuredSpec, field: str) -> StructuredSpec:
-        """`spec` once it compiled (in a worker thread); a 400 naming `field` if it does not."""
-        try:
-            await asyncio.to_thread(self._compile, spec)
-        except ValueError as e:
-            raise APIError(400, f"Invalid {field}: {e}", param=field) from e
+        """`spec` once it compiled; a 400 naming `field` if it does not."""
+        await self.grammars.check(spec, field)
         return spec
-
-    def _compile(self, spec: StructuredSpec) -> None:
-        from server.engine.structured import GrammarCache, tokenizer_info
-
-        with self._grammars_lock:
-            if self._grammars is None:
-                self._grammars = GrammarCache(tokenizer_info(self.tokenizer))
-            grammars = self._grammars
-        grammars.get(spec)
 
     @staticmethod
     def stop_strings(stop: str | list[str] | None) -> list[str]:

@@ -21,7 +21,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any, Protocol
 
-from server.engine.core import EngineCore, core_process_main, run_core_loop
+from server.engine.core import EngineCore, LoopInput, core_process_main, run_core_loop
 from server.engine.messages import CoreDead, CoreInfo, CoreInput, CoreOutput, CoreReady, Shutdown
 
 log = logging.getLogger("server.engine")
@@ -55,7 +55,7 @@ class ThreadCore:
             raise CoreStartError(f"{type(exc).__name__}: {exc}") from exc
         self.info = core.info
         self.core = core
-        self._inbox: queue.SimpleQueue[CoreInput] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[LoopInput] = queue.SimpleQueue()
         self._thread = threading.Thread(
             target=run_core_loop, args=(core, self._inbox, on_message), name="engine-loop", daemon=True
         )

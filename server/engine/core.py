@@ -14,6 +14,7 @@ being read.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import ctypes
 import ctypes.util
 import logging
@@ -72,6 +73,12 @@ class EngineCore:
         self.num_prompt_tokens = 0
         self.num_finished: collections.Counter[str] = collections.Counter()
         self.vocab_size = self.config.vocab_size or _runner_vocab_size(runner)
+        # Structured requests whose grammar is being prepared (runner.prepare_grammar on its own thread),
+        # in arrival order; they enter the scheduler when it is ready. on_grammar_ready is called (from
+        # that thread) as each is, so that an idle loop wakes up to take it in.
+        self._preparing: dict[str, tuple[concurrent.futures.Future[None], Request]] = {}
+        self._grammar_thread: concurrent.futures.ThreadPoolExecutor | None = None
+        self.on_grammar_ready: Callable[[], None] | None = None
 
     @property
     def info(self) -> CoreInfo:
@@ -84,31 +91,77 @@ class EngineCore:
         )
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._preparing)
+
+    def has_work(self) -> bool:
+        """A step would do something: a sequence is scheduled, or a prepared grammar awaits taking in."""
+        return self.scheduler.has_unfinished() or any(f.done() for f, _ in self._preparing.values())
 
     def add(self, req: CoreRequest) -> SeqOutput | None:
         """Queue one sequence; an error output (not an exception) if it cannot be: the client validated
-        it already, so this only guards the step against a request that slipped through."""
+        it already, so this only guards the step against a request that slipped through. A structured
+        request's grammar is prepared first, off the step's thread (see runner.prepare_grammar)."""
         request = Request(
             req.request_id, req.prompt_token_ids, req.params, parent_id=req.parent_id, index=req.index,
             arrival_time=req.arrival_time, group_id=req.group_id,
         )  # fmt: skip
+        if req.request_id in self._preparing or req.request_id in self.scheduler.requests:
+            return SeqOutput(
+                req.request_id, finish_reason="error", error=f"request id {req.request_id!r} is in use"
+            )
+        prepare = getattr(self.runner, "prepare_grammar", None)
+        if req.params.structured is not None and prepare is not None:
+            if self._grammar_thread is None:
+                self._grammar_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar")
+            future = self._grammar_thread.submit(prepare, request)
+            if self.on_grammar_ready is not None:
+                wake = self.on_grammar_ready
+                future.add_done_callback(lambda _: wake())
+            self._preparing[req.request_id] = (future, request)
+            return None
+        return self._schedule(request)
+
+    def _schedule(self, request: Request) -> SeqOutput | None:
         try:
             self.scheduler.add(request)
         except ValueError as exc:
-            return SeqOutput(req.request_id, finish_reason="error", error=str(exc))
+            return SeqOutput(request.request_id, finish_reason="error", error=str(exc))
         return None
+
+    def _take_prepared(self) -> list[SeqOutput]:
+        """Move the structured requests whose grammar is ready (in arrival order) into the scheduler."""
+        outputs = []
+        for request_id, (future, request) in list(self._preparing.items()):
+            if not future.done():
+                continue
+            del self._preparing[request_id]
+            exc = future.exception()
+            if exc is not None:
+                outputs.append(SeqOutput(request_id, finish_reason="error", error=f"grammar: {exc}"))
+            elif (out := self._schedule(request)) is not None:
+                outputs.append(out)
+        return outputs
 
     def abort(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
-            if self.scheduler.abort(request_id) is not None:
+            if (
+                self._preparing.pop(request_id, None) is not None
+                or self.scheduler.abort(request_id) is not None
+            ):
                 self.num_finished["abort"] += 1
 
     def step(self) -> list[SeqOutput]:
+        if self._preparing and not self.has_work():  # only grammars in the making: wait for one
+            concurrent.futures.wait(
+                [f for f, _ in self._preparing.values()],
+                timeout=0.1,
+                return_when=concurrent.futures.FIRST_COMPLETED,
+            )
+        taken = self._take_prepared() if self._preparing else []
         plan = self.scheduler.schedule()
         sampled = self.runner.execute(plan) if plan.scheduled else {}
         finished = self.scheduler.update(plan, sampled)
-        return self._outputs(plan, sampled, finished)
+        return taken + self._outputs(plan, sampled, finished)
 
     def _outputs(
         self, plan: SchedulerOutput, sampled: dict[str, SampleResult], finished: list[Request]
@@ -145,7 +198,7 @@ class EngineCore:
         allocator = self.scheduler.allocator
         return EngineStats(
             num_running=self.scheduler.num_running,
-            num_waiting=self.scheduler.num_waiting,
+            num_waiting=self.scheduler.num_waiting + len(self._preparing),
             kv_cache_usage=allocator.usage,
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_queries=allocator.prefix_queries,
@@ -180,15 +233,16 @@ def _runner_vocab_size(runner: Runner) -> int | None:
 
 
 def run_core_loop(
-    core: EngineCore, inbox: queue.SimpleQueue[CoreInput], emit: Callable[[CoreOutput], None]
+    core: EngineCore, inbox: queue.SimpleQueue[LoopInput], emit: Callable[[CoreOutput], None]
 ) -> None:
     """Take in every message waiting, run one step if there is work, emit its outputs; block on the
     inbox only while idle. Returns on `Shutdown`; a failing step emits `CoreDead` and returns."""
     last_add = 0
     worked = False  # since the heap was last trimmed
+    core.on_grammar_ready = lambda: inbox.put(GrammarReady())
     try:
         while True:
-            messages = [] if core.has_unfinished() else [_wait_idle(inbox, worked)]
+            messages = [] if core.has_work() else [_wait_idle(inbox, worked)]
             worked = True
             while not inbox.empty():
                 messages.append(inbox.get())
@@ -202,7 +256,9 @@ def run_core_loop(
                         outputs.extend(out for r in requests if (out := core.add(r)) is not None)
                     case AbortRequests(request_ids=ids):
                         core.abort(ids)
-            if core.has_unfinished():
+                    case GrammarReady():
+                        pass  # the step below takes the request in
+            if core.has_work():
                 outputs.extend(core.step())
             emit(StepOutputs(outputs, core.stats(), last_add))
     except Exception as exc:  # noqa: BLE001 - a failed step: the client fails the streams and restarts us
@@ -210,10 +266,18 @@ def run_core_loop(
         emit(CoreDead(f"{type(exc).__name__}: {exc}"))
 
 
+@dataclass(slots=True)
+class GrammarReady:
+    """Put in the core loop's own inbox when a structured request's grammar is ready: it wakes the loop."""
+
+
+LoopInput = CoreInput | GrammarReady
+
+
 IDLE_TRIM_AFTER_S = 1.0
 
 
-def _wait_idle(inbox: queue.SimpleQueue[CoreInput], worked: bool) -> CoreInput:
+def _wait_idle(inbox: queue.SimpleQueue[LoopInput], worked: bool) -> LoopInput:
     """Block for the next message; after a second idle that follows work, hand freed heap memory back
     to the OS first, so a burst of long prompts does not leave the engine's RSS at its high-water mark."""
     if worked:
@@ -267,7 +331,7 @@ def core_process_main(
         _send_quietly(out_conn, CoreDead(f"{type(exc).__name__}: {exc}"))
         return
     trim_heap()  # loading leaves freed temporaries (unpickled weights before packing) in the heap
-    inbox: queue.SimpleQueue[CoreInput] = queue.SimpleQueue()
+    inbox: queue.SimpleQueue[LoopInput] = queue.SimpleQueue()
     outbox: queue.SimpleQueue[CoreOutput | None] = queue.SimpleQueue()
     outbox.put(CoreReady(core.info))
     writer = threading.Thread(target=_write_all, args=(outbox, out_conn), name="core-writer", daemon=True)
@@ -284,7 +348,7 @@ def core_process_main(
     writer.join(10)
 
 
-def _read_all(conn: Connection, inbox: queue.SimpleQueue[CoreInput]) -> None:
+def _read_all(conn: Connection, inbox: queue.SimpleQueue[LoopInput]) -> None:
     try:
         while True:
             inbox.put(conn.recv())

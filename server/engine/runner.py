@@ -7,6 +7,7 @@ runs the model over the paged KV cache, computes logits only for the rows that n
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -101,6 +102,7 @@ class ModelRunner:
         self.eos_token_id = eos_token_id if eos_token_id is not None else model.config.eos_token_id
         self._make_structured = structured
         self.structured: StructuredOutputs | None = None
+        self._structured_lock = threading.Lock()
         model.prepare_for_serving()  # builds the CPU kernels now (Kernels.detect), not in the first step
         cfg = model.config
         # prompt chunks through the prompt kernel where this CPU has AVX512-BF16 (bf16, head dim 64, 16-token groups)
@@ -276,6 +278,21 @@ class ModelRunner:
             return table, None, lens_t
         return table, build_decode_mask(lens_t, width * self.block_size, nkv, self.dtype), lens_t
 
+    # ---- structured output ---------------------------------------------------------------------------
+    def _structured_outputs(self) -> StructuredOutputs:
+        assert self._make_structured is not None
+        with self._structured_lock:  # the step's thread and the core's grammar thread both get here
+            if self.structured is None:
+                self.structured = self._make_structured()
+            return self.structured
+
+    def prepare_grammar(self, request: Request) -> None:
+        """Build `request`'s grammar matcher (compiling its grammar) before its first step. The engine core
+        calls this on a thread of its own: a grammar can take seconds to compile (a schema's
+        `"pattern": "a{10000}"` takes ~9 s), which inside a step would hold up every running sequence."""
+        if self._make_structured is not None and request.params.structured is not None:
+            self._structured_outputs().matcher(request)
+
     # ---- sampling ----------------------------------------------------------------------------------
     def _sampling_batch(self, rows: list[_Row]) -> SamplingBatch:
         reqs = [r.request for r in rows]
@@ -286,9 +303,7 @@ class ModelRunner:
         empty: list[int] = []
         grammar = None
         if self._make_structured is not None and any(p.structured is not None for p in params):
-            if self.structured is None:
-                self.structured = self._make_structured()
-            grammar = self.structured.grammar_bias(reqs, self.device)
+            grammar = self._structured_outputs().grammar_bias(reqs, self.device)
         return SamplingBatch.build(
             params,
             [q.output_token_ids for q in reqs] if use_penalties else [empty] * len(reqs),

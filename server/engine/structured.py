@@ -1,12 +1,13 @@
 """Constrained decoding with xgrammar: compiled grammars (cached), per-sequence matchers, batch masks.
 
 Both processes use this module: the server compiles a request's grammar before queueing it, so a bad
-schema is a 400 and not a failed step; the engine process compiles it again (its own cache) when the
-sequence first samples. Per step, `StructuredOutputs.grammar_bias` fills the token bitmasks of every
-constrained row in one xgrammar call and turns them into a (S, V) bias of 0 / -inf that the sampler adds
-after taking the raw log-probabilities (OpenAI's logprobs describe the model, not the constraint). The
-scheduler advances each sequence's matcher as it appends the token (`Request.grammar`), and finishes the
-sequence with "stop" once the matcher has terminated (the grammar is complete and EOS was drawn).
+schema is a 400 and not a failed step; the engine process compiles it again (its own cache) on a thread of
+its own before the sequence's first step, while the other sequences go on decoding (EngineCore.add). Per
+step, `StructuredOutputs.grammar_bias` fills the token bitmasks of every constrained row in one xgrammar
+call and turns them into a (S, V) bias of 0 / -inf that the sampler adds after taking the raw
+log-probabilities (OpenAI's logprobs describe the model, not the constraint). The scheduler advances each
+sequence's matcher as it appends the token (`Request.grammar`), and finishes the sequence with "stop" once
+the matcher has terminated (the grammar is complete and EOS was drawn).
 
 JSON is generated with bounded whitespace (`any_whitespace=False`: xgrammar's ", " / ": " separators and
 no newlines), so a schema whose strings and arrays are bounded completes within a bounded length.
@@ -61,10 +62,10 @@ class GrammarCache:
     compile it (same result); the lock is not held while compiling, which can take tens of ms.
     """
 
-    def __init__(self, info: xgr.TokenizerInfo, max_entries: int = CACHE_ENTRIES) -> None:
+    def __init__(self, info: xgr.TokenizerInfo, max_entries: int = CACHE_ENTRIES, threads: int = 2) -> None:
         self.info = info
         # xgrammar's own cache is off: ours is keyed by the spec and bounded by entries
-        self._compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=False)
+        self._compiler = xgr.GrammarCompiler(info, max_threads=threads, cache_enabled=False)
         self._cache: OrderedDict[StructuredSpec, xgr.CompiledGrammar] = OrderedDict()
         self._max = max_entries
         self._lock = threading.Lock()
@@ -130,7 +131,9 @@ class StructuredOutputs:
     """Engine side: matchers for constrained sequences and the batch's allowed-token mask."""
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int | None = None) -> None:
-        self.cache = GrammarCache(tokenizer_info(tokenizer, vocab_size))
+        # one compiling thread: it runs beside the steps (EngineCore compiles before a request's first
+        # step), and a second would take the core the steps' other GEMM thread runs on
+        self.cache = GrammarCache(tokenizer_info(tokenizer, vocab_size), threads=1)
         self.vocab_size = self.cache.info.vocab_size
         # one thread: handing a call to a 2-thread pool cost up to ~4 ms on the 2-core box, while one
         # thread fills 32 rows in ~0.02 ms (bench/grammar_bench.py)

@@ -1,0 +1,61 @@
+"""The server's check of structured-output constraints: compiles never queue without bound, never take the
+pool that tokenizes prompts, and a constraint compiled once is not compiled again."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from server.engine.request import StructuredSpec
+from server.guided import GrammarChecker
+from server.protocol import APIError
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class GatedChecker(GrammarChecker):
+    """Compiles nothing: each compile waits for `gate`, and specs with source "bad" fail."""
+
+    def __init__(self) -> None:
+        super().__init__(tokenizer=None)  # type: ignore[arg-type]
+        self.gate = threading.Event()
+        self.compiled: list[str] = []
+
+    def _compile(self, spec: StructuredSpec) -> None:
+        assert self.gate.wait(20)
+        if spec.source == "bad":
+            raise ValueError("no such grammar")
+        self.compiled.append(spec.source)
+
+
+async def test_compiles_past_the_limit_get_429_at_once_and_the_rest_complete() -> None:
+    checker = GatedChecker()
+    waiting = [
+        asyncio.ensure_future(checker.check(StructuredSpec("regex", f"a{{{i}}}"), "regex"))
+        for i in range(GrammarChecker.MAX_COMPILING)
+    ]
+    await asyncio.sleep(0.05)
+    with pytest.raises(APIError) as e:
+        await asyncio.wait_for(checker.check(StructuredSpec("regex", "b"), "regex"), 1)
+    assert e.value.status_code == 429 and e.value.param == "regex"
+    # the default executor (prompts are tokenized there) is free while the compiles wait
+    assert await asyncio.wait_for(asyncio.to_thread(lambda: 7), 1) == 7
+    checker.gate.set()
+    await asyncio.wait_for(asyncio.gather(*waiting), 10)
+    assert len(checker.compiled) == GrammarChecker.MAX_COMPILING
+
+
+async def test_a_valid_constraint_compiles_once_and_a_bad_one_is_a_400() -> None:
+    checker = GatedChecker()
+    checker.gate.set()
+    spec = StructuredSpec("json", '{"type": "string"}')
+    for _ in range(3):
+        await checker.check(spec, "response_format")
+    assert checker.compiled == [spec.source]
+    with pytest.raises(APIError) as e:
+        await checker.check(StructuredSpec("grammar", "bad"), "structured_outputs.grammar")
+    assert e.value.status_code == 400 and "no such grammar" in e.value.message
+    with pytest.raises(APIError):  # a bad one is not remembered as good
+        await checker.check(StructuredSpec("grammar", "bad"), "structured_outputs.grammar")
