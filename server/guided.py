@@ -83,8 +83,9 @@ class GrammarChecker:
 
     A grammar can take seconds to compile (a schema's `"pattern": "a{10000}"` takes ~9 s), so compiles run
     on one thread of their own, never on the pool that tokenizes prompts, and past MAX_COMPILING requests
-    compiling or waiting to, a new one gets a 429 at once instead of a place in an ever longer line. Only
-    a hash of each spec that compiled is kept (not the compiled grammar, ~0.1 MB to hundreds of MB)."""
+    compiling or waiting to, a new one gets a 429 at once instead of a place in an ever longer line. A
+    grammar larger than MAX_GRAMMAR_BYTES compiled is a 400. Only a hash of each spec that compiled is
+    kept (not the compiled grammar, ~0.1 MB to tens of MB)."""
 
     MAX_COMPILING = 8
     KNOWN_VALID = 4096
@@ -122,8 +123,17 @@ class GrammarChecker:
             self._valid.popitem(last=False)
 
     def _compile(self, spec: StructuredSpec) -> None:
-        from server.engine.structured import GrammarCache, tokenizer_info  # imports xgrammar (~0.7 s)
+        from server.engine.structured import (  # xgrammar: ~0.7 s
+            MAX_GRAMMAR_BYTES,
+            GrammarCache,
+            tokenizer_info,
+        )
 
         if self._cache is None:  # only this pool's one thread gets here
             self._cache = GrammarCache(tokenizer_info(self.tokenizer), max_entries=0)
-        self._cache.get(spec)
+        size = self._cache.get(spec).memory_size_bytes
+        if size > MAX_GRAMMAR_BYTES:
+            raise ValueError(
+                f"it compiles to a grammar of {size / 2**20:.1f} MiB; the limit is {MAX_GRAMMAR_BYTES / 2**20:g} MiB "
+                "(a long enum or choice list is the usual cause)"
+            )

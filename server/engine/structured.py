@@ -29,8 +29,13 @@ import xgrammar as xgr
 from model.tokenizer import Tokenizer
 from server.engine.request import Request, StructuredSpec
 
-# Distinct grammars kept compiled per process; a compiled JSON schema for this vocabulary is ~0.1-1 MB.
+# Distinct grammars kept compiled in the engine. A JSON schema compiles for this vocabulary to ~0.05-1 MB,
+# but an enum of 15,000 short values to 24 MB (12,000: 0.9 MB): the bytes are bounded too.
 CACHE_ENTRIES = 128
+CACHE_BYTES = 256 * 2**20
+# Largest compiled grammar a request may bring (the server refuses a larger one with a 400): up to 64
+# sequences can hold one each while they run.
+MAX_GRAMMAR_BYTES = 16 * 2**20
 _XGR_PREFIX = re.compile(r"^\[[0-9:]+\] \S+:\d+: ")  # "[13:01:52] /project/cpp/x.cc:94: " in messages
 
 
@@ -56,18 +61,24 @@ def choice_grammar(choices: list[str]) -> str:
 
 
 class GrammarCache:
-    """Compiles each distinct spec once; least recently used entries go first past CACHE_ENTRIES.
+    """Compiles each distinct spec once; least recently used entries go first past CACHE_ENTRIES entries or
+    CACHE_BYTES of compiled grammars (xgrammar's own count of each one's memory).
 
     Thread-safe: the server compiles in worker threads. Two threads missing on the same spec both
-    compile it (same result); the lock is not held while compiling, which can take tens of ms.
+    compile it (same result); the lock is not held while compiling, which can take seconds.
     """
 
-    def __init__(self, info: xgr.TokenizerInfo, max_entries: int = CACHE_ENTRIES, threads: int = 2) -> None:
+    def __init__(
+        self, info: xgr.TokenizerInfo, max_entries: int = CACHE_ENTRIES, threads: int = 2,
+        max_bytes: int = CACHE_BYTES,
+    ) -> None:  # fmt: skip
         self.info = info
-        # xgrammar's own cache is off: ours is keyed by the spec and bounded by entries
+        # xgrammar's own cache is off: ours is keyed by the spec and bounded by entries and bytes
         self._compiler = xgr.GrammarCompiler(info, max_threads=threads, cache_enabled=False)
         self._cache: OrderedDict[StructuredSpec, xgr.CompiledGrammar] = OrderedDict()
         self._max = max_entries
+        self._max_bytes = max_bytes
+        self._bytes = 0
         self._lock = threading.Lock()
         self.misses = 0
 
@@ -80,10 +91,17 @@ class GrammarCache:
         grammar = self._compile(spec)
         with self._lock:
             self.misses += 1
-            self._cache[spec] = grammar
-            while len(self._cache) > self._max:
-                self._cache.popitem(last=False)
+            if spec not in self._cache:
+                self._cache[spec] = grammar
+                self._bytes += grammar.memory_size_bytes
+            while self._cache and (len(self._cache) > self._max or self._bytes > self._max_bytes):
+                _, old = self._cache.popitem(last=False)
+                self._bytes -= old.memory_size_bytes
         return grammar
+
+    @property
+    def cached_bytes(self) -> int:
+        return self._bytes
 
     def _compile(self, spec: StructuredSpec) -> xgr.CompiledGrammar:
         try:

@@ -48,6 +48,27 @@ def test_cache_compiles_each_spec_once_and_evicts_the_oldest(cache: GrammarCache
     assert cache.misses == before + 5
 
 
+def test_cache_is_bounded_in_bytes(tokenizer: Tokenizer) -> None:
+    """A compiled grammar can take tens of MB (an enum of 15,000 values: 24 MB): past max_bytes the least
+    recently used go, even the newest if it alone is over."""
+    info = tokenizer_info(tokenizer, TINY_VOCAB)
+    specs = [StructuredSpec("choice", json.dumps([f"{c}{i}" for i in range(40)])) for c in "ab"]
+    sizes = [GrammarCache(info).get(s).memory_size_bytes for s in specs]
+    assert min(sizes) > 0
+    roomy = GrammarCache(info, max_bytes=sum(sizes))
+    for spec in specs:
+        roomy.get(spec)
+    assert roomy.cached_bytes == sum(sizes)
+    tight = GrammarCache(info, max_bytes=max(sizes))  # room for one of them
+    for spec in [*specs, specs[1]]:
+        tight.get(spec)
+    assert tight.cached_bytes == sizes[1] and tight.misses == 2  # specs[0] went; specs[1] was kept
+    none = GrammarCache(info, max_bytes=min(sizes) - 1)
+    none.get(specs[0])
+    none.get(specs[0])
+    assert none.cached_bytes == 0 and none.misses == 2
+
+
 @pytest.mark.parametrize(
     ("spec", "words"),
     [

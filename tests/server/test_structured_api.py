@@ -76,6 +76,29 @@ async def test_bad_requests_are_400s_naming_the_field(
     assert len(fake_engine.submitted) == before  # nothing was queued
 
 
+async def test_a_constraint_that_compiles_too_large_is_a_400(
+    client: httpx.AsyncClient, fake_engine: FakeEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each running sequence holds its compiled grammar, and an enum of 15,000 values compiles to 24 MB:
+    past MAX_GRAMMAR_BYTES (16 MiB; 100 KiB here, so the request stays small) a constraint is refused."""
+    import server.engine.structured as structured
+
+    monkeypatch.setattr(
+        structured, "MAX_GRAMMAR_BYTES", 100 * 2**10
+    )  # 3,000 values: 0.2 MiB; an object: 0.05
+    before = len(fake_engine.submitted)
+    schema = {"enum": [f"v{i}" for i in range(3000)]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    r = await post(client, "/v1/chat/completions", messages=CHAT, response_format=fmt)
+    assert r.status_code == 400, r.text
+    assert (
+        r.json()["error"]["param"] == "response_format.json_schema" and "MiB" in r.json()["error"]["message"]
+    )
+    assert len(fake_engine.submitted) == before
+    r = await post(client, "/v1/chat/completions", messages=CHAT, response_format={"type": "json_object"})
+    assert r.status_code == 200, r.text  # a small one still passes
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [
