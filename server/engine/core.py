@@ -242,7 +242,15 @@ def run_core_loop(
     core.on_grammar_ready = lambda: inbox.put(GrammarReady())
     try:
         while True:
-            messages = [] if core.has_work() else [_wait_idle(inbox, worked)]
+            if core.has_work():
+                messages = []
+            elif core.has_unfinished():  # only grammars in the making: say we are alive now and then,
+                try:  # or the server's watchdog would count a long compile as a hung step
+                    messages = [inbox.get(timeout=HEARTBEAT_S)]
+                except queue.Empty:
+                    messages = []
+            else:
+                messages = [_wait_idle(inbox, worked)]
             worked = True
             while not inbox.empty():
                 messages.append(inbox.get())
@@ -275,6 +283,7 @@ LoopInput = CoreInput | GrammarReady
 
 
 IDLE_TRIM_AFTER_S = 1.0
+HEARTBEAT_S = 1.0  # while only grammars are being prepared, an empty StepOutputs this often
 
 
 def _wait_idle(inbox: queue.SimpleQueue[LoopInput], worked: bool) -> LoopInput:

@@ -12,8 +12,9 @@ import threading
 
 import pytest
 
+import server.engine.core as core_module
 from server.engine.core import EngineConfig, EngineCore
-from server.engine.engine import AsyncEngine
+from server.engine.engine import AsyncEngine, SupervisorConfig
 from server.engine.messages import CoreRequest
 from server.engine.request import Request, SamplingParams, StructuredSpec
 from server.engine.scheduler import Scheduler, SchedulerConfig
@@ -129,3 +130,25 @@ async def _tokens(engine: AsyncEngine, rid: str, structured: bool, max_tokens: i
     async for o in engine.generate(rid, [1, 2, 3], params):
         out += [t for c in o.outputs for t in c.new_token_ids]
     return out
+
+
+async def test_a_long_compile_is_not_taken_for_a_hung_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server's watchdog restarts a core that finishes no step for --step-timeout while it has work;
+    a core waiting only on a grammar says it is alive meanwhile (every HEARTBEAT_S, 1 s; 0.05 s here)."""
+    monkeypatch.setattr(core_module, "HEARTBEAT_S", 0.05)
+    runner = GatedRunner()
+    fatal: list[str] = []
+    engine = AsyncEngine.in_thread(
+        lambda: make_core(runner), config=SupervisorConfig(step_timeout=0.3), on_fatal=fatal.append
+    )
+    await engine.start()
+    try:
+        slow = asyncio.ensure_future(_tokens(engine, "slow", True))
+        await asyncio.sleep(1.0)  # several step timeouts, with nothing but the grammar to wait for
+        assert not fatal and engine.is_healthy
+        runner.gate.set()
+        assert len(await asyncio.wait_for(slow, 10)) == 6
+        assert not fatal and engine.stats().num_engine_restarts == 0
+    finally:
+        runner.gate.set()
+        await engine.shutdown()
