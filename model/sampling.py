@@ -511,7 +511,7 @@ def _draw(x: torch.Tensor, noise: _Noise) -> torch.Tensor:
     cols = torch.searchsorted(cdf, u * total, right=True).view(-1)  # first column whose cdf exceeds u * total
     overflow = cols >= x.shape[1]  # u * total rounded up to total: ~2^-24 chance per row
     if bool(overflow.any()):  # take the last column with mass: where the cdf first reaches its total
-        cols = torch.where(overflow, torch.searchsorted(cdf, total).view(-1), cols)
+        cols = torch.where(overflow, torch.searchsorted(cdf, total.contiguous()).view(-1), cols)
     if race is not None:
         cols = torch.where(noise.raced, race, cols)  # type: ignore[arg-type]
     # a row with no finite logit (every token banned; the engine refuses such input) has a NaN cdf:
