@@ -18,8 +18,10 @@ instead (one call per sequence; 32 queries share each key block), and its decode
 
 from __future__ import annotations
 
+import ctypes
 import math
 import mmap
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -145,6 +147,30 @@ def allocate_kv_cache(
         return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     return [torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape) for _ in range(num_layers)]
+
+
+MADV_POPULATE_WRITE = 23  # Linux >= 5.14: fault pages in as a write would, without changing their data
+_PAGE = mmap.PAGESIZE
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+
+
+def populate_kv_cache(kv_caches: list[torch.Tensor], start: int, end: int) -> bool:
+    """Give slots [start, end) of every layer and head of a CPU pool from allocate_kv_cache their pages
+    now, as their first write would, leaving what they hold unchanged (so it is safe on slots in use).
+    False where the OS cannot (not Linux, a kernel before 5.14): the pages then come with the writes."""
+    if _libc is None or end <= start:
+        return _libc is not None
+    for cache in kv_caches:
+        heads, slots, hd = cache.shape
+        row = hd * cache.element_size()
+        for h in range(heads):
+            lo = cache.data_ptr() + (h * slots + start) * row
+            hi = cache.data_ptr() + (h * slots + end) * row
+            lo -= lo % _PAGE
+            hi += -hi % _PAGE
+            if _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_POPULATE_WRITE) != 0:
+                return False
+    return True
 
 
 def kv_cache_bytes_per_block(

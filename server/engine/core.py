@@ -250,7 +250,7 @@ def run_core_loop(
                 except queue.Empty:
                     messages = []
             else:
-                messages = [_wait_idle(inbox, worked)]
+                messages = [_wait_idle(inbox, worked, getattr(core.runner, "warm_kv_ahead", None))]
             worked = True
             while not inbox.empty():
                 messages.append(inbox.get())
@@ -286,9 +286,15 @@ IDLE_TRIM_AFTER_S = 1.0
 HEARTBEAT_S = 1.0  # while only grammars are being prepared, an empty StepOutputs this often
 
 
-def _wait_idle(inbox: queue.SimpleQueue[LoopInput], worked: bool) -> LoopInput:
-    """Block for the next message; after a second idle that follows work, hand freed heap memory back
-    to the OS first, so a burst of long prompts does not leave the engine's RSS at its high-water mark."""
+def _wait_idle(
+    inbox: queue.SimpleQueue[LoopInput], worked: bool, warm: Callable[[], bool] | None = None
+) -> LoopInput:
+    """Block for the next message. First, while nothing arrives, `warm()` (the runner's warm_kv_ahead) one
+    chunk at a time until it has nothing left; after a second idle that follows work, hand freed heap
+    memory back to the OS, so a burst of long prompts does not leave the engine's RSS at its high-water
+    mark."""
+    while warm is not None and inbox.empty() and warm():
+        pass
     if worked:
         try:
             return inbox.get(timeout=IDLE_TRIM_AFTER_S)

@@ -22,6 +22,7 @@ from model.attention import (
     allocate_kv_cache,
     build_decode_mask,
     kv_cache_bytes_per_block,
+    populate_kv_cache,
     step_metadata,
 )
 from model.kernels import Kernels
@@ -36,6 +37,11 @@ if TYPE_CHECKING:  # xgrammar is imported only where structured output is on
     from server.engine.structured import StructuredOutputs
 
 log = logging.getLogger(__name__)
+
+# While idle, the CPU pool's pages are given ahead to this many slots past the highest block used (~45 MB
+# of the default model's KV), a chunk of this many at a time (warm_kv_ahead).
+KV_WARM_AHEAD_TOKENS = 2048
+KV_WARM_CHUNK_TOKENS = 256
 
 
 @dataclass(slots=True)
@@ -124,6 +130,11 @@ class ModelRunner:
             self.dtype,
             self.device,
         )
+        # CPU pool: the slots from the highest block a step has used up to KV_WARM_AHEAD_TOKENS past it get
+        # their pages while the engine is idle (warm_kv_ahead), not from the first write of a prompt
+        self._kv_frontier = 0  # one past the highest block a step has used
+        self._kv_warm = 0  # blocks below this had their pages given ahead (or by use)
+        self._kv_can_warm = self.device.type == "cpu"
         self._generators: dict[str, torch.Generator] = {}  # seeded requests', until they finish
         self.graphs: DecodeGraphs | None = None
         if use_graphs:
@@ -153,6 +164,8 @@ class ModelRunner:
         rows = self._layout(plan.scheduled)
         if not rows:
             return {}
+        top = max((r.request.block_ids[-1] for r in rows if r.request.block_ids), default=-1)
+        self._kv_frontier = max(self._kv_frontier, top + 1)
         results: dict[str, SampleResult] = {}
         sampling = [r for r in rows if r.samples]
         logits = self._graph_decode(rows, sampling)
@@ -277,6 +290,26 @@ class ModelRunner:
         if self.kernels.cpp:  # the C++ kernel reads the lengths; no mask to build
             return table, None, lens_t
         return table, build_decode_mask(lens_t, width * self.block_size, nkv, self.dtype), lens_t
+
+    def warm_kv_ahead(self) -> bool:
+        """Called while the engine is idle: give the next chunk of KV blocks past the highest one used so far
+        their pages (model.attention.populate_kv_cache), up to KV_WARM_AHEAD_TOKENS past it, so that the
+        next prompts do not spend ~10 ms per 1,500 tokens faulting their blocks in (bench/NOTES.md).
+        Returns whether more remains; a chunk takes ~1-3 ms, so a request that arrives meanwhile waits at
+        most that."""
+        if not self._kv_can_warm:
+            return False
+        bs = self.block_size
+        start = max(self._kv_warm, self._kv_frontier)
+        target = min(self.num_blocks, self._kv_frontier + -(-KV_WARM_AHEAD_TOKENS // bs))
+        if start >= target:
+            return False
+        end = min(target, start + -(-KV_WARM_CHUNK_TOKENS // bs))
+        if not populate_kv_cache(self.kv_caches, start * bs, end * bs):
+            self._kv_can_warm = False  # the OS cannot: the pages come with the first writes
+            return False
+        self._kv_warm = end
+        return end < target
 
     # ---- structured output ---------------------------------------------------------------------------
     def _structured_outputs(self) -> StructuredOutputs:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from model import (
     repeat_kv,
     rotate_half,
 )
-from model.attention import PrefillSeq, allocate_kv_cache, build_decode_mask, step_metadata
+from model.attention import PrefillSeq, allocate_kv_cache, build_decode_mask, populate_kv_cache, step_metadata
 from model.kernels import Kernels
 
 TINY = dict(
@@ -283,6 +284,26 @@ def test_fresh_prompts_of_different_lengths_share_one_padded_attention_call(monk
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="MADV_POPULATE_WRITE is Linux's")
+def test_populating_kv_slots_takes_their_pages_and_keeps_their_data() -> None:
+    """The engine gives blocks their pages ahead while idle; that must never change a block in use."""
+    layers, nkv, hd, blocks, bs = 30, 3, 64, 4096, 16
+    caches = allocate_kv_cache(layers, nkv, hd, blocks, bs, torch.bfloat16, "cpu")
+    for c in caches:
+        c[:, 3 * bs : 4 * bs].fill_(2.5)  # a block in use, inside the range populated below
+    before = _rss_bytes()
+    if not populate_kv_cache(caches, 0, 2048):
+        pytest.skip("this kernel has no MADV_POPULATE_WRITE (Linux >= 5.14)")
+    grown = _rss_bytes() - before
+    expected = layers * 2 * nkv * 2048 * hd * 2  # 45 MiB
+    assert 0.9 * expected < grown < 1.1 * expected + 8 * 2**20, grown
+    assert all(bool((c[:, 3 * bs : 4 * bs] == 2.5).all()) for c in caches)
+    assert not caches[0][:, : 3 * bs].any() and not caches[0][:, 4 * bs :].any()
+    before = _rss_bytes()
+    assert populate_kv_cache(caches, 0, 2048)  # again: nothing more to take
+    assert _rss_bytes() - before < 2**20
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc")
