@@ -82,12 +82,13 @@ class GrammarChecker:
     before anything is queued; the engine compiles it again for itself (server/engine/structured.py).
 
     A grammar can take seconds to compile (a schema's `"pattern": "a{10000}"` takes ~9 s), so compiles run
-    on one thread of their own, never on the pool that tokenizes prompts, and past MAX_COMPILING requests
-    compiling or waiting to, a new one gets a 429 at once instead of a place in an ever longer line. A
+    on one thread of their own, never on the pool that tokenizes prompts; requests with the same new
+    constraint wait on one compile, and past MAX_COMPILING distinct constraints compiling or waiting to,
+    a new one gets a 429 at once instead of a place in an ever longer line. A
     grammar larger than MAX_GRAMMAR_BYTES compiled is a 400. Only a hash of each spec that compiled is
     kept (not the compiled grammar, ~0.1 MB to tens of MB)."""
 
-    MAX_COMPILING = 8
+    MAX_COMPILING = 8  # distinct constraints compiling or waiting to
     KNOWN_VALID = 4096
 
     def __init__(self, tokenizer: Tokenizer) -> None:
@@ -95,7 +96,9 @@ class GrammarChecker:
         self._cache: GrammarCache | None = None  # built at the first structured request
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar-check")
         self._valid: OrderedDict[bytes, None] = OrderedDict()
-        self._compiling = 0  # touched on the event loop only
+        # compiles in flight by spec hash: a burst of requests with one new schema waits on one compile
+        # (and counts once against MAX_COMPILING); touched on the event loop only
+        self._inflight: dict[bytes, asyncio.Future[None]] = {}
 
     async def check(self, spec: StructuredSpec, field: str) -> None:
         """Return once `spec` compiles; APIError 400 naming `field` if it does not, 429 if too many
@@ -104,20 +107,28 @@ class GrammarChecker:
         if key in self._valid:
             self._valid.move_to_end(key)
             return
-        if self._compiling >= self.MAX_COMPILING:
-            raise APIError(
-                429,
-                f"{self._compiling} structured-output constraints are being compiled; retry shortly",
-                "rate_limit_error",
-                param=field,
-            )
-        self._compiling += 1
+        compiling = self._inflight.get(key)
+        if compiling is None:
+            if len(self._inflight) >= self.MAX_COMPILING:
+                raise APIError(
+                    429,
+                    f"{len(self._inflight)} structured-output constraints are being compiled; retry shortly",
+                    "rate_limit_error",
+                    param=field,
+                )
+            compiling = asyncio.ensure_future(self._compile_once(key, spec))
+            compiling.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved, if all left
+            self._inflight[key] = compiling
         try:
-            await asyncio.get_running_loop().run_in_executor(self._pool, self._compile, spec)
+            await asyncio.shield(compiling)  # a client that goes away does not cancel the others' compile
         except ValueError as e:
             raise APIError(400, f"Invalid {field}: {e}", param=field) from e
+
+    async def _compile_once(self, key: bytes, spec: StructuredSpec) -> None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._pool, self._compile, spec)
         finally:
-            self._compiling -= 1
+            del self._inflight[key]
         self._valid[key] = None
         while len(self._valid) > self.KNOWN_VALID:
             self._valid.popitem(last=False)

@@ -59,3 +59,22 @@ async def test_a_valid_constraint_compiles_once_and_a_bad_one_is_a_400() -> None
     assert e.value.status_code == 400 and "no such grammar" in e.value.message
     with pytest.raises(APIError):  # a bad one is not remembered as good
         await checker.check(StructuredSpec("grammar", "bad"), "structured_outputs.grammar")
+
+
+async def test_a_burst_with_one_new_constraint_waits_on_one_compile() -> None:
+    """An agent that starts 20 requests with the schema it just made: one compile, no 429, and a client
+    that goes away meanwhile does not cancel it for the others."""
+    checker = GatedChecker()
+    spec = StructuredSpec("json", '{"type": "integer"}')
+    burst = [asyncio.ensure_future(checker.check(spec, "response_format")) for _ in range(20)]
+    await asyncio.sleep(0.05)
+    burst[0].cancel()
+    checker.gate.set()
+    results = await asyncio.wait_for(asyncio.gather(*burst[1:], return_exceptions=True), 10)
+    assert results == [None] * 19 and checker.compiled == [spec.source]
+    bad = [
+        asyncio.ensure_future(checker.check(StructuredSpec("grammar", "bad"), "guided_grammar"))
+        for _ in range(3)
+    ]
+    errors = await asyncio.gather(*bad, return_exceptions=True)
+    assert all(isinstance(e, APIError) and e.status_code == 400 for e in errors)
