@@ -144,10 +144,11 @@ class EngineCore:
 
     def abort(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
-            if (
-                self._preparing.pop(request_id, None) is not None
-                or self.scheduler.abort(request_id) is not None
-            ):
+            preparing = self._preparing.pop(request_id, None)
+            if preparing is not None:
+                preparing[0].cancel()  # its compile, unless it has begun (then it runs out, into the cache)
+                self.num_finished["abort"] += 1
+            elif self.scheduler.abort(request_id) is not None:
                 self.num_finished["abort"] += 1
 
     def step(self) -> list[SeqOutput]:

@@ -31,10 +31,12 @@ class GatedRunner(FakeRunner):
     def __init__(self, fail: Exception | None = None) -> None:
         super().__init__(128, 4, VOCAB)
         self.gate = threading.Event()
+        self.started = threading.Event()  # a preparation has begun
         self.fail = fail
         self.prepared: list[str] = []
 
     def prepare_grammar(self, request: Request) -> None:
+        self.started.set()
         assert self.gate.wait(20), "the test never opened the gate"
         if self.fail is not None:
             raise self.fail
@@ -78,10 +80,15 @@ def test_aborting_a_request_whose_grammar_is_in_the_making() -> None:
     runner = GatedRunner()
     core = make_core(runner)
     core.add(request("slow", structured=True))
-    core.abort(["slow"])
-    assert not core.has_unfinished() and core.stats().num_finished == {"abort": 1}
+    core.add(request("queued", structured=True))  # waits behind "slow" for the one grammar thread
+    assert runner.started.wait(5)
+    core.abort(["slow", "queued"])
+    assert not core.has_unfinished() and core.stats().num_finished == {"abort": 2}
     runner.gate.set()
-    assert core.step() == []  # nothing comes of it once the grammar is ready
+    assert core.step() == []  # nothing comes of them
+    assert core._grammar_thread is not None
+    core._grammar_thread.shutdown(wait=True)
+    assert runner.prepared == ["slow"]  # the one under way ran out; the queued one never started
 
 
 def test_a_grammar_that_fails_in_the_engine_fails_its_request_only() -> None:
