@@ -83,7 +83,8 @@ class GrammarChecker:
 
     A grammar can take seconds to compile (a schema's `"pattern": "a{10000}"` takes ~9 s), so compiles run
     on one thread of their own, never on the pool that tokenizes prompts; requests with the same new
-    constraint wait on one compile, and past MAX_COMPILING distinct constraints compiling or waiting to,
+    constraint wait on one compile (dropped before it begins if they all go away), and past MAX_COMPILING
+    distinct constraints compiling or waiting to,
     a new one gets a 429 at once instead of a place in an ever longer line. A
     grammar larger than MAX_GRAMMAR_BYTES compiled is a 400. Only a hash of each spec that compiled is
     kept (not the compiled grammar, ~0.1 MB to tens of MB)."""
@@ -96,9 +97,9 @@ class GrammarChecker:
         self._cache: GrammarCache | None = None  # built at the first structured request
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar-check")
         self._valid: OrderedDict[bytes, None] = OrderedDict()
-        # compiles in flight by spec hash: a burst of requests with one new schema waits on one compile
-        # (and counts once against MAX_COMPILING); touched on the event loop only
-        self._inflight: dict[bytes, asyncio.Future[None]] = {}
+        # compiles in flight by spec hash, [task, requests waiting on it]: a burst of requests with one new
+        # schema waits on one compile (and counts once against MAX_COMPILING); touched on the event loop only
+        self._inflight: dict[bytes, list[Any]] = {}
 
     async def check(self, spec: StructuredSpec, field: str) -> None:
         """Return once `spec` compiles; APIError 400 naming `field` if it does not, 429 if too many
@@ -107,8 +108,8 @@ class GrammarChecker:
         if key in self._valid:
             self._valid.move_to_end(key)
             return
-        compiling = self._inflight.get(key)
-        if compiling is None:
+        entry = self._inflight.get(key)
+        if entry is None:
             if len(self._inflight) >= self.MAX_COMPILING:
                 raise APIError(
                     429,
@@ -116,13 +117,21 @@ class GrammarChecker:
                     "rate_limit_error",
                     param=field,
                 )
-            compiling = asyncio.ensure_future(self._compile_once(key, spec))
-            compiling.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved, if all left
-            self._inflight[key] = compiling
+            task = asyncio.ensure_future(self._compile_once(key, spec))
+            task.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved, if all left
+            entry = self._inflight[key] = [task, 0]
+        task = entry[0]
+        entry[1] += 1
         try:
-            await asyncio.shield(compiling)  # a client that goes away does not cancel the others' compile
+            await asyncio.shield(task)  # one client going away does not cancel the others' compile
         except ValueError as e:
             raise APIError(400, f"Invalid {field}: {e}", param=field) from e
+        except asyncio.CancelledError:
+            if entry[1] == 1:  # the last one waiting for it went away: a compile not begun is dropped
+                task.cancel()
+            raise
+        finally:
+            entry[1] -= 1
 
     async def _compile_once(self, key: bytes, spec: StructuredSpec) -> None:
         try:

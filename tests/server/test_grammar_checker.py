@@ -78,3 +78,19 @@ async def test_a_burst_with_one_new_constraint_waits_on_one_compile() -> None:
     ]
     errors = await asyncio.gather(*bad, return_exceptions=True)
     assert all(isinstance(e, APIError) and e.status_code == 400 for e in errors)
+
+
+async def test_a_compile_nobody_waits_for_any_more_is_dropped_before_it_begins() -> None:
+    """8 slow schemas sent and abandoned must not keep the compile thread (and the 429 limit) busy for
+    all of them: one whose requests all went away is dropped unless it has begun."""
+    checker = GatedChecker()
+    running = asyncio.ensure_future(checker.check(StructuredSpec("regex", "a{10000}"), "regex"))
+    queued = asyncio.ensure_future(checker.check(StructuredSpec("regex", "b{10000}"), "regex"))
+    await asyncio.sleep(0.05)
+    queued.cancel()
+    await asyncio.sleep(0.05)
+    assert len(checker._inflight) == 1  # its place in the limit is free again
+    checker.gate.set()
+    await asyncio.wait_for(running, 10)
+    checker._pool.shutdown(wait=True)
+    assert checker.compiled == ["a{10000}"]
