@@ -81,12 +81,11 @@ class GrammarChecker:
     """Compiles each new constraint once in the server process, so that one that does not compile is a 400
     before anything is queued; the engine compiles it again for itself (server/engine/structured.py).
 
-    A grammar can take seconds to compile (a schema's `"pattern": "a{10000}"` takes ~9 s), so compiles run
-    on one thread of their own, never on the pool that tokenizes prompts; requests with the same new
-    constraint wait on one compile (dropped before it begins if they all go away), and past MAX_COMPILING
-    distinct constraints compiling or waiting to,
-    a new one gets a 429 at once instead of a place in an ever longer line. A
-    grammar larger than MAX_GRAMMAR_BYTES compiled is a 400. Only a hash of each spec that compiled is
+    A grammar can take seconds to compile (a schema's `"pattern": "a{10000}"` takes ~9 s), so compiles run on
+    one thread of their own, never on the pool that tokenizes prompts; requests with the same new constraint
+    wait on one compile (dropped before it begins if they all go away), and past MAX_COMPILING distinct
+    constraints compiling or waiting to, a new one gets a 429 at once instead of a place in an ever longer
+    line. A grammar larger than MAX_GRAMMAR_BYTES compiled is a 400. Only a hash of each spec that compiled is
     kept (not the compiled grammar, ~0.1 MB to tens of MB)."""
 
     MAX_COMPILING = 8  # distinct constraints compiling or waiting to
