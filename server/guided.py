@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import hashlib
 import json
 from collections import OrderedDict
@@ -116,9 +117,9 @@ class GrammarChecker:
                     "rate_limit_error",
                     param=field,
                 )
-            task = asyncio.ensure_future(self._compile_once(key, spec))
-            task.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved, if all left
+            task = asyncio.get_running_loop().run_in_executor(self._pool, self._compile, spec)
             entry = self._inflight[key] = [task, 0]
+            task.add_done_callback(functools.partial(self._compiled, key, entry))
         task = entry[0]
         entry[1] += 1
         try:
@@ -127,16 +128,20 @@ class GrammarChecker:
             raise APIError(400, f"Invalid {field}: {e}", param=field) from e
         except asyncio.CancelledError:
             if entry[1] == 1:  # the last one waiting for it went away: a compile not begun is dropped
+                self._forget(key, entry)  # (and one under way no longer counts: a new request starts anew)
                 task.cancel()
             raise
         finally:
             entry[1] -= 1
 
-    async def _compile_once(self, key: bytes, spec: StructuredSpec) -> None:
-        try:
-            await asyncio.get_running_loop().run_in_executor(self._pool, self._compile, spec)
-        finally:
+    def _forget(self, key: bytes, entry: list[Any]) -> None:
+        if self._inflight.get(key) is entry:
             del self._inflight[key]
+
+    def _compiled(self, key: bytes, entry: list[Any], task: asyncio.Future[None]) -> None:
+        self._forget(key, entry)
+        if task.cancelled() or task.exception() is not None:  # (which also marks the exception retrieved)
+            return
         self._valid[key] = None
         while len(self._valid) > self.KNOWN_VALID:
             self._valid.popitem(last=False)
