@@ -29,7 +29,7 @@ Every metric but ``http_requests_total`` has a ``model_name`` label as well.
 | `smollm2:request_prompt_tokens` | histogram | | prompt length, per request |
 | `smollm2:request_generation_tokens` | histogram | | tokens generated, per request (all choices) |
 | `smollm2:cache_config_info` | gauge | `block_size`, `num_blocks`, `max_model_len`, `max_num_seqs`, `max_num_batched_tokens`, `kv_cache_memory_bytes`, `enable_prefix_caching` | the KV cache's configuration; value 1 |
-| `smollm2:http_requests_total` | counter | `handler`, `method`, `status` only | HTTP responses by route template (`unmatched` for unknown paths), method and status code |
+| `smollm2:http_requests_total` | counter | `handler`, `method`, `status` only | HTTP responses by route template (`unmatched` for unknown paths), method (`other` past the usual seven) and status code |
 """
 
 from __future__ import annotations
@@ -279,7 +279,13 @@ class HttpMetricsMiddleware:
         finally:
             route = scope.get("route")
             handler = getattr(route, "path", None) or "unmatched"
-            self.metrics.http_requests.labels(handler, scope["method"], str(status)).inc()
+            method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
+            self.metrics.http_requests.labels(handler, method, str(status)).inc()
+
+
+# The method label's values: HTTP lets a client send any token as a method, and each new one would be a new
+# series (a scanner could grow the label set without bound); the rest count as "other".
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 
 
 class RecentSamples:

@@ -290,6 +290,16 @@ async def test_http_requests_counted_by_route_method_status(client: httpx.AsyncC
     assert not any("123" in str(key) for key in samples)
 
 
+async def test_made_up_http_methods_share_one_label(client: httpx.AsyncClient) -> None:
+    """HTTP takes any token as a method: a scanner's inventions must not each make a new series."""
+    for i in range(20):
+        await client.request(f"M{i:05d}", "/health")
+    samples = _samples((await client.get("/metrics")).text)
+    methods = {dict(labels)["method"] for name, labels in samples if name == "smollm2:http_requests_total"}
+    assert "other" in methods and not any(m.startswith("M0") for m in methods)
+    assert sum(v for (name, labels), v in samples.items() if dict(labels).get("method") == "other") == 20
+
+
 async def test_every_engine_metric_has_the_model_name(fake_engine: FakeEngine, tokenizer: Tokenizer) -> None:
     app = create_app(fake_settings(served_model_name="my-model"), engine=fake_engine, tokenizer=tokenizer)
     async for c in _client(app):
