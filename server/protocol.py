@@ -23,6 +23,9 @@ _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 _MAX_N = 128
 
 
+MAX_ERROR_MESSAGE = 1000  # characters of an error message sent back; the rest is cut
+
+
 class APIError(Exception):
     """An error answered to the client in OpenAI's shape; raised anywhere, turned into JSON in one place."""
 
@@ -36,8 +39,11 @@ class APIError(Exception):
         self.param = param
 
     def to_model(self) -> ErrorResponse:
+        message = self.message
+        if len(message) > MAX_ERROR_MESSAGE:  # it may quote a client's value (a model name, a schema)
+            message = f"{message[:MAX_ERROR_MESSAGE]}... ({len(message)} characters in all)"
         return ErrorResponse(
-            error=ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.status_code)
+            error=ErrorInfo(message=message, type=self.type, param=self.param, code=self.status_code)
         )
 
 

@@ -282,6 +282,11 @@ async def test_malformed_json_and_unknown_model(client: httpx.AsyncClient) -> No
     assert_error(r, 400, "JSON")
     assert_error(await complete(client, prompt="x", model="gpt-4"), 404, "gpt-4")
     assert_error(await client.get("/v1/nothing"), 404)
+    # an error quoting a huge client value sends back its start, not all of it
+    error = assert_error(
+        await complete(client, prompt="x", model="m" * 50_000), 404, "mmmm", "characters in all"
+    )
+    assert len(error["message"]) < 1100
 
 
 async def test_queue_full_is_429_at_once(client: httpx.AsyncClient, fake_engine: FakeEngine) -> None:
