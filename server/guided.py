@@ -9,6 +9,7 @@ import functools
 import hashlib
 import json
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from model.tokenizer import Tokenizer
@@ -78,6 +79,12 @@ def structured_spec(req: SamplingFields) -> tuple[StructuredSpec, str] | None:
     return found[0] if found else None
 
 
+@dataclass(slots=True)
+class _Compile:
+    task: asyncio.Future[None]
+    waiting: int = 0  # requests awaiting it
+
+
 class GrammarChecker:
     """Compiles each new constraint once in the server process, so that one that does not compile is a 400
     before anything is queued; the engine compiles it again for itself (server/engine/structured.py).
@@ -97,9 +104,9 @@ class GrammarChecker:
         self._cache: GrammarCache | None = None  # built at the first structured request
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar-check")
         self._valid: OrderedDict[bytes, None] = OrderedDict()
-        # compiles in flight by spec hash, [task, requests waiting on it]: a burst of requests with one new
-        # schema waits on one compile (and counts once against MAX_COMPILING); touched on the event loop only
-        self._inflight: dict[bytes, list[Any]] = {}
+        # compiles in flight by spec hash: a burst of requests with one new schema waits on one compile (and
+        # counts once against MAX_COMPILING); touched on the event loop only
+        self._inflight: dict[bytes, _Compile] = {}
 
     async def check(self, spec: StructuredSpec, field: str) -> None:
         """Return once `spec` compiles; APIError 400 naming `field` if it does not, 429 if too many
@@ -118,27 +125,26 @@ class GrammarChecker:
                     param=field,
                 )
             task = asyncio.get_running_loop().run_in_executor(self._pool, self._compile, spec)
-            entry = self._inflight[key] = [task, 0]
+            entry = self._inflight[key] = _Compile(task)
             task.add_done_callback(functools.partial(self._compiled, key, entry))
-        task = entry[0]
-        entry[1] += 1
+        entry.waiting += 1
         try:
-            await asyncio.shield(task)  # one client going away does not cancel the others' compile
+            await asyncio.shield(entry.task)  # one client going away does not cancel the others' compile
         except ValueError as e:
             raise APIError(400, f"Invalid {field}: {e}", param=field) from e
         except asyncio.CancelledError:
-            if entry[1] == 1:  # the last one waiting for it went away: a compile not begun is dropped
+            if entry.waiting == 1:  # the last one waiting for it went away: a compile not begun is dropped
                 self._forget(key, entry)  # (and one under way no longer counts: a new request starts anew)
-                task.cancel()
+                entry.task.cancel()
             raise
         finally:
-            entry[1] -= 1
+            entry.waiting -= 1
 
-    def _forget(self, key: bytes, entry: list[Any]) -> None:
+    def _forget(self, key: bytes, entry: _Compile) -> None:
         if self._inflight.get(key) is entry:
             del self._inflight[key]
 
-    def _compiled(self, key: bytes, entry: list[Any], task: asyncio.Future[None]) -> None:
+    def _compiled(self, key: bytes, entry: _Compile, task: asyncio.Future[None]) -> None:
         self._forget(key, entry)
         if task.cancelled() or task.exception() is not None:  # (which also marks the exception retrieved)
             return
@@ -154,8 +160,8 @@ class GrammarChecker:
         )
 
         if self._cache is None:  # only this pool's one thread gets here
-            self._cache = GrammarCache(tokenizer_info(self.tokenizer), max_entries=0)
-        size = self._cache.get(spec).memory_size_bytes
+            self._cache = GrammarCache(tokenizer_info(self.tokenizer))
+        size = self._cache.compile(spec).memory_size_bytes
         if size > MAX_GRAMMAR_BYTES:
             raise ValueError(
                 f"it compiles to a grammar of {size / 2**20:.1f} MiB; the limit is {MAX_GRAMMAR_BYTES / 2**20:g} MiB "

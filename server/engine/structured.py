@@ -88,7 +88,7 @@ class GrammarCache:
             if grammar is not None:
                 self._cache.move_to_end(spec)
                 return grammar
-        grammar = self._compile(spec)
+        grammar = self.compile(spec)
         with self._lock:
             self.misses += 1
             if spec not in self._cache:
@@ -103,7 +103,8 @@ class GrammarCache:
     def cached_bytes(self) -> int:
         return self._bytes
 
-    def _compile(self, spec: StructuredSpec) -> xgr.CompiledGrammar:
+    def compile(self, spec: StructuredSpec) -> xgr.CompiledGrammar:
+        """`spec` compiled, not kept; StructuredError (a ValueError) saying why if it does not compile."""
         try:
             return self._compile_unchecked(spec)
         except StructuredError:
