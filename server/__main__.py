@@ -58,8 +58,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     import uvicorn
 
     from server.app import create_app
+    from server.connections import connection_budget, guarded_protocol, raise_fd_limit
 
     app = create_app(settings, first_core=first_core)
+    fd_limit = raise_fd_limit()
+    max_connections, backlog = connection_budget(settings.max_connections, fd_limit)
+    log = logging.getLogger("server")
+    log.info("HTTP connections: at most %d (open-file limit %d)", max_connections, fd_limit)
+    if max_connections < settings.max_connections:
+        log.warning(
+            "--max-connections %d lowered to %d: the open-file limit is %d (raise it with `ulimit -n`)",
+            settings.max_connections, max_connections, fd_limit,
+        )  # fmt: skip
+    protocol = guarded_protocol(
+        max_connections, settings.client_timeout, app.state.metrics.connections_closed
+    )
     # uvicorn drains on SIGTERM, then re-raises the signal so that its default action ends the process
     # (status 143). A drained shutdown is a clean one: exit 0 instead, unless the engine gave up.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(_exit_code(app)))
@@ -70,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         log_level=settings.log_level.lower(),
         log_config=None,  # uvicorn's loggers propagate to ours: one format, request ids included
         access_log=not settings.disable_access_log,
+        http=protocol,
+        backlog=backlog,
         # On SIGTERM uvicorn stops accepting and waits this long for open requests before the lifespan
         # shutdown drains the engine.
         timeout_graceful_shutdown=int(settings.shutdown_timeout),

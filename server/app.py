@@ -8,6 +8,7 @@ import functools
 import logging
 import os
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -40,16 +41,18 @@ log = logging.getLogger("server")
 # ---- body size limit ------------------------------------------------------------------------------
 
 
-class _BodyTooLarge(StarletteHTTPException):
+class _BodyError(StarletteHTTPException):
     pass
 
 
 class BodyLimitMiddleware:
-    """413 for a body over `limit` bytes: at once from Content-Length, else while the body is read."""
+    """413 for a body over `limit` bytes: at once from Content-Length, else while the body is read; 408
+    (and the connection closed) for a body not whole within `timeout` seconds of its headers."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, timeout: float = 0.0) -> None:
         self.app = app
         self.limit = limit
+        self.timeout = timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -60,15 +63,29 @@ class BodyLimitMiddleware:
             await error_response(self._error(int(declared)))(scope, receive, send)
             return
         received = 0
+        deadline = time.monotonic() + self.timeout if self.timeout else None
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, deadline
+            if deadline is None:  # no timeout, or the body is whole: later receives wait for a disconnect
+                message = await receive()
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+                except TimeoutError:
+                    # FastAPI re-raises HTTPExceptions from body reading; our handler shapes it. The
+                    # rest of the body would still be on its way: the connection cannot be reused.
+                    raise _BodyError(
+                        408,
+                        f"The request body did not arrive within {self.timeout:g} s ({received} bytes did).",
+                        headers={"connection": "close"},
+                    ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
-                    # FastAPI re-raises HTTPExceptions from body reading; our handler shapes it.
-                    raise _BodyTooLarge(413, self._error(received).message)
+                    raise _BodyError(413, self._error(received).message)
+                if not message.get("more_body", False):
+                    deadline = None
             return message
 
         await self.app(scope, limited_receive, send)
@@ -106,7 +123,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         kind = "invalid_request_error" if exc.status_code < 500 else "internal_error"
-        return error_response(APIError(exc.status_code, str(exc.detail), kind))
+        response = error_response(APIError(exc.status_code, str(exc.detail), kind))
+        response.headers.update(exc.headers or {})
+        return response
 
     async def on_bug(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
@@ -282,7 +301,7 @@ def create_app(
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
         )
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes, timeout=settings.client_timeout)
     app.add_middleware(HttpMetricsMiddleware, metrics=app.state.metrics)  # 413s counted too
     app.add_middleware(RequestIdMiddleware)  # last added, outermost: even a 413 carries the id
     return app

@@ -2,7 +2,7 @@
 
 Gauges and the engine's own counters are read from ``engine.stats()`` when Prometheus scrapes, so they
 are never stale; per-request counters and histograms are observed by the serving layer as tokens flow.
-Every metric but ``http_requests_total`` has a ``model_name`` label as well.
+Every metric but ``http_requests_total`` and ``http_connections_closed_total`` has a ``model_name`` label as well.
 
 | Metric | Type | Labels | Meaning |
 |---|---|---|---|
@@ -30,6 +30,7 @@ Every metric but ``http_requests_total`` has a ``model_name`` label as well.
 | `smollm2:request_generation_tokens` | histogram | | tokens generated, per request (all choices) |
 | `smollm2:cache_config_info` | gauge | `block_size`, `num_blocks`, `max_model_len`, `max_num_seqs`, `max_num_batched_tokens`, `kv_cache_memory_bytes`, `enable_prefix_caching` | the KV cache's configuration; value 1 |
 | `smollm2:http_requests_total` | counter | `handler`, `method`, `status` only | HTTP responses by route template (`unmatched` for unknown paths), method (`other` past the usual seven) and status code |
+| `smollm2:http_connections_closed_total` | counter | `reason` only | connections the server closed: `limit` (over --max-connections, answered 503), `request_timeout` (headers or body slower than --client-timeout, 408), `write_stall` (a client that read nothing for --client-timeout) |
 """
 
 from __future__ import annotations
@@ -219,6 +220,14 @@ class ServerMetrics:
             ["handler", "method", "status"],
             registry=reg,
         )
+        self.connections_closed = Counter(
+            PREFIX + "http_connections_closed",
+            "HTTP connections the server closed to bound what clients hold, by reason.",
+            ["reason"],
+            registry=reg,
+        )
+        for reason in ("limit", "request_timeout", "write_stall"):
+            self.connections_closed.labels(reason=reason)  # present at 0
         self._cache_config = Gauge(
             PREFIX + "cache_config_info", "KV cache configuration (value 1).", ["model_name", *CACHE_CONFIG_LABELS],
             registry=reg,

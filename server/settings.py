@@ -199,6 +199,18 @@ class Settings:
     max_body_bytes: int = _opt(
         1024**2, "largest request body accepted, e.g. 1MiB; larger gets 413", parse_bytes
     )
+    max_connections: int = _opt(
+        4096,
+        "open HTTP connections held at once; past it a new one is answered 503 and closed (lowered to what "
+        "the process's open-file limit allows)",
+        int,
+    )
+    client_timeout: float = _opt(
+        30.0,
+        "seconds a client has to send a request's headers, then its body, and to take any of a response "
+        "whose send buffer is full; past it 408 or a disconnect (0: wait for ever)",
+        float,
+    )
     log_level: str = _opt("info", "log level: debug, info, warning, error")
     log_format: str = _opt("text", "log lines as text or json (one object per line, access log included)")
     disable_access_log: bool = _opt(False, "do not log one line per HTTP request", parse_bool)
@@ -285,6 +297,8 @@ class Settings:
             ),
             (self.step_timeout >= 0, f"step_timeout must be non-negative, got {self.step_timeout}"),
             (self.max_body_bytes >= 1, f"max_body_bytes must be positive, got {self.max_body_bytes}"),
+            (self.max_connections >= 1, f"max_connections must be at least 1, got {self.max_connections}"),
+            (self.client_timeout >= 0, f"client_timeout must be non-negative, got {self.client_timeout}"),
             (self.dtype in ("auto", "bfloat16", "float16", "float32"), f"unknown dtype {self.dtype!r}"),
             (
                 not self.batch_invariant or self.dtype in ("auto", "bfloat16"),

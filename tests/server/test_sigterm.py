@@ -38,9 +38,11 @@ def tiny_model_folder(tokenizer: Tokenizer, folder: Path) -> Path:
     return save_hf_folder(SmolLM2ForCausalLM(config).eval(), folder, tokenizer)
 
 
-def start_server(model: Path, port: int, new_session: bool = False) -> subprocess.Popen[str]:
+def start_server(
+    model: Path, port: int, new_session: bool = False, extra: tuple[str, ...] = ()
+) -> subprocess.Popen[str]:
     cmd = [sys.executable, "-m", "server", "--model", str(model), "--port", str(port), "--dtype", "float32",
-           "--kv-cache-memory", "8MiB", "--max-model-len", "1024", "--shutdown-timeout", "60"]  # fmt: skip
+           "--kv-cache-memory", "8MiB", "--max-model-len", "1024", "--shutdown-timeout", "60", *extra]  # fmt: skip
     proc = subprocess.Popen(
         cmd,
         cwd=ROOT,

@@ -1,0 +1,225 @@
+"""Bounds on what an HTTP client can hold by being slow or many: connections, request time, stalled reads.
+
+uvicorn's h11 protocol waits without limit for a connection's request headers and for a client to take
+the response's bytes, and accepts connections until the process runs out of file descriptors (at which
+point it accepts nothing, not even /health, and logs a traceback per retry). `guarded_protocol` returns
+uvicorn's protocol with three bounds, each counted in
+``smollm2:http_connections_closed_total{reason}``:
+
+- ``limit``: past `max_connections` open connections, a new one is answered 503 and closed at once;
+- ``request_timeout``: a request's headers must arrive within `client_timeout` seconds of the
+  connection being ready for it (opened, or its previous response sent): else 408 and close. Its body
+  is timed by `server.app.BodyLimitMiddleware` (a 408 in OpenAI's shape); a body the app does not
+  read (an error answered early) gets a few seconds more here, then the connection is closed;
+- ``write_stall``: a client that takes none of the response for `client_timeout` seconds while the send
+  buffer is full is disconnected, which aborts its request like any disconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import time
+from typing import Any
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from server.protocol import APIError
+
+log = logging.getLogger("server")
+
+FD_RESERVE = 256  # descriptors kept for the process's own files, pipes and the engine's sockets
+FD_TARGET = 65536  # the soft limit is raised this far, when the hard limit allows
+DEFAULT_BACKLOG = 2048  # uvicorn's
+MIN_BACKLOG = 64
+BODY_GRACE_S = 5.0  # the app answers a slow body's 408 first; this backstop only closes
+WARN_EVERY_S = 10.0
+
+
+def raise_fd_limit(target: int = FD_TARGET) -> int:
+    """Raise the soft limit on open files toward the hard one (as vLLM does); returns the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = target if hard == resource.RLIM_INFINITY else min(target, hard)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass
+    return FD_TARGET if soft == resource.RLIM_INFINITY else soft
+
+
+def connection_budget(requested: int, fd_limit: int) -> tuple[int, int]:
+    """(connections held at once, listen backlog) within the process's descriptors. asyncio accepts up to
+    `backlog` connections in one loop turn before any of them is refused, so those need descriptors too."""
+    backlog = min(DEFAULT_BACKLOG, max(MIN_BACKLOG, (fd_limit - FD_RESERVE) // 4))
+    return max(1, min(requested, fd_limit - FD_RESERVE - backlog)), backlog
+
+
+def _raw_error(error: APIError, extra_headers: str = "") -> bytes:
+    """A whole HTTP/1.1 error response, written outside h11 on a connection about to close."""
+    body = error.to_model().model_dump_json().encode()
+    head = (
+        f"HTTP/1.1 {error.status_code} {h11_reason(error.status_code)}\r\n"
+        "content-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n"
+        f"{extra_headers}"
+        "connection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def h11_reason(status: int) -> str:
+    return {408: "Request Timeout", 503: "Service Unavailable"}.get(status, "Error")
+
+
+class _RateLimitedWarning:
+    """At most one log line per `every` seconds per kind, with the count of those not logged."""
+
+    def __init__(self, every: float = WARN_EVERY_S) -> None:
+        self.every = every
+        self._last: dict[str, float] = {}
+        self._skipped: dict[str, int] = {}
+
+    def __call__(self, kind: str, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._last.get(kind, -self.every) < self.every:
+            self._skipped[kind] = self._skipped.get(kind, 0) + 1
+            return
+        skipped = self._skipped.pop(kind, 0)
+        self._last[kind] = now
+        suffix = f" ({skipped} more since the last such line)" if skipped else ""
+        log.warning(message + suffix, *args)
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with the bounds above; `guarded_protocol` sets the class attributes."""
+
+    max_connections = 4096
+    client_timeout = 30.0  # 0: no request or write-stall timeouts
+    closed: Any = None  # a labelled prometheus Counter (`reason`), or None
+    warn = _RateLimitedWarning()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._request_timer: asyncio.TimerHandle | None = None
+        self._request_phase: str | None = None  # "headers" or "body" while the timer runs
+        self._bytes_in_phase = False
+        self._write_timer: asyncio.TimerHandle | None = None
+
+    # ---- connection cap ----
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
+        if len(self.connections) > self.max_connections:
+            self._count("limit")
+            self.warn(
+                "limit", "refusing connections: %d open, the limit (--max-connections)", self.max_connections
+            )
+            error = APIError(
+                503,
+                f"The server has {self.max_connections} connections open, its limit; retry shortly.",
+                "service_unavailable",
+            )
+            self.transport.write(_raw_error(error, "retry-after: 1\r\n"))
+            self.transport.close()
+            return
+        self._follow_request()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_request_timer()
+        self._cancel_write_timer()
+        super().connection_lost(exc)
+
+    # ---- request timeout ----
+
+    def data_received(self, data: bytes) -> None:
+        self._bytes_in_phase = True
+        super().data_received(data)
+        self._follow_request()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # may start the next pipelined request
+        self._follow_request()
+
+    def _follow_request(self) -> None:
+        """Keep the timer in step with h11's view of the client: waiting for headers, sending a body, done."""
+        if not self.client_timeout or self.transport is None or self.transport.is_closing():
+            return
+        state = self.conn.their_state
+        if state is h11.IDLE:
+            if self._request_phase != "headers":
+                self._arm_request_timer("headers", self.client_timeout)
+        elif state is h11.SEND_BODY:
+            if self._request_phase != "body":
+                self._arm_request_timer("body", self.client_timeout + BODY_GRACE_S)
+        else:
+            self._cancel_request_timer()
+
+    def _arm_request_timer(self, phase: str, delay: float) -> None:
+        self._cancel_request_timer()
+        self._request_phase = phase
+        if phase == "headers":
+            self._bytes_in_phase = bool(self.conn.trailing_data[0])  # a pipelined request's start
+        self._request_timer = self.loop.call_later(delay, self._on_request_timeout)
+
+    def _cancel_request_timer(self) -> None:
+        if self._request_timer is not None:
+            self._request_timer.cancel()
+        self._request_timer = None
+        self._request_phase = None
+
+    def _on_request_timeout(self) -> None:
+        phase, self._request_timer, self._request_phase = self._request_phase, None, None
+        if self.transport.is_closing():
+            return
+        if phase == "headers" and not self._bytes_in_phase:
+            self.transport.close()  # an idle connection: closed as keep-alive closes it, not counted
+            return
+        self._count("request_timeout")
+        self.warn("request_timeout", "closing a connection whose request took over %ss", self.client_timeout)
+        if phase == "headers" and (self.cycle is None or self.cycle.response_complete):
+            error = APIError(408, f"The request's headers did not arrive within {self.client_timeout:g} s.")
+            self.transport.write(_raw_error(error))
+        self.transport.close()
+
+    # ---- stalled reader ----
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.client_timeout and self._write_timer is None:
+            self._write_timer = self.loop.call_later(self.client_timeout, self._on_write_stall)
+
+    def resume_writing(self) -> None:
+        self._cancel_write_timer()
+        super().resume_writing()
+
+    def _cancel_write_timer(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+        self._write_timer = None
+
+    def _on_write_stall(self) -> None:
+        self._write_timer = None
+        self._count("write_stall")
+        self.warn("write_stall", "disconnecting a client that read nothing for %ss", self.client_timeout)
+        self.transport.abort()  # its buffered bytes will not be read: do not wait to flush them
+
+    def _count(self, reason: str) -> None:
+        if self.closed is not None:
+            self.closed.labels(reason=reason).inc()
+
+
+def guarded_protocol(
+    max_connections: int, client_timeout: float, closed: Any = None
+) -> type[GuardedH11Protocol]:
+    """A GuardedH11Protocol subclass with these bounds (uvicorn builds one instance per connection)."""
+    attrs = {
+        "max_connections": max_connections,
+        "client_timeout": client_timeout,
+        "closed": closed,
+        "warn": _RateLimitedWarning(),
+    }
+    return type("GuardedH11Protocol", (GuardedH11Protocol,), attrs)
