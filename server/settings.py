@@ -367,10 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
     for f in fields(Settings):
         default = f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc,operator]
         shown = "unset" if default is None else default
+        # a true/false flag alone means true (`--disable-access-log`), as in vLLM and llama-server
+        bare = {"nargs": "?", "const": "true"} if f.metadata.get("parse") is parse_bool else {}
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
             default=None,  # None = not given, so the environment can fill it
             help=f"{f.metadata['help']} [env {ENV_PREFIX}{f.name.upper()}; default {shown}]",
+            **bare,
         )
     return parser

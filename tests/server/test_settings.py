@@ -14,6 +14,13 @@ def test_flag_wins_over_env_and_env_over_default() -> None:
     assert s.max_waiting == 256 and s.served_model_name == "SmolLM2-135M-Instruct" and s.host == "127.0.0.1"
 
 
+def test_a_true_false_flag_alone_means_true() -> None:
+    s = Settings.from_args(["--disable-access-log", "--enable-prefix-caching", "false"], env={})
+    assert s.disable_access_log is True and s.enable_prefix_caching is False
+    s = Settings.from_args(["--protect-all", "--port", "9003"], env={"SMOLLM2_PROTECT_ALL": "false"})
+    assert s.protect_all is True and s.port == 9003
+
+
 def test_sizes_lists_and_bad_values() -> None:
     assert (
         parse_bytes("1GiB") == 2**30 and parse_bytes("512MB") == 512 * 10**6 and parse_bytes("4096") == 4096
