@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model.tokenizer import Tokenizer
+from server.budget import PrepareBudgetMiddleware
 from server.core_setup import DEFAULT_MAX_MODEL_LEN, load_core, make_core, model_source
 from server.dashboard import dashboard
 from server.engine.client import SpawnedCore
@@ -301,6 +302,9 @@ def create_app(
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
         )
+    app.add_middleware(
+        PrepareBudgetMiddleware, budget=settings.max_preparing_bytes, max_body=settings.max_body_bytes
+    )  # inside the body limit: a body declared too long is a 413 before it costs any budget
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes, timeout=settings.client_timeout)
     app.add_middleware(HttpMetricsMiddleware, metrics=app.state.metrics)  # 413s counted too
     app.add_middleware(RequestIdMiddleware)  # last added, outermost: even a 413 carries the id

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from model.sampling_params import clamp_top_k
 from model.tokenizer import Tokenizer
+from server.budget import admitted
 from server.engine.engine import EngineDeadError, QueueFullError
 from server.engine.request import (
     CompletionOutput,
@@ -282,11 +283,12 @@ class OpenAIServing:
 
     def _encode_bounded(self, text: str, add_special_tokens: bool, param: str) -> list[int]:
         """Token ids of `text`, refusing a long text whose beginning alone holds more tokens than the
-        context, without tokenizing the rest. The beginning is cut before a space, where the pre-tokenizer
-        splits the whole text the same way, so it has at most one token more than the same span of it."""
+        context, without tokenizing the rest. The beginning is cut before whitespace (a space, or the
+        newlines of a rendered chat template), where the pre-tokenizer splits the whole text the same way,
+        so it has at most one token more than the same span of it."""
         probe = self.max_model_len * _PROBE_CHARS_PER_TOKEN
         if len(text) > probe:
-            cut = text.rfind(" ", 0, probe)
+            cut = max(text.rfind(space, 0, probe) for space in " \n\t")
             if (
                 cut > 0
                 and len(self.tokenizer.encode(text[:cut], add_special_tokens)) - 1 >= self.max_model_len
@@ -452,6 +454,7 @@ class OpenAIServing:
                 await s.aclose()  # type: ignore[attr-defined]
             raise
         run.timers = [RequestTimer(self.metrics, len(p.token_ids), run.n) for p in run.prompts]
+        admitted()
         return merge_streams(streams)
 
     def step(self, run: _Run, p: int, out: RequestOutput) -> list[TextDelta]:
@@ -648,6 +651,9 @@ class ServingChat(OpenAIServing):
     ) -> list[int]:
         """The rendered chat template's token ids; long conversations render and tokenize on a worker
         thread."""
+        if len(messages) >= self.max_model_len:  # each renders to a token or more: refused before rendering
+            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens, fewer "
+                           f"than the {len(messages)} messages.", param="messages")  # fmt: skip
         tools = tools or ToolPlan("none")
         native = "tools" in (self.tokenizer.chat_template or "")  # the template renders tools itself
         plain = render_messages(messages, tools, native)

@@ -199,6 +199,12 @@ class Settings:
     max_body_bytes: int = _opt(
         1024**2, "largest request body accepted, e.g. 1MiB; larger gets 413", parse_bytes
     )
+    max_preparing_bytes: int = _opt(
+        16 * 1024**2,
+        "request bodies, in bytes, read and being prepared (parsed, rendered, tokenized) at once before "
+        "their requests reach the engine; a request past it gets 429 (a parsed body can take 30x its size)",
+        parse_bytes,
+    )
     max_connections: int = _opt(
         4096,
         "open HTTP connections held at once; past it a new one is answered 503 and closed (lowered to what "
@@ -297,6 +303,10 @@ class Settings:
             ),
             (self.step_timeout >= 0, f"step_timeout must be non-negative, got {self.step_timeout}"),
             (self.max_body_bytes >= 1, f"max_body_bytes must be positive, got {self.max_body_bytes}"),
+            (
+                self.max_preparing_bytes >= 1,
+                f"max_preparing_bytes must be positive, got {self.max_preparing_bytes}",
+            ),
             (self.max_connections >= 1, f"max_connections must be at least 1, got {self.max_connections}"),
             (self.client_timeout >= 0, f"client_timeout must be non-negative, got {self.client_timeout}"),
             (self.dtype in ("auto", "bfloat16", "float16", "float32"), f"unknown dtype {self.dtype!r}"),
@@ -368,7 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
         default = f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc,operator]
         shown = "unset" if default is None else default
         # a true/false flag alone means true (`--disable-access-log`), as in vLLM and llama-server
-        bare = {"nargs": "?", "const": "true"} if f.metadata.get("parse") is parse_bool else {}
+        bare: dict[str, Any] = (
+            {"nargs": "?", "const": "true"} if f.metadata.get("parse") is parse_bool else {}
+        )
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,

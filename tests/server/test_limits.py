@@ -242,3 +242,94 @@ def test_the_detokenizer_window_stays_bounded_on_invalid_utf8(tokenizer: Tokeniz
     text = "".join(decoder.push([broken]) for _ in range(2000)) + decoder.flush()
     assert len(decoder._window) <= 16
     assert text.count("\ufffd") >= 2000 // 16
+
+
+async def test_a_conversation_of_many_messages_is_refused_after_a_bounded_probe(
+    big_client: Any, monkeypatch: pytest.MonkeyPatch, tokenizer: Tokenizer
+) -> None:
+    """A rendered template has no spaces to cut at, only newlines: its probe must still be bounded."""
+    client, engine = big_client
+    seen: list[int] = []
+    real = tokenizer.encode
+
+    def spy(text: str, *args: Any, **kwargs: Any) -> list[int]:
+        seen.append(len(text))
+        return real(text, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "encode", spy)
+    messages = [{"role": "user", "content": "abcdefghij" * 10}] * 200  # ~24,000 characters rendered
+    r = await client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages})
+    assert_error(r, 400, "context length")
+    assert seen and max(seen) <= 256 * 8 and not engine.submitted
+
+
+async def test_more_messages_than_the_context_has_tokens_are_refused_before_rendering(
+    big_client: Any, monkeypatch: pytest.MonkeyPatch, tokenizer: Tokenizer
+) -> None:
+    client, _ = big_client
+
+    def never(*args: Any, **kwargs: Any) -> str:
+        raise AssertionError("rendered a conversation that could not fit")
+
+    monkeypatch.setattr(tokenizer, "apply_chat_template", never)
+    messages = [{"role": "user", "content": "a"}] * 20_000
+    r, seconds, _ = await timed_post(client, "/v1/chat/completions", {"model": MODEL, "messages": messages})
+    assert_error(r, 400, "20000 messages").get("param") == "messages"
+    assert seconds < QUICK_S
+
+
+async def test_bodies_being_prepared_share_a_budget_and_admitted_requests_leave_it(
+    tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parsed bodies waiting for a tokenizer thread could take many times their size each: past the
+    budget a request is a quick 429; a request in the engine no longer counts."""
+    import asyncio
+    import threading
+
+    engine = FakeEngine(tokenizer, max_waiting=64, delay=0.05)
+    settings = fake_settings(max_body_bytes=64 * 1024, max_preparing_bytes=40_000)
+    app = create_app(settings, engine=engine, tokenizer=tokenizer)
+    gate = threading.Event()
+    real = tokenizer.encode
+
+    def held(text: str, *args: Any, **kwargs: Any) -> list[int]:
+        if text.startswith("held"):
+            assert gate.wait(30)
+        return real(text, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "encode", held)
+    long_prompt = "held " + "ab " * 9000  # ~27 KB of body, tokenized on a worker thread
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as client:
+            first = asyncio.create_task(
+                client.post("/v1/completions", json={"model": MODEL, "prompt": long_prompt, "max_tokens": 1})
+            )
+            while not any(t.name.startswith("asyncio") and t.is_alive() for t in threading.enumerate()):
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)  # the first is now tokenizing, its 27 KB counted
+            r, seconds, _ = await timed_post(
+                client, "/v1/completions", {"model": MODEL, "prompt": "x" * 20_000, "max_tokens": 1}
+            )
+            assert_error(r, 429, "retry")
+            assert r.headers["retry-after"] == "1" and seconds < QUICK_S
+            small = await client.post(
+                "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 1}
+            )
+            assert small.status_code == 200  # a small body still fits beside it
+            gate.set()
+            assert (await first).status_code in (200, 400)
+            # a request in the engine holds no budget: two large ones run at once
+            body = {
+                "model": MODEL,
+                "prompt": "hi",
+                "user": "u" * 25_000,
+                "max_tokens": 30,
+                "ignore_eos": True,
+            }
+            running = asyncio.create_task(client.post("/v1/completions", json=body))
+            while not engine.running:
+                await asyncio.sleep(0.01)
+            r = await client.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            assert (await running).status_code == 200
