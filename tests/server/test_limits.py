@@ -274,7 +274,7 @@ async def test_more_messages_than_the_context_has_tokens_are_refused_before_rend
     monkeypatch.setattr(tokenizer, "apply_chat_template", never)
     messages = [{"role": "user", "content": "a"}] * 20_000
     r, seconds, _ = await timed_post(client, "/v1/chat/completions", {"model": MODEL, "messages": messages})
-    assert_error(r, 400, "20000 messages").get("param") == "messages"
+    assert assert_error(r, 400, "20000 messages")["param"] == "messages"
     assert seconds < QUICK_S
 
 
