@@ -7,13 +7,15 @@ the bounds set here are the ones that guard the server itself (sizes, integer ra
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     SerializerFunctionWrapHandler,
+    Tag,
     field_validator,
     model_serializer,
 )
@@ -147,8 +149,27 @@ class SamplingFields(_Request):
     guided_grammar: str | None = None
 
 
+def _prompt_kind(value: Any) -> str:
+    """Which of the prompt's forms `value` is, from its first element: validated as that form alone.
+    (A plain union tries every form, and a failed form collects an error per element: ~50 ms for a
+    300,000-id prompt on the event loop, against ~2 ms.)"""
+    if not isinstance(value, list):
+        return "text"
+    first = value[0] if value else None
+    return "texts" if isinstance(first, str) else "batch" if isinstance(first, list) else "ids"
+
+
+Prompt = Annotated[
+    Annotated[str, Tag("text")]
+    | Annotated[list[str], Tag("texts")]
+    | Annotated[list[int], Tag("ids")]
+    | Annotated[list[list[int]], Tag("batch")],
+    Discriminator(_prompt_kind),
+]
+
+
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Prompt
     max_tokens: int | None = Field(16, ge=_I64_MIN, le=_I64_MAX)
     logprobs: int | None = Field(None, ge=_I64_MIN, le=_I64_MAX)
     echo: bool = False

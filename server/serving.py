@@ -646,14 +646,20 @@ class ServingCompletion(OpenAIServing):
 
 
 class ServingChat(OpenAIServing):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tokens_per_turn = self._fewest_tokens_per_turn()
+
     async def prompt_ids(
         self, messages: list[ChatMessage], add_generation_prompt: bool = True, tools: ToolPlan | None = None
     ) -> list[int]:
         """The rendered chat template's token ids; long conversations render and tokenize on a worker
         thread."""
-        if len(messages) >= self.max_model_len:  # each renders to a token or more: refused before rendering
-            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens, fewer "
-                           f"than the {len(messages)} messages.", param="messages")  # fmt: skip
+        turns = sum(1 for m in messages if m.role in ("user", "assistant"))
+        if turns * self.tokens_per_turn > self.max_model_len:  # refused before rendering them
+            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens; "
+                           f"{turns} user and assistant messages take at least {self.tokens_per_turn} "
+                           "each in its chat template.", param="messages")  # fmt: skip
         tools = tools or ToolPlan("none")
         native = "tools" in (self.tokenizer.chat_template or "")  # the template renders tools itself
         plain = render_messages(messages, tools, native)
@@ -664,6 +670,25 @@ class ServingChat(OpenAIServing):
             return self.tokenizer.encode(self._render(plain, add_generation_prompt, listed))
         text = await asyncio.to_thread(self._render, plain, add_generation_prompt, listed)
         return (await self.encode([text], "messages"))[0]
+
+    def _fewest_tokens_per_turn(self) -> int:
+        """The fewest tokens the chat template adds for a user or an assistant message (empty ones, each
+        measured as the third message of a conversation); 1 where the template cannot render those."""
+
+        def count(roles: list[str]) -> int:
+            return len(
+                self.tokenizer.encode(self._render([{"role": r, "content": ""} for r in roles], False, None))
+            )
+
+        try:
+            two = count(["user", "assistant"])
+            fewest = min(
+                count(["user", "assistant", "user"]) - two,
+                count(["assistant", "user", "assistant"]) - count(["assistant", "user"]),
+            )
+        except APIError:
+            return 1
+        return max(1, fewest)
 
     def _render(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool, tools: list[dict[str, Any]] | None

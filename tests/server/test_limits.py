@@ -258,7 +258,7 @@ async def test_more_messages_than_the_context_has_tokens_are_refused_before_rend
     monkeypatch.setattr(tokenizer, "apply_chat_template", never)
     messages = [{"role": "user", "content": "a"}] * 20_000
     r, seconds, _ = await timed_post(client, "/v1/chat/completions", {"model": MODEL, "messages": messages})
-    assert assert_error(r, 400, "20000 messages")["param"] == "messages"
+    assert assert_error(r, 400, "20000 user and assistant messages")["param"] == "messages"
     assert seconds < QUICK_S
 
 
@@ -317,3 +317,50 @@ async def test_bodies_being_prepared_share_a_budget_and_admitted_requests_leave_
             r = await client.post("/v1/completions", json=body)
             assert r.status_code == 200, r.text
             assert (await running).status_code == 200
+
+
+def test_the_tokens_a_turn_takes_are_a_lower_bound_for_any_conversation(tokenizer: Tokenizer) -> None:
+    """The bound refuses long conversations before rendering: it must never refuse one that fits."""
+    from server.serving import ServingChat
+
+    chat = ServingChat(FakeEngine(tokenizer), tokenizer, MODEL, 4096, None)
+    assert chat.tokens_per_turn > 1  # ChatML: <|im_start|>, the role, a newline, <|im_end|>, a newline
+    for content in ["", "hi", "a longer message, with punctuation."]:
+        for first in ("user", "assistant"):
+            roles = [first, "assistant" if first == "user" else "user"] * 20
+            messages = [{"role": role, "content": content} for role in roles]
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
+            assert len(tokenizer.encode(text)) >= len(messages) * chat.tokens_per_turn
+
+
+async def test_large_bodies_are_parsed_and_validated_off_the_event_loop(
+    big_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bodies that arrive together would otherwise be validated back to back on the event loop, holding
+    every running stream; a small one stays on the loop (no thread hop)."""
+    import threading
+
+    from server import protocol
+
+    client, _ = big_client
+    threads: list[str] = []
+    real = protocol._check_text
+
+    def spy(value: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return real(value)
+
+    monkeypatch.setattr(protocol, "_check_text", spy)
+    large = {"model": MODEL, "prompt": "ab " * 30_000, "max_tokens": 1}  # ~90 KB
+    r = await client.post("/v1/completions", json=large)
+    assert r.status_code == 400  # longer than the fake engine's context: validated all the same
+    assert threads and threading.main_thread().name not in threads
+    threads.clear()
+    r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 1})
+    assert r.status_code == 200 and set(threads) == {threading.main_thread().name}
+    # an invalid large body is worded as any other: the field named, in OpenAI's shape
+    r = await client.post("/v1/completions", json={**large, "temperature": "hot"})
+    assert assert_error(r, 400, "temperature")["param"] == "temperature"
+    r = await client.post("/v1/completions", content=b'{"prompt": "' + b"a" * 70_000 + b'"',
+                          headers={"content-type": "application/json"})  # fmt: skip
+    assert_error(r, 400, "not valid JSON")
