@@ -115,6 +115,7 @@ def _serving(request: Request, name: str) -> Any:
 
 
 OFF_LOOP_JSON_BYTES = 64 * 1024
+DETOKENIZE_INLINE_TOKENS = 4096
 _json_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="json-body")
 
 
@@ -230,7 +231,10 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeRes
     chat = _serving(request, "chat")
     chat.check_model(body.model)
     try:
-        return DetokenizeResponse(prompt=chat.tokenizer.decode(body.tokens))
+        if len(body.tokens) <= DETOKENIZE_INLINE_TOKENS:
+            return DetokenizeResponse(prompt=chat.tokenizer.decode(body.tokens))
+        # ~45 ms for 200,000 ids (what a 1 MiB body holds): not on the event loop
+        return DetokenizeResponse(prompt=await asyncio.to_thread(chat.tokenizer.decode, body.tokens))
     except ValueError as e:
         raise APIError(400, str(e), param="tokens") from e
 

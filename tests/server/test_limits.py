@@ -364,3 +364,28 @@ async def test_large_bodies_are_parsed_and_validated_off_the_event_loop(
     r = await client.post("/v1/completions", content=b'{"prompt": "' + b"a" * 70_000 + b'"',
                           headers={"content-type": "application/json"})  # fmt: skip
     assert_error(r, 400, "not valid JSON")
+
+
+async def test_long_token_lists_are_detokenized_off_the_event_loop(
+    big_client: Any, monkeypatch: pytest.MonkeyPatch, tokenizer: Tokenizer
+) -> None:
+    import threading
+
+    client, _ = big_client
+    threads: list[str] = []
+    real = tokenizer.decode
+
+    def spy(*args: Any, **kwargs: Any) -> str:
+        threads.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "decode", spy)
+    ids = tokenizer.encode("The quick brown fox. " * 2000)  # ~10,000 ids
+    r = await client.post("/detokenize", json={"model": MODEL, "tokens": ids})
+    assert r.status_code == 200 and r.json()["prompt"] == real(ids)
+    assert threads and threading.main_thread().name not in threads
+    threads.clear()
+    r = await client.post("/detokenize", json={"model": MODEL, "tokens": ids[:10]})
+    assert r.status_code == 200 and threads == [threading.main_thread().name]
+    r = await client.post("/detokenize", json={"model": MODEL, "tokens": [*ids, 10**6]})
+    assert_error(r, 400, "outside the vocabulary")
