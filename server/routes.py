@@ -88,8 +88,10 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
             await asyncio.gather(task, return_exceptions=True)
 
 
-def check_api_key(request: Request) -> None:
-    """401 unless the configured key is sent as `Authorization: Bearer <key>` (compared in constant time)."""
+async def check_api_key(request: Request) -> None:
+    """401 unless the configured key is sent as `Authorization: Bearer <key>` (compared in constant time).
+    A coroutine, though it awaits nothing: FastAPI runs a plain function dependency on a worker thread,
+    a thread hop for every request and a queue behind that pool's 40 threads in a burst."""
     expected: str | None = request.app.state.settings.api_key
     if not expected:
         return
@@ -101,10 +103,10 @@ def check_api_key(request: Request) -> None:
         )
 
 
-def check_api_key_if_protected(request: Request) -> None:
+async def check_api_key_if_protected(request: Request) -> None:
     """The key guards the side routes (tokenize, metrics, dashboard) too when `--protect-all` is on."""
     if request.app.state.settings.protect_all:
-        check_api_key(request)
+        await check_api_key(request)
 
 
 def _serving(request: Request, name: str) -> Any:

@@ -389,3 +389,33 @@ async def test_long_token_lists_are_detokenized_off_the_event_loop(
     assert r.status_code == 200 and threads == [threading.main_thread().name]
     r = await client.post("/detokenize", json={"model": MODEL, "tokens": [*ids, 10**6]})
     assert_error(r, 400, "outside the vocabulary")
+
+
+async def test_serving_a_request_takes_no_hop_through_fastapis_thread_pool(
+    big_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plain-function dependency or route runs on a pool of 40 threads: every request would hop
+    there and back, and a burst would queue behind it."""
+    import fastapi.dependencies.utils
+    import fastapi.routing
+
+    client, _ = big_client
+    hops: list[str] = []
+
+    async def recorded(func: Any, *args: Any, **kwargs: Any) -> Any:
+        hops.append(getattr(func, "__name__", repr(func)))
+        return func(*args, **kwargs)
+
+    monkeypatch.setattr(fastapi.dependencies.utils, "run_in_threadpool", recorded)
+    monkeypatch.setattr(fastapi.routing, "run_in_threadpool", recorded)
+    for path, body in [
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2}),
+        (
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        ),
+        ("/tokenize", {"model": MODEL, "prompt": "hi"}),
+    ]:
+        assert (await client.post(path, json=body)).status_code == 200
+    assert (await client.get("/v1/models")).status_code == 200
+    assert hops == []
