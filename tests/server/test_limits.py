@@ -19,6 +19,21 @@ from tests.server.test_api import MODEL, assert_error
 QUICK_S = 1.0  # the limits answer in well under 100 ms on a quiet machine; CI machines are shared
 
 
+def threads_calling(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> list[str]:
+    """The names of the threads that call `owner.name` from now on (the call still goes through)."""
+    import threading
+
+    threads: list[str] = []
+    real = getattr(owner, name)
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, spy)
+    return threads
+
+
 async def timed_post(client: httpx.AsyncClient, path: str, body: Any) -> tuple[httpx.Response, float, int]:
     """The response, its latency and the peak of Python memory allocated while it was made: the same
     (refused) request twice, timed without tracemalloc, whose tracing of every allocation made a large
@@ -146,14 +161,7 @@ async def test_long_prompts_that_fit_are_tokenized_off_the_event_loop(
     import threading
 
     client, engine = big_client
-    threads: list[str] = []
-    real = tokenizer.encode
-
-    def spy(*args: Any, **kwargs: Any) -> list[int]:
-        threads.append(threading.current_thread().name)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(tokenizer, "encode", spy)
+    threads = threads_calling(monkeypatch, tokenizer, "encode")
     r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "ab " * 2000, "max_tokens": 1})
     assert r.status_code == 400 or r.status_code == 200  # fits the fake engine's context or not: no matter
     assert threads and threading.main_thread().name not in threads
@@ -343,14 +351,7 @@ async def test_large_bodies_are_parsed_and_validated_off_the_event_loop(
     from server import protocol
 
     client, _ = big_client
-    threads: list[str] = []
-    real = protocol._check_text
-
-    def spy(value: Any) -> Any:
-        threads.append(threading.current_thread().name)
-        return real(value)
-
-    monkeypatch.setattr(protocol, "_check_text", spy)
+    threads = threads_calling(monkeypatch, protocol, "_check_text")
     large = {"model": MODEL, "prompt": "ab " * 30_000, "max_tokens": 1}  # ~90 KB
     r = await client.post("/v1/completions", json=large)
     assert r.status_code == 400  # longer than the fake engine's context: validated all the same
@@ -372,17 +373,11 @@ async def test_long_token_lists_are_detokenized_off_the_event_loop(
     import threading
 
     client, _ = big_client
-    threads: list[str] = []
-    real = tokenizer.decode
-
-    def spy(*args: Any, **kwargs: Any) -> str:
-        threads.append(threading.current_thread().name)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(tokenizer, "decode", spy)
     ids = tokenizer.encode("The quick brown fox. " * 2000)  # ~10,000 ids
+    text = tokenizer.decode(ids)
+    threads = threads_calling(monkeypatch, tokenizer, "decode")
     r = await client.post("/detokenize", json={"model": MODEL, "tokens": ids})
-    assert r.status_code == 200 and r.json()["prompt"] == real(ids)
+    assert r.status_code == 200 and r.json()["prompt"] == text
     assert threads and threading.main_thread().name not in threads
     threads.clear()
     r = await client.post("/detokenize", json={"model": MODEL, "tokens": ids[:10]})
