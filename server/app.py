@@ -32,7 +32,7 @@ from server.guided import GrammarChecker
 from server.logs import RequestIdMiddleware, stats_logging
 from server.metrics import HttpMetricsMiddleware, ServerMetrics
 from server.protocol import APIError
-from server.routes import error_response, misc, v1
+from server.routes import declared_length, error_response, misc, v1
 from server.serving import RequestLimits, ServingChat, ServingCompletion
 from server.settings import Settings
 
@@ -59,9 +59,9 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await error_response(self._error(int(declared)))(scope, receive, send)
+        declared = declared_length(scope)
+        if declared is not None and declared > self.limit:
+            await error_response(self._error(declared))(scope, receive, send)
             return
         received = 0
         deadline = time.monotonic() + self.timeout if self.timeout else None

@@ -2,7 +2,7 @@
 
 A request's body is parsed into Python objects (JSON, then pydantic) and held while its prompt is
 rendered and tokenized on worker threads; a body of many small values (a list of token ids, thousands
-of tiny messages) takes 5-30x its size that way. With many such bodies arriving at once, each waiting
+of tiny messages) takes many times its size that way. With many such bodies arriving at once, each waiting
 its turn for a worker thread, that alone could exhaust the server's memory. So the bodies of requests
 between their arrival and their admission to the engine share a budget in bytes: a request that does
 not fit is answered 429 before its body is read. One request always fits when none is being prepared.
@@ -16,7 +16,7 @@ from contextvars import ContextVar
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.protocol import APIError
-from server.routes import error_response
+from server.routes import declared_length, error_response
 
 _release: ContextVar[Callable[[], None] | None] = ContextVar("budget_release", default=None)
 
@@ -42,8 +42,8 @@ class PrepareBudgetMiddleware:
         if scope["type"] != "http" or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length", b"")
-        cost = min(int(declared), self.max_body) if declared.isdigit() else self.max_body
+        declared = declared_length(scope)
+        cost = self.max_body if declared is None else min(declared, self.max_body)
         if self.used and self.used + cost > self.budget:
             error = APIError(
                 429,

@@ -21,6 +21,7 @@ import asyncio
 import logging
 import resource
 import time
+from http import HTTPStatus
 from typing import Any
 
 import h11
@@ -62,17 +63,13 @@ def _raw_error(error: APIError, extra_headers: str = "") -> bytes:
     """A whole HTTP/1.1 error response, written outside h11 on a connection about to close."""
     body = error.to_model().model_dump_json().encode()
     head = (
-        f"HTTP/1.1 {error.status_code} {h11_reason(error.status_code)}\r\n"
+        f"HTTP/1.1 {error.status_code} {HTTPStatus(error.status_code).phrase}\r\n"
         "content-type: application/json\r\n"
         f"content-length: {len(body)}\r\n"
         f"{extra_headers}"
         "connection: close\r\n\r\n"
     )
     return head.encode() + body
-
-
-def h11_reason(status: int) -> str:
-    return {408: "Request Timeout", 503: "Service Unavailable"}.get(status, "Error")
 
 
 class _RateLimitedWarning:

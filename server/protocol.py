@@ -151,8 +151,7 @@ class SamplingFields(_Request):
 
 def _prompt_kind(value: Any) -> str:
     """Which of the prompt's forms `value` is, from its first element: validated as that form alone.
-    (A plain union tries every form, and a failed form collects an error per element: ~50 ms for a
-    300,000-id prompt on the event loop, against ~2 ms.)"""
+    (A plain union tries every form, and a failed form collects an error per element of a long list.)"""
     if not isinstance(value, list):
         return "text"
     first = value[0] if value else None
