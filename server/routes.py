@@ -131,8 +131,10 @@ _json_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="json
 class OffLoopJSONRoute(APIRoute):
     """A route whose large JSON body is parsed and validated on a thread of its own. FastAPI does both on
     the event loop, and requests whose bodies arrive together are handled back to back in one turn of
-    it, holding every running stream's next token meanwhile. On the thread the loop runs between bodies, and FastAPI finds the body already validated (a model instance
-    passes its check as it is). Only a JSON body declared longer than OFF_LOOP_JSON_BYTES takes the hop."""
+    it, holding every running stream's next token meanwhile. On the thread the loop runs between bodies,
+    and FastAPI finds the body already validated (a model instance passes its check as it is). Only a
+    JSON body longer than OFF_LOOP_JSON_BYTES takes the hop: declared so, or found so once read when it
+    came chunked (no Content-Length)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -142,11 +144,11 @@ class OffLoopJSONRoute(APIRoute):
             return field.validate(json.loads(body), {}, loc=("body",))  # type: ignore[union-attr]
 
         async def route(request: Request) -> Response:
-            declared = declared_length(request.scope) or 0
+            declared = declared_length(request.scope)
             json_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
             if (
                 field is not None
-                and declared > OFF_LOOP_JSON_BYTES
+                and (declared is None or declared > OFF_LOOP_JSON_BYTES)  # a chunked body: its size once read
                 and (json_type == "application/json" or json_type.endswith("+json"))
             ):
                 try:
@@ -155,6 +157,8 @@ class OffLoopJSONRoute(APIRoute):
                     raise  # the body limit's 413 and 408
                 except Exception as e:  # the client went away mid-body, as FastAPI words it
                     raise HTTPException(400, "There was an error parsing the body") from e
+                if len(body) <= OFF_LOOP_JSON_BYTES:
+                    return await handler(request)  # Starlette keeps the body read: FastAPI parses it here
                 loop = asyncio.get_running_loop()
                 try:
                     value, errors = await loop.run_in_executor(_json_thread, parse, body)

@@ -370,6 +370,10 @@ class OpenAIServing:
                            f"{prompt_len} tokens and max_tokens is {max_tokens}: {prompt_len} + {max_tokens} = "
                            f"{prompt_len + max_tokens} > {self.max_model_len}. Lower max_tokens or the prompt.",
                            param="max_tokens")  # fmt: skip
+        if req.top_k is not None and req.top_k < -1:
+            raise APIError(
+                400, f"top_k must be -1 or 0 (off), or at least 1; got {req.top_k}.", param="top_k"
+            )
         params = SamplingParams(
             n=req.n,
             max_tokens=room if max_tokens is None else max_tokens,

@@ -268,6 +268,7 @@ def assert_error(r: httpx.Response, status: int, *words: str) -> dict[str, Any]:
         ({"prompt": 12}, ["prompt"]),
         ({"prompt": "x", "logit_bias": {"abc": 1}}, ["logit_bias"]),
         ({"prompt": "x", "stop_token_ids": [-1]}, ["stop_token_ids"]),
+        ({"prompt": "x", "top_k": -2}, ["top_k", "-2"]),
         ({}, ["prompt"]),
     ],
 )

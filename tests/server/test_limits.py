@@ -3,8 +3,10 @@ a 4xx in OpenAI's shape naming the parameter, at once and without building what 
 
 from __future__ import annotations
 
+import json
 import time
 import tracemalloc
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -365,6 +367,20 @@ async def test_large_bodies_are_parsed_and_validated_off_the_event_loop(
     r = await client.post("/v1/completions", content=b'{"prompt": "' + b"a" * 70_000 + b'"',
                           headers={"content-type": "application/json"})  # fmt: skip
     assert_error(r, 400, "not valid JSON")
+    # a chunked body (no Content-Length) too, once its size is known; a small chunked one stays
+    for body, off_loop in ((large, True), ({"model": MODEL, "prompt": "hi", "max_tokens": 1}, False)):
+        threads.clear()
+        data = json.dumps(body).encode()
+
+        async def chunks(data: bytes = data) -> AsyncIterator[bytes]:
+            for i in range(0, len(data), 16_384):
+                yield data[i : i + 16_384]
+
+        r = await client.post(
+            "/v1/completions", content=chunks(), headers={"content-type": "application/json"}
+        )
+        assert r.status_code == (400 if off_loop else 200)
+        assert (threading.main_thread().name not in threads) is off_loop and threads
 
 
 async def test_long_token_lists_are_detokenized_off_the_event_loop(
