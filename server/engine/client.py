@@ -123,6 +123,7 @@ class ProcessCore:
         # Set by close(): the child's exit is then expected, and close() alone reaps it (two threads
         # joining one process race in multiprocessing: one can see it alive after it was reaped).
         self._closing = False
+        self._failure: str | None = None  # why _fail() stopped the child, reported as its death
         self._outbox: queue.SimpleQueue[CoreInput | None] = queue.SimpleQueue()
         self._sender = threading.Thread(target=self._send_all, name="core-sender", daemon=True)
         self._receiver = threading.Thread(target=self._receive_all, name="core-receiver", daemon=True)
@@ -185,6 +186,9 @@ class ProcessCore:
                 self._to_child.send(message)
             except OSError:  # the child is gone; the receiver reports it
                 return
+            except Exception as exc:  # noqa: BLE001 - the child never got this message: start it anew
+                self._fail(f"a message to the engine process could not be sent ({type(exc).__name__}: {exc})")
+                return
 
     def _receive_all(self) -> None:
         try:
@@ -195,7 +199,17 @@ class ProcessCore:
                     return
         except (EOFError, OSError):
             code = "closed" if self._closing else f"exit code {self._exit_code()}"
-            self._on_message(CoreDead(f"the engine process exited ({code})"))
+            self._on_message(CoreDead(self._failure or f"the engine process exited ({code})"))
+        except Exception as exc:  # noqa: BLE001 - output lost: the streams it was for would wait forever
+            self._fail(f"the engine process's output could not be read ({type(exc).__name__}: {exc})")
+            self._on_message(CoreDead(self._failure or "the engine process failed"))
+
+    def _fail(self, reason: str) -> None:
+        """Stop the child after a message was lost between us: the supervisor sees it die and restarts it."""
+        log.exception("%s: stopping the engine process", reason)
+        self._failure = self._failure or reason
+        with contextlib.suppress(OSError):
+            self._process.kill()
 
 
 @contextlib.contextmanager

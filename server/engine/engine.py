@@ -343,6 +343,15 @@ class AsyncEngine:
     def _on_message(self, gen: int, message: CoreOutput) -> None:
         if gen != self._gen:
             return  # from a core that was already replaced
+        try:
+            self._handle(message)
+        except Exception as exc:  # noqa: BLE001 - streams whose outputs were lost here would wait forever
+            reason = f"the engine's outputs could not be processed ({type(exc).__name__}: {exc})"
+            log.exception("%s: restarting the engine core", reason)
+            if self._state is _State.RUNNING:
+                self._core_died(reason)
+
+    def _handle(self, message: CoreOutput) -> None:
         match message:
             case StepOutputs(outputs=outputs, stats=stats, last_add_seq=seq):
                 self._last_progress = time.monotonic()

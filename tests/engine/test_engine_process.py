@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -316,3 +317,85 @@ def test_the_engine_process_starts_with_huge_page_malloc(monkeypatch: pytest.Mon
         assert _child_environ(core).get("GLIBC_TUNABLES") == "glibc.malloc.arena_max=2"
     finally:
         core.close(5.0)
+
+
+class _Garbled:
+    """A pipe end whose next recv (or send) fails as a corrupt or unpicklable message would."""
+
+    def __init__(self, conn: object) -> None:
+        self._conn = conn
+
+    def recv(self) -> object:
+        raise pickle.UnpicklingError("garbled output")
+
+    def send(self, message: object) -> None:
+        raise TypeError(f"cannot pickle {type(message).__name__}")
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._conn, name)
+
+
+async def test_an_output_that_cannot_be_read_restarts_the_core_instead_of_hanging_its_streams() -> None:
+    engine = await start(0.01)
+    stream = engine.generate("r", [1, 2, 3], SamplingParams(max_tokens=10_000, ignore_eos=True))
+    await stream.__anext__()
+    core = engine._core
+    assert isinstance(core, ProcessCore)
+    first = core.pid
+    core._from_child = _Garbled(core._from_child)  # type: ignore[assignment]  # the receiver's next read
+    last = None
+    async for out in asyncio_timeout_iter(stream, 10):
+        last = out
+    assert last is not None and last.finished and "could not be read" in (last.error or "")
+    await wait_until(lambda: restarted(engine, first))
+    params = SamplingParams(max_tokens=4)
+    assert tokens_of(await collect(engine, "next", [1, 2], params)) == reference_tokens([1, 2], params, VOCAB)
+    await engine.shutdown()
+
+
+async def test_a_message_that_cannot_be_sent_restarts_the_core_instead_of_hanging_its_request() -> None:
+    engine = await start()
+    core = engine._core
+    assert isinstance(core, ProcessCore)
+    first = core.pid
+    core._to_child = _Garbled(core._to_child)  # type: ignore[assignment]
+    outputs = await asyncio.wait_for(collect(engine, "lost", [1, 2], SamplingParams(max_tokens=4)), 10)
+    assert outputs[-1].finished and "could not be sent" in (outputs[-1].error or "")
+    await wait_until(lambda: restarted(engine, first))
+    params = SamplingParams(max_tokens=4)
+    assert tokens_of(await collect(engine, "next", [1, 2], params)) == reference_tokens([1, 2], params, VOCAB)
+    await engine.shutdown()
+
+
+async def test_a_failure_processing_outputs_restarts_the_core_instead_of_hanging_its_streams(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    engine = await start(0.01)
+    stream = engine.generate("r", [1, 2, 3], SamplingParams(max_tokens=10_000, ignore_eos=True))
+    await stream.__anext__()
+    first = pid_of(engine)
+
+    def broken(outputs: object) -> object:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(engine._processor, "process", broken)
+    last = None
+    async for out in asyncio_timeout_iter(stream, 10):
+        last = out
+    monkeypatch.undo()
+    assert last is not None and last.finished and "could not be processed" in (last.error or "")
+    await wait_until(lambda: restarted(engine, first))
+    params = SamplingParams(max_tokens=4)
+    assert tokens_of(await collect(engine, "next", [1, 2], params)) == reference_tokens([1, 2], params, VOCAB)
+    await engine.shutdown()
+
+
+async def asyncio_timeout_iter(stream, seconds: float):  # type: ignore[no-untyped-def]
+    """The stream's items, failing if it does not end within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            item = await asyncio.wait_for(stream.__anext__(), max(0.01, deadline - time.monotonic()))
+        except StopAsyncIteration:
+            return
+        yield item
