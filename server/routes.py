@@ -164,6 +164,8 @@ class OffLoopJSONRoute(APIRoute):
                     value, errors = await loop.run_in_executor(_json_thread, parse, body)
                 except ValueError:
                     pass  # not JSON: FastAPI finds that again and words its 400
+                except RecursionError as e:  # nested deeper than Python parses: worded as FastAPI does
+                    raise HTTPException(400, "There was an error parsing the body") from e
                 else:
                     if errors:
                         raise RequestValidationError(errors)

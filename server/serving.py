@@ -771,7 +771,7 @@ class ServingChat(OpenAIServing):
     @staticmethod
     def _chat_choice(tools: ToolPlan, c: ChoiceText, logprobs: ChatLogprobs | None) -> ChatChoice:
         content, calls = tools.parse(c.text)
-        reason = "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason
+        reason = tools.finish_reason(calls, c.finish_reason)
         message = ChatResponseMessage(content=content, tool_calls=calls)
         return ChatChoice(index=c.index, message=message, logprobs=logprobs, finish_reason=reason)
 
@@ -816,7 +816,7 @@ class ServingChat(OpenAIServing):
             return DeltaMessage(content=content), None
         rest, calls = tools.finish()
         deltas = [_call_delta(i, call) for i, call in enumerate(calls)] or None
-        reason = "tool_calls" if calls and d.finish_reason == "stop" else d.finish_reason
+        reason = tools.plan.finish_reason(calls, d.finish_reason)
         return DeltaMessage(content=(content + rest) or None, tool_calls=deltas), reason
 
 

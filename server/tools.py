@@ -67,12 +67,17 @@ class ToolPlan:
     def names(self) -> set[str]:
         return {t.function.name for t in self.tools}
 
+    def finish_reason(self, calls: list[ToolCall], reason: str | None) -> str | None:
+        """OpenAI's: "tool_calls" when the model chose to call (auto, required), "stop" when the request
+        named the function."""
+        return "tool_calls" if calls and reason == "stop" and self.mode != "named" else reason
+
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         """(content, calls) of one finished choice; calls is empty when the text holds none."""
         if self.mode in ("required", "named"):
             try:
                 value = json.loads(text)
-            except ValueError:  # cut by max_tokens: the text is all there is
+            except (ValueError, RecursionError):  # cut by max_tokens: the text is all there is
                 return text, []
             calls = self._calls(value if isinstance(value, list) else [value])
             return (None, calls) if calls else (text, [])
@@ -82,18 +87,22 @@ class ToolPlan:
         for block in _BLOCK.findall(text):
             try:
                 items.append(json.loads(block))
-            except ValueError:
+            except (ValueError, RecursionError):  # not a call: the model's text is free here
                 continue
         calls = self._calls(items)
         if not calls:
             return text, []
-        content = text[: text.index(OPEN_TAG)].strip()
-        return content or None, calls
+        return text[: text.index(OPEN_TAG)].rstrip() or None, calls  # what ToolTextFilter streams
 
     def _calls(self, items: list[Any]) -> list[ToolCall]:
         calls = []
-        for item in items:
-            if not isinstance(item, dict) or item.get("name") not in self.names:
+        names = self.names
+        for item in items:  # the model wrote them: anything JSON can hold
+            if (
+                not isinstance(item, dict)
+                or not isinstance(item.get("name"), str)
+                or item["name"] not in names
+            ):
                 continue
             arguments = item.get("arguments", item.get("parameters", {}))
             if isinstance(arguments, str):  # some models write the arguments as a JSON string already
@@ -188,10 +197,13 @@ class ToolTextFilter:
         self.text += piece
         if self.plan.mode in ("required", "named"):
             return ""
-        end = self.text.find(OPEN_TAG)
+        text = self.text
+        end = text.find(OPEN_TAG, max(0, self._sent - len(OPEN_TAG)))
         if end < 0:
-            end = len(self.text) - _partial_tag(self.text)
-        out, self._sent = self.text[self._sent : max(end, self._sent)], max(end, self._sent)
+            end = len(text) - _partial_tag(text)
+        while end > self._sent and text[end - 1].isspace():  # not content if a call follows: held
+            end -= 1
+        out, self._sent = text[self._sent : max(end, self._sent)], max(end, self._sent)
         return out
 
     def finish(self) -> tuple[str, list[ToolCall]]:

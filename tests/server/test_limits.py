@@ -367,6 +367,11 @@ async def test_large_bodies_are_parsed_and_validated_off_the_event_loop(
     r = await client.post("/v1/completions", content=b'{"prompt": "' + b"a" * 70_000 + b'"',
                           headers={"content-type": "application/json"})  # fmt: skip
     assert_error(r, 400, "not valid JSON")
+    # JSON nested deeper than Python parses is a 400 too, large or small, and the connection serves on
+    for depth in (40_000, 2_000):
+        nested = b'{"model": "m", "prompt": "a", "x": ' + b"[" * depth + b"]" * depth + b"}"
+        r = await client.post("/v1/completions", content=nested, headers={"content-type": "application/json"})
+        assert_error(r, 400, "parsing the body")
     # a chunked body (no Content-Length) too, once its size is known; a small chunked one stays
     for body, off_loop in ((large, True), ({"model": MODEL, "prompt": "hi", "max_tokens": 1}, False)):
         threads.clear()

@@ -76,7 +76,9 @@ def test_parse_auto_required_and_named() -> None:
     content, calls = auto.parse(
         'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
     )
-    assert content == "Let me check." and calls[0].function.name == "get_weather"
+    assert (
+        content == "Let me check." and calls[0].function.name == "get_weather"
+    )  # as ToolTextFilter streams it
     assert json.loads(calls[0].function.arguments) == {"city": "Paris"} and calls[0].id.startswith("call_")
     assert auto.parse("Just text.") == ("Just text.", [])
     assert auto.parse('<tool_call>{"name": "unknown", "arguments": {}}</tool_call>')[1] == []
@@ -97,10 +99,51 @@ def test_stream_filter_holds_back_what_may_be_a_call() -> None:
         + f.feed('_call>\n{"name": "get_time", ')
         + f.feed('"arguments": {}}\n</tool_call>')
     )
-    assert sent == "Sure. "
+    assert sent == "Sure."  # the space before a call is not content
     rest, calls = f.finish()
     assert rest == "" and [c.function.name for c in calls] == ["get_time"]
     plain = ToolTextFilter(tool_plan(request()))
-    assert plain.feed("a <to") == "a " and plain.finish() == ("<to", [])
+    assert plain.feed("a <to") == "a" and plain.finish() == (" <to", [])
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+        "  Two spaces first, a tab last\t",
+        'Text <tool_call>{"name": "unknown", "arguments": {}}</tool_call> after',
+        '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>',
+        "no call at all \n\n",
+    ],
+)
+def test_streamed_content_equals_the_parsed_content(text: str) -> None:
+    """A client gets the same content whether it streams or not, fed in any pieces."""
+    plan = tool_plan(request())
+    content, calls = plan.parse(text)
+    for size in (1, 3, len(text)):
+        f = ToolTextFilter(plan)
+        sent = "".join(f.feed(text[i : i + size]) for i in range(0, len(text), size))
+        rest, streamed_calls = f.finish()
+        assert ((sent + rest) or None) == content
+        assert [c.function.name for c in streamed_calls] == [c.function.name for c in calls]
+
+
+def test_what_the_model_writes_in_a_call_never_fails_the_request() -> None:
+    auto = tool_plan(request())
+    for junk in (
+        '{"name": ["get_time"], "arguments": {}}',  # not a string: unhashable
+        '{"name": {"a": 1}, "arguments": {}}',
+        '{"name": 7, "arguments": {}}',
+        '{"name": "get_time", "arguments": ' + "[" * 5_000 + "]" * 5_000 + "}",  # deeper than Python parses
+    ):
+        text = f"<tool_call>{junk}</tool_call>"
+        assert auto.parse(text) == (text, [])
+        assert tool_plan(request(tool_choice="required")).parse(f"[{junk}]")[1] == []
+    named = tool_plan(request(tool_choice={"type": "function", "function": {"name": "get_time"}}))
+    _, calls = named.parse('{"name": "get_time", "arguments": {}}')
+    assert named.finish_reason(calls, "stop") == "stop"  # OpenAI's for a function the request named
+    assert (
+        auto.finish_reason(calls, "stop") == "tool_calls" and auto.finish_reason(calls, "length") == "length"
+    )
     held = ToolTextFilter(ToolPlan("required", []))
     assert held.feed("[") == ""
