@@ -576,7 +576,7 @@ class ServingCompletion(OpenAIServing):
         """With echo + logprobs, the prompt's tokens lead the logprobs (the first has none)."""
         if out.prompt_logprobs is None:
             return
-        decoder = self.tokenizer.incremental_decoder(skip_special_tokens=True)
+        decoder = self.tokenizer.incremental_decoder()  # special tokens too: the echoed prompt shows them
         offset, entries = 0, list[tuple[TokenLogprob | None, int]]()
         for tid, lp in zip(run.prompts[p].token_ids, out.prompt_logprobs, strict=False):
             entries.append((lp if lp is not None else TokenLogprob(tid, float("nan"), 0, []), offset))

@@ -131,6 +131,13 @@ async def test_echo_and_logprobs_shape(client: httpx.AsyncClient, tokenizer: Tok
     assert "".join(lp["tokens"]) == choice["text"]
     assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][n_prompt] == len("Hi you")
     assert all(len(t) <= 2 for t in lp["top_logprobs"][1:])
+    # each offset points at its token in the text, special tokens of the echoed prompt included
+    for prompt in ("<|im_start|>user\nHi<|im_end|>\n", tokenizer.encode("<|im_start|>a<|im_end|>b")):
+        r = await complete(client, prompt=prompt, max_tokens=2, temperature=0, echo=True, logprobs=0)
+        [choice] = r.json()["choices"]
+        lp = choice["logprobs"]
+        tokens, offsets = lp["tokens"], lp["text_offset"]
+        assert [choice["text"][o : o + len(t)] for t, o in zip(tokens, offsets, strict=True)] == tokens
 
 
 async def test_sampling_fields_are_passed_to_engine(
