@@ -6,7 +6,10 @@ the bounds set here are the ones that guard the server itself (sizes, integer ra
 
 from __future__ import annotations
 
+import functools
 import time
+import types
+import typing
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -18,6 +21,7 @@ from pydantic import (
     Tag,
     field_validator,
     model_serializer,
+    model_validator,
 )
 
 # Integer fields are bounded so that no client value can overflow a C integer further down.
@@ -88,7 +92,42 @@ class _Request(BaseModel):
         return _check_text(value)
 
 
-class StreamOptions(_Request):
+def _accepts_none(annotation: Any) -> bool:
+    if annotation is None or annotation is Any:
+        return True
+    if typing.get_origin(annotation) is Annotated:
+        return _accepts_none(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_accepts_none(a) for a in typing.get_args(annotation))
+    return annotation is type(None)
+
+
+class _NullIsUnset(_Request):
+    """An explicit null for a field whose default is not null (n, stream, echo, presence_penalty, ...)
+    means that default, as OpenAI's API and vLLM read it; clients in typed languages send every field."""
+
+    @classmethod
+    @functools.cache
+    def _defaulted(cls) -> frozenset[str]:
+        return frozenset(
+            key
+            for name, f in cls.model_fields.items()
+            if not f.is_required() and not _accepts_none(f.annotation)
+            for key in (name, f.alias)
+            if key
+        )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            defaulted = cls._defaulted()
+            if any(data.get(key, 0) is None for key in defaulted):
+                return {k: v for k, v in data.items() if v is not None or k not in defaulted}
+        return data
+
+
+class StreamOptions(_NullIsUnset):
     include_usage: bool = False
 
 
@@ -118,7 +157,7 @@ class StructuredOutputsParams(_Request):
     json_object: bool | None = None
 
 
-class SamplingFields(_Request):
+class SamplingFields(_NullIsUnset):
     """Sampling fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str | None = None

@@ -159,6 +159,28 @@ async def test_sampling_fields_are_passed_to_engine(
     )
 
 
+async def test_null_means_the_default_as_openai_reads_it(
+    client: httpx.AsyncClient, fake_engine: FakeEngine
+) -> None:
+    """Clients in typed languages send every field, unset ones as null."""
+    nulls = dict.fromkeys(["n", "stream", "echo", "presence_penalty", "frequency_penalty", "min_tokens",
+                           "ignore_eos", "temperature", "top_p", "stop", "seed", "logprobs", "top_k"])  # fmt: skip
+    r = await complete(client, prompt="x", max_tokens=3, stream_options=None, **nulls)
+    assert r.status_code == 200 and len(r.json()["choices"]) == 1, r.text
+    params = fake_engine.submitted[-1][2]
+    assert (params.n, params.presence_penalty, params.min_tokens, params.ignore_eos) == (1, 0.0, 0, False)
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi", "name": None}], "max_tokens": 2,
+            **nulls, "add_generation_prompt": None, "tools": None}  # fmt: skip
+    chat.pop("echo")
+    r = await client.post(
+        "/v1/chat/completions", json={**chat, "stream": True, "stream_options": {"include_usage": None}}
+    )
+    assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n"), r.text
+    r = await client.post("/v1/chat/completions", json={**chat, "logprobs": None})
+    assert r.status_code == 200 and r.json()["choices"][0]["logprobs"] is None, r.text
+    assert_error(await complete(client, prompt=None), 400, "prompt")  # a required field stays required
+
+
 # ---- chat -------------------------------------------------------------------------------------------
 
 
