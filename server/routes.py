@@ -45,8 +45,12 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def error_response(error: APIError) -> JSONResponse:
-    """The one place an error body is built: OpenAI's {"error": {message, type, param, code}}."""
-    return JSONResponse(error.to_model().model_dump(mode="json"), status_code=error.status_code)
+    """The one place an error body is built: OpenAI's {"error": {message, type, param, code}}. An overload
+    or a restarting engine (429, 503) says when to retry: the openai SDK waits as Retry-After says."""
+    headers = {"retry-after": "1"} if error.status_code in (429, 503) else None
+    return JSONResponse(
+        error.to_model().model_dump(mode="json"), status_code=error.status_code, headers=headers
+    )
 
 
 def declared_length(scope: Scope) -> int | None:
@@ -116,6 +120,9 @@ async def check_api_key_if_protected(request: Request) -> None:
         await check_api_key(request)
 
 
+_KEY_CHECKS = (check_api_key, check_api_key_if_protected)
+
+
 def _serving(request: Request, name: str) -> Any:
     serving = getattr(request.app.state, name, None)
     if serving is None:
@@ -139,11 +146,16 @@ class OffLoopJSONRoute(APIRoute):
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
         field = self.body_field
+        # FastAPI reads and parses the body before it runs dependencies: the key is checked first here,
+        # so a client without it costs no body read or parse (FastAPI's own check then passes)
+        guards = [d.dependency for d in self.dependencies if d.dependency in _KEY_CHECKS]
 
         def parse(body: bytes) -> tuple[Any, list[Any]]:
             return field.validate(json.loads(body), {}, loc=("body",))  # type: ignore[union-attr]
 
         async def route(request: Request) -> Response:
+            for guard in guards:
+                await guard(request)  # type: ignore[misc]
             declared = declared_length(request.scope)
             json_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
             if (
@@ -216,7 +228,7 @@ def public_root(source: str | None, served_name: str) -> str:
     return name or served_name
 
 
-@misc.get("/health")
+@misc.api_route("/health", methods=["GET", "HEAD"])  # HEAD for load balancers that probe with it
 async def health(request: Request) -> Response:
     engine = getattr(request.app.state, "engine", None)
     if engine is None:

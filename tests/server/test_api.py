@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -321,7 +322,10 @@ async def test_malformed_json_and_unknown_model(client: httpx.AsyncClient) -> No
 
 async def test_queue_full_is_429_at_once(client: httpx.AsyncClient, fake_engine: FakeEngine) -> None:
     fake_engine.max_waiting = 0
-    assert_error(await complete(client, prompt="x"), 429)
+    r = await complete(client, prompt="x")
+    assert_error(r, 429)
+    assert r.headers["retry-after"] == "1"  # the openai SDK's retries wait as it says
+    assert (await client.head("/health")).status_code == 200  # load balancers probe with HEAD too
 
 
 async def test_body_limit_413(client: httpx.AsyncClient) -> None:
@@ -346,11 +350,28 @@ async def test_api_key(fake_engine: FakeEngine, tokenizer: Tokenizer) -> None:
             assert_error(await c.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
             assert (await c.get("/v1/models", headers={"Authorization": "Bearer sekrit"})).status_code == 200
             assert (await c.get("/health")).status_code == 200
+            # the key is checked before the body is read: without it, no body is parsed, valid or not
+            read: list[bytes] = []
+
+            async def body() -> AsyncIterator[bytes]:
+                read.append(b"{not json")
+                yield read[-1]
+
+            for content in (body(), b"{not json", b'{"prompt": "' + b"a" * 60_000 + b'"}'):
+                r = await c.post(
+                    "/v1/completions", content=content, headers={"content-type": "application/json"}
+                )
+                assert_error(r, 401)
+            assert not read
+            good = {"Authorization": "Bearer sekrit", "content-type": "application/json"}
+            assert_error(await c.post("/v1/completions", content=b"{not json", headers=good), 400, "JSON")
 
 
 async def test_health_503_while_loading(tokenizer: Tokenizer) -> None:
     app = create_app(fake_settings())  # lifespan not run: nothing loaded yet
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         assert_error(await c.get("/health"), 503, "loading")
-        assert_error(await complete(c, prompt="x"), 503)
+        r = await complete(c, prompt="x")
+        assert_error(r, 503)
+        assert r.headers["retry-after"] == "1"
         assert (await c.get("/metrics")).status_code == 200
