@@ -179,6 +179,7 @@ class SamplingFields(_NullIsUnset):
     min_tokens: int = Field(0, ge=_I64_MIN, le=_I64_MAX)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False  # the stop string or stop token's text ends the text
     # structured output: OpenAI's response_format, vLLM's structured_outputs and its older guided_* names
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsParams | None = None

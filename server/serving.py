@@ -106,8 +106,16 @@ class ChoiceText:
     prompt), at a bounded cost per character (server/stop_strings.py).
     """
 
-    def __init__(self, index: int, tokenizer: Tokenizer, stop: StopMatcher | None, prefix: str = "") -> None:
+    def __init__(
+        self,
+        index: int,
+        tokenizer: Tokenizer,
+        stop: StopMatcher | None,
+        prefix: str = "",
+        include_stop: bool = False,
+    ) -> None:
         self.index = index
+        self._include_stop = include_stop  # vLLM's include_stop_str_in_output: the stop string or token stays
         self._decoder = tokenizer.incremental_decoder(skip_special_tokens=True)
         self._stop = stop
         self._state = 0  # the stop matcher's state
@@ -128,10 +136,13 @@ class ChoiceText:
     def add(self, out: CompletionOutput) -> TextDelta | None:
         if self.finished:
             return None  # tokens the engine made after our stop string: not counted, not shown
+        last = len(out.new_token_ids) - 1
         for k, token_id in enumerate(out.new_token_ids):
             self.num_tokens += 1
             if out.logprobs is not None:
                 self._pending_lp.append((out.logprobs[k], self._offset))
+            if k == last and out.stop_token_id == token_id and not self._include_stop:
+                continue  # the stop token is counted, not shown, as a stop string is not (vLLM's default)
             piece = self._decoder.push([token_id])
             self._offset += len(piece)
             if self._append(piece):
@@ -153,7 +164,7 @@ class ChoiceText:
             self._pending += piece
             return False
         end, length = hit
-        keep = len(self._pending) + end - length
+        keep = len(self._pending) + end - (0 if self._include_stop else length)
         self._pending = (self._pending + piece[:end])[:keep]
         self.finish_reason = "stop"
         return True
@@ -569,7 +580,8 @@ class ServingCompletion(OpenAIServing):
         for p in prompts:
             echo = (p.text if p.text is not None else self.tokenizer.decode(p.token_ids)) if req.echo else ""
             base = len(run.choices)
-            run.choices += [ChoiceText(base + i, self.tokenizer, stop, echo) for i in range(req.n)]
+            include = req.include_stop_str_in_output
+            run.choices += [ChoiceText(base + i, self.tokenizer, stop, echo, include) for i in range(req.n)]
         return run, await self.start(run, params)
 
     def _echo_logprobs(self, run: _Run, p: int, out: RequestOutput) -> None:
@@ -736,7 +748,8 @@ class ServingChat(OpenAIServing):
             params.structured = await self.compiled(tools.spec, "tools")
         run = _Run(_new_id("chatcmpl"), [prompt], req.n, tools=tools)
         stop = self.stop_matcher(req.stop)
-        run.choices = [ChoiceText(i, self.tokenizer, stop) for i in range(req.n)]
+        include = req.include_stop_str_in_output
+        run.choices = [ChoiceText(i, self.tokenizer, stop, include_stop=include) for i in range(req.n)]
         return run, await self.start(run, [params])
 
     def _logprobs(self, entries: list[tuple[TokenLogprob | None, int]]) -> ChatLogprobs:

@@ -119,7 +119,8 @@ class FakeEngine:
                     reason = "stop" if stop else ("length" if step == limit - 1 else None)
                     new = [] if stop and tid == self.tokenizer.eos_token_id else [tid]
                     lp = [self._logprob(tid, params)] if params.logprobs is not None and new else None
-                    outputs.append(CompletionOutput(i, new, lp, reason))  # type: ignore[arg-type]
+                    stop_id = tid if stop and tid in params.stop_token_ids else None
+                    outputs.append(CompletionOutput(i, new, lp, reason, stop_id))  # type: ignore[arg-type]
                     if reason is not None:
                         tokens[step + 1 :] = []
                 finished = completed = all(len(t) <= step + 1 for t in streams)

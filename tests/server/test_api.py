@@ -81,6 +81,32 @@ async def test_stop_string_spanning_tokens_is_cut_and_aborts(
     assert len(fake_engine.aborted) == 1 and not fake_engine.running
 
 
+async def test_a_stop_token_or_string_is_counted_not_shown_unless_asked(
+    client: httpx.AsyncClient, tokenizer: Tokenizer
+) -> None:
+    fox = tokenizer.encode(SCRIPT)[3]  # " fox" (The quick brown fox)
+    for stream in (False, True):
+        for include, text in ((False, "The quick brown"), (True, "The quick brown fox")):
+            body = {
+                "max_tokens": 20,
+                "temperature": 0,
+                "stop_token_ids": [fox],
+                "include_stop_str_in_output": include,
+            }
+            r = await complete(client, prompt="x", stream=stream, **body)
+            if stream:
+                events = [json.loads(e[6:]) for e in r.text.split("\n\n") if e.startswith("data: {")]
+                got = "".join(c["text"] for e in events for c in e["choices"])
+            else:
+                got = r.json()["choices"][0]["text"]
+                assert r.json()["usage"]["completion_tokens"] == 4  # the stop token counts
+            assert got == text, (stream, include)
+    r = await complete(
+        client, prompt="x", max_tokens=20, temperature=0, stop="brown", include_stop_str_in_output=True
+    )
+    assert r.json()["choices"][0]["text"] == "The quick brown"
+
+
 async def test_stop_string_in_one_choice_stops_only_that_choice(
     client: httpx.AsyncClient, fake_engine: FakeEngine, tokenizer: Tokenizer
 ) -> None:
