@@ -108,7 +108,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return f"The body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
     param = ".".join(loc) or None
     more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
-    return f"{param or 'body'}: {first.get('msg', 'invalid value')}{more}", param
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")  # pydantic's wrapping
+    return f"{param or 'body'}: {message}{more}", param
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -248,6 +248,18 @@ class ChatMessage(_Request):
     tool_calls: list[ToolCall] | None = None  # assistant messages that called tools
     tool_call_id: str | None = None
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            for i, part in enumerate(value):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if isinstance(kind, str) and kind != "text":
+                    raise ValueError(
+                        f"content part {i} has type {kind[:40]!r}; this model reads only 'text' parts"
+                    )
+        return value
+
     def text(self) -> str:
         if self.content is None:
             return ""

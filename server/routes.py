@@ -228,7 +228,8 @@ def public_root(source: str | None, served_name: str) -> str:
     return name or served_name
 
 
-@misc.api_route("/health", methods=["GET", "HEAD"])  # HEAD for load balancers that probe with it
+@misc.head("/health", include_in_schema=False)  # for load balancers that probe with HEAD
+@misc.get("/health")
 async def health(request: Request) -> Response:
     engine = getattr(request.app.state, "engine", None)
     if engine is None:

@@ -373,14 +373,19 @@ class OpenAIServing:
             raise APIError(400, str(e), param="prompt") from e
 
     def sampling_params(
-        self, req: SamplingFields, max_tokens: int | None, logprobs: int | None, prompt_len: int
-    ) -> SamplingParams:
+        self, req: SamplingFields, max_tokens: int | None, logprobs: int | None, prompt_len: int,
+        names: dict[str, str] | None = None,
+    ) -> SamplingParams:  # fmt: skip
+        """names: the request's own name of a field where it differs (chat's max_completion_tokens and
+        top_logprobs), so that an error names what the client sent."""
+        names = names or {}
         room = self.max_model_len - prompt_len
         if max_tokens is not None and max_tokens > room:
+            name = names.get("max_tokens", "max_tokens")
             raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. The prompt has "
-                           f"{prompt_len} tokens and max_tokens is {max_tokens}: {prompt_len} + {max_tokens} = "
-                           f"{prompt_len + max_tokens} > {self.max_model_len}. Lower max_tokens or the prompt.",
-                           param="max_tokens")  # fmt: skip
+                           f"{prompt_len} tokens and {name} is {max_tokens}: {prompt_len} + {max_tokens} = "
+                           f"{prompt_len + max_tokens} > {self.max_model_len}. Lower {name} or the prompt.",
+                           param=name)  # fmt: skip
         if req.top_k is not None and req.top_k < -1:
             raise APIError(
                 400, f"top_k must be -1 or 0 (off), or at least 1; got {req.top_k}.", param="top_k"
@@ -405,7 +410,9 @@ class OpenAIServing:
         try:
             params.validate(self.tokenizer.vocab_size)
         except ValueError as e:
-            raise APIError(400, str(e), param=str(e).split(" ", 1)[0]) from e
+            field, _, rest = str(e).partition(" ")
+            name = names.get(field, field)
+            raise APIError(400, f"{name} {rest}", param=name) from e
         return params
 
     @staticmethod
@@ -450,6 +457,8 @@ class OpenAIServing:
         except EngineDeadError as e:
             raise APIError(503, f"The engine is not running: {e}", "service_unavailable") from e
         except ValueError as e:
+            if "already running" in str(e):  # the client's X-Request-Id names a request still running
+                raise APIError(400, f"{str(e)[0].upper()}{str(e)[1:]}: send a new X-Request-Id.") from e
             raise APIError(400, str(e), param="prompt") from e
 
     async def start(
@@ -736,8 +745,11 @@ class ServingChat(OpenAIServing):
         tools = tool_plan(req)
         prompt = await self.prompt(req, tools)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = self.sampling_params(req, max_tokens, logprobs, len(prompt.token_ids))
+        names = {"logprobs": "top_logprobs"}
+        max_tokens = req.max_tokens
+        if req.max_completion_tokens is not None:
+            max_tokens, names["max_tokens"] = req.max_completion_tokens, "max_completion_tokens"
+        params = self.sampling_params(req, max_tokens, logprobs, len(prompt.token_ids), names)
         self.check_logprob_budget(req.n, params.max_tokens or 0, logprobs, "top_logprobs")
         params.structured = await self.structured(req)
         if tools.spec is not None:

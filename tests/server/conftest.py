@@ -85,6 +85,8 @@ class FakeEngine:
         """Refuses at once, as the real engine does; the stream itself is lazy."""
         if self.dead:
             raise EngineDeadError("the engine loop died")
+        if request_id in self.running:  # as the real engine
+            raise ValueError(f"request id {request_id!r} is already running")
         if len(self.running) >= self.max_waiting:
             raise QueueFullError(f"{len(self.running)} requests are waiting (limit {self.max_waiting})")
         self.submitted.append((request_id, list(prompt_token_ids), params))

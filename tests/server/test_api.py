@@ -237,6 +237,42 @@ async def test_chat_uses_template_and_returns_message(
     assert data["usage"]["prompt_tokens"] == len(expected)
 
 
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"max_completion_tokens": 0}, "max_completion_tokens"),
+        ({"max_completion_tokens": 10**6}, "max_completion_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "What is it?"},
+                            {"type": "image_url", "image_url": {"url": "x"}},
+                        ],
+                    }
+                ]
+            },
+            "messages.0.content",
+        ),  # fmt: skip
+    ],
+)
+async def test_chat_errors_name_the_field_the_client_sent(
+    client: httpx.AsyncClient, fields: dict[str, Any], param: str
+) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **fields}
+    error = assert_error(await client.post("/v1/chat/completions", json=body), 400, param)
+    assert error["param"] == param
+    if "image_url" in str(fields):  # said plainly, not as pydantic's union of failed forms
+        assert (
+            error["message"]
+            == "messages.0.content: content part 1 has type 'image_url'; this model reads only 'text' parts"
+        )
+
+
 async def test_chat_stream_role_first_then_deltas(client: httpx.AsyncClient) -> None:
     body = {
         "model": MODEL,

@@ -141,6 +141,20 @@ async def test_request_id_generated_when_absent_or_unsafe(
     assert other.headers["x-request-id"] != r.headers["x-request-id"]
 
 
+async def test_a_request_id_still_running_is_a_400_naming_the_header(
+    client: httpx.AsyncClient, fake_engine: FakeEngine
+) -> None:
+    fake_engine.delay = 0.02
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 20}
+    first = asyncio.ensure_future(client.post("/v1/completions", json=body, headers={"X-Request-Id": "dup"}))
+    while not fake_engine.running:
+        await asyncio.sleep(0.005)
+    r = await client.post("/v1/completions", json=body, headers={"X-Request-Id": "dup"})
+    error = r.json()["error"]
+    assert r.status_code == 400 and "X-Request-Id" in error["message"] and error["param"] is None
+    assert (await first).status_code == 200
+
+
 async def test_request_id_on_errors_and_413(client: httpx.AsyncClient) -> None:
     r = await client.post("/v1/completions", content=b"x" * 100_000, headers={"X-Request-Id": "big"})
     assert r.status_code == 413 and r.headers["x-request-id"] == "big"
