@@ -471,6 +471,7 @@ class TokenizeChatRequest(_Request):
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     add_generation_prompt: bool = True
+    tools: list[ChatTool] | None = None  # rendered into the prompt as a chat request's are
 
 
 class TokenizeResponse(BaseModel):

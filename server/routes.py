@@ -35,6 +35,7 @@ from server.protocol import (
     TokenizeResponse,
     VersionResponse,
 )
+from server.tools import ToolPlan
 
 log = logging.getLogger("server")
 T = TypeVar("T")
@@ -245,10 +246,12 @@ async def tokenize(
 ) -> TokenizeResponse:
     chat = _serving(request, "chat")
     chat.check_model(body.model)
+    # counted in full whatever the context (as vLLM's): a client measures a text before cutting it up
     if isinstance(body, TokenizeChatRequest):
-        ids = await chat.prompt_ids(body.messages, body.add_generation_prompt)
+        tools = ToolPlan("auto", body.tools) if body.tools else None
+        ids = await chat.prompt_ids(body.messages, body.add_generation_prompt, tools, bounded=False)
     else:
-        ids = (await chat.encode([body.prompt], add_special_tokens=body.add_special_tokens))[0]
+        ids = (await chat.encode([body.prompt], add_special_tokens=body.add_special_tokens, bounded=False))[0]
     return TokenizeResponse(count=len(ids), max_model_len=chat.max_model_len, tokens=ids)
 
 

@@ -279,13 +279,18 @@ class OpenAIServing:
                            param=param)  # fmt: skip
 
     async def encode(
-        self, texts: list[str], param: str = "prompt", add_special_tokens: bool = False
+        self, texts: list[str], param: str = "prompt", add_special_tokens: bool = False, bounded: bool = True
     ) -> list[list[int]]:
-        """Token ids of each text; long inputs are tokenized on a worker thread, not the event loop."""
-        for text in texts:
-            self.check_text_length(len(text), param)
+        """Token ids of each text; long inputs are tokenized on a worker thread, not the event loop.
+        bounded: a text longer than the context is refused (a prompt), else counted in full (/tokenize,
+        whose work the body limit bounds)."""
+        if bounded:
+            for text in texts:
+                self.check_text_length(len(text), param)
 
         def encode_all() -> list[list[int]]:
+            if not bounded:
+                return [self.tokenizer.encode(t, add_special_tokens) for t in texts]
             return [self._encode_bounded(t, add_special_tokens, param) for t in texts]
 
         if sum(len(t) for t in texts) <= self.limits.tokenize_inline_chars:
@@ -676,12 +681,13 @@ class ServingChat(OpenAIServing):
         self.tokens_per_turn = self._fewest_tokens_per_turn()
 
     async def prompt_ids(
-        self, messages: list[ChatMessage], add_generation_prompt: bool = True, tools: ToolPlan | None = None
-    ) -> list[int]:
+        self, messages: list[ChatMessage], add_generation_prompt: bool = True, tools: ToolPlan | None = None,
+        bounded: bool = True,
+    ) -> list[int]:  # fmt: skip
         """The rendered chat template's token ids; long conversations render and tokenize on a worker
-        thread."""
+        thread. bounded: as for encode()."""
         turns = sum(1 for m in messages if m.role in ("user", "assistant"))
-        if turns * self.tokens_per_turn > self.max_model_len:  # refused before rendering them
+        if bounded and turns * self.tokens_per_turn > self.max_model_len:  # refused before rendering them
             raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens; "
                            f"{turns} user and assistant messages take at least {self.tokens_per_turn} "
                            "each in its chat template.", param="messages")  # fmt: skip
@@ -690,11 +696,12 @@ class ServingChat(OpenAIServing):
         plain = render_messages(messages, tools, native)
         listed = [t.model_dump(exclude_none=True) for t in tools.tools] if native and tools.tools else None
         chars = sum(len(str(m.get("content") or "")) for m in plain)
-        self.check_text_length(chars, "messages")
+        if bounded:
+            self.check_text_length(chars, "messages")
         if chars <= self.limits.tokenize_inline_chars and len(plain) <= _INLINE_MESSAGES:
             return self.tokenizer.encode(self._render(plain, add_generation_prompt, listed))
         text = await asyncio.to_thread(self._render, plain, add_generation_prompt, listed)
-        return (await self.encode([text], "messages"))[0]
+        return (await self.encode([text], "messages", bounded=bounded))[0]
 
     def _fewest_tokens_per_turn(self) -> int:
         """The fewest tokens the chat template adds for a user or an assistant message (empty ones, each

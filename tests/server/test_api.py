@@ -318,6 +318,12 @@ async def test_tokenize_detokenize_roundtrip(client: httpx.AsyncClient, tokenize
     assert back.json() == {"prompt": "Hello world"}
     chat = await client.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]})
     assert chat.json()["count"] > 5
+    # with tools, the count is a chat request's prompt_tokens
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": tools}
+    counted = (await client.post("/tokenize", json=body)).json()["count"]
+    used = (await client.post("/v1/chat/completions", json={**body, "max_tokens": 1})).json()["usage"]
+    assert counted == used["prompt_tokens"] > chat.json()["count"] + 20
 
 
 async def test_metrics_exposed_with_prefix(client: httpx.AsyncClient) -> None:

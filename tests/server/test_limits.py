@@ -123,7 +123,6 @@ async def test_a_prompt_longer_than_any_context_is_refused_without_tokenizing(
     for path, body in [
         ("/v1/completions", {"model": MODEL, "prompt": huge}),
         ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": huge}]}),
-        ("/tokenize", {"model": MODEL, "prompt": huge}),
     ]:
         r, seconds, _ = await timed_post(client, path, body)
         assert_error(r, 400, "context length")
@@ -149,12 +148,29 @@ async def test_a_prompt_whose_beginning_overflows_the_context_is_refused_after_a
     messages = [{"role": "user", "content": "abcdefghij" * 10}] * 200
     for path, body in [
         ("/v1/completions", {"model": MODEL, "prompt": text}),
-        ("/tokenize", {"model": MODEL, "prompt": text}),
         ("/v1/chat/completions", {"model": MODEL, "messages": messages}),
     ]:
         r = await client.post(path, json=body)
         assert_error(r, 400, "context length")
     assert seen and max(seen) <= 256 * 8 and not engine.submitted
+
+
+async def test_tokenize_counts_a_text_longer_than_the_context_off_the_event_loop(
+    big_client: Any, monkeypatch: pytest.MonkeyPatch, tokenizer: Tokenizer
+) -> None:
+    """A client measures a text before cutting it to fit (as vLLM's /tokenize): counted in full, the body
+    limit bounding the work, on a worker thread."""
+    import threading
+
+    client, _ = big_client
+    threads = threads_calling(monkeypatch, tokenizer, "encode")
+    text = "word " * 100_000  # 100,000 tokens against a context of 256
+    r = await client.post("/tokenize", json={"model": MODEL, "prompt": text})
+    assert r.status_code == 200 and r.json()["count"] >= 100_000 and r.json()["max_model_len"] == 256
+    assert threads and threading.main_thread().name not in threads
+    messages = [{"role": "user", "content": "abcdefghij" * 10}] * 200
+    r = await client.post("/tokenize", json={"model": MODEL, "messages": messages})
+    assert r.status_code == 200 and r.json()["count"] > 200 * 10
 
 
 async def test_long_prompts_that_fit_are_tokenized_off_the_event_loop(
