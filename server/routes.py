@@ -216,11 +216,24 @@ async def _respond(request: Request, kind: str, body: CompletionRequest | ChatCo
 
 @v1.get("/models")
 async def models(request: Request) -> ModelList:
+    return ModelList(data=[_model_card(request)])
+
+
+@v1.get("/models/{model:path}")  # OpenAI's `client.models.retrieve(name)`
+async def model(model: str, request: Request) -> ModelCard:
+    card = _model_card(request)
+    if model != card.id:
+        raise APIError(404, f"The model `{model}` does not exist; this server serves `{card.id}`.",
+                       "NotFoundError", "model")  # fmt: skip
+    return card
+
+
+def _model_card(request: Request) -> ModelCard:
     state = request.app.state
     name = state.settings.served_model_name
     length = state.max_model_len
     root = public_root(state.settings.model, name)
-    return ModelList(data=[ModelCard(id=name, root=root, max_model_len=length, context_length=length)])
+    return ModelCard(id=name, root=root, max_model_len=length, context_length=length)
 
 
 def public_root(source: str | None, served_name: str) -> str:

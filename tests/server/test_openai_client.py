@@ -85,6 +85,9 @@ def client(server_url: str) -> openai.OpenAI:
 def test_models_and_auth(client: openai.OpenAI, server_url: str) -> None:
     [model] = client.models.list().data
     assert model.id == MODEL
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
     bad = openai.OpenAI(base_url=f"{server_url}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
