@@ -113,9 +113,13 @@ class ChoiceText:
         stop: StopMatcher | None,
         prefix: str = "",
         include_stop: bool = False,
+        echo_only: bool = False,
     ) -> None:
         self.index = index
         self._include_stop = include_stop  # vLLM's include_stop_str_in_output: the stop string or token stays
+        self._echo_only = (
+            echo_only  # echo with max_tokens 0: the prompt is all (the engine's one token dropped)
+        )
         self._decoder = tokenizer.incremental_decoder(skip_special_tokens=True)
         self._stop = stop
         self._state = 0  # the stop matcher's state
@@ -136,6 +140,9 @@ class ChoiceText:
     def add(self, out: CompletionOutput) -> TextDelta | None:
         if self.finished:
             return None  # tokens the engine made after our stop string: not counted, not shown
+        if self._echo_only:
+            self.finish_reason = "length"
+            return self._release()
         last = len(out.new_token_ids) - 1
         for k, token_id in enumerate(out.new_token_ids):
             self.num_tokens += 1
@@ -579,7 +586,11 @@ class ServingCompletion(OpenAIServing):
                            f"{len(items)}.", param="prompt")  # fmt: skip
         self.check_sizes(req, len(items))
         prompts = await self.prompts(items)
-        params = [self.sampling_params(req, req.max_tokens, req.logprobs, len(p.token_ids)) for p in prompts]
+        # OpenAI's (and vLLM's) echo with max_tokens 0 scores a prompt: its text and logprobs, nothing
+        # generated; the engine makes one token, which is dropped
+        echo_only = req.echo and req.max_tokens == 0
+        max_tokens = 1 if echo_only else req.max_tokens
+        params = [self.sampling_params(req, max_tokens, req.logprobs, len(p.token_ids)) for p in prompts]
         echoed = sum(len(p.token_ids) for p in prompts) if req.echo else 0
         produced = sum(sp.max_tokens or 0 for sp in params)
         self.check_logprob_budget(req.n, produced + echoed, req.logprobs, "logprobs")
@@ -595,7 +606,9 @@ class ServingCompletion(OpenAIServing):
             echo = (p.text if p.text is not None else self.tokenizer.decode(p.token_ids)) if req.echo else ""
             base = len(run.choices)
             include = req.include_stop_str_in_output
-            run.choices += [ChoiceText(base + i, self.tokenizer, stop, echo, include) for i in range(req.n)]
+            run.choices += [
+                ChoiceText(base + i, self.tokenizer, stop, echo, include, echo_only) for i in range(req.n)
+            ]
         return run, await self.start(run, params)
 
     def _echo_logprobs(self, run: _Run, p: int, out: RequestOutput) -> None:

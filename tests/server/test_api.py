@@ -167,6 +167,24 @@ async def test_echo_and_logprobs_shape(client: httpx.AsyncClient, tokenizer: Tok
         assert [choice["text"][o : o + len(t)] for t, o in zip(tokens, offsets, strict=True)] == tokens
 
 
+async def test_echo_with_max_tokens_0_scores_the_prompt(
+    client: httpx.AsyncClient, tokenizer: Tokenizer
+) -> None:
+    """OpenAI's (and lm-eval's) way to score a text: its tokens' logprobs, nothing generated."""
+    prompt = "Hi you there"
+    n_prompt = len(tokenizer.encode(prompt))
+    r = await complete(client, prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    [choice] = r.json()["choices"]
+    assert (choice["text"], choice["finish_reason"]) == (prompt, "length")
+    assert len(choice["logprobs"]["tokens"]) == n_prompt and choice["logprobs"]["token_logprobs"][0] is None
+    assert r.json()["usage"]["completion_tokens"] == 0 and r.json()["usage"]["prompt_tokens"] == n_prompt
+    r = await complete(client, prompt=[prompt, "Another"], max_tokens=0, echo=True, stream=True)
+    events = [json.loads(e[6:]) for e in r.text.split("\n\n") if e.startswith("data: {")]
+    texts = {c["index"]: c["text"] for e in events for c in e["choices"]}
+    assert texts == {0: prompt, 1: "Another"}
+    assert_error(await complete(client, prompt=prompt, max_tokens=0), 400, "max_tokens")  # only with echo
+
+
 async def test_sampling_fields_are_passed_to_engine(
     client: httpx.AsyncClient, fake_engine: FakeEngine
 ) -> None:

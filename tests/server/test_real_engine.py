@@ -69,6 +69,10 @@ async def test_chat_and_logprobs_on_real_sampler(tiny_client: tuple[httpx.AsyncC
                                                    "echo": True, "logprobs": 1, "temperature": 0})  # fmt: skip
     lp = r.json()["choices"][0]["logprobs"]
     assert lp["token_logprobs"][0] is None and all(x is not None for x in lp["token_logprobs"][1:])
+    scored = await client.post("/v1/completions", json={"model": MODEL, "prompt": "a b c", "max_tokens": 0,
+                                                        "echo": True, "logprobs": 1})  # fmt: skip
+    [choice] = scored.json()["choices"]
+    assert choice["text"] == "a b c" and choice["logprobs"]["token_logprobs"] == lp["token_logprobs"][:-2]
     await wait_idle(engine)
 
 
