@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import re
 import struct
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -94,6 +95,10 @@ def _bytes_to_unicode() -> dict[int, str]:
             cs.append(256 + n)
             n += 1
     return dict(zip(bs, map(chr, cs), strict=True))
+
+
+_BYTE_OF = {c: b for b, c in _bytes_to_unicode().items()}  # a byte-level token's character -> its byte
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 def _respell(token: str, alphabet: set[str]) -> str:
@@ -261,6 +266,8 @@ class Tokenizer:
         self.add_bos_token = add_bos_token
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
         self._max_chars_per_token: int | None | bool = False  # False: not computed yet
+        self._token_bytes: dict[int, bytes] = {}  # filled as token_bytes() is asked (vocabulary-bounded)
+        self._specials: set[int] | None = None
         self._template: jinja2.Template | None = None
 
     # ---- construction ----
@@ -397,6 +404,33 @@ class Tokenizer:
         if token is None:  # a hole in a sparse vocabulary
             raise ValueError(f"token id {token_id} has no token")
         return token
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes of text one token stands for, whole even where they are part of a UTF-8 character
+        (its decoded text is then U+FFFD): OpenAI's logprob `bytes`, which clients join to rebuild the
+        text. Special tokens give their text."""
+        cached = self._token_bytes.get(token_id)
+        if cached is not None:
+            return cached
+        token = self.id_to_token(token_id)
+        special = token_id in self._special_ids()
+        if (
+            not special
+            and isinstance(self._backend.decoder, decoders.ByteLevel)
+            and set(token) <= _BYTE_OF.keys()
+        ):
+            raw = bytes(_BYTE_OF[c] for c in token)
+        elif not special and (m := _BYTE_FALLBACK.fullmatch(token)) is not None:  # SentencePiece's <0xHH>
+            raw = bytes([int(m.group(1), 16)])
+        else:
+            raw = self.decode([token_id]).encode("utf-8", "surrogatepass")
+        self._token_bytes[token_id] = raw
+        return raw
+
+    def _special_ids(self) -> set[int]:
+        if self._specials is None:
+            self._specials = {i for i, t in self._backend.get_added_tokens_decoder().items() if t.special}
+        return self._specials
 
     @property
     def max_chars_per_token(self) -> int | None:

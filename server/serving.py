@@ -788,16 +788,18 @@ class ServingChat(OpenAIServing):
         content = []
         for entry, _ in entries:
             assert entry is not None
+            token_bytes = self.tokenizer.token_bytes  # whole even for part of a character (clients join them)
             token = self.tokenizer.decode([entry.token_id])
             top = []
             for tid, value in entry.top:
                 text = self.tokenizer.decode([tid])
-                top.append(ChatTopLogprob(token=text, logprob=_finite(value), bytes=list(text.encode())))
+                top.append(ChatTopLogprob(token=text, logprob=_finite(value), bytes=list(token_bytes(tid))))
             content.append(
                 ChatTokenLogprob(
-                    token=token, logprob=_finite(entry.logprob), bytes=list(token.encode()), top_logprobs=top
+                    token=token, logprob=_finite(entry.logprob), bytes=list(token_bytes(entry.token_id)),
+                    top_logprobs=top,
                 )
-            )
+            )  # fmt: skip
         return ChatLogprobs(content=content)
 
     async def create(self, req: ChatCompletionRequest) -> ChatCompletionResponse:

@@ -146,6 +146,16 @@ def test_decode_inverts_encode(tok: Tokenizer) -> None:
 
 
 @pytest.mark.real_model
+def test_token_bytes_join_into_the_text_even_where_a_token_is_part_of_a_character(tok: Tokenizer) -> None:
+    for text in [*CORPUS, "👍 你好, naïve <|im_end|>\n\t∑"]:
+        ids = tok.encode(text)
+        assert b"".join(tok.token_bytes(i) for i in ids).decode("utf-8") == text, text
+    emoji = tok.encode("👍")
+    assert len(emoji) > 1 and all(tok.decode([i]) == "\ufffd" for i in emoji)  # parts: text alone cannot say
+    assert b"".join(tok.token_bytes(i) for i in emoji) == "👍".encode()
+
+
+@pytest.mark.real_model
 def test_skip_special_tokens_drops_control_tokens(tok: Tokenizer) -> None:
     ids = tok.encode("<|im_start|>user\nhi<|im_end|>")
     assert tok.decode(ids, skip_special_tokens=True) == "user\nhi"

@@ -255,6 +255,18 @@ async def test_chat_uses_template_and_returns_message(
     assert data["usage"]["prompt_tokens"] == len(expected)
 
 
+async def test_chat_logprob_bytes_rebuild_text_split_inside_a_character(
+    client: httpx.AsyncClient, fake_engine: FakeEngine, tokenizer: Tokenizer
+) -> None:
+    fake_engine.script = tokenizer.encode("Nice 👍 你好")
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 30, "temperature": 0,
+            "logprobs": True, "top_logprobs": 2}  # fmt: skip
+    data = (await client.post("/v1/chat/completions", json=body)).json()
+    content = data["choices"][0]["logprobs"]["content"]
+    assert "\ufffd" in "".join(e["token"] for e in content)  # a token alone is part of a character
+    assert bytes(b for e in content for b in e["bytes"]).decode() == data["choices"][0]["message"]["content"]
+
+
 @pytest.mark.parametrize(
     ("fields", "param"),
     [

@@ -64,6 +64,8 @@ async def test_chat_and_logprobs_on_real_sampler(tiny_client: tuple[httpx.AsyncC
         # Greedy: the chosen token is the most likely one.
         assert entry["logprob"] == max(t["logprob"] for t in entry["top_logprobs"])
     assert "".join(e["token"] for e in content) == data["choices"][0]["message"]["content"]
+    joined = bytes(b for e in content for b in e["bytes"]).decode("utf-8", "replace")
+    assert joined == data["choices"][0]["message"]["content"]
 
     r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "a b c", "max_tokens": 2,
                                                    "echo": True, "logprobs": 1, "temperature": 0})  # fmt: skip
