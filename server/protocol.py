@@ -309,6 +309,7 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=_I64_MIN, le=_I64_MAX)
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # vLLM extra: the last message is continued, not closed
     tools: list[ChatTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -471,6 +472,7 @@ class TokenizeChatRequest(_Request):
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
     tools: list[ChatTool] | None = None  # rendered into the prompt as a chat request's are
 
 

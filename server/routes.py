@@ -262,7 +262,13 @@ async def tokenize(
     # counted in full whatever the context (as vLLM's): a client measures a text before cutting it up
     if isinstance(body, TokenizeChatRequest):
         tools = ToolPlan("auto", body.tools) if body.tools else None
-        ids = await chat.prompt_ids(body.messages, body.add_generation_prompt, tools, bounded=False)
+        ids = await chat.prompt_ids(
+            body.messages,
+            body.add_generation_prompt,
+            tools,
+            bounded=False,
+            continue_final=body.continue_final_message,
+        )
     else:
         ids = (await chat.encode([body.prompt], add_special_tokens=body.add_special_tokens, bounded=False))[0]
     return TokenizeResponse(count=len(ids), max_model_len=chat.max_model_len, tokens=ids)

@@ -695,10 +695,11 @@ class ServingChat(OpenAIServing):
 
     async def prompt_ids(
         self, messages: list[ChatMessage], add_generation_prompt: bool = True, tools: ToolPlan | None = None,
-        bounded: bool = True,
+        bounded: bool = True, continue_final: bool = False,
     ) -> list[int]:  # fmt: skip
         """The rendered chat template's token ids; long conversations render and tokenize on a worker
-        thread. bounded: as for encode()."""
+        thread. bounded: as for encode(). continue_final: the last message is left open for the model to
+        go on with (vLLM's continue_final_message), instead of closed and followed by a new turn."""
         turns = sum(1 for m in messages if m.role in ("user", "assistant"))
         if bounded and turns * self.tokens_per_turn > self.max_model_len:  # refused before rendering them
             raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens; "
@@ -711,9 +712,10 @@ class ServingChat(OpenAIServing):
         chars = sum(len(str(m.get("content") or "")) for m in plain)
         if bounded:
             self.check_text_length(chars, "messages")
+        render = functools.partial(self._render, plain, add_generation_prompt, listed, continue_final)
         if chars <= self.limits.tokenize_inline_chars and len(plain) <= _INLINE_MESSAGES:
-            return self.tokenizer.encode(self._render(plain, add_generation_prompt, listed))
-        text = await asyncio.to_thread(self._render, plain, add_generation_prompt, listed)
+            return self.tokenizer.encode(render())
+        text = await asyncio.to_thread(render)
         return (await self.encode([text], "messages", bounded=bounded))[0]
 
     def _fewest_tokens_per_turn(self) -> int:
@@ -736,19 +738,40 @@ class ServingChat(OpenAIServing):
         return max(1, fewest)
 
     def _render(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool, tools: list[dict[str, Any]] | None
-    ) -> str:
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool, tools: list[dict[str, Any]] | None,
+        continue_final: bool = False,
+    ) -> str:  # fmt: skip
         try:
-            return self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=add_generation_prompt, tools=tools
+            text = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt and not continue_final, tools=tools
             )
         except ValueError as e:
             raise APIError(
                 400, f"The messages could not be rendered with the chat template: {e}", param="messages"
             ) from e
+        if not continue_final:
+            return text
+        # cut after the last message's own text: what the template closes it with (its end of turn) goes
+        final = str(messages[-1].get("content") or "")
+        for part in (final, final.strip()):  # some templates strip a message's whitespace
+            end = text.rfind(part) if part else -1
+            if end >= 0:
+                return text[: end + len(part)]
+        raise APIError(400, "continue_final_message needs a last message with text the chat template shows.",
+                       param="continue_final_message")  # fmt: skip
 
     async def prompt(self, req: ChatCompletionRequest, tools: ToolPlan) -> PromptInput:
-        prompt = PromptInput(await self.prompt_ids(req.messages, req.add_generation_prompt, tools))
+        if (
+            req.continue_final_message
+            and req.add_generation_prompt
+            and "add_generation_prompt" in req.model_fields_set
+        ):
+            raise APIError(400, "continue_final_message and add_generation_prompt cannot both be true: the last "
+                           "message is either continued or followed by a new turn.", param="continue_final_message")  # fmt: skip
+        ids = await self.prompt_ids(
+            req.messages, req.add_generation_prompt, tools, continue_final=req.continue_final_message
+        )
+        prompt = PromptInput(ids)
         self.check_prompt(prompt.token_ids)
         return prompt
 

@@ -255,6 +255,30 @@ async def test_chat_uses_template_and_returns_message(
     assert data["usage"]["prompt_tokens"] == len(expected)
 
 
+async def test_continue_final_message_leaves_the_last_message_open(
+    client: httpx.AsyncClient, fake_engine: FakeEngine, tokenizer: Tokenizer
+) -> None:
+    """vLLM's prefill of a reply: the model goes on with the last message instead of a new turn."""
+    messages = [
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "My answer is"},
+    ]
+    body = {"model": MODEL, "messages": messages, "max_tokens": 2, "continue_final_message": True}
+    assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
+    prompt = tokenizer.decode(fake_engine.submitted[-1][1])
+    assert prompt.endswith("<|im_start|>assistant\nMy answer is") and prompt.count("My answer is") == 1
+    counted = (await client.post("/tokenize", json=body)).json()["tokens"]
+    assert counted == fake_engine.submitted[-1][1]
+    closed = (await client.post("/tokenize", json={**body, "continue_final_message": False})).json()["tokens"]
+    assert tokenizer.decode(closed).endswith("My answer is<|im_end|>\n<|im_start|>assistant\n")
+    r = await client.post("/v1/chat/completions", json={**body, "add_generation_prompt": True})
+    assert_error(r, 400, "continue_final_message")
+    r = await client.post(
+        "/v1/chat/completions", json={**body, "messages": [*messages[:1], {"role": "assistant"}]}
+    )
+    assert_error(r, 400, "continue_final_message")
+
+
 async def test_chat_logprob_bytes_rebuild_text_split_inside_a_character(
     client: httpx.AsyncClient, fake_engine: FakeEngine, tokenizer: Tokenizer
 ) -> None:
