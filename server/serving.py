@@ -155,10 +155,10 @@ class ChoiceText:
             if self._append(piece):
                 return self._release()
         if out.finish_reason is not None:
-            tail = self._decoder.flush()
-            self._offset += len(tail)
-            if not self._append(tail):
-                self.finish_reason = out.finish_reason
+            # what the decoder still holds is a character whose bytes did not all come (cut by max_tokens):
+            # dropped, as vLLM and llama.cpp do, rather than shown as U+FFFD
+            self._decoder.flush()
+            self.finish_reason = out.finish_reason
         return self._release()
 
     def _append(self, piece: str) -> bool:

@@ -279,6 +279,22 @@ async def test_continue_final_message_leaves_the_last_message_open(
     assert_error(r, 400, "continue_final_message")
 
 
+async def test_a_character_cut_by_max_tokens_is_dropped_not_shown_as_a_replacement(
+    client: httpx.AsyncClient, fake_engine: FakeEngine, tokenizer: Tokenizer
+) -> None:
+    fake_engine.script = tokenizer.encode("ok 👍 fine")
+    cut = next(k for k in range(1, 10) if tokenizer.decode(fake_engine.script[:k]).endswith("\ufffd"))
+    for stream in (False, True):
+        r = await complete(client, prompt="x", max_tokens=cut, temperature=0, stream=stream)
+        if stream:
+            events = [json.loads(e[6:]) for e in r.text.split("\n\n") if e.startswith("data: {")]
+            text = "".join(c["text"] for e in events for c in e["choices"])
+        else:
+            text = r.json()["choices"][0]["text"]
+            assert r.json()["usage"]["completion_tokens"] == cut
+        assert text == "ok ", (stream, text)
+
+
 async def test_chat_logprob_bytes_rebuild_text_split_inside_a_character(
     client: httpx.AsyncClient, fake_engine: FakeEngine, tokenizer: Tokenizer
 ) -> None:
