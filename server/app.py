@@ -19,6 +19,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
+from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model.tokenizer import Tokenizer
@@ -307,6 +308,9 @@ def create_app(
         PrepareBudgetMiddleware, budget=settings.max_preparing_bytes, max_body=settings.max_body_bytes
     )  # inside the body limit: a body declared too long is a 413 before it costs any budget
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes, timeout=settings.client_timeout)
-    app.add_middleware(HttpMetricsMiddleware, metrics=app.state.metrics)  # 413s counted too
+    routes = (
+        [r for r in app.router.routes if isinstance(r, Route)] + v1.routes + misc.routes + dashboard.routes
+    )
+    app.add_middleware(HttpMetricsMiddleware, metrics=app.state.metrics, routes=routes)  # 413s counted too
     app.add_middleware(RequestIdMiddleware)  # last added, outermost: even a 413 carries the id
     return app

@@ -45,6 +45,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.settings import DEFAULT_MODEL_NAME
@@ -267,9 +268,10 @@ class HttpMetricsMiddleware:
     """Counts every HTTP response by route template (``/v1/completions``, not the raw path, so that
     scanners cannot blow up the label set; unknown paths are ``unmatched``), method and status."""
 
-    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics, routes: Sequence[BaseRoute] = ()) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes = routes  # the app's, to name a route answered before routing (a 413, a 429, a 401)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -286,10 +288,16 @@ class HttpMetricsMiddleware:
         try:
             await self.app(scope, receive, send_and_note)
         finally:
-            route = scope.get("route")
+            route = scope.get("route") or self._match(scope)
             handler = getattr(route, "path", None) or "unmatched"
             method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
             self.metrics.http_requests.labels(handler, method, str(status)).inc()
+
+    def _match(self, scope: Scope) -> BaseRoute | None:
+        for route in self.routes:
+            if route.matches(scope)[0] is not Match.NONE:
+                return route
+        return None
 
 
 # The method label's values: HTTP lets a client send any token as a method, and each new one would be a new

@@ -292,6 +292,8 @@ async def test_http_requests_counted_by_route_method_status(client: httpx.AsyncC
     await client.post("/v1/completions", json=body)
     await client.post("/v1/completions", json={**body, "model": "other"})
     await client.get("/no/such/path/123")
+    await client.post("/v1/completions", content=b"x" * 100_000)  # a 413, answered before routing
+    await client.get("/docs")
     samples = _samples((await client.get("/metrics")).text)
 
     def count(handler: str, method: str, status: str) -> float:
@@ -301,6 +303,7 @@ async def test_http_requests_counted_by_route_method_status(client: httpx.AsyncC
     assert count("/v1/completions", "POST", "200") == 1
     assert count("/v1/completions", "POST", "404") == 1
     assert count("unmatched", "GET", "404") == 1
+    assert count("/v1/completions", "POST", "413") == 1 and count("/docs", "GET", "200") == 1
     assert not any("123" in str(key) for key in samples)
 
 
