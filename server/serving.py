@@ -431,12 +431,12 @@ class OpenAIServing:
     def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
         if not bias:
             return None
-        try:
-            return {int(k): v for k, v in bias.items()}
-        except ValueError as e:
-            raise APIError(
-                400, f"logit_bias keys must be token ids (integers as strings): {e}", param="logit_bias"
-            ) from e
+        # ASCII digits only: int() would also take "+5", " 42 ", "1_000" and other scripts' digits
+        bad = next((k for k in bias if not (k.isascii() and k.isdigit() and len(k) <= 18)), None)
+        if bad is not None:
+            raise APIError(400, f"logit_bias keys must be token ids (digits as a string), got {bad[:40]!r}.",
+                           param="logit_bias")  # fmt: skip
+        return {int(k): v for k, v in bias.items()}
 
     async def structured(self, req: SamplingFields) -> StructuredSpec | None:
         """The request's output constraint, compiled once here (GrammarChecker) so that a bad schema,

@@ -435,6 +435,10 @@ def assert_error(r: httpx.Response, status: int, *words: str) -> dict[str, Any]:
         ({"prompt": "x", "max_tokens": "many"}, ["max_tokens"]),
         ({"prompt": 12}, ["prompt"]),
         ({"prompt": "x", "logit_bias": {"abc": 1}}, ["logit_bias"]),
+        ({"prompt": "x", "logit_bias": {"\u0663": 1}}, ["logit_bias"]),  # an Arabic-Indic 3: int() reads it
+        ({"prompt": "x", "logit_bias": {" 42 ": 1}}, ["logit_bias"]),
+        ({"prompt": "x", "logit_bias": {"1_000": 1}}, ["logit_bias"]),
+        ({"prompt": "x", "logit_bias": {"9" * 5000: 1}}, ["logit_bias"]),
         ({"prompt": "x", "stop_token_ids": [-1]}, ["stop_token_ids"]),
         ({"prompt": "x", "top_k": -2}, ["top_k", "-2"]),
         ({}, ["prompt"]),
