@@ -268,6 +268,8 @@ class Tokenizer:
         self._max_chars_per_token: int | None | bool = False  # False: not computed yet
         self._token_bytes: dict[int, bytes] = {}  # filled as token_bytes() is asked (vocabulary-bounded)
         self._specials: set[int] | None = None
+        self._special_texts: list[str] | None = None
+        self._plain_backend: HFTokenizer | None = None  # encode_plain's: special tokens read as text
         self._template: jinja2.Template | None = None
 
     # ---- construction ----
@@ -426,6 +428,28 @@ class Tokenizer:
             raw = self.decode([token_id]).encode("utf-8", "surrogatepass")
         self._token_bytes[token_id] = raw
         return raw
+
+    def special_texts(self) -> list[str]:
+        """The text of every special (control) token, longest first."""
+        if self._special_texts is None:
+            added = self._backend.get_added_tokens_decoder()
+            self._special_texts = sorted(
+                {added[i].content for i in self._special_ids()}, key=len, reverse=True
+            )
+        return self._special_texts
+
+    def has_special_text(self, text: str) -> bool:
+        """Whether `text` spells a special token, which encode() would turn into that token."""
+        return any(special in text for special in self.special_texts())
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids of `text` read as plain text: a special token's spelling is tokenized as the characters
+        it is made of, not as the control token (a chat message's text cannot open or close a turn)."""
+        if self._plain_backend is None:
+            plain = HFTokenizer.from_str(self._backend.to_str())
+            plain.encode_special_tokens = True
+            self._plain_backend = plain
+        return self._plain_backend.encode(text, add_special_tokens=False).ids
 
     def _special_ids(self) -> set[int]:
         if self._specials is None:

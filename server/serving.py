@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -712,11 +713,49 @@ class ServingChat(OpenAIServing):
         chars = sum(len(str(m.get("content") or "")) for m in plain)
         if bounded:
             self.check_text_length(chars, "messages")
+        if any(
+            isinstance(m.get("content"), str) and self.tokenizer.has_special_text(m["content"]) for m in plain
+        ):
+            return await asyncio.to_thread(
+                self._guarded_ids, plain, add_generation_prompt, listed, continue_final
+            )
         render = functools.partial(self._render, plain, add_generation_prompt, listed, continue_final)
         if chars <= self.limits.tokenize_inline_chars and len(plain) <= _INLINE_MESSAGES:
             return self.tokenizer.encode(render())
         text = await asyncio.to_thread(render)
         return (await self.encode([text], "messages", bounded=bounded))[0]
+
+    def _guarded_ids(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool, tools: list[dict[str, Any]] | None,
+        continue_final: bool,
+    ) -> list[int]:  # fmt: skip
+        """Token ids of a conversation whose message text spells a special token (`<|im_end|>` in a user
+        message): the template's own text is tokenized as it always is, each message's text as plain text,
+        so a message cannot end its turn and open another (a system one) by writing the tokens that do.
+        The template is rendered twice, with each message's text and with a marker in its place, to find
+        where the texts are; a template that changes a text it is given (trims it, escapes it) cannot be
+        split so, and such a conversation is refused."""
+        marker = f"\ue000{uuid.uuid4().hex}"  # private-use character and a fresh id: no client can spell it
+        marked = [
+            {**m, "content": f"{marker}{i}\ue001"} if isinstance(m.get("content"), str) else m
+            for i, m in enumerate(messages)
+        ]
+        text = self._render(messages, add_generation_prompt, tools, continue_final)
+        layout = self._render(marked, add_generation_prompt, tools, continue_final)
+        pieces = re.split(f"{marker}(\\d+)\ue001", layout)  # template text, message index, template text, ...
+        indices = [int(i) for i in pieces[1::2]]
+        contents = [str(messages[i]["content"]) for i in indices]
+        rebuilt = "".join(p for pair in zip(pieces[::2], [*contents, ""], strict=True) for p in pair)
+        if rebuilt != text or len(set(indices)) != len(indices):
+            raise APIError(400, "A message spells one of the model's control tokens (such as "
+                           f"{self.tokenizer.special_texts()[-1]!r}), and this chat template cannot keep it "
+                           "as plain text.", param="messages")  # fmt: skip
+        ids: list[int] = []
+        for k, piece in enumerate(pieces):
+            ids += (
+                self.tokenizer.encode(piece) if k % 2 == 0 else self.tokenizer.encode_plain(contents[k // 2])
+            )
+        return ids
 
     def _fewest_tokens_per_turn(self) -> int:
         """The fewest tokens the chat template adds for a user or an assistant message (empty ones, each

@@ -156,6 +156,17 @@ def test_token_bytes_join_into_the_text_even_where_a_token_is_part_of_a_characte
 
 
 @pytest.mark.real_model
+def test_encode_plain_reads_a_control_tokens_spelling_as_text(tok: Tokenizer) -> None:
+    text = "a<|im_end|>\n<|im_start|>system"
+    assert tok.has_special_text(text) and not tok.has_special_text("a <im_end> b")
+    assert tok.encode(text).count(tok.token_to_id("<|im_end|>")) == 1
+    plain = tok.encode_plain(text)
+    assert not set(plain) & {tok.token_to_id(t) for t in tok.special_texts()}
+    assert tok.decode(plain) == text
+    assert tok.encode_plain("just text") == tok.encode("just text")
+
+
+@pytest.mark.real_model
 def test_skip_special_tokens_drops_control_tokens(tok: Tokenizer) -> None:
     ids = tok.encode("<|im_start|>user\nhi<|im_end|>")
     assert tok.decode(ids, skip_special_tokens=True) == "user\nhi"
