@@ -122,6 +122,7 @@ class ChoiceText:
             echo_only  # echo with max_tokens 0: the prompt is all (the engine's one token dropped)
         )
         self._decoder = tokenizer.incremental_decoder(skip_special_tokens=True)
+        self._eos = tokenizer.eos_token_id
         self._stop = stop
         self._state = 0  # the stop matcher's state
         self._pending = prefix  # decoded, not yet released
@@ -147,10 +148,15 @@ class ChoiceText:
         last = len(out.new_token_ids) - 1
         for k, token_id in enumerate(out.new_token_ids):
             self.num_tokens += 1
+            if (
+                k == last
+                and out.finish_reason == "stop"
+                and token_id in (out.stop_token_id, self._eos)
+                and not self._include_stop
+            ):
+                continue  # the stop token (EOS or a stop_token_ids one) is counted, not shown: nor its logprob
             if out.logprobs is not None:
                 self._pending_lp.append((out.logprobs[k], self._offset))
-            if k == last and out.stop_token_id == token_id and not self._include_stop:
-                continue  # the stop token is counted, not shown, as a stop string is not (vLLM's default)
             piece = self._decoder.push([token_id])
             self._offset += len(piece)
             if self._append(piece):

@@ -119,7 +119,7 @@ class FakeEngine:
                     tid = tokens[step]
                     stop = tid == self.tokenizer.eos_token_id or tid in params.stop_token_ids
                     reason = "stop" if stop else ("length" if step == limit - 1 else None)
-                    new = [] if stop and tid == self.tokenizer.eos_token_id else [tid]
+                    new = [tid]  # as the engine: the stop token (EOS too) is an output token
                     lp = [self._logprob(tid, params)] if params.logprobs is not None and new else None
                     stop_id = tid if stop and tid in params.stop_token_ids else None
                     outputs.append(CompletionOutput(i, new, lp, reason, stop_id))  # type: ignore[arg-type]

@@ -312,6 +312,29 @@ async def test_continue_final_message_leaves_the_last_message_open(
     assert_error(r, 400, "continue_final_message")
 
 
+async def test_the_eos_that_ends_a_reply_is_counted_but_has_no_logprob_entry(
+    client: httpx.AsyncClient,
+) -> None:
+    """As OpenAI's: the logprobs list the reply's tokens, not the end-of-turn token that closed it."""
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 200,
+        "logprobs": True,
+    }
+    data = (await client.post("/v1/chat/completions", json=body)).json()
+    [choice] = data["choices"]
+    content = choice["logprobs"]["content"]
+    assert (
+        choice["finish_reason"] == "stop"
+        and "".join(e["token"] for e in content) == choice["message"]["content"]
+    )
+    assert data["usage"]["completion_tokens"] == len(content) + 1  # the EOS is counted
+    r = await complete(client, prompt="x", max_tokens=200, logprobs=0)
+    [choice] = r.json()["choices"]
+    assert "".join(choice["logprobs"]["tokens"]) == choice["text"] and choice["finish_reason"] == "stop"
+
+
 async def test_a_character_cut_by_max_tokens_is_dropped_not_shown_as_a_replacement(
     client: httpx.AsyncClient, fake_engine: FakeEngine, tokenizer: Tokenizer
 ) -> None:
