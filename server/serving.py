@@ -281,6 +281,8 @@ class OpenAIServing:
         self.metrics = metrics
         self.limits = limits or RequestLimits()
         self.grammars = grammars or GrammarChecker(tokenizer)  # one per server: completions and chat share it
+        # a pass over the vocabulary, made at start rather than in the first request
+        self.chars_per_token = tokenizer.max_chars_per_token
 
     # ---- bounds checked before the work they bound ----------------------------------------------
     def check_text_length(self, chars: int, param: str) -> None:
