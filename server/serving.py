@@ -788,6 +788,16 @@ class ServingChat(OpenAIServing):
         self, messages: list[dict[str, Any]], add_generation_prompt: bool, tools: list[dict[str, Any]] | None,
         continue_final: bool = False,
     ) -> str:  # fmt: skip
+        """The chat template's text. continue_final: it stops right after the last message's text, which
+        the template is given as a marker to find where that is (its own end-of-turn text that follows
+        could hold the same characters), and the text goes in the marker's place as sent."""
+        final = str(messages[-1].get("content") or "") if continue_final else ""
+        marker = f"\ue000{uuid.uuid4().hex}\ue001"
+        if continue_final:
+            if not final:
+                raise APIError(400, "continue_final_message needs a last message with text to continue.",
+                               param="continue_final_message")  # fmt: skip
+            messages = [*messages[:-1], {**messages[-1], "content": marker}]
         try:
             text = self.tokenizer.apply_chat_template(
                 messages, add_generation_prompt=add_generation_prompt and not continue_final, tools=tools
@@ -798,14 +808,10 @@ class ServingChat(OpenAIServing):
             ) from e
         if not continue_final:
             return text
-        # cut after the last message's own text: what the template closes it with (its end of turn) goes
-        final = str(messages[-1].get("content") or "")
-        for part in (final, final.strip()):  # some templates strip a message's whitespace
-            end = text.rfind(part) if part else -1
-            if end >= 0:
-                return text[: end + len(part)]
-        raise APIError(400, "continue_final_message needs a last message with text the chat template shows.",
-                       param="continue_final_message")  # fmt: skip
+        if text.count(marker) != 1:
+            raise APIError(400, "continue_final_message: this chat template does not show the last message's "
+                           "text once, so it cannot be continued.", param="continue_final_message")  # fmt: skip
+        return text[: text.index(marker)] + final
 
     async def prompt(self, req: ChatCompletionRequest, tools: ToolPlan) -> PromptInput:
         if (

@@ -304,6 +304,12 @@ async def test_continue_final_message_leaves_the_last_message_open(
     assert counted == fake_engine.submitted[-1][1]
     closed = (await client.post("/tokenize", json={**body, "continue_final_message": False})).json()["tokens"]
     assert tokenizer.decode(closed).endswith("My answer is<|im_end|>\n<|im_start|>assistant\n")
+    # the last text ends the prompt exactly, whatever the template's end-of-turn text it shares characters with
+    for final in ("<", ">", "e", "end", "\n", "<|im_end|>", "  spaced  "):
+        prefilled = [messages[0], {"role": "assistant", "content": final}]
+        ids = (await client.post("/tokenize", json={**body, "messages": prefilled})).json()["tokens"]
+        assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n" + final), final
+        assert tokenizer.token_to_id("<|im_end|>") not in ids[-3:], final  # the turn is left open
     r = await client.post("/v1/chat/completions", json={**body, "add_generation_prompt": True})
     assert_error(r, 400, "continue_final_message")
     r = await client.post(
