@@ -115,8 +115,10 @@ class ChoiceText:
         prefix: str = "",
         include_stop: bool = False,
         echo_only: bool = False,
+        min_tokens: int = 0,
     ) -> None:
         self.index = index
+        self._min_tokens = min_tokens  # stop strings count only from this many tokens on, as EOS does
         self._include_stop = include_stop  # vLLM's include_stop_str_in_output: the stop string or token stays
         self._echo_only = (
             echo_only  # echo with max_tokens 0: the prompt is all (the engine's one token dropped)
@@ -174,6 +176,11 @@ class ChoiceText:
             self._pending += piece
             return False
         self._state, hit = self._stop.feed(self._state, piece)
+        start = 0
+        while hit is not None and self.num_tokens < self._min_tokens:  # too early to stop (vLLM's min_tokens)
+            start += hit[0]
+            self._state, hit = self._stop.feed(self._state, piece[start:])
+            hit = None if hit is None else (start + hit[0], hit[1])
         if hit is None:
             self._pending += piece
             return False
@@ -616,7 +623,8 @@ class ServingCompletion(OpenAIServing):
             base = len(run.choices)
             include = req.include_stop_str_in_output
             run.choices += [
-                ChoiceText(base + i, self.tokenizer, stop, echo, include, echo_only) for i in range(req.n)
+                ChoiceText(base + i, self.tokenizer, stop, echo, include, echo_only, req.min_tokens)
+                for i in range(req.n)
             ]
         return run, await self.start(run, params)
 
@@ -857,7 +865,10 @@ class ServingChat(OpenAIServing):
         run = _Run(_new_id("chatcmpl"), [prompt], req.n, tools=tools)
         stop = self.stop_matcher(req.stop)
         include = req.include_stop_str_in_output
-        run.choices = [ChoiceText(i, self.tokenizer, stop, include_stop=include) for i in range(req.n)]
+        run.choices = [
+            ChoiceText(i, self.tokenizer, stop, include_stop=include, min_tokens=req.min_tokens)
+            for i in range(req.n)
+        ]
         return run, await self.start(run, [params])
 
     def _logprobs(self, entries: list[tuple[TokenLogprob | None, int]]) -> ChatLogprobs:

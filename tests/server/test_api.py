@@ -107,6 +107,36 @@ async def test_a_stop_token_or_string_is_counted_not_shown_unless_asked(
     assert r.json()["choices"][0]["text"] == "The quick brown"
 
 
+async def test_stop_strings_count_only_from_min_tokens_on(client: httpx.AsyncClient) -> None:
+    """As vLLM: min_tokens holds back stop strings as it holds back EOS. Tokens: The| quick| brown| fox|..."""
+    for stream in (False, True):
+        for stop, min_tokens, text in (
+            ("o", 0, "The quick br"),
+            ("o", 4, "The quick brown f"),  # the o of brown comes with token 3: too early
+            ("brown fox", 4, "The quick "),  # begun before token 4, completed by it
+            (
+                "brown",
+                4,
+                "The quick brown fox jumps over the lazy dog. Then it sleeps under a tree until the sun goes down.The quick ",
+            ),
+        ):
+            r = await complete(
+                client,
+                prompt="x",
+                max_tokens=40,
+                temperature=0,
+                stop=stop,
+                min_tokens=min_tokens,
+                stream=stream,
+            )
+            if stream:
+                events = [json.loads(e[6:]) for e in r.text.split("\n\n") if e.startswith("data: {")]
+                got = "".join(c["text"] for e in events for c in e["choices"])
+            else:
+                got = r.json()["choices"][0]["text"]
+            assert got == text, (stop, min_tokens, stream)
+
+
 async def test_stop_string_in_one_choice_stops_only_that_choice(
     client: httpx.AsyncClient, fake_engine: FakeEngine, tokenizer: Tokenizer
 ) -> None:
