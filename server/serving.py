@@ -251,6 +251,7 @@ class PromptInput:
 class _Run:
     """One HTTP request's engine requests and the state of every choice."""
 
+    client_id: str  # the X-Request-Id (or a fresh id): the response's id is f"{prefix}-{client_id}"
     request_id: str
     prompts: list[PromptInput]
     n: int
@@ -486,21 +487,22 @@ class OpenAIServing:
             raise APIError(503, f"The engine is not running: {e}", "service_unavailable") from e
         except ValueError as e:
             if "already running" in str(e):  # the client's X-Request-Id names a request still running
-                raise APIError(400, f"{str(e)[0].upper()}{str(e)[1:]}: send a new X-Request-Id.") from e
+                client_id = request_id.rsplit("#", 1)[0]
+                raise APIError(400, f"A request with X-Request-Id {client_id!r} is still running; send "
+                               "a new X-Request-Id.") from e  # fmt: skip
             raise APIError(400, str(e), param="prompt") from e
 
     async def start(
         self, run: _Run, params: list[SamplingParams]
     ) -> AsyncIterator[tuple[int, RequestOutput]]:
         """One engine request per prompt (params[i] for prompt i), merged into one stream."""
-        many = len(run.prompts) > 1
-        run.engine_ids = [
-            f"{run.request_id}-p{i}" if many else run.request_id for i in range(len(run.prompts))
-        ]
+        # Engine ids come from the client's id, whatever the endpoint, with a "#" no X-Request-Id can hold:
+        # two requests running under one client id collide (400), two different ones never do
+        run.engine_ids = [f"{run.client_id}#p{i}" for i in range(len(run.prompts))]
         streams: list[AsyncIterator[RequestOutput]] = []
         try:
             for rid, prompt, sp in zip(run.engine_ids, run.prompts, params, strict=True):
-                streams.append(self._submit(rid, prompt, sp, run.request_id))
+                streams.append(self._submit(rid, prompt, sp, run.client_id))
         except BaseException:
             for s in streams:
                 await s.aclose()  # type: ignore[attr-defined]
@@ -556,9 +558,9 @@ _INLINE_MESSAGES = 64  # longer conversations render on a worker thread, however
 _PROBE_CHARS_PER_TOKEN = 8  # twice what prose averages: a text that fits is rarely probed for nothing
 
 
-def _new_id(prefix: str) -> str:
-    """`cmpl-<X-Request-Id>` inside an HTTP request, so a response is found in the logs by its id."""
-    return f"{prefix}-{current_request_id() or uuid.uuid4().hex}"
+def _client_id() -> str:
+    """The X-Request-Id inside an HTTP request (so a response is found in the logs by its id), else fresh."""
+    return current_request_id() or uuid.uuid4().hex
 
 
 def _finite(x: float) -> float:
@@ -616,7 +618,8 @@ class ServingCompletion(OpenAIServing):
         if req.echo and req.logprobs is not None:
             for sp in params:
                 sp.prompt_logprobs = req.logprobs
-        run = _Run(_new_id("cmpl"), prompts, req.n)
+        client_id = _client_id()
+        run = _Run(client_id, f"cmpl-{client_id}", prompts, req.n)
         stop = self.stop_matcher(req.stop)
         for p in prompts:
             echo = (p.text if p.text is not None else self.tokenizer.decode(p.token_ids)) if req.echo else ""
@@ -862,7 +865,8 @@ class ServingChat(OpenAIServing):
                                f"tool_choice {req.tool_choice!r}, which constrains the output to a tool call.",
                                param="tool_choice")  # fmt: skip
             params.structured = await self.compiled(tools.spec, "tools")
-        run = _Run(_new_id("chatcmpl"), [prompt], req.n, tools=tools)
+        client_id = _client_id()
+        run = _Run(client_id, f"chatcmpl-{client_id}", [prompt], req.n, tools=tools)
         stop = self.stop_matcher(req.stop)
         include = req.include_stop_str_in_output
         run.choices = [

@@ -67,7 +67,7 @@ class OutputProcessor:
                 # Distinct seeds, or the n seeded choices would all be the same; prompt logprobs once.
                 seed = None if params.seed is None else params.seed + i
                 top = params.prompt_logprobs if i == 0 else None
-                core_id, parent = f"{request_id}-{i}", request_id
+                core_id, parent = f"{request_id}#{i}", request_id  # "#": no X-Request-Id holds one
                 child = dataclasses.replace(params, n=1, seed=seed, prompt_logprobs=top)
             if core_id in self._by_core_id:
                 raise ValueError(f"request id {core_id!r} is already running")

@@ -178,12 +178,12 @@ def test_n_children_share_the_prompt_blocks() -> None:
     prompt = list(range(100, 122))  # 22 tokens: 5 full blocks of 4
     engine.add_request("p", prompt, SamplingParams(n=3, max_tokens=6))
     sched = engine.scheduler
-    leader = sched.requests["p-0"]
+    leader = sched.requests["p#0"]
     first = engine.step()
     assert leader.status == RequestStatus.RUNNING
-    assert sched.requests["p-1"].status == RequestStatus.WAITING  # held until the prompt is cached
+    assert sched.requests["p#1"].status == RequestStatus.WAITING  # held until the prompt is cached
     second = engine.step()
-    siblings = [sched.requests["p-1"], sched.requests["p-2"]]
+    siblings = [sched.requests["p#1"], sched.requests["p#2"]]
     for sib in siblings:
         assert sib.block_ids[:5] == leader.block_ids[:5]
         assert sib.num_cached_tokens == 20
@@ -202,7 +202,7 @@ def test_n_children_share_the_prompt_blocks() -> None:
 def test_n_children_fan_out_ids_and_seeds() -> None:
     engine, _ = make_engine()
     engine.add_request("p", [1, 2, 3], SamplingParams(n=2, seed=7))
-    children = [engine.scheduler.requests[f"p-{i}"] for i in range(2)]
+    children = [engine.scheduler.requests[f"p#{i}"] for i in range(2)]
     assert [(c.parent_id, c.index, c.params.seed, c.params.n) for c in children] == [
         ("p", 0, 7, 1),
         ("p", 1, 8, 1),
@@ -314,10 +314,10 @@ def test_one_request_cannot_hold_every_running_slot() -> None:
     engine.add_request("small", [4, 5], SamplingParams(max_tokens=20, ignore_eos=True))
     engine.step()
     running = [r.request_id for r in engine.scheduler.running]
-    assert sum(rid.startswith("big-") for rid in running) == 2 and "small" in running
+    assert sum(rid.startswith("big#") for rid in running) == 2 and "small" in running
     most = 0
     while engine.has_unfinished():
         engine.step()
-        most = max(most, sum(r.request_id.startswith("big-") for r in engine.scheduler.running))
+        most = max(most, sum(r.request_id.startswith("big#") for r in engine.scheduler.running))
     assert most == 2
     assert engine.stats().num_finished == {"length": 7}

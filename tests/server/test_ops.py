@@ -153,6 +153,24 @@ async def test_a_request_id_still_running_is_a_400_naming_the_header(
     error = r.json()["error"]
     assert r.status_code == 400 and "X-Request-Id" in error["message"] and error["param"] is None
     assert (await first).status_code == 200
+    # whatever the endpoint or the number of prompts; and ids that only look like a choice's never collide
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    two = {**body, "prompt": ["a", "b"], "n": 2}
+    for running, second, second_path, collide in (
+        (two, body, "/v1/completions", True),
+        (body, chat, "/v1/chat/completions", True),
+        (two, body, "/v1/completions", False),
+    ):
+        rid = "s3"
+        first = asyncio.ensure_future(
+            client.post("/v1/completions", json=running, headers={"X-Request-Id": rid})
+        )
+        while not fake_engine.running:
+            await asyncio.sleep(0.005)
+        other = rid if collide else f"{rid}-p0-0"
+        r = await client.post(second_path, json=second, headers={"X-Request-Id": other})
+        assert r.status_code == (400 if collide else 200), (running, second, r.text)
+        assert (await first).status_code == 200
 
 
 async def test_request_id_on_errors_and_413(client: httpx.AsyncClient) -> None:
