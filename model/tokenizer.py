@@ -269,6 +269,7 @@ class Tokenizer:
         self._token_bytes: dict[int, bytes] = {}  # filled as token_bytes() is asked (vocabulary-bounded)
         self._specials: set[int] | None = None
         self._special_texts: list[str] | None = None
+        self._special_pattern: re.Pattern[str] | None = None
         self._plain_backend: HFTokenizer | None = None  # encode_plain's: special tokens read as text
         self._template: jinja2.Template | None = None
 
@@ -415,7 +416,7 @@ class Tokenizer:
         if cached is not None:
             return cached
         token = self.id_to_token(token_id)
-        special = token_id in self._special_ids()
+        special = token_id in self.special_ids()
         if (
             not special
             and isinstance(self._backend.decoder, decoders.ByteLevel)
@@ -434,9 +435,15 @@ class Tokenizer:
         if self._special_texts is None:
             added = self._backend.get_added_tokens_decoder()
             self._special_texts = sorted(
-                {added[i].content for i in self._special_ids()}, key=len, reverse=True
+                {added[i].content for i in self.special_ids()}, key=len, reverse=True
             )
         return self._special_texts
+
+    def special_pattern(self) -> re.Pattern[str]:
+        """Matches the spelling of any special token (the longest where several begin at one place)."""
+        if self._special_pattern is None:
+            self._special_pattern = re.compile("|".join(map(re.escape, self.special_texts())) or "(?!)")
+        return self._special_pattern
 
     def has_special_text(self, text: str) -> bool:
         """Whether `text` spells a special token, which encode() would turn into that token."""
@@ -451,7 +458,8 @@ class Tokenizer:
             self._plain_backend = plain
         return self._plain_backend.encode(text, add_special_tokens=False).ids
 
-    def _special_ids(self) -> set[int]:
+    def special_ids(self) -> set[int]:
+        """The ids of the special (control) tokens."""
         if self._specials is None:
             self._specials = {i for i, t in self._backend.get_added_tokens_decoder().items() if t.special}
         return self._specials

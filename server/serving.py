@@ -749,11 +749,13 @@ class ServingChat(OpenAIServing):
         continue_final: bool,
     ) -> list[int]:  # fmt: skip
         """Token ids of a conversation whose message text spells a special token (`<|im_end|>` in a user
-        message): the template's own text is tokenized as it always is, each message's text as plain text,
-        so a message cannot end its turn and open another (a system one) by writing the tokens that do.
+        message): each such spelling is tokenized as plain text, so a message cannot end its turn and open
+        another (a system one) by writing the tokens that do; everything else is tokenized as it always is
+        (the rendered text is split at those spellings only, as a real special token splits it).
         The template is rendered twice, with each message's text and with a marker in its place, to find
         where the texts are; a template that changes a text it is given (trims it, escapes it) cannot be
         split so, and such a conversation is refused."""
+        tok = self.tokenizer
         marker = f"\ue000{uuid.uuid4().hex}"  # private-use character and a fresh id: no client can spell it
         marked = [
             {**m, "content": f"{marker}{i}\ue001"} if isinstance(m.get("content"), str) else m
@@ -767,13 +769,30 @@ class ServingChat(OpenAIServing):
         rebuilt = "".join(p for pair in zip(pieces[::2], [*contents, ""], strict=True) for p in pair)
         if rebuilt != text or len(set(indices)) != len(indices):
             raise APIError(400, "A message spells one of the model's control tokens (such as "
-                           f"{self.tokenizer.special_texts()[-1]!r}), and this chat template cannot keep it "
+                           f"{tok.special_texts()[-1]!r}), and this chat template cannot keep it "
                            "as plain text.", param="messages")  # fmt: skip
-        ids: list[int] = []
+        spelled: list[tuple[int, int]] = []  # where the messages' texts spell control tokens, in `text`
+        at = 0
         for k, piece in enumerate(pieces):
-            ids += (
-                self.tokenizer.encode(piece) if k % 2 == 0 else self.tokenizer.encode_plain(contents[k // 2])
-            )
+            if k % 2 == 0:
+                at += len(piece)
+                continue
+            content = contents[k // 2]
+            spelled += [(at + m.start(), at + m.end()) for m in tok.special_pattern().finditer(content)]
+            at += len(content)
+        ids: list[int] = []
+        last = 0
+        for start, end in spelled:
+            ids += tok.encode(text[last:start]) + tok.encode_plain(text[start:end])
+            last = end
+        ids += tok.encode(text[last:])
+        specials = tok.special_ids()
+        if sum(i in specials for i in ids) == sum(i in specials for i in tok.encode(layout)):
+            return ids
+        # a message's text and the template's around it spell a control token together: texts apart
+        ids = []
+        for k, piece in enumerate(pieces):
+            ids += tok.encode(piece) if k % 2 == 0 else tok.encode_plain(contents[k // 2])
         return ids
 
     def _fewest_tokens_per_turn(self) -> int:
