@@ -462,18 +462,31 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class TokenizeCompletionRequest(_Request):
+class TokenizeCompletionRequest(_NullIsUnset):
     model: str | None = None
     prompt: str
     add_special_tokens: bool = True
 
 
-class TokenizeChatRequest(_Request):
+class TokenizeChatRequest(_NullIsUnset):
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     tools: list[ChatTool] | None = None  # rendered into the prompt as a chat request's are
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # "none": left out
+
+
+def _tokenize_kind(value: Any) -> str:
+    """A /tokenize body with messages is the chat form (validated as that alone, errors worded for it)."""
+    chat = isinstance(value, TokenizeChatRequest) or (isinstance(value, dict) and "messages" in value)
+    return "chat" if chat else "completion"
+
+
+TokenizeRequest = Annotated[
+    Annotated[TokenizeCompletionRequest, Tag("completion")] | Annotated[TokenizeChatRequest, Tag("chat")],
+    Discriminator(_tokenize_kind),
+]
 
 
 class TokenizeResponse(BaseModel):

@@ -31,7 +31,7 @@ from server.protocol import (
     ModelCard,
     ModelList,
     TokenizeChatRequest,
-    TokenizeCompletionRequest,
+    TokenizeRequest,
     TokenizeResponse,
     VersionResponse,
 )
@@ -254,20 +254,19 @@ async def health(request: Request) -> Response:
 
 
 @misc.post("/tokenize", dependencies=[Depends(check_api_key_if_protected)])
-async def tokenize(
-    body: TokenizeCompletionRequest | TokenizeChatRequest, request: Request
-) -> TokenizeResponse:
+async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     chat = _serving(request, "chat")
     chat.check_model(body.model)
     # counted in full whatever the context (as vLLM's): a client measures a text before cutting it up
     if isinstance(body, TokenizeChatRequest):
-        tools = ToolPlan("auto", body.tools) if body.tools else None
+        # the tools as a chat request with them renders them (tool_choice "none" leaves them out)
+        tools = ToolPlan("auto", body.tools) if body.tools and body.tool_choice != "none" else None
         ids = await chat.prompt_ids(
             body.messages,
             body.add_generation_prompt,
             tools,
             bounded=False,
-            continue_final=body.continue_final_message,
+            continue_final=chat.continue_final(body),
         )
     else:
         ids = (await chat.encode([body.prompt], add_special_tokens=body.add_special_tokens, bounded=False))[0]

@@ -52,6 +52,7 @@ from server.protocol import (
     DeltaMessage,
     FunctionCallDelta,
     SamplingFields,
+    TokenizeChatRequest,
     ToolCall,
     ToolCallDelta,
     UsageInfo,
@@ -843,7 +844,9 @@ class ServingChat(OpenAIServing):
                            "text once, so it cannot be continued.", param="continue_final_message")  # fmt: skip
         return text[: text.index(marker)] + final
 
-    async def prompt(self, req: ChatCompletionRequest, tools: ToolPlan) -> PromptInput:
+    @staticmethod
+    def continue_final(req: ChatCompletionRequest | TokenizeChatRequest) -> bool:
+        """continue_final_message, refused beside an add_generation_prompt the client set true (vLLM's)."""
         if (
             req.continue_final_message
             and req.add_generation_prompt
@@ -851,8 +854,11 @@ class ServingChat(OpenAIServing):
         ):
             raise APIError(400, "continue_final_message and add_generation_prompt cannot both be true: the last "
                            "message is either continued or followed by a new turn.", param="continue_final_message")  # fmt: skip
+        return req.continue_final_message
+
+    async def prompt(self, req: ChatCompletionRequest, tools: ToolPlan) -> PromptInput:
         ids = await self.prompt_ids(
-            req.messages, req.add_generation_prompt, tools, continue_final=req.continue_final_message
+            req.messages, req.add_generation_prompt, tools, continue_final=self.continue_final(req)
         )
         prompt = PromptInput(ids)
         self.check_prompt(prompt.token_ids)

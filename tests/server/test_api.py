@@ -504,6 +504,26 @@ async def test_tokenize_detokenize_roundtrip(client: httpx.AsyncClient, tokenize
     counted = (await client.post("/tokenize", json=body)).json()["count"]
     used = (await client.post("/v1/chat/completions", json={**body, "max_tokens": 1})).json()["usage"]
     assert counted == used["prompt_tokens"] > chat.json()["count"] + 20
+    body["tool_choice"] = "none"  # the tools are left out of the prompt, counted or sent
+    counted = (await client.post("/tokenize", json=body)).json()["count"]
+    used = (await client.post("/v1/chat/completions", json={**body, "max_tokens": 1})).json()["usage"]
+    assert counted == used["prompt_tokens"] == chat.json()["count"]
+    # null is the default here too; a bad chat body's error speaks of the chat form's fields
+    nulls = {"add_generation_prompt": None, "continue_final_message": None, "tools": None}
+    r = await client.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}], **nulls})
+    assert r.json()["count"] == chat.json()["count"]
+    assert (
+        await client.post("/tokenize", json={"prompt": "hi", "add_special_tokens": None})
+    ).status_code == 200
+    assert_error(
+        await client.post("/tokenize", json={"messages": [{"role": "robot"}]}), 400, "messages.0.role"
+    )
+    both = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "continue_final_message": True,
+        "add_generation_prompt": True,
+    }
+    assert_error(await client.post("/tokenize", json=both), 400, "continue_final_message")
 
 
 async def test_metrics_exposed_with_prefix(client: httpx.AsyncClient) -> None:
