@@ -252,6 +252,13 @@ class ChatMessage(_Request):
     @classmethod
     def _text_parts_only(cls, value: Any) -> Any:
         if isinstance(value, list):
+            # an assistant message's refusal part (OpenAI's) is its text
+            value = [
+                {"type": "text", "text": p.get("refusal")}
+                if isinstance(p, dict) and p.get("type") == "refusal"
+                else p
+                for p in value
+            ]
             for i, part in enumerate(value):
                 kind = part.get("type") if isinstance(part, dict) else None
                 if isinstance(kind, str) and kind != "text":

@@ -446,6 +446,12 @@ async def test_chat_errors_name_the_field_the_client_sent(
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **fields}
     error = assert_error(await client.post("/v1/chat/completions", json=body), 400, param)
     assert error["param"] == param
+    refused = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": "No."}]},
+    ]
+    r = await client.post("/v1/chat/completions", json={"model": MODEL, "messages": refused, "max_tokens": 1})
+    assert r.status_code == 200  # OpenAI's refusal part of an assistant message is read as its text
     if "image_url" in str(fields):  # said plainly, not as pydantic's union of failed forms
         assert (
             error["message"]
