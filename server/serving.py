@@ -356,9 +356,9 @@ class OpenAIServing:
         for ok, param, message in checks:
             if not ok:
                 raise APIError(400, message[0].upper() + message[1:] + ".", param=param)
-        self.reserve(req.n * num_prompts)
+        self.reserve(req.n * num_prompts, "n" if req.n > 1 else "prompt")
 
-    def reserve(self, num_sequences: int) -> None:
+    def reserve(self, num_sequences: int, param: str = "n") -> None:
         try:
             self.engine.check_capacity(num_sequences)
         except QueueFullError as e:
@@ -366,7 +366,7 @@ class OpenAIServing:
         except EngineDeadError as e:
             raise APIError(503, f"The engine is not running: {e}", "service_unavailable") from e
         except ValueError as e:
-            raise APIError(400, f"{str(e)[0].upper()}{str(e)[1:]}.", param="n") from e
+            raise APIError(400, f"{str(e)[0].upper()}{str(e)[1:]}.", param=param) from e
 
     def check_logprob_budget(self, n: int, tokens: int, top: int | None, param: str) -> None:
         """Log-probability entries are built, held and serialized per token: bound their total."""

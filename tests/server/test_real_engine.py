@@ -78,6 +78,18 @@ async def test_chat_and_logprobs_on_real_sampler(tiny_client: tuple[httpx.AsyncC
     await wait_idle(engine)
 
 
+async def test_more_sequences_than_the_queue_holds_names_the_field_that_asked(
+    tiny_client: tuple[httpx.AsyncClient, Any],
+) -> None:
+    client, _ = tiny_client
+    for body, param in (
+        ({"prompt": [[5]] * 300}, "prompt"),
+        ({"prompt": [[5]] * 3, "n": 128, "best_of": 128}, "n"),
+    ):
+        r = await client.post("/v1/completions", json={"model": MODEL, "max_tokens": 1, **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
 async def test_prompt_too_long_for_context(tiny_client: tuple[httpx.AsyncClient, Any]) -> None:
     client, _ = tiny_client
     r = await client.post(
