@@ -134,6 +134,7 @@ class ChoiceText:
         self.text = ""  # all released text
         self.num_tokens = 0
         self.finish_reason: str | None = None
+        self._cut = False  # a stop string ended the text
 
     @property
     def finished(self) -> bool:
@@ -189,16 +190,26 @@ class ChoiceText:
         keep = len(self._pending) + end - (0 if self._include_stop else length)
         self._pending = (self._pending + piece[:end])[:keep]
         self.finish_reason = "stop"
+        self._cut = True
         return True
 
     def _release(self) -> TextDelta | None:
         keep = 0 if self.finished or self._stop is None else self._stop.held(self._state)
         cut = len(self._pending) - keep
         text, self._pending = self._pending[:cut], self._pending[cut:]
-        if not text and not self._pending_lp and not self.finished:
+        end = len(self.text) + len(text)
+        # a token's logprob goes with its text: held while its text is (it may begin a stop string), and
+        # dropped with it when a stop string cuts it off; otherwise all go out at the end
+        if self.finished and not self._cut:
+            logprobs, self._pending_lp = self._pending_lp, []
+        else:
+            n = next(
+                (k for k, (_, offset) in enumerate(self._pending_lp) if offset >= end), len(self._pending_lp)
+            )
+            logprobs, self._pending_lp = self._pending_lp[:n], [] if self.finished else self._pending_lp[n:]
+        if not text and not logprobs and not self.finished:
             return None
         self.text += text
-        logprobs, self._pending_lp = self._pending_lp, []
         return TextDelta(self.index, text, logprobs, self.finish_reason)
 
 
@@ -875,6 +886,10 @@ class ServingChat(OpenAIServing):
             raise APIError(400, "top_logprobs requires logprobs to be true.", param="top_logprobs")
         self.check_sizes(req, 1)
         tools = tool_plan(req)
+        if req.continue_final_message and (tools.spec is not None or structured_spec(req) is not None):
+            raise APIError(400, "continue_final_message cannot be combined with an output constraint (response_format, "
+                           "structured_outputs, tool_choice required or named): the constraint would hold for the "
+                           "continuation alone, not the message it continues.", param="continue_final_message")  # fmt: skip
         prompt = await self.prompt(req, tools)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         names = {"logprobs": "top_logprobs"}

@@ -107,6 +107,31 @@ async def test_a_stop_token_or_string_is_counted_not_shown_unless_asked(
     assert r.json()["choices"][0]["text"] == "The quick brown"
 
 
+async def test_logprobs_describe_the_text_a_stop_string_leaves(client: httpx.AsyncClient) -> None:
+    """The tokens a stop string cuts off go with their text, streamed or not; usage still counts them."""
+    for stream in (False, True):
+        for stop, text in (("brown fox", "The quick "), (" fox", "The quick brown"), ("qu", "The ")):
+            r = await complete(
+                client, prompt="x", max_tokens=20, temperature=0, stop=stop, logprobs=1, stream=stream
+            )
+            if stream:
+                chunks = [
+                    json.loads(e[6:])["choices"][0] for e in r.text.split("\n\n") if e.startswith("data: {")
+                ]
+                for c in chunks[:-1] if stop == " fox" else []:  # a chunk's entries: the tokens it carries
+                    assert "".join(c["logprobs"]["tokens"]) == c["text"], c
+                tokens = [t for c in chunks for t in c["logprobs"]["tokens"]]
+                got = "".join(c["text"] for c in chunks)
+            else:
+                [c] = r.json()["choices"]
+                tokens, got = c["logprobs"]["tokens"], c["text"]
+            joined = "".join(tokens)  # a token the cut falls inside keeps its entry: its text began before it
+            assert got == text and joined.startswith(text) and len(joined) - len(text) < len(tokens[-1]), (
+                tokens
+            )
+            assert stop != " fox" or joined == text
+
+
 async def test_stop_strings_count_only_from_min_tokens_on(client: httpx.AsyncClient) -> None:
     """As vLLM: min_tokens holds back stop strings as it holds back EOS. Tokens: The| quick| brown| fox|..."""
     for stream in (False, True):
@@ -359,6 +384,9 @@ async def test_continue_final_message_leaves_the_last_message_open(
         assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n" + final), final
         assert tokenizer.token_to_id("<|im_end|>") not in ids[-3:], final  # the turn is left open
     r = await client.post("/v1/chat/completions", json={**body, "add_generation_prompt": True})
+    assert_error(r, 400, "continue_final_message")
+    # an output constraint would hold for the continuation alone: refused
+    r = await client.post("/v1/chat/completions", json={**body, "response_format": {"type": "json_object"}})
     assert_error(r, 400, "continue_final_message")
     r = await client.post(
         "/v1/chat/completions", json={**body, "messages": [*messages[:1], {"role": "assistant"}]}
