@@ -402,12 +402,14 @@ class OpenAIServing:
             raise APIError(404, f"The model `{name}` does not exist; this server serves `{self.model_name}`.",
                            "NotFoundError", "model")  # fmt: skip
 
-    def check_prompt(self, ids: list[int]) -> None:
+    def check_prompt(self, ids: list[int], room: int = 1) -> None:
+        """room: the tokens the request must be able to add (0 for a prompt only scored)."""
         if not ids:
             raise APIError(400, "The prompt is empty; send at least one token.", param="prompt")
-        if len(ids) >= self.max_model_len:
+        if len(ids) > self.max_model_len - room:
+            why = ", which leaves no room for output" if room and len(ids) <= self.max_model_len else ""
             raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens, but the prompt "
-                           f"has {len(ids)} tokens, which leaves no room for output.", param="prompt")  # fmt: skip
+                           f"has {len(ids)} tokens{why}.", param="prompt")  # fmt: skip
         try:
             self.tokenizer.check_ids(ids)
         except ValueError as e:
@@ -415,13 +417,14 @@ class OpenAIServing:
 
     def sampling_params(
         self, req: SamplingFields, max_tokens: int | None, logprobs: int | None, prompt_len: int,
-        names: dict[str, str] | None = None,
+        names: dict[str, str] | None = None, scoring: bool = False,
     ) -> SamplingParams:  # fmt: skip
         """names: the request's own name of a field where it differs (chat's max_completion_tokens and
-        top_logprobs), so that an error names what the client sent."""
+        top_logprobs), so that an error names what the client sent. scoring: the one token max_tokens asks
+        for is dropped, so it needs no room (the engine stops a sequence at the context's end)."""
         names = names or {}
         room = self.max_model_len - prompt_len
-        if max_tokens is not None and max_tokens > room:
+        if max_tokens is not None and max_tokens > room and not scoring:
             name = names.get("max_tokens", "max_tokens")
             raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. The prompt has "
                            f"{prompt_len} tokens and {name} is {max_tokens}: {prompt_len} + {max_tokens} = "
@@ -592,7 +595,7 @@ class ServingCompletion(OpenAIServing):
             return [prompt]  # type: ignore[list-item]
         return list(prompt)  # type: ignore[arg-type]
 
-    async def prompts(self, items: list[str | list[int]]) -> list[PromptInput]:
+    async def prompts(self, items: list[str | list[int]], room: int = 1) -> list[PromptInput]:
         if not items:
             raise APIError(400, "The prompt is empty; send at least one token.", param="prompt")
         texts = [item for item in items if isinstance(item, str)]
@@ -602,7 +605,7 @@ class ServingCompletion(OpenAIServing):
             for item in items
         ]
         for p in out:
-            self.check_prompt(p.token_ids)
+            self.check_prompt(p.token_ids, room)
         return out
 
     async def prepare(self, req: CompletionRequest) -> tuple[_Run, AsyncIterator[tuple[int, RequestOutput]]]:
@@ -615,12 +618,16 @@ class ServingCompletion(OpenAIServing):
             raise APIError(400, f"At most {self.limits.max_prompts} prompts are allowed in one request, got "
                            f"{len(items)}.", param="prompt")  # fmt: skip
         self.check_sizes(req, len(items))
-        prompts = await self.prompts(items)
         # OpenAI's (and vLLM's) echo with max_tokens 0 scores a prompt: its text and logprobs, nothing
-        # generated; the engine makes one token, which is dropped
+        # generated; the engine makes one token, which is dropped, so the prompt may fill the context
         echo_only = req.echo and req.max_tokens == 0
-        max_tokens = 1 if echo_only else req.max_tokens
-        params = [self.sampling_params(req, max_tokens, req.logprobs, len(p.token_ids)) for p in prompts]
+        prompts = await self.prompts(items, room=0 if echo_only else 1)
+        params = [
+            self.sampling_params(
+                req, 1 if echo_only else req.max_tokens, req.logprobs, len(p.token_ids), scoring=echo_only
+            )  # fmt: skip
+            for p in prompts
+        ]
         echoed = sum(len(p.token_ids) for p in prompts) if req.echo else 0
         produced = sum(sp.max_tokens or 0 for sp in params)
         self.check_logprob_budget(req.n, produced + echoed, req.logprobs, "logprobs")

@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from model.tokenizer import Tokenizer
 from server.engine.request import SamplingParams
-from tests.server.conftest import serve_tiny, tiny_settings
+from tests.server.conftest import TINY_MAX_MODEL_LEN, serve_tiny, tiny_settings
 from tests.server.test_api import MODEL, sse_chunks
 
 
@@ -75,6 +75,24 @@ async def test_chat_and_logprobs_on_real_sampler(tiny_client: tuple[httpx.AsyncC
                                                         "echo": True, "logprobs": 1})  # fmt: skip
     [choice] = scored.json()["choices"]
     assert choice["text"] == "a b c" and choice["logprobs"]["token_logprobs"] == lp["token_logprobs"][:-2]
+    await wait_idle(engine)
+
+
+async def test_a_prompt_that_fills_the_context_can_be_scored(
+    tiny_client: tuple[httpx.AsyncClient, Any],
+) -> None:
+    """lm-eval's rolling log-likelihood sends windows of exactly the context with echo and max_tokens 0."""
+    client, engine = tiny_client
+    full = [5 + i % 50 for i in range(TINY_MAX_MODEL_LEN)]
+    body = {"model": MODEL, "prompt": full, "max_tokens": 0, "echo": True, "logprobs": 0}
+    r = await client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    assert len(lp["token_logprobs"]) == TINY_MAX_MODEL_LEN and r.json()["usage"]["completion_tokens"] == 0
+    r = await client.post("/v1/completions", json={**body, "prompt": [*full, 5]})
+    assert r.status_code == 400 and "context length" in r.json()["error"]["message"]
+    r = await client.post("/v1/completions", json={**body, "max_tokens": 1, "echo": False})
+    assert r.status_code == 400 and "no room for output" in r.json()["error"]["message"]
     await wait_idle(engine)
 
 
