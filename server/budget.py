@@ -51,9 +51,7 @@ class PrepareBudgetMiddleware:
                 "in the engine; retry shortly.",
                 "rate_limit_error",
             )
-            response = error_response(error)
-            response.headers["retry-after"] = "1"
-            await response(scope, receive, send)
+            await error_response(error)(scope, receive, send)  # with Retry-After, as every 429
             return
         self.used += cost
         released = False

@@ -573,6 +573,12 @@ _INLINE_MESSAGES = 64  # longer conversations render on a worker thread, however
 _PROBE_CHARS_PER_TOKEN = 8  # twice what prose averages: a text that fits is rarely probed for nothing
 
 
+def _marker() -> str:
+    """A string no client can spell (a private-use character and a fresh id), to find where the chat
+    template puts a text it is given."""
+    return f"\ue000{uuid.uuid4().hex}"
+
+
 def _client_id() -> str:
     """The X-Request-Id inside an HTTP request (so a response is found in the logs by its id), else fresh."""
     return current_request_id() or uuid.uuid4().hex
@@ -775,7 +781,7 @@ class ServingChat(OpenAIServing):
         where the texts are; a template that changes a text it is given (trims it, escapes it) cannot be
         split so, and such a conversation is refused."""
         tok = self.tokenizer
-        marker = f"\ue000{uuid.uuid4().hex}"  # private-use character and a fresh id: no client can spell it
+        marker = _marker()
         marked = [
             {**m, "content": f"{marker}{i}\ue001"} if isinstance(m.get("content"), str) else m
             for i, m in enumerate(messages)
@@ -841,7 +847,7 @@ class ServingChat(OpenAIServing):
         the template is given as a marker to find where that is (its own end-of-turn text that follows
         could hold the same characters), and the text goes in the marker's place as sent."""
         final = str(messages[-1].get("content") or "") if continue_final else ""
-        marker = f"\ue000{uuid.uuid4().hex}\ue001"
+        marker = f"{_marker()}\ue001"
         if continue_final:
             if not final:
                 raise APIError(400, "continue_final_message needs a last message with text to continue.",
@@ -924,9 +930,9 @@ class ServingChat(OpenAIServing):
 
     def _logprobs(self, entries: list[tuple[TokenLogprob | None, int]]) -> ChatLogprobs:
         content = []
+        token_bytes = self.tokenizer.token_bytes  # whole even for part of a character (clients join them)
         for entry, _ in entries:
             assert entry is not None
-            token_bytes = self.tokenizer.token_bytes  # whole even for part of a character (clients join them)
             token = self.tokenizer.decode([entry.token_id])
             top = []
             for tid, value in entry.top:
