@@ -579,6 +579,41 @@ def _marker() -> str:
     return f"\ue000{uuid.uuid4().hex}"
 
 
+def _every(_: str) -> bool:
+    return True
+
+
+def _spells(value: Any, spelled: Callable[[str], bool]) -> bool:
+    """Whether a string in `value` (JSON-like: lists, dicts and their keys) is one `spelled` picks."""
+    todo = [value]
+    while todo:  # not recursive: a client's tool schema may nest as deep as its JSON parses
+        v = todo.pop()
+        if isinstance(v, str):
+            if spelled(v):
+                return True
+        elif isinstance(v, dict):
+            todo += v.keys()
+            todo += v.values()
+        elif isinstance(v, list | tuple):
+            todo += v
+    return False
+
+
+def _marked(value: Any, marker: str, texts: list[str], which: Callable[[str], bool]) -> Any:
+    """`value` (JSON-like) with each string `which` picks, dict keys too, replaced by the marker and
+    the string's index in `texts`, where it is appended."""
+    if isinstance(value, str):
+        if not which(value):
+            return value
+        texts.append(value)
+        return f"{marker}{len(texts) - 1}\ue001"
+    if isinstance(value, dict):
+        return {_marked(k, marker, texts, which): _marked(v, marker, texts, which) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_marked(v, marker, texts, which) for v in value]
+    return value
+
+
 def _client_id() -> str:
     """The X-Request-Id inside an HTTP request (so a response is found in the logs by its id), else fresh."""
     return current_request_id() or uuid.uuid4().hex
@@ -757,9 +792,7 @@ class ServingChat(OpenAIServing):
         chars = sum(len(str(m.get("content") or "")) for m in plain)
         if bounded:
             self.check_text_length(chars, "messages")
-        if any(
-            isinstance(m.get("content"), str) and self.tokenizer.has_special_text(m["content"]) for m in plain
-        ):
+        if _spells([plain, listed], self.tokenizer.has_special_text):
             return await asyncio.to_thread(
                 self._guarded_ids, plain, add_generation_prompt, listed, continue_final
             )
@@ -782,15 +815,23 @@ class ServingChat(OpenAIServing):
         split so, and such a conversation is refused."""
         tok = self.tokenizer
         marker = _marker()
+        texts: list[str] = []  # what each marker stands for
         marked = [
-            {**m, "content": f"{marker}{i}\ue001"} if isinstance(m.get("content"), str) else m
-            for i, m in enumerate(messages)
+            {
+                k: _marked(v, marker, texts, _every if k == "content" else tok.has_special_text)
+                for k, v in m.items()
+            }
+            for m in messages
         ]
+        try:
+            listed = _marked(tools, marker, texts, tok.has_special_text)
+        except RecursionError as e:
+            raise APIError(400, "The tools are nested too deeply.", param="tools") from e
         text = self._render(messages, add_generation_prompt, tools, continue_final)
-        layout = self._render(marked, add_generation_prompt, tools, continue_final)
-        pieces = re.split(f"{marker}(\\d+)\ue001", layout)  # template text, message index, template text, ...
+        layout = self._render(marked, add_generation_prompt, listed, continue_final)
+        pieces = re.split(f"{marker}(\\d+)\ue001", layout)  # template text, text's index, template text, ...
         indices = [int(i) for i in pieces[1::2]]
-        contents = [str(messages[i]["content"]) for i in indices]
+        contents = [texts[i] for i in indices]
         rebuilt = "".join(p for pair in zip(pieces[::2], [*contents, ""], strict=True) for p in pair)
         if rebuilt != text or len(set(indices)) != len(indices):
             raise APIError(400, "A message spells one of the model's control tokens (such as "
