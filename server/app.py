@@ -33,7 +33,14 @@ from server.guided import GrammarChecker
 from server.logs import RequestIdMiddleware, stats_logging
 from server.metrics import HttpMetricsMiddleware, ServerMetrics
 from server.protocol import APIError
-from server.routes import declared_length, error_response, misc, v1
+from server.routes import (
+    check_api_key,
+    check_api_key_if_protected,
+    declared_length,
+    error_response,
+    misc,
+    v1,
+)
 from server.serving import RequestLimits, ServingChat, ServingCompletion
 from server.settings import Settings
 
@@ -125,6 +132,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code in (404, 405):  # what the key guards is not mapped without it, as vLLM's
+            guarded = request.url.path == "/v1" or request.url.path.startswith("/v1/")
+            try:
+                await (check_api_key if guarded else check_api_key_if_protected)(request)
+            except APIError as e:
+                return error_response(e)
         kind = "invalid_request_error" if exc.status_code < 500 else "internal_error"
         response = error_response(APIError(exc.status_code, str(exc.detail), kind))
         response.headers.update(exc.headers or {})

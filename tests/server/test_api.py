@@ -698,6 +698,11 @@ async def test_api_key(fake_engine: FakeEngine, tokenizer: Tokenizer) -> None:
             assert_error(await c.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
             assert (await c.get("/v1/models", headers={"Authorization": "Bearer sekrit"})).status_code == 200
             assert (await c.get("/health")).status_code == 200
+            # an unknown path or method under /v1 is not told apart from a known one without the key
+            assert_error(await c.get("/v1/nothing-here"), 401)
+            assert_error(await c.delete("/v1/models"), 401)
+            assert_error(await c.get("/v1/nothing-here", headers={"Authorization": "Bearer sekrit"}), 404)
+            assert_error(await c.get("/nothing-here"), 404)
             # the key is checked before the body is read: without it, no body is parsed, valid or not
             read: list[bytes] = []
 
