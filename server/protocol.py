@@ -129,6 +129,7 @@ class _NullIsUnset(_Request):
 
 class StreamOptions(_NullIsUnset):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: with include_usage, every chunk carries the usage so far
 
 
 class JsonSchemaFormat(_Request):

@@ -614,6 +614,11 @@ def _marked(value: Any, marker: str, texts: list[str], which: Callable[[str], bo
     return value
 
 
+def _continuous_usage(req: CompletionRequest | ChatCompletionRequest) -> bool:
+    options = req.stream_options
+    return options is not None and options.include_usage and options.continuous_usage_stats
+
+
 def _client_id() -> str:
     """The X-Request-Id inside an HTTP request (so a response is found in the logs by its id), else fresh."""
     return current_request_id() or uuid.uuid4().hex
@@ -753,11 +758,13 @@ class ServingCompletion(OpenAIServing):
         want = req.logprobs is not None
         created = int(time.time())
         hook = functools.partial(self._echo_logprobs, run) if req.echo and want else None
+        continuous = _continuous_usage(req)
         async with aclosing(self.deltas(run, stream, hook)) as deltas:  # closed at once if the client leaves
             async for d in deltas:
                 choice = self._choice(d.text, d, want)
+                usage = run.usage() if continuous else None
                 yield CompletionResponse(
-                    id=run.request_id, created=created, model=self.model_name, choices=[choice]
+                    id=run.request_id, created=created, model=self.model_name, choices=[choice], usage=usage
                 )
         if req.stream_options and req.stream_options.include_usage:
             yield CompletionResponse(
@@ -1015,10 +1022,15 @@ class ServingChat(OpenAIServing):
         self, req: ChatCompletionRequest, run: _Run, stream: AsyncIterator[tuple[int, RequestOutput]]
     ) -> AsyncIterator[ChatCompletionChunk]:
         created = int(time.time())
+        continuous = _continuous_usage(req)
 
         def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> ChatCompletionChunk:
             return ChatCompletionChunk(
-                id=run.request_id, created=created, model=self.model_name, choices=choices, usage=usage
+                id=run.request_id,
+                created=created,
+                model=self.model_name,
+                choices=choices,
+                usage=usage or (run.usage() if continuous else None),
             )
 
         for i in range(req.n):  # OpenAI's first chunk of each choice carries the role

@@ -192,6 +192,30 @@ async def test_streamed_text_equals_non_streamed_with_stop(client: httpx.AsyncCl
     assert texts == {c["index"]: c["text"] for c in plain["choices"]}
     assert finish == {0: "stop", 1: "stop"}
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == plain["usage"]
+    assert all(c.get("usage") is None for c in chunks[:-1])
+
+
+async def test_continuous_usage_stats_puts_the_usage_so_far_in_every_chunk(client: httpx.AsyncClient) -> None:
+    """vLLM's stream_options.continuous_usage_stats (with include_usage): a client can bill or cut off a
+    stream as it goes."""
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 12, "stream": True}
+    for r in (
+        await complete(client, prompt="x", max_tokens=12, n=2, stream=True, stream_options=options),
+        await client.post("/v1/chat/completions", json={**chat, "stream_options": options}),
+    ):
+        chunks = sse_chunks(r.text)
+        counts = [c["usage"]["completion_tokens"] for c in chunks]
+        assert counts == sorted(counts) and counts[-1] > counts[0], counts
+        assert all(
+            c["usage"]["total_tokens"] == c["usage"]["prompt_tokens"] + n
+            for c, n in zip(chunks, counts, strict=True)
+        )
+        assert chunks[-1]["choices"] == [] and chunks[-2]["usage"] == chunks[-1]["usage"]
+    r = await client.post(
+        "/v1/chat/completions", json={**chat, "stream_options": {"continuous_usage_stats": True}}
+    )
+    assert all(c.get("usage") is None for c in sse_chunks(r.text))  # only with include_usage, as vLLM's
 
 
 async def test_stream_holds_back_possible_stop_prefix(client: httpx.AsyncClient) -> None:
