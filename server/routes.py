@@ -159,6 +159,11 @@ class OffLoopJSONRoute(APIRoute):
                 await guard(request)  # type: ignore[misc]
             declared = declared_length(request.scope)
             json_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if field is not None and not (json_type == "application/json" or json_type.endswith("+json")):
+                # FastAPI would not parse it either (a browser page sends other types without a CORS check)
+                # and would say only that the body is not an object
+                raise APIError(400, "The request body must be JSON sent with `Content-Type: application/json` "
+                               f"(this request's: {json_type or 'none'}).")  # fmt: skip
             if (
                 field is not None
                 and (declared is None or declared > OFF_LOOP_JSON_BYTES)  # a chunked body: its size once read

@@ -683,6 +683,13 @@ async def test_malformed_json_and_unknown_model(client: httpx.AsyncClient) -> No
         "/v1/completions", content=b"{not json", headers={"content-type": "application/json"}
     )
     assert_error(r, 400, "JSON")
+    # a JSON body sent without its type (`requests.post(url, data=json.dumps(...))`) is told what to send
+    body = json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 1}).encode()
+    for headers, sent in (({}, "none"), ({"content-type": "text/plain; charset=utf-8"}, "text/plain")):
+        r = await client.post("/v1/completions", content=body, headers=headers)
+        assert_error(r, 400, "Content-Type: application/json", sent)
+    headers = {"content-type": "application/json; charset=utf-8"}
+    assert (await client.post("/v1/completions", content=body, headers=headers)).status_code == 200
     assert_error(await complete(client, prompt="x", model="gpt-4"), 404, "gpt-4")
     assert_error(await client.get("/v1/nothing"), 404)
     # an error quoting a huge client value sends back its start, not all of it
