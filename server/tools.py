@@ -43,6 +43,11 @@ OPEN_TAG, CLOSE_TAG = "<tool_call>", "</tool_call>"
 _BLOCK = re.compile(re.escape(OPEN_TAG) + r"\s*(.*?)\s*(?:" + re.escape(CLOSE_TAG) + r"|$)", re.DOTALL)
 
 
+# the start of one call as the call schema's grammar writes it: its name (group 1) and where its arguments
+# begin (group 2), each present once written whole
+_CALL_HEAD = re.compile(r'\s*\{\s*(?:"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*(?:,\s*"arguments"\s*:\s*()|$)?)?')
+
+
 def _call_schema(tool: ChatTool) -> dict[str, Any]:
     """One call of `tool` as a JSON schema: {"name": <its name>, "arguments": <its parameters>}."""
     arguments = tool.function.parameters or {"type": "object", "properties": {}}
@@ -77,8 +82,10 @@ class ToolPlan:
         if self.mode in ("required", "named"):
             try:
                 value = json.loads(text)
-            except (ValueError, RecursionError):  # cut by max_tokens: the text is all there is
+            except RecursionError:  # nested deeper than Python parses: the text is all there is
                 return text, []
+            except ValueError:
+                return None, self._cut_calls(text)
             calls = self._calls(value if isinstance(value, list) else [value])
             return (None, calls) if calls else (text, [])
         if self.mode == "none" or OPEN_TAG not in text:
@@ -93,6 +100,36 @@ class ToolPlan:
         if not calls:
             return text, []
         return text[: text.index(OPEN_TAG)].rstrip() or None, calls  # what ToolTextFilter streams
+
+    def _cut_calls(self, text: str) -> list[ToolCall]:
+        """The calls of a required or named output that max_tokens cut (the grammar holds it to the call
+        schema, so nothing else makes it invalid JSON): the calls written whole, then the cut one with
+        the arguments written so far, as OpenAI returns a call cut by the length limit (its
+        finish_reason says so). A call cut before its name is whole is left out."""
+        items, at = [], 0
+        if self.mode == "required":
+            at = text.find("[") + 1
+            decoder = json.JSONDecoder()
+            while at:
+                at = len(text) - len(text[at:].lstrip(" \t\n\r,"))
+                try:
+                    item, at = decoder.raw_decode(text, at)
+                except (ValueError, RecursionError):
+                    break
+                items.append(item)
+        calls = self._calls(items)
+        head = _CALL_HEAD.match(text, at or 0)
+        name = self.tools[0].function.name if self.mode == "named" else None
+        if head and head.group(1):
+            name = _loads_or(head.group(1), None)
+        if name in self.names and (self.parallel or not calls) and at < len(text):
+            arguments = text[head.end() :].rstrip() if head and head.group(2) is not None else ""
+            calls.append(
+                ToolCall(
+                    id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(name=name, arguments=arguments)
+                )
+            )
+        return calls
 
     def _calls(self, items: list[Any]) -> list[ToolCall]:
         calls = []

@@ -89,7 +89,27 @@ def test_parse_auto_required_and_named() -> None:
         '[{"name": "get_time", "arguments": {}}, {"name": "get_weather", "arguments": {"city": "X"}}]'
     )
     assert content is None and len(calls) == 2
-    assert required.parse('[{"name": "get_ti')[1] == []  # cut by max_tokens: text stays content
+    # cut by max_tokens (OpenAI's): the calls written whole, then the cut one with its arguments so far;
+    # the grammar's wrapper is never content
+    cut = '[{"name": "get_time", "arguments": {}}, {"name": "get_weather", "arguments": {"city": "Pa'
+    content, calls = required.parse(cut)
+    assert content is None and [(c.function.name, c.function.arguments) for c in calls] == [
+        ("get_time", "{}"),
+        ("get_weather", '{"city": "Pa'),
+    ]
+    content, calls = required.parse('[{"name": "get_time", "arguments": {}}, {"name": "get_we')
+    assert content is None and [c.function.name for c in calls] == ["get_time"]
+    assert required.parse('[{"name": "get_weather"')[1][0].function.arguments == ""
+    assert required.parse('[{"na') == (None, [])
+    one = tool_plan(request(tool_choice="required", parallel_tool_calls=False))
+    assert len(one.parse('[{"name": "get_time", "arguments": {}}, {"name": "get_weather", "arg')[1]) == 1
+    named = tool_plan(request(tool_choice={"type": "function", "function": {"name": "get_weather"}}))
+    for text, arguments in (
+        ('{"name": "get_weather", "arguments": {"city": "Pa', '{"city": "Pa'),
+        ('{"na', ""),
+    ):
+        content, [call] = named.parse(text)
+        assert content is None and (call.function.name, call.function.arguments) == ("get_weather", arguments)
 
 
 def test_stream_filter_holds_back_what_may_be_a_call() -> None:

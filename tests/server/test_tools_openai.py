@@ -69,6 +69,29 @@ def test_named_function_streamed(client: openai.OpenAI) -> None:  # noqa: F811
     assert set(json.loads(calls[0].function.arguments)) == {"city", "unit"}
 
 
+def test_a_forced_call_cut_by_max_tokens_is_a_call_with_the_arguments_so_far(client: openai.OpenAI) -> None:  # noqa: F811
+    """OpenAI's: the call, its arguments cut where the limit fell, finish_reason "length"; the call's JSON
+    wrapper the grammar writes is never content."""
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        args = dict(
+            model=MODEL, messages=ASK, tools=[WEATHER], tool_choice=choice, temperature=0, max_tokens=18
+        )
+        done = client.chat.completions.create(**args).choices[0]  # type: ignore[call-overload]
+        [call] = done.message.tool_calls or []
+        assert done.finish_reason == "length" and done.message.content is None
+        assert call.function.name == "get_weather" and call.function.arguments.startswith("{")
+        streamed, reasons = [], []
+        for chunk in client.chat.completions.create(**args, stream=True):  # type: ignore[call-overload]
+            for c in chunk.choices:
+                assert not c.delta.content, c.delta.content
+                streamed += c.delta.tool_calls or []
+                reasons.append(c.finish_reason)
+        assert [(c.function.name, c.function.arguments) for c in streamed] == [
+            ("get_weather", call.function.arguments)
+        ]
+        assert reasons[-1] == "length"
+
+
 def test_tool_result_round_trip(client: openai.OpenAI) -> None:  # noqa: F811
     first = client.chat.completions.create(
         model=MODEL, messages=ASK, tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}},
