@@ -221,8 +221,11 @@ def _special(value: Any) -> str | None:
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except ValueError as e:  # not JSON or not UTF-8
+        raise ValueError(f"{path}: {type(e).__name__}: {e}") from e
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object")
     return data

@@ -222,8 +222,12 @@ def read_gguf(path: str | Path) -> tuple[SmolLM2Config, StateDict, dict[str, Any
 
 # ---- Hugging Face folders (and training checkpoints, which use the same layout) ---------------------
 def _read_sharded(folder: Path, index_name: str, load: Any) -> StateDict:
-    index = json.loads((folder / index_name).read_text())
-    weight_map: dict[str, str] = index["weight_map"]
+    try:
+        weight_map: dict[str, str] = json.loads((folder / index_name).read_text(encoding="utf-8"))[
+            "weight_map"
+        ]
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{folder / index_name}: no readable weight_map ({type(e).__name__}: {e})") from e
     state: StateDict = {}
     for shard in sorted(set(weight_map.values())):
         if not (folder / shard).is_file():
@@ -260,7 +264,10 @@ def read_hf_folder(path: str | Path) -> tuple[SmolLM2Config, StateDict]:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{folder} has no config.json")
-    config = SmolLM2Config.from_hf_dict(json.loads(config_file.read_text()))
+    try:
+        config = SmolLM2Config.from_hf_dict(json.loads(config_file.read_text(encoding="utf-8")))
+    except (ValueError, TypeError, AttributeError) as e:  # not JSON, not UTF-8, not an object of numbers
+        raise ValueError(f"{config_file}: {type(e).__name__}: {e}") from e
     return config, _read_hf_tensors(folder)
 
 

@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from server.app import create_app
     from server.connections import connection_budget, guarded_protocol, raise_fd_limit
 
-    app = create_app(settings, first_core=first_core)
+    app = create_app(settings, first_core=first_core, exit_on_start_failure=True)
     fd_limit = raise_fd_limit()
     max_connections, backlog = connection_budget(settings.max_connections, fd_limit)
     log = logging.getLogger("server")

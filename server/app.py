@@ -11,7 +11,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -30,7 +30,7 @@ from server.engine.client import SpawnedCore
 from server.engine.engine import AsyncEngine, SupervisorConfig
 from server.engine.messages import CoreInfo
 from server.guided import GrammarChecker
-from server.logs import RequestIdMiddleware, stats_logging
+from server.logs import RequestIdMiddleware, failure_reason, stats_logging
 from server.metrics import HttpMetricsMiddleware, ServerMetrics
 from server.protocol import APIError
 from server.routes import (
@@ -245,6 +245,15 @@ def _fatal(app: FastAPI, reason: str) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _start_failed(exc: Exception) -> NoReturn:
+    """The model or the settings cannot be served: one line that says why and exit 3 (uvicorn's code for
+    a failed start), instead of uvicorn's traceback of the lifespan (--log-level debug shows it)."""
+    log.error("cannot start the server: %s", failure_reason(exc))
+    log.debug("where it failed", exc_info=exc)
+    logging.shutdown()
+    os._exit(3)  # the engine is stopped already; SystemExit would be caught and logged with a traceback
+
+
 def _publish_cache_config(
     metrics: ServerMetrics, settings: Settings, engine: Any, max_model_len: int
 ) -> None:
@@ -264,10 +273,12 @@ def create_app(
     engine: Any = None,
     tokenizer: Tokenizer | None = None,
     first_core: SpawnedCore | None = None,
+    exit_on_start_failure: bool = False,
 ) -> FastAPI:
     """The app. With `engine` and `tokenizer` given (tests), they are used as they are and not shut down.
     Otherwise the lifespan builds the engine of `settings`; `first_core` is its process if already started
-    (`server.engine.client.spawn_core(load_core, (settings,), ...)`)."""
+    (`server.engine.client.spawn_core(load_core, (settings,), ...)`). exit_on_start_failure: a model or
+    setting that cannot be served ends the process with one line of log (the server's main)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -288,7 +299,12 @@ def create_app(
                 if owned:
                     await engine.shutdown(graceful=False)
             return
-        built, tok = await start_engine(settings, functools.partial(_fatal, app), first_core)
+        try:
+            built, tok = await start_engine(settings, functools.partial(_fatal, app), first_core)
+        except Exception as e:
+            if not exit_on_start_failure:
+                raise
+            _start_failed(e)
         app.state.model_source = settings.model or "default"
         assert built.max_model_len is not None
         _attach(app, built, tok, built.max_model_len)

@@ -188,3 +188,12 @@ async def stats_logging(stats: Callable[[], Any], interval: float) -> AsyncItera
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """An exception as one line for an operator: its message, led by its type where the message alone
+    would not say what went wrong (a KeyError's is just the key)."""
+    text = str(exc)
+    if text and isinstance(exc, ValueError | OSError | RuntimeError):
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

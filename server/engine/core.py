@@ -337,14 +337,16 @@ def core_process_main(
     # the server drains its requests first, then sends Shutdown (or closes the pipe).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from server.logs import configure_logging  # the server's line format, so both processes log alike
+    from server.logs import configure_logging, failure_reason  # the server's line format, in both
 
     configure_logging(log_level, log_format)
     try:
         core = build(*args)
     except BaseException as exc:  # noqa: BLE001 - report any failure to the parent, then exit
-        log.error("engine process failed to start:\n%s", traceback.format_exc())
-        _send_quietly(out_conn, CoreDead(f"{type(exc).__name__}: {exc}"))
+        # most often the model files or the settings: one line says why; the traceback is for debugging
+        log.error("engine process failed to start: %s", failure_reason(exc))
+        log.debug("where it failed:\n%s", traceback.format_exc())
+        _send_quietly(out_conn, CoreDead(failure_reason(exc)))
         return
     trim_heap()  # loading leaves freed temporaries (unpickled weights before packing) in the heap
     inbox: queue.SimpleQueue[LoopInput] = queue.SimpleQueue()

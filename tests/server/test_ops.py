@@ -9,6 +9,7 @@ import logging
 import re
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -369,6 +370,24 @@ def test_recent_samples_percentiles() -> None:
         recent.add(float(i + 1), now=100.0)
     assert recent.percentiles([0.5, 0.9, 0.99], now=105.0) == [50.0, 90.0, 99.0]
     assert recent.percentiles([0.5], now=111.0) == [None]  # all older than the window
+
+
+def test_a_model_that_cannot_be_served_stops_the_start_with_one_line_that_says_why(tmp_path: Path) -> None:
+    """An operator's model folder with a broken file: exit 3 at start-up and the file named, not a page of
+    tracebacks from both processes (--log-level debug still shows where it failed)."""
+    broken = tmp_path / "model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{'hidden_size': 576}")  # Python, not JSON
+    for model, says in ((tmp_path / "absent", "not found"), (broken, "config.json: JSONDecodeError")):
+        done = subprocess.run(
+            [sys.executable, "-m", "server", "--model", str(model), "--port", str(free_port())],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
+        assert done.returncode == 3 and "Traceback" not in done.stderr, done.stderr[-3000:]
+        assert errors and all(str(model) in line for line in errors), errors
+        assert any(says in line for line in errors), errors
+        assert any("cannot start the server" in line for line in errors), errors
 
 
 # ---- the dashboard ---------------------------------------------------------------------------------------
