@@ -355,6 +355,11 @@ class Tokenizer:
             template = named.get("default")
         if (folder / "chat_template.jinja").is_file():
             template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        if template is not None and not isinstance(template, str):
+            raise ValueError(
+                f"{folder / 'tokenizer_config.json'}: chat_template must be a string or a list of named "
+                f"templates, not {type(template).__name__}"
+            )
         names = {k: _special(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
         model_config = _read_json(folder / "config.json")
         for name in (
@@ -505,6 +510,17 @@ class Tokenizer:
         return IncrementalDecoder(self, skip_special_tokens)
 
     # ---- chat ----
+    def compile_chat_template(self) -> None:
+        """Compile the chat template now (it is compiled on first use otherwise); ValueError if it does
+        not compile."""
+        if self._template is None:
+            try:
+                self._template = _compile_template(self.chat_template or CHATML_TEMPLATE)
+            except ValueError:
+                raise
+            except Exception as e:  # jinja's compiler can trip on what its parser let through
+                raise ValueError(f"the chat template does not compile: {type(e).__name__}: {e}") from e
+
     def apply_chat_template(
         self,
         messages: Sequence[Mapping[str, Any]],
@@ -512,8 +528,8 @@ class Tokenizer:
         tools: list[Any] | None = None,
     ) -> str:
         """Render a conversation to the prompt text; any failure of the template is a ValueError."""
-        if self._template is None:
-            self._template = _compile_template(self.chat_template or CHATML_TEMPLATE)
+        self.compile_chat_template()
+        assert self._template is not None
         context = {
             "messages": _plain_messages(messages),
             "add_generation_prompt": add_generation_prompt,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -245,6 +247,37 @@ def _fatal(app: FastAPI, reason: str) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+TEMPLATE_CHECK_SECONDS = 10.0
+
+
+async def check_chat_template(tokenizer: Tokenizer, timeout: float = TEMPLATE_CHECK_SECONDS) -> None:
+    """The model's chat template compiles, and renders a one-message conversation within `timeout`: an
+    operator learns of a broken or runaway one at start, not from every chat request (jinja cannot be
+    stopped, so the check runs on a thread of its own, which a failed start leaves behind). A template
+    that refuses that conversation (one that wants a system message first, say) is only warned of."""
+    done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+    def render() -> None:
+        try:
+            tokenizer.compile_chat_template()
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting loop
+            done.set_exception(e)
+            return
+        try:
+            tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True)
+        except ValueError as e:
+            log.warning("the chat template cannot render a one-message conversation: %s", e)
+        done.set_result(None)
+
+    threading.Thread(target=render, name="chat-template-check", daemon=True).start()
+    try:
+        await asyncio.wait_for(asyncio.wrap_future(done), timeout)
+    except TimeoutError:
+        raise ValueError(
+            f"the chat template did not render a one-message conversation within {timeout:g} s"
+        ) from None
+
+
 def _start_failed(exc: Exception) -> NoReturn:
     """The model or the settings cannot be served: one line that says why and exit 3 (uvicorn's code for
     a failed start), instead of uvicorn's traceback of the lifespan (--log-level debug shows it)."""
@@ -307,7 +340,14 @@ def create_app(
             _start_failed(e)
         app.state.model_source = settings.model or "default"
         assert built.max_model_len is not None
-        _attach(app, built, tok, built.max_model_len)
+        try:
+            await check_chat_template(tok)
+            _attach(app, built, tok, built.max_model_len)
+        except Exception as e:
+            await built.shutdown(graceful=False)
+            if not exit_on_start_failure:
+                raise
+            _start_failed(e)
         log.info("serving %s on http://%s:%d", settings.served_model_name, settings.host, settings.port)
         try:
             async with stats_logging(built.stats, settings.stats_log_interval):

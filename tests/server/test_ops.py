@@ -390,6 +390,41 @@ def test_a_model_that_cannot_be_served_stops_the_start_with_one_line_that_says_w
         assert any("cannot start the server" in line for line in errors), errors
 
 
+async def test_the_chat_template_is_checked_at_start(
+    tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A model's template that does not compile, or runs away, stops the start with the reason; one
+    that only refuses the check's conversation is warned of (chat requests get its 400s, completions
+    still work)."""
+    from server.app import check_chat_template
+
+    def use(template: str) -> None:
+        monkeypatch.setattr(tokenizer, "chat_template", template)
+        monkeypatch.setattr(tokenizer, "_template", None)
+
+    use("{% for %}")
+    with pytest.raises(ValueError, match="does not compile"):
+        await check_chat_template(tokenizer)
+    # a render of ~0.6 s here (its thread cannot be stopped, so not a runaway one in a test)
+    use("{% for i in range(100000) %}{% for j in range(200) %}{% endfor %}{% endfor %}")
+    with pytest.raises(ValueError, match="within 0.1 s"):
+        await check_chat_template(tokenizer, timeout=0.1)
+    use("{{ raise_exception('a system message must come first') }}")
+    with caplog.at_level(logging.WARNING, logger="server"):
+        await check_chat_template(tokenizer)
+    assert "a system message must come first" in caplog.text
+    monkeypatch.undo()
+    await check_chat_template(tokenizer)
+
+
+def test_a_chat_template_that_is_not_text_is_refused(tmp_path: Path, tokenizer: Tokenizer) -> None:
+    tokenizer.save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": 42}))
+    with pytest.raises(ValueError, match="chat_template must be a string"):
+        Tokenizer.from_file(tmp_path)
+
+
 # ---- the dashboard ---------------------------------------------------------------------------------------
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
