@@ -258,7 +258,8 @@ async def check_chat_template(tokenizer: Tokenizer, timeout: float = TEMPLATE_CH
     done: concurrent.futures.Future[None] = concurrent.futures.Future()
 
     def render() -> None:
-        done.set_running_or_notify_cancel()  # a running future is not cancelled by the wait's timeout
+        if not done.set_running_or_notify_cancel():  # running, the wait's timeout cannot cancel it
+            return
         try:
             tokenizer.compile_chat_template()
         except BaseException as e:  # noqa: BLE001 - handed to the waiting loop
