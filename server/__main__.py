@@ -11,6 +11,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from types import FrameType
 from typing import TYPE_CHECKING
 
 from server.settings import Settings
@@ -57,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         first_core = spawn_core(load_core, (settings,), settings.log_level, settings.log_format)
     import uvicorn
 
-    from server.app import create_app
+    from server.app import create_app, shutdown_signal
     from server.connections import connection_budget, guarded_protocol, raise_fd_limit
 
     app = create_app(settings, first_core=first_core, exit_on_start_failure=True)
@@ -74,9 +75,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         max_connections, settings.client_timeout, app.state.metrics.connections_closed
     )
     # uvicorn drains on SIGTERM, then re-raises the signal so that its default action ends the process
-    # (status 143). A drained shutdown is a clean one: exit 0 instead, unless the engine gave up.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(_exit_code(app)))
-    uvicorn.run(
+    # (status 143). A drained shutdown is a clean one: exit 0 instead, unless the engine gave up or a
+    # second signal cut the drain short.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: sys.exit(_exit_code(app)))
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if shutdown_signal(app, sig):
+                super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -85,19 +94,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         access_log=not settings.disable_access_log,
         http=protocol,
         backlog=backlog,
-        # On SIGTERM uvicorn stops accepting and waits this long for open requests before the lifespan
-        # shutdown drains the engine.
-        timeout_graceful_shutdown=int(settings.shutdown_timeout),
+        # On SIGTERM uvicorn stops accepting and waits for the open requests; the engine ends those still
+        # running after --shutdown-timeout (shutdown_signal), so uvicorn's own cut comes later, if ever.
+        timeout_graceful_shutdown=int(settings.shutdown_timeout) + _SHUTDOWN_MARGIN_S,
     )
+    Server(config).run()
     sys.exit(_exit_code(app))
+
+
+_SHUTDOWN_MARGIN_S = 5  # for the requests ended at --shutdown-timeout to send their last bytes
 
 
 def _exit_code(app: FastAPI) -> int:
     fatal = app.state.fatal_error
-    if fatal is None:
-        return 0
-    print(f"error: the engine failed and could not be recovered: {fatal}", file=sys.stderr)
-    return 1
+    if fatal is not None:
+        print(f"error: the engine failed and could not be recovered: {fatal}", file=sys.stderr)
+        return 1
+    forced = app.state.forced_stop
+    return 0 if forced is None else 128 + forced  # as a shell reports a process its signal stopped
 
 
 if __name__ == "__main__":

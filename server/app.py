@@ -240,6 +240,26 @@ def _attach(app: FastAPI, engine: Any, tokenizer: Tokenizer, max_model_len: int)
     state.engine = engine  # last: /health turns 200 once everything above is ready
 
 
+def shutdown_signal(app: FastAPI, sig: int) -> bool:
+    """A SIGTERM or SIGINT, from uvicorn's handler; returns whether uvicorn should act on it. The first
+    drains: uvicorn stops accepting and waits for the open requests, and those still running after
+    --shutdown-timeout end with a 503 (uvicorn's own timeout, later, would cancel them mid-response). A
+    second ends them now (the exit code then says the stop was forced); a third is uvicorn's force exit."""
+    state = app.state
+    state.shutdown_signals += 1
+    engine, loop = state.engine, state.loop
+    if isinstance(engine, AsyncEngine) and loop is not None and state.shutdown_signals <= 2:
+        timeout = state.settings.shutdown_timeout if state.shutdown_signals == 1 else 0.0
+        loop.call_soon_threadsafe(engine.drain, timeout)
+        if state.shutdown_signals == 1:
+            log.info("stopping: no new requests; those running have %gs to finish", timeout)
+    if state.shutdown_signals == 2:
+        state.forced_stop = sig
+        log.warning("second stop signal: ending the requests still running now")
+        return False
+    return True
+
+
 def _fatal(app: FastAPI, reason: str) -> None:
     """The engine gave up: stop serving and exit non-zero, so that the orchestrator restarts us."""
     app.state.fatal_error = reason
@@ -317,6 +337,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.loop = asyncio.get_running_loop()
         if engine is not None:
             assert tokenizer is not None, "pass the tokenizer with the engine"
             # An AsyncEngine handed over unstarted is started on this app's loop and stopped with it.
@@ -363,6 +384,9 @@ def create_app(
     app = FastAPI(title="smollm2-server", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.fatal_error = None
+    app.state.shutdown_signals = 0
+    app.state.forced_stop = None
+    app.state.loop = None
     app.state.engine = None
     app.state.max_model_len = settings.max_model_len or DEFAULT_MAX_MODEL_LEN
     app.state.model_source = settings.model

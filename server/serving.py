@@ -528,6 +528,8 @@ class OpenAIServing:
 
     def step(self, run: _Run, p: int, out: RequestOutput) -> list[TextDelta]:
         """Feed one engine output of prompt `p` to its choices; returns the text deltas it produced."""
+        if out.error is not None and out.error_status == 503:
+            raise APIError(503, f"The request was ended: {out.error}.", "service_unavailable")
         if out.error is not None:
             raise APIError(500, f"The engine failed on this request: {out.error}", "internal_error")
         deltas = []

@@ -162,6 +162,9 @@ class AsyncEngine:
         self._dead_reason: str | None = None
         self._idle = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._restarting: asyncio.Task[None] | None = None
+        self._draining = False
+        self._drain_timer: asyncio.TimerHandle | None = None
 
     @classmethod
     def in_thread(cls, build: Callable[[], EngineCore], **kwargs: Any) -> AsyncEngine:
@@ -226,11 +229,40 @@ class AsyncEngine:
     def state(self) -> str:
         return self._state.value
 
+    def drain(self, timeout: float) -> None:
+        """The server is going down: refuse new requests, restart no core that dies, and end the requests
+        still running `timeout` seconds from now with a 503 each (a stream gets its error event, not a
+        cut connection). Called again, the sooner deadline holds. Call on the loop."""
+        self._draining = True
+        assert self._loop is not None
+        if self._drain_timer is not None:
+            if self._drain_timer.when() <= self._loop.time() + timeout:
+                return
+            self._drain_timer.cancel()
+        self._drain_timer = self._loop.call_later(timeout, self._stop_requests, "the server is shutting down")
+
+    def _stop_requests(self, reason: str) -> None:
+        if self._streams:
+            log.warning("shutdown: %d requests did not finish in time; ending them", len(self._streams))
+        for request_id in list(self._streams):
+            core_ids, out = self._processor.abort(request_id)
+            if core_ids and self._core is not None:
+                self._core.send(AbortRequests(core_ids))
+            if out is not None:
+                out.error, out.error_status = reason, 503
+                self._deliver([out])
+
     async def shutdown(self, graceful: bool = True, timeout: float | None = None) -> None:
         """Stop accepting; let in-flight requests finish (or abort them), then stop the core."""
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
         if self._state is _State.DEAD and self._core is None:
             return
         self._state = _State.STOPPING
+        if self._restarting is not None and not self._restarting.done():
+            # a core being built is closed by its launch once built (state STOPPING): cancelled mid-build,
+            # its process would outlive us
+            await asyncio.wait({self._restarting})
         if graceful and self._processor.has_unfinished():
             try:
                 await asyncio.wait_for(self._idle.wait(), timeout)
@@ -311,6 +343,8 @@ class AsyncEngine:
         return self._stats.num_waiting + sum(count for _, count in self._unseen_adds)
 
     def _check_accepting(self) -> None:
+        if self._draining:
+            raise EngineDeadError("the server is shutting down")
         if self._state is _State.RUNNING:
             return
         if self._state is _State.DEAD:
@@ -386,13 +420,16 @@ class AsyncEngine:
         self._deaths.append(now)
         while self._deaths and self._deaths[0] < now - self.config.restart_window:
             self._deaths.popleft()
+        if self._draining:  # going down anyway: the requests have their errors, nothing to restart for
+            self._state, self._dead_reason = _State.DEAD, reason
+            return
         if len(self._deaths) > self.config.max_restarts:
             self._give_up(
                 f"{reason} ({len(self._deaths)} engine failures within {self.config.restart_window:.0f} s)"
             )
             return
         self._state = _State.RESTARTING
-        self._spawn(self._restart())
+        self._restarting = self._spawn(self._restart())
 
     async def _restart(self) -> None:
         old, self._core = self._core, None
@@ -401,7 +438,8 @@ class AsyncEngine:
         try:
             await self._launch()
         except CoreStartError as exc:
-            self._give_up(f"the engine could not be restarted: {exc}")
+            if self._state is _State.RESTARTING:  # not a shutdown meanwhile
+                self._give_up(f"the engine could not be restarted: {exc}")
             return
         if self._state is _State.RUNNING:
             self._num_restarts += 1
@@ -435,10 +473,11 @@ class AsyncEngine:
                 return
             self._last_progress = time.monotonic()
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
 
 # ---- synchronous driver ---------------------------------------------------------------------------

@@ -100,6 +100,7 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprob | None] | None = None  # first output only; None for token 0
     num_cached_tokens: int = 0
     error: str | None = None
+    error_status: int = 500  # the HTTP status the error is answered with: 503 for a server shutting down
     # Seconds from arrival in the engine to first scheduled; on the first output after that only.
     queue_time: float | None = None
 

@@ -19,6 +19,7 @@ from server.engine.engine import (
     SupervisorConfig,
     merge_outputs,
 )
+from server.engine.messages import CoreDead
 from server.engine.request import CompletionOutput, RequestOutput, SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from tests.engine.fake_runner import FakeRunner, reference_tokens
@@ -259,6 +260,44 @@ async def test_graceful_shutdown_finishes_in_flight_requests() -> None:
         assert outputs[-1].outputs[0].finish_reason == "length"
     assert not core.has_unfinished() and core.scheduler.allocator.usage == 0.0
     assert not engine.is_healthy and not engine.stats().healthy  # stopped: /health answers 503
+
+
+async def test_a_drain_ends_what_still_runs_at_its_deadline_and_restarts_nothing() -> None:
+    engine = await make_async(step_delay=0.01)
+    params = SamplingParams(max_tokens=10_000)
+    tasks = [asyncio.create_task(collect(engine, f"r{i}", [i + 1, 9], params)) for i in range(3)]
+    await wait_until(lambda: core_of(engine).scheduler.num_running == 3)
+    core = core_of(engine)
+    engine.drain(0.2)
+    with pytest.raises(EngineDeadError, match="shutting down"):  # no new request meanwhile
+        engine.generate("late", [1], params)
+    for task in tasks:
+        last = (await task)[-1]
+        assert last.finished and last.error_status == 503 and "shutting down" in (last.error or "")
+    await wait_until(lambda: not core.has_unfinished() and core.scheduler.allocator.usage == 0.0)
+    # a core that dies during the drain is not restarted: the server is going down
+    engine._handle(CoreDead("killed"))
+    await asyncio.sleep(0.05)
+    assert engine.stats().num_engine_restarts == 0 and engine.state == "dead"
+    await engine.shutdown()
+
+
+async def test_a_shutdown_during_a_restart_closes_the_core_being_built() -> None:
+    built: list[ThreadCore] = []
+    engine = await make_async()
+    factory = engine._factory
+
+    def slow_factory(on_message):  # type: ignore[no-untyped-def]
+        time.sleep(0.3)
+        core = factory(on_message)
+        built.append(core)
+        return core
+
+    engine._factory = slow_factory
+    engine._handle(CoreDead("killed"))  # a restart begins
+    await asyncio.sleep(0.05)
+    await engine.shutdown()
+    assert len(built) == 1 and not built[0].alive()  # built after the shutdown began, and closed
 
 
 async def test_idle_engine_thread_waits_without_spinning() -> None:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -143,3 +144,45 @@ def test_a_killed_engine_core_fails_its_stream_then_the_server_recovers(
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+@pytest.mark.parametrize("signals", [1, 2], ids=["drain-times-out", "second-signal"])
+def test_requests_still_running_when_the_drain_ends_get_an_error_ending(
+    tokenizer: Tokenizer, tmp_path: Path, signals: int
+) -> None:
+    """Past --shutdown-timeout (or at a second signal) each request still running gets a 503 in OpenAI's
+    shape (a stream its error event and [DONE]), not a cut connection or a plain-text 500; a stop forced
+    by the second signal exits 128 + SIGINT."""
+    port = free_port()
+    model = tiny_model_folder(tokenizer, tmp_path / "tiny")
+    proc = start_server(model, port, extra=("--shutdown-timeout", "1", "--max-num-seqs", "1"))
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    body = {"model": MODEL, "prompt": "Once", "max_tokens": 1000, "ignore_eos": True}
+
+    def stream() -> list[str]:
+        with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60) as r:
+            return [line for line in r.iter_lines() if line.startswith("data: ")]
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            streams = [pool.submit(stream) for _ in range(6)]
+            plain = [pool.submit(httpx.post, url, json=body, timeout=60) for _ in range(2)]
+            time.sleep(1.0)  # one runs, the others wait their turn (--max-num-seqs 1)
+            for _ in range(signals):
+                proc.send_signal(signal.SIGINT)
+                time.sleep(0.2)
+            ended = [f.result(timeout=30) for f in streams]
+            answers = [f.result(timeout=30) for f in plain]
+        assert proc.wait(timeout=30) == (0 if signals == 1 else 128 + signal.SIGINT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = proc.communicate()[0]
+    assert "Traceback" not in log and "Cancel" not in log, log[-3000:]
+    cut = [events for events in ended if '"service_unavailable"' in events[-2]]
+    assert cut and all(events[-1] == "data: [DONE]" for events in ended)
+    for r in answers:
+        assert r.status_code in (200, 503), r.text
+        if r.status_code == 503:
+            assert r.json()["error"]["type"] == "service_unavailable"
