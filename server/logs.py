@@ -139,7 +139,9 @@ def _totals(stats: Any) -> _Totals:
 
 def stats_line(stats: Any, before: _Totals, now: _Totals) -> str | None:
     """vLLM's periodic line, or None when the engine was idle over the whole interval. Prompt tokens
-    are counted by the engine when their request finishes, so that rate trails the generation rate."""
+    are counted by the engine once their prompt is done (its first token), a long one at once."""
+    if now.prompt_tokens < before.prompt_tokens or now.generation_tokens < before.generation_tokens:
+        before = _Totals(before.when, 0, 0, 0, 0)  # a new engine core counts from zero
     running, waiting = int(_field(stats, "num_running")), int(_field(stats, "num_waiting"))
     prompt = now.prompt_tokens - before.prompt_tokens
     generation = now.generation_tokens - before.generation_tokens

@@ -187,12 +187,12 @@ class EngineCore:
                 self.num_generation_tokens += len(seq.new_token_ids)
             if not request.first_output_sent and request.first_scheduled_time is not None:
                 request.first_output_sent = True
+                self.num_prompt_tokens += request.num_prompt_tokens  # prefilled: counted now, not at the end
                 out.queue_time = request.first_scheduled_time - request.arrival_time
                 out.num_cached_tokens = request.num_cached_tokens
             outputs.append(out)
         for request in finished:
             self.num_finished[request.status.finish_reason or "?"] += 1
-            self.num_prompt_tokens += request.num_prompt_tokens
         return outputs
 
     def stats(self) -> EngineStats:

@@ -416,6 +416,10 @@ class AsyncEngine:
         self._kill_reason = None
         self._deliver(self._processor.fail_all(reason))
         self._unseen_adds.clear()
+        # its requests are gone: the gauges say so now, not once a new core reports
+        self._stats = dataclasses.replace(
+            self._stats, num_running=0, num_waiting=0, kv_cache_usage=0.0, num_kv_blocks_used=0
+        )
         now = time.monotonic()
         self._deaths.append(now)
         while self._deaths and self._deaths[0] < now - self.config.restart_window:

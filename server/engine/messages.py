@@ -69,7 +69,7 @@ class EngineStats:
     num_preemptions: int = 0  # total since start
     prefix_cache_queries: int = 0  # tokens looked up
     prefix_cache_hits: int = 0  # tokens found
-    num_prompt_tokens: int = 0  # total, of requests that finished
+    num_prompt_tokens: int = 0  # total, of prompts done (their first token out)
     num_generation_tokens: int = 0  # total sampled
     num_finished: dict[str, int] = field(default_factory=dict)  # by finish reason
     num_steps: int = 0

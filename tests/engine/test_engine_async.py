@@ -217,6 +217,19 @@ async def test_runner_failure_errors_every_stream_then_the_core_restarts() -> No
     await engine.shutdown()
 
 
+async def test_a_dead_core_leaves_the_gauges_at_once() -> None:
+    engine = await make_async(step_delay=0.01)
+    params = SamplingParams(max_tokens=10_000)
+    tasks = [asyncio.create_task(collect(engine, f"r{i}", [i + 1, 9], params)) for i in range(3)]
+    await wait_until(lambda: engine.stats().num_running == 3)
+    engine._handle(CoreDead("killed"))
+    stats = engine.stats()  # before the restart's new core reports
+    assert (stats.num_running, stats.num_waiting, stats.kv_cache_usage) == (0, 0, 0.0)
+    for task in tasks:
+        assert (await task)[-1].error
+    await engine.shutdown()
+
+
 async def test_too_many_core_failures_give_up_and_call_on_fatal() -> None:
     fatal: list[str] = []
     supervisor = SupervisorConfig(max_restarts=1, restart_window=60.0)

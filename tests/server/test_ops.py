@@ -272,6 +272,12 @@ def test_stats_line() -> None:
         "prefix cache hit rate 50.0%"
     )
     assert stats_line({"num_running": 0, "num_waiting": 0}, before, before) is None
+    # a restarted engine core counts from zero again: its rates are not negative
+    restarted = _Totals(4.0, 40, 20, 10, 5)
+    assert stats_line(stats, now, restarted) == (
+        "engine: prompt 20.0 tokens/s, generation 10.0 tokens/s, running 3, waiting 1, KV cache 25.0%, "
+        "prefix cache hit rate 50.0%"
+    )
 
 
 async def test_stats_logged_periodically_while_busy(caplog: pytest.LogCaptureFixture) -> None:
