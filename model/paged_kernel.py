@@ -127,7 +127,11 @@ def _kernel_root() -> Path:
             return root
     except OSError:
         pass
-    return Path(tempfile.gettempdir()) / f"smollm2-torch-extensions-{os.getuid()}"
+    fallback = Path(tempfile.gettempdir()) / f"smollm2-torch-extensions-{os.getuid()}"
+    # a build takes tens of seconds: say where it goes, since the temp dir may not outlive the machine
+    log.warning("%s cannot be written: the kernels are built in %s (set %s to keep them)", root, fallback,
+                KERNEL_CACHE_VAR)  # fmt: skip
+    return fallback
 
 
 def _build_and_load() -> None:
