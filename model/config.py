@@ -2,8 +2,28 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+# Bounds the config's numbers must fall in: a config.json or GGUF header is read from disk, and a wrong
+# type or an absurd value would otherwise surface later as a bare TypeError, an odd torch error or a
+# multi-GB allocation. Positions above 2**31 are beyond any Llama-family model (and int32 position ids).
+MAX_POSITIONS = 2**31 - 1
+_INT_RANGES: dict[str, tuple[int, int]] = {
+    "vocab_size": (1, 2**31 - 1),
+    "hidden_size": (1, 2**20),
+    "intermediate_size": (1, 2**22),
+    "num_hidden_layers": (1, 4096),
+    "num_attention_heads": (1, 4096),
+    "num_key_value_heads": (1, 4096),
+    # a context of 1 token leaves no room for one generated token
+    "max_position_embeddings": (2, MAX_POSITIONS),
+    "block_size": (1, MAX_POSITIONS),
+}
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# HF Llama flags for layers this network does not have: a config that sets them describes another model.
+UNSUPPORTED_TRUE_FLAGS = ("attention_bias", "mlp_bias")
 
 
 @dataclass
@@ -29,6 +49,7 @@ class SmolLM2Config:
     extra: dict[str, Any] = field(default_factory=dict)  # unknown HF fields, kept for round-trips
 
     def __post_init__(self) -> None:
+        self._check_types_and_ranges()
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})"
@@ -38,8 +59,34 @@ class SmolLM2Config:
                 f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
+        if self.head_dim % 2:
+            raise ValueError(
+                f"head_dim (hidden_size {self.hidden_size} / num_attention_heads {self.num_attention_heads}) "
+                f"is {self.head_dim}; rotary embeddings need it even"
+            )
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+
+    def _check_types_and_ranges(self) -> None:
+        for name, (low, high) in _INT_RANGES.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+        for name in _TOKEN_IDS:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be a non-negative integer or null, got {value!r}")
+        for name, positive in (("rms_norm_eps", True), ("rope_theta", True), ("initializer_range", False)):
+            value = getattr(self, name)
+            number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+            if not number or value < 0 or (positive and value == 0):
+                allowed = "a positive number" if positive else "a non-negative number"
+                raise ValueError(f"{name} must be {allowed}, got {value!r}")
+        for name in ("use_cache", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.hidden_act, str):
+            raise ValueError(f"hidden_act must be a string, got {self.hidden_act!r}")
 
     @property
     def head_dim(self) -> int:
@@ -63,10 +110,15 @@ class SmolLM2Config:
             )
         if d.get("rope_scaling"):
             raise ValueError(f"rope_scaling {d['rope_scaling']!r} is not supported")
+        for flag in UNSUPPORTED_TRUE_FLAGS:
+            if d.get(flag) not in (None, False):
+                raise ValueError(
+                    f"{flag} is {d[flag]!r}: this network has no bias tensors (only false is supported)"
+                )
         known = {f.name for f in fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in d.items() if k in known}
         if isinstance(kwargs.get("eos_token_id"), list):
-            kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
+            kwargs["eos_token_id"] = (kwargs["eos_token_id"] or [None])[0]
         rope_params = d.get("rope_parameters")
         if isinstance(rope_params, dict) and "rope_theta" in rope_params and "rope_theta" not in d:
             kwargs["rope_theta"] = rope_params["rope_theta"]
@@ -91,21 +143,45 @@ class SmolLM2Config:
         def get(key: str, default: Any = None) -> Any:
             return meta.get(f"llama.{key}", default)
 
-        n_heads = int(get("attention.head_count"))
+        n_heads = get("attention.head_count")
         vocab = get("vocab_size")
         if vocab is None and "tokenizer.ggml.tokens" in meta:
             vocab = len(meta["tokenizer.ggml.tokens"])
-        return cls(
-            vocab_size=int(vocab),
-            hidden_size=int(get("embedding_length")),
-            intermediate_size=int(get("feed_forward_length")),
-            num_hidden_layers=int(get("block_count")),
-            num_attention_heads=n_heads,
-            num_key_value_heads=int(get("attention.head_count_kv", n_heads)),
-            max_position_embeddings=int(get("context_length", 2048)),
-            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(get("rope.freq_base", 10000.0)),
-            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-            eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
-            pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
-        )
+        try:
+            return cls(
+                vocab_size=vocab,
+                hidden_size=get("embedding_length"),
+                intermediate_size=get("feed_forward_length"),
+                num_hidden_layers=get("block_count"),
+                num_attention_heads=n_heads,
+                num_key_value_heads=get("attention.head_count_kv", n_heads),
+                max_position_embeddings=get("context_length", 2048),
+                rms_norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5),
+                rope_theta=get("rope.freq_base", 10000.0),
+                bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+                eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+                pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+            )
+        except ValueError as e:  # name the GGUF key the reader looks for, not only our field
+            message = str(e)
+            field_name = message.split(" ", 1)[0]
+            if field_name in GGUF_KEYS:
+                message = f"{GGUF_KEYS[field_name]} ({field_name}){message[len(field_name) :]}"
+            raise ValueError(message) from None
+
+
+# Our fields -> the GGUF keys from_gguf_fields reads them from.
+GGUF_KEYS = {
+    "vocab_size": "llama.vocab_size",
+    "hidden_size": "llama.embedding_length",
+    "intermediate_size": "llama.feed_forward_length",
+    "num_hidden_layers": "llama.block_count",
+    "num_attention_heads": "llama.attention.head_count",
+    "num_key_value_heads": "llama.attention.head_count_kv",
+    "max_position_embeddings": "llama.context_length",
+    "rms_norm_eps": "llama.attention.layer_norm_rms_epsilon",
+    "rope_theta": "llama.rope.freq_base",
+    "bos_token_id": "tokenizer.ggml.bos_token_id",
+    "eos_token_id": "tokenizer.ggml.eos_token_id",
+    "pad_token_id": "tokenizer.ggml.padding_token_id",
+}

@@ -89,6 +89,12 @@ def _precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0) -> torch.T
     return torch.stack([freqs.cos(), freqs.sin()], dim=-1)
 
 
+# Positions the RoPE table holds when the model is built: the table grows on demand, and serving sizes it to
+# the context it serves (server.core_setup), so a config's max_position_embeddings (up to 2**31) is never
+# allocated up front (1e9 positions would be 512 GB).
+ROPE_TABLE_POSITIONS = 8192
+
+
 class SmolLM2RotaryEmbedding(nn.Module):
     """cos/sin caches in the rotate-half layout; they grow when a longer sequence arrives."""
 
@@ -112,6 +118,13 @@ class SmolLM2RotaryEmbedding(nn.Module):
         if seq_len > self.max_seq_len_cached:
             device = self.cos_cached.device
             self._build_cache(max(seq_len, 2 * self.max_seq_len_cached))
+            self.to(device)
+
+    def resize(self, seq_len: int) -> None:
+        """Hold exactly positions 0..seq_len-1 (the context served): smaller or larger than now."""
+        if seq_len != self.max_seq_len_cached:
+            device = self.cos_cached.device
+            self._build_cache(seq_len)
             self.to(device)
 
     def forward(self, x: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -303,7 +316,7 @@ class SmolLM2Model(nn.Module):
         self.layers = nn.ModuleList(SmolLM2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = SmolLM2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = SmolLM2RotaryEmbedding(
-            config.head_dim, config.max_position_embeddings, config.rope_theta
+            config.head_dim, min(config.max_position_embeddings, ROPE_TABLE_POSITIONS), config.rope_theta
         )
         # serving: steps whose attention is one C++ kernel call run their layer loop in C++ (decode_layers)
         self.cpp_layers = True

@@ -7,7 +7,8 @@ copies, not the plain layer weights nor the embedding, whose rows the LM head's 
 program wrote, in the user's own cache folder. Its name holds a hash of everything the result depends on: the source file (path, size,
 modification time), dtype and quantization options, the torch version, this package's source code and
 the CPU's instruction-set flags. A stale or unreadable file is rebuilt; older files of the same model
-are removed when a new one is written.
+are removed when a new one is written, and so are all but the KEEP_ENTRIES most recently used ones (each
+is ~370 MB for the default model: one per model path, dtype and option set would add up without end).
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from model.modeling import SmolLM2ForCausalLM
 
 log = logging.getLogger("model")
 _PACKAGE = Path(__file__).resolve().parent
+KEEP_ENTRIES = 4
+# A .tmp file this old is a write that died (a crash, a kill): a live write takes seconds.
+_STALE_TMP_S = 3600.0
 
 
 def load_prepared(
@@ -61,6 +65,7 @@ def load_prepared(
             expected = kernels if kernels is not None else Kernels.detect(torch.device("cpu"))
             if isinstance(model, SmolLM2ForCausalLM) and model.kernels == expected:
                 log.info("prepared model read from the cache in %.1f s", time.perf_counter() - t0)
+                _mark_used(path)
                 return model.eval()
             log.warning("prepared model %s was made for other kernels: rebuilding it", path.name)
     model = _build(source, dtype, device, int4_small_batch, int8_lm_head, kernels)
@@ -96,11 +101,57 @@ def _save(model: SmolLM2ForCausalLM, path: Path) -> None:
         for old in path.parent.glob(path.name.rsplit("-", 1)[0] + "-*.pt"):
             if old != path:
                 old.unlink(missing_ok=True)
+        _mark_used(path)
         log.info("prepared model cached as %s (%.0f MB)", path, path.stat().st_size / 1e6)
+        _evict(path)
     except OSError as exc:  # a read-only or full disk only costs the next start its time
         log.warning("could not cache the prepared model: %s", exc)
         if tmp is not None:
             tmp.unlink(missing_ok=True)
+
+
+def _mark_used(path: Path) -> None:
+    """Record a use in the file's access time (set here: relatime and noatime mounts do not on reads), and
+    leave its modification time alone, which says when it was written."""
+    try:
+        stat = path.stat()
+        os.utime(path, ns=(time.time_ns(), stat.st_mtime_ns))
+    except OSError:
+        pass  # only the eviction order suffers
+
+
+def _evict(keep: Path) -> None:
+    """Remove all but the KEEP_ENTRIES most recently used entries (`keep`, just written, always stays),
+    and .tmp files of writes that died. A server using a removed entry is unaffected: torch.load read the
+    whole file into memory (no mmap), and on POSIX a file still open for reading lives until closed."""
+    folder = keep.parent
+    entries = []
+    for entry in folder.glob("*.pt"):
+        try:
+            entries.append((entry.stat().st_atime_ns, entry))
+        except OSError:
+            continue  # removed meanwhile by another server
+    entries.sort(reverse=True)
+    kept = 1
+    for _, entry in entries:
+        if entry == keep:
+            continue
+        if kept < KEEP_ENTRIES:
+            kept += 1
+            continue
+        try:
+            entry.unlink(missing_ok=True)
+        except OSError as exc:  # another user's file, a read-only folder: the cache only grows
+            log.warning("could not remove prepared model %s: %s", entry.name, exc)
+            continue
+        log.info("prepared model %s removed from the cache (least recently used)", entry.name)
+    now = time.time()
+    for tmp in folder.glob("*.tmp"):
+        try:
+            if now - tmp.stat().st_mtime > _STALE_TMP_S:
+                tmp.unlink(missing_ok=True)
+        except OSError:
+            continue
 
 
 def prepared_path(source: str, dtype: str, int4: str, int8: str, batch_invariant: bool = False) -> Path:

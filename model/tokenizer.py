@@ -50,6 +50,12 @@ _BYTE_LEVEL_PRE = {None, "default", "gpt2", "smollm"}
 # ---- GGUF metadata --------------------------------------------------------------------------------
 
 
+def _has_gguf_magic(path: Path) -> bool:
+    """The weights loader takes a GGUF by its header whatever its name: so must the tokenizer."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
 def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
     """All key/value metadata of a GGUF file as plain Python values (no tensors).
 
@@ -283,7 +289,7 @@ class Tokenizer:
         path = Path(source).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"tokenizer source not found: {path}")
-        if path.is_file() and path.suffix == ".gguf":
+        if path.is_file() and (path.suffix == ".gguf" or _has_gguf_magic(path)):
             return cls.from_gguf_fields(read_gguf_metadata(path))
         if path.is_file() and path.name.endswith(".json"):
             return cls._from_hf(path.parent, path)

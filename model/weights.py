@@ -155,7 +155,10 @@ def _gguf_config(meta: dict[str, Any], tensor_names: set[str], path: Path) -> Sm
     scaling = meta.get("llama.rope.scaling.type")
     if scaling not in (None, "none"):
         raise ValueError(f"{path}: llama.rope.scaling.type {scaling!r} is not supported")
-    config = SmolLM2Config.from_gguf_fields(meta)
+    try:
+        config = SmolLM2Config.from_gguf_fields(meta)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     rope_dim = meta.get("llama.rope.dimension_count", config.head_dim)
     if rope_dim != config.head_dim:
         raise ValueError(f"{path}: llama.rope.dimension_count {rope_dim} != head_dim {config.head_dim}")
@@ -268,7 +271,16 @@ def read_hf_folder(path: str | Path) -> tuple[SmolLM2Config, StateDict]:
         config = SmolLM2Config.from_hf_dict(json.loads(config_file.read_text(encoding="utf-8")))
     except (ValueError, TypeError, AttributeError) as e:  # not JSON, not UTF-8, not an object of numbers
         raise ValueError(f"{config_file}: {type(e).__name__}: {e}") from e
-    return config, _read_hf_tensors(folder)
+    state = _read_hf_tensors(folder)
+    # Integer tensors would be cast to float and served as nonsense: a quantized checkpoint (int8 with its
+    # scales elsewhere) needs its own dequantizing, which only the GGUF reader does.
+    for name, tensor in state.items():
+        if not tensor.is_floating_point():
+            raise ValueError(
+                f"{folder}: tensor {name} is {str(tensor.dtype).removeprefix('torch.')}; weights must be "
+                "floating point (float32, bfloat16 or float16)"
+            )
+    return config, state
 
 
 def read_weights(source: str | Path | None = None) -> tuple[SmolLM2Config, StateDict]:

@@ -51,7 +51,10 @@ def make_core(
     from server.engine.scheduler import Scheduler, SchedulerConfig
     from server.engine.spec_decode import SpecConfig
 
-    max_model_len = settings.max_model_len or min(model.config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
+    max_model_len = resolve_max_model_len(settings, model.config.max_position_embeddings)
+    rope = getattr(getattr(model, "model", None), "rotary_emb", None)
+    if rope is not None:  # the table the served context reads, not the model's whole max_position_embeddings
+        rope.resize(max_model_len)
     eos = eos_token_id if eos_token_id is not None else model.config.eos_token_id
     num_blocks, why = kv_cache_blocks(model, settings, max_model_len)
     scheduler = SchedulerConfig(
@@ -89,6 +92,19 @@ def make_core(
         max_model_len, settings.max_num_seqs,
     )  # fmt: skip
     return core
+
+
+def resolve_max_model_len(settings: Settings, max_position_embeddings: int) -> int:
+    """--max-model-len, or min(the model's context, DEFAULT_MAX_MODEL_LEN); a ValueError past the model's
+    context (as vLLM refuses it: positions the model was never trained on)."""
+    if settings.max_model_len is None:
+        return min(max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
+    if settings.max_model_len > max_position_embeddings:
+        raise ValueError(
+            f"--max-model-len {settings.max_model_len} is larger than the model's context "
+            f"(max_position_embeddings {max_position_embeddings}): allowed 2 to {max_position_embeddings}"
+        )
+    return settings.max_model_len
 
 
 # Tokens per running sequence the default KV cache holds room for: a chat turn's prompt and answer. A
@@ -132,6 +148,8 @@ def load_core(settings: Settings) -> EngineCore:
     from model.tokenizer import Tokenizer
 
     source = model_source(settings)
+    # before the model, which takes seconds: a source without a readable tokenizer fails at once
+    tokenizer = Tokenizer.from_file(source)
     device, dtype = resolve_device_dtype(settings)
     if device == "cpu":
         import torch
@@ -169,7 +187,6 @@ def load_core(settings: Settings) -> EngineCore:
         )
     elif settings.int8_lm_head != "off" and model.int8_head_error is not None:
         log.info("int8 LM head off: it would change the model (error %.4f > lossless)", model.int8_head_error)
-    tokenizer = Tokenizer.from_file(source)
     return make_core(model, tokenizer.eos_token_id, settings, tokenizer)
 
 

@@ -15,6 +15,11 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "SMOLLM2_"
+# A block larger than this makes one block gigabytes of KV cache and serves requests one at a time; vLLM
+# stops at 128 on most backends. Any size up to it works here (odd ones included).
+MAX_BLOCK_SIZE = 256
+MIN_MODEL_LEN = 2
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2}
 _UNITS |= {"g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
@@ -87,11 +92,11 @@ class Settings:
         "sequences of 256 tokens (at least one of --max-model-len), logged at start-up",
         parse_bytes,
     )
-    block_size: int = _opt(16, "tokens per KV cache block", int)
+    block_size: int = _opt(16, f"tokens per KV cache block (1 to {MAX_BLOCK_SIZE})", int)
     max_model_len: int | None = _opt(
         None, "context length (prompt + output); default min(model context, 8192)", int
     )
-    max_waiting: int = _opt(256, "waiting-queue limit; requests beyond it get 429", int)
+    max_waiting: int = _opt(256, "waiting-queue limit (at least 1); requests beyond it get 429", int)
     enable_prefix_caching: bool = _opt(
         True, "reuse KV blocks of shared prompt prefixes (true/false)", parse_bool
     )
@@ -262,12 +267,16 @@ class Settings:
                 self.kv_cache_memory is None or self.kv_cache_memory > 0,
                 f"kv_cache_memory must be positive, got {self.kv_cache_memory}",
             ),
-            (self.block_size >= 1, f"block_size must be at least 1, got {self.block_size}"),
             (
-                self.max_model_len is None or self.max_model_len >= 1,
-                f"max_model_len must be positive, got {self.max_model_len}",
+                1 <= self.block_size <= MAX_BLOCK_SIZE,
+                f"block_size must be in [1, {MAX_BLOCK_SIZE}] tokens, got {self.block_size}",
             ),
-            (self.max_waiting >= 0, f"max_waiting must be non-negative, got {self.max_waiting}"),
+            (
+                self.max_model_len is None or self.max_model_len >= MIN_MODEL_LEN,
+                f"max_model_len must be at least {MIN_MODEL_LEN} (a prompt token and a generated one), "
+                f"got {self.max_model_len}",
+            ),
+            (self.max_waiting >= 1, f"max_waiting must be at least 1, got {self.max_waiting}"),
             (
                 self.max_seqs_per_request is None or self.max_seqs_per_request >= 1,
                 f"max_seqs_per_request must be at least 1, got {self.max_seqs_per_request}",
@@ -325,6 +334,10 @@ class Settings:
         ]
         checks += [
             (
+                self.log_level.lower() in LOG_LEVELS,
+                f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}",
+            ),
+            (
                 self.log_format in ("text", "json"),
                 f"log_format must be text or json, got {self.log_format!r}",
             ),
@@ -357,15 +370,31 @@ class Settings:
         env = os.environ if env is None else env
         args = build_parser().parse_args(argv)
         values: dict[str, Any] = {}
+        origin: dict[str, str] = {}  # where each value came from, for the error messages
         for f in fields(cls):
             raw = getattr(args, f.name)
+            where = "--" + f.name.replace("_", "-")
             if raw is None:
                 raw = env.get(ENV_PREFIX + f.name.upper())
+                where = ENV_PREFIX + f.name.upper()
             if raw is None:
                 continue
+            origin[f.name] = where
             parse = f.metadata.get("parse")
-            values[f.name] = parse(raw) if parse else raw
-        return cls(**values)
+            try:
+                values[f.name] = parse(raw) if parse else raw
+            except ValueError as e:
+                reason = f"not {_KINDS[parse]}" if parse in _KINDS else str(e)
+                raise ValueError(f"{where} {raw!r}: {reason}") from None
+        try:
+            return cls(**values)
+        except ValueError as e:
+            # __post_init__ names the field; say where its value came from, the flag or the variable
+            name = str(e).split(" ", 1)[0]
+            raise ValueError(f"{origin[name]}: {e}" if name in origin else str(e)) from None
+
+
+_KINDS: dict[Any, str] = {int: "an integer", float: "a number"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,34 @@ def test_batch_invariant_has_its_own_entry(tmp_path: Path, monkeypatch: pytest.M
     assert again.kernels == invariant.kernels
     plain = load_prepared(str(folder), "bfloat16", "cpu", "auto", "auto")
     assert plain.kernels is not None and not plain.kernels.batch_invariant
+
+
+def test_the_cache_keeps_only_the_most_recently_used_entries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One entry per model path and option set (~370 MB each for the default model) must not pile up: a
+    new entry removes the least recently used beyond KEEP_ENTRIES, and a model read from a removed entry
+    goes on serving."""
+    from model import prepared
+
+    monkeypatch.setenv("SMOLLM2_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(prepared, "KEEP_ENTRIES", 2)
+    folders = [save_hf_folder(make_tiny_model(seed=i), tmp_path / f"tiny{i}") for i in range(3)]
+    paths = [prepared_path(str(f), "float32", "off", "off") for f in folders]
+    cache = paths[0].parent
+    stale = cache / "dead-write.tmp"  # a write killed half-way, long ago
+    cache.mkdir(parents=True)
+    stale.write_bytes(b"partial")
+    os.utime(stale, (0, 0))
+    load_prepared(str(folders[0]), "float32", "cpu", "off", "off")
+    load_prepared(str(folders[1]), "float32", "cpu", "off", "off")
+    time.sleep(0.01)
+    first = load_prepared(str(folders[0]), "float32", "cpu", "off", "off")  # a cache hit: now the newest use
+    assert sorted(cache.glob("*.pt")) == sorted(paths[:2])
+    time.sleep(0.01)
+    load_prepared(str(folders[2]), "float32", "cpu", "off", "off")
+    assert sorted(cache.glob("*.pt")) == sorted([paths[0], paths[2]])  # tiny1, least recently used, went
+    assert not stale.exists()
+    paths[0].unlink()  # as another server's eviction would
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.allclose(first(ids).logits, make_tiny_model(seed=0)(ids).logits, atol=1e-5)

@@ -286,6 +286,18 @@ def test_tiny_gguf_file_encodes_with_merges_and_control_tokens(tmp_path: Path) -
     assert tok.id_to_token(hello) == "hello" and tok.token_to_id("<|im_start|>") == 1
 
 
+def test_a_gguf_without_the_suffix_is_read_by_its_header(tmp_path: Path) -> None:
+    """The weights loader takes a GGUF by its magic bytes, whatever its name: so does the tokenizer."""
+    path = write_gguf(tmp_path / "tiny.gguf", tiny_meta())
+    renamed = path.rename(tmp_path / "model.bin")
+    assert Tokenizer.from_file(renamed).encode("hello") == Tokenizer.from_file(
+        write_gguf(tmp_path / "again.gguf", tiny_meta())
+    ).encode("hello")
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(ValueError, match="cannot read a tokenizer"):
+        Tokenizer.from_file(tmp_path / "notes.txt")
+
+
 def test_add_bos_token_from_metadata(tmp_path: Path) -> None:
     tok = Tokenizer.from_gguf_fields(tiny_meta(**{"tokenizer.ggml.add_bos_token": True}))
     assert tok.encode("hello", add_special_tokens=True) == [1, tok.token_to_id("hello")]

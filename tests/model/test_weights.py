@@ -427,3 +427,68 @@ def test_folder_without_weights_is_refused(tiny_folder: tuple[Path, SmolLM2ForCa
 def test_folder_without_config_is_refused(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_model(tmp_path)
+
+
+def _edit_config(folder: Path, **changes: object) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"hidden_size": "64"}, r"hidden_size must be an integer in \[1, \d+\], got '64'"),
+        ({"max_position_embeddings": -5}, r"max_position_embeddings must be an integer in \[2, 2147483647\]"),
+        ({"max_position_embeddings": 0}, r"max_position_embeddings must be an integer in \[2, 2147483647\]"),
+        ({"max_position_embeddings": 1e9}, r"max_position_embeddings .* got 1000000000.0"),
+        ({"attention_bias": True}, "attention_bias is True: this network has no bias tensors"),
+        ({"mlp_bias": True}, "mlp_bias is True: this network has no bias tensors"),
+    ],
+)
+def test_bad_config_values_are_one_line_errors_naming_the_file_and_field(
+    tiny_folder: tuple[Path, SmolLM2ForCausalLM], changes: dict[str, object], message: str
+) -> None:
+    folder = tiny_folder[0]
+    _edit_config(folder, **changes)
+    with pytest.raises(ValueError, match="config.json: ValueError: " + message) as info:
+        load_model(folder)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int32, torch.bool])
+def test_non_floating_point_weights_are_refused(
+    tiny_folder: tuple[Path, SmolLM2ForCausalLM], dtype: torch.dtype
+) -> None:
+    """An int8 checkpoint cast to float serves nonsense: its scales live elsewhere, which only GGUF's
+    dequantizers (on purpose) know about."""
+    folder = tiny_folder[0]
+    state = load_file(folder / "model.safetensors")
+    state["model.layers.0.mlp.up_proj.weight"] = state["model.layers.0.mlp.up_proj.weight"].to(dtype)
+    save_file(state, folder / "model.safetensors")
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(
+        ValueError, match=rf"tensor model.layers.0.mlp.up_proj.weight is {name}; .*floating point"
+    ):
+        load_model(folder)
+
+
+@pytest.mark.parametrize("context", [0, 1, 4_000_000_000])
+def test_gguf_with_an_absurd_context_length_is_refused(tmp_path: Path, context: int) -> None:
+    model = norm_randomized_model()
+    model.config.max_position_embeddings = context  # written to the header as llama.context_length
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, model)
+    with pytest.raises(
+        ValueError, match=r"tiny.gguf: llama.context_length \(max_position_embeddings\) must be"
+    ):
+        load_model(path)
+
+
+def test_gguf_with_a_large_context_builds_a_small_rope_table(tmp_path: Path) -> None:
+    model = norm_randomized_model()
+    model.config.max_position_embeddings = 2_000_000_000
+    write_gguf(tmp_path / "tiny.gguf", model)
+    loaded = load_model(tmp_path / "tiny.gguf")
+    assert loaded.config.max_position_embeddings == 2_000_000_000
+    assert loaded.model.rotary_emb.cos_cached.shape[0] <= 8192

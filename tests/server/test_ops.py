@@ -378,11 +378,13 @@ def test_recent_samples_percentiles() -> None:
     assert recent.percentiles([0.5], now=111.0) == [None]  # all older than the window
 
 
-def test_a_model_that_cannot_be_served_stops_the_start_with_one_line_that_says_why(tmp_path: Path) -> None:
+def test_a_model_that_cannot_be_served_stops_the_start_with_one_line_that_says_why(
+    tmp_path: Path, tokenizer: Tokenizer
+) -> None:
     """An operator's model folder with a broken file: exit 3 at start-up and the file named, not a page of
     tracebacks from both processes (--log-level debug still shows where it failed)."""
     broken = tmp_path / "model"
-    broken.mkdir()
+    tokenizer.save(broken)
     (broken / "config.json").write_text("{'hidden_size': 576}")  # Python, not JSON
     for model, says in ((tmp_path / "absent", "not found"), (broken, "config.json: JSONDecodeError")):
         done = subprocess.run(
