@@ -84,6 +84,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             if shutdown_signal(app, sig):
                 super().handle_exit(sig, frame)
+            loop, signals = app.state.loop, app.state.shutdown_signals
+            if loop is not None and signals <= 2:
+                deadline = (settings.shutdown_timeout if signals == 1 else 0.0) + _CLOSE_AFTER_S
+                loop.call_soon_threadsafe(loop.call_later, deadline, self.close_connections)
+
+        def close_connections(self) -> None:
+            """Past the drain every request has had its ending sent: a connection still open is a client
+            that reads nothing or sends a body it never finishes. Closed, its request ends as on a
+            disconnect, before uvicorn's timeout would cancel it (a traceback, a plain-text 500)."""
+            for connection in list(self.server_state.connections):
+                transport = getattr(connection, "transport", None)
+                if transport is not None and not transport.is_closing():
+                    transport.abort()
 
     config = uvicorn.Config(
         app,
@@ -102,7 +115,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     sys.exit(_exit_code(app))
 
 
-_SHUTDOWN_MARGIN_S = 5  # for the requests ended at --shutdown-timeout to send their last bytes
+_CLOSE_AFTER_S = 2  # after the drain's deadline: for the requests it ended to send their last bytes
+_SHUTDOWN_MARGIN_S = 5  # uvicorn's own cut, after ours
 
 
 def _exit_code(app: FastAPI) -> int:

@@ -244,10 +244,14 @@ class ToolTextFilter:
         return out
 
     def finish(self) -> tuple[str, list[ToolCall]]:
-        """(content not sent yet, calls) once the choice has finished."""
-        _, calls = self.plan.parse(self.text)
+        """(content not sent yet, calls) once the choice has finished: what `parse` makes of the whole
+        text, as the response not streamed has it."""
+        content, calls = self.plan.parse(self.text)
         if calls:
             return "", calls
+        if self.plan.mode in ("required", "named"):  # nothing was sent: held whole
+            self._sent = len(self.text)
+            return content or "", []
         rest, self._sent = self.text[self._sent :], len(self.text)
         return rest, []
 

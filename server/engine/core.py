@@ -343,9 +343,9 @@ def core_process_main(
     try:
         core = build(*args)
     except BaseException as exc:  # noqa: BLE001 - report any failure to the parent, then exit
-        # most often the model files or the settings: one line says why; the traceback is for debugging
-        log.error("engine process failed to start: %s", failure_reason(exc))
-        log.debug("where it failed:\n%s", traceback.format_exc())
+        # most often the model files or the settings: the server logs the reason, sent to it here, in one
+        # line; the traceback is for debugging
+        log.debug("engine process failed to start: %s\n%s", failure_reason(exc), traceback.format_exc())
         _send_quietly(out_conn, CoreDead(failure_reason(exc)))
         return
     trim_heap()  # loading leaves freed temporaries (unpickled weights before packing) in the heap

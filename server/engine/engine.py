@@ -163,7 +163,8 @@ class AsyncEngine:
         self._idle = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._restarting: asyncio.Task[None] | None = None
-        self._draining = False
+        self._draining = False  # the server is going down: no restarts
+        self._drain_ended = False  # ... and its deadline passed: no new requests either
         self._drain_timer: asyncio.TimerHandle | None = None
 
     @classmethod
@@ -230,9 +231,10 @@ class AsyncEngine:
         return self._state.value
 
     def drain(self, timeout: float) -> None:
-        """The server is going down: refuse new requests, restart no core that dies, and end the requests
-        still running `timeout` seconds from now with a 503 each (a stream gets its error event, not a
-        cut connection). Called again, the sooner deadline holds. Call on the loop."""
+        """The server is going down: restart no core that dies, and end the requests still running
+        `timeout` seconds from now with a 503 each (a stream gets its error event, not a cut connection);
+        requests the server accepted before the signal and is still preparing are taken until then (it
+        takes no new connections), none after. Called again, the sooner deadline holds. Call on the loop."""
         self._draining = True
         assert self._loop is not None
         if self._drain_timer is not None:
@@ -242,6 +244,7 @@ class AsyncEngine:
         self._drain_timer = self._loop.call_later(timeout, self._stop_requests, "the server is shutting down")
 
     def _stop_requests(self, reason: str) -> None:
+        self._drain_ended = True
         if self._streams:
             log.warning("shutdown: %d requests did not finish in time; ending them", len(self._streams))
         for request_id in list(self._streams):
@@ -343,7 +346,7 @@ class AsyncEngine:
         return self._stats.num_waiting + sum(count for _, count in self._unseen_adds)
 
     def _check_accepting(self) -> None:
-        if self._draining:
+        if self._drain_ended:
             raise EngineDeadError("the server is shutting down")
         if self._state is _State.RUNNING:
             return

@@ -165,5 +165,9 @@ def test_what_the_model_writes_in_a_call_never_fails_the_request() -> None:
     assert (
         auto.finish_reason(calls, "stop") == "tool_calls" and auto.finish_reason(calls, "length") == "length"
     )
+    # a forced call cut before its name is whole: no call, and the grammar's text is not content,
+    # streamed as not streamed
+    cut = ToolTextFilter(tool_plan(request(tool_choice="required")))
+    assert cut.feed('[{"name": "get_') == "" and cut.finish() == ("", [])
     held = ToolTextFilter(ToolPlan("required", []))
     assert held.feed("[") == ""
