@@ -96,7 +96,12 @@ class Settings:
     max_model_len: int | None = _opt(
         None, "context length (prompt + output); default min(model context, 8192)", int
     )
-    max_waiting: int = _opt(256, "waiting-queue limit (at least 1); requests beyond it get 429", int)
+    max_waiting: int = _opt(
+        256,
+        "waiting-queue limit (at least 1): sequences waiting beyond the running batch's free places; "
+        "requests beyond it get 429",
+        int,
+    )
     enable_prefix_caching: bool = _opt(
         True, "reuse KV blocks of shared prompt prefixes (true/false)", parse_bool
     )

@@ -84,7 +84,11 @@ class EngineCore:
     def info(self) -> CoreInfo:
         sched = self.scheduler.config
         checker = RequestChecker(
-            sched.max_model_len, self.config.max_waiting, self.vocab_size, sched.eos_token_id
+            sched.max_model_len,
+            self.config.max_waiting,
+            self.vocab_size,
+            sched.eos_token_id,
+            sched.max_num_seqs,
         )
         return CoreInfo(
             checker, sched.max_model_len, sched.num_blocks, sched.block_size, self.config.kv_cache_bytes

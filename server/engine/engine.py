@@ -292,7 +292,10 @@ class AsyncEngine:
                 f"the request needs {num_sequences} sequences (n x prompts); the queue holds at most {limit}"
             )
         waiting = self._num_waiting
-        if waiting + num_sequences > limit:
+        # a burst at a batch with room counts as waiting until the core schedules it: that room is not
+        # the queue's (as the core last reported it; the queue may hold that many more for a step)
+        room = max(0, self.checker.max_num_seqs - self._stats.num_running)
+        if waiting + num_sequences > limit + room:
             raise QueueFullError(f"{waiting} of {limit} queue places are taken")
 
     def generate(

@@ -96,6 +96,7 @@ class RequestChecker:
     max_waiting: int
     vocab_size: int | None
     eos_token_id: int | None
+    max_num_seqs: int = 0  # the running batch's room: sequences that start at once do not wait
 
     def check(self, prompt_token_ids: list[int], params: SamplingParams) -> SamplingParams:
         """Raise ValueError for any input that could fail inside a step; return the params to run.

@@ -190,6 +190,18 @@ async def test_queue_full_is_raised_before_queueing() -> None:
         assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
 
 
+async def test_a_burst_at_an_idle_engine_fills_the_batch_and_the_queue() -> None:
+    """--max-waiting bounds the requests that wait: a burst takes the batch's free places too."""
+    engine = await make_async(step_delay=0.01, max_waiting=2, max_num_seqs=3)
+    params = SamplingParams(max_tokens=200)
+    streams = [engine.generate(f"r{i}", [1], params) for i in range(5)]  # 3 start at once, 2 wait
+    with pytest.raises(QueueFullError):
+        engine.generate("one-too-many", [1], params)
+    await engine.shutdown(graceful=False)
+    for stream in streams:
+        assert [out async for out in stream][-1].finished
+
+
 async def test_bad_prompt_is_refused_at_once() -> None:
     engine = await make_async(max_model_len=16, num_blocks=8)
     with pytest.raises(ValueError, match="1 to 16"):
