@@ -514,3 +514,26 @@ class DetokenizeResponse(BaseModel):
 
 class VersionResponse(BaseModel):
     version: str
+
+
+# ---- /v1/responses ---------------------------------------------------------------------------------
+
+
+class ResponsesRequest(_NullIsUnset):
+    """OpenAI's Responses API request: what server.responses turns into a chat request."""
+
+    model: str
+    input: str | list[Any]  # items are read one by one (server.responses), each error naming its index
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=_I64_MIN, le=_I64_MAX)
+    temperature: float | None = None
+    top_p: float | None = None
+    stream: bool = False
+    text: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    previous_response_id: str | None = None
+    background: bool | None = None
+    metadata: dict[str, Any] | None = None
+    user: str | None = None

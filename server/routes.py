@@ -30,11 +30,13 @@ from server.protocol import (
     ErrorResponse,
     ModelCard,
     ModelList,
+    ResponsesRequest,
     TokenizeChatRequest,
     TokenizeRequest,
     TokenizeResponse,
     VersionResponse,
 )
+from server.responses import ResponseBuilder, chat_request, renamed, response_events
 from server.tools import ToolPlan
 
 log = logging.getLogger("server")
@@ -217,6 +219,22 @@ async def _respond(request: Request, kind: str, body: CompletionRequest | ChatCo
         return StreamingResponse(sse_events(chunks), media_type="text/event-stream")
     result = await until_disconnected(request, serving.create(body))
     return JSONResponse(result.model_dump(mode="json"))
+
+
+@v1.post("/responses")
+async def responses(body: ResponsesRequest, request: Request) -> Response:
+    """OpenAI's Responses API, served by the chat path (server/responses.py)."""
+    serving = _serving(request, "chat")
+    builder = ResponseBuilder(body, serving.model_name)
+    try:
+        chat = chat_request(body)
+        if body.stream:
+            chunks = await until_disconnected(request, serving.stream(chat))
+            return StreamingResponse(response_events(builder, chunks), media_type="text/event-stream")
+        result = await until_disconnected(request, serving.create(chat))
+    except APIError as e:
+        raise renamed(e) from e
+    return JSONResponse(builder.from_chat(result))
 
 
 @v1.get("/models")

@@ -117,6 +117,46 @@ def test_chat_sync_and_stream(client: openai.OpenAI) -> None:
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 
+def test_responses_api_through_the_sdk(client: openai.OpenAI) -> None:
+    """`client.responses`: create, the stream helper, a function call and its output, and `parse`."""
+    from pydantic import BaseModel
+
+    question = "What is the capital of France? Answer in one word."
+    done = client.responses.create(model=MODEL, input=question, max_output_tokens=10, temperature=0)
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": question}], max_tokens=10, temperature=0
+    )
+    assert done.output_text == chat.choices[0].message.content and "Paris" in done.output_text
+    assert done.usage is not None and done.usage.input_tokens == chat.usage.prompt_tokens  # type: ignore[union-attr]
+    with client.responses.stream(model=MODEL, input=question, max_output_tokens=10, temperature=0) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == final.output_text == done.output_text
+    weather = {"type": "function", "name": "get_weather", "description": "Weather in a city",
+               "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                              "required": ["city"]}}  # fmt: skip
+    ask = "What is the weather in Paris?"
+    first = client.responses.create(
+        model=MODEL, input=ask, tools=[weather], tool_choice={"type": "function", "name": "get_weather"},
+        temperature=0, max_output_tokens=60,
+    )  # type: ignore[arg-type]  # fmt: skip
+    [call] = [item for item in first.output if item.type == "function_call"]
+    assert call.name == "get_weather" and "city" in call.arguments
+    items = [{"role": "user", "content": ask}, call.model_dump(exclude_none=True),
+             {"type": "function_call_output", "call_id": call.call_id, "output": "18 C and sunny"}]  # fmt: skip
+    second = client.responses.create(model=MODEL, input=items, temperature=0, max_output_tokens=30)  # type: ignore[arg-type]
+    assert second.status in ("completed", "incomplete") and second.output_text
+
+    class City(BaseModel):
+        name: str
+        country: str
+
+    parsed = client.responses.parse(
+        model=MODEL, input="Name a city in Japan.", text_format=City, max_output_tokens=60
+    )
+    assert isinstance(parsed.output_parsed, City)
+
+
 async def test_async_client_concurrent(server_url: str) -> None:
     import asyncio
 
