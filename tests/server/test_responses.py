@@ -12,6 +12,7 @@ import httpx
 from model.tokenizer import Tokenizer
 from tests.server.conftest import SCRIPT, FakeEngine
 from tests.server.test_api import MODEL, assert_error
+from tests.server.test_tools import CALL_ROUND_TRIP
 
 
 def events(body: str) -> list[tuple[str, dict[str, Any]]]:
@@ -69,15 +70,8 @@ async def test_input_items_are_the_conversation(client: httpx.AsyncClient, fake_
         "model": MODEL,
         "max_tokens": 2,
         "tools": [{"type": "function", "function": {k: v for k, v in tool.items() if k != "type"}}],
-        "messages": [
-            {"role": "developer", "content": "Be brief."},
-            {"role": "user", "content": "Weather in Paris?"},
-            {"role": "assistant", "content": None, "tool_calls": [
-                {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
-            ]},
-            {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
-        ],
-    }  # fmt: skip
+        "messages": CALL_ROUND_TRIP,
+    }
     assert (await client.post("/v1/chat/completions", json=chat)).status_code == 200
     assert fake_engine.submitted[-1][1] == fake_engine.submitted[-2][1]
 

@@ -47,17 +47,21 @@ def test_plans() -> None:
         )
 
 
+# a call and its result, as chat messages (test_responses.py sends the same as Responses items)
+CALL_ROUND_TRIP = [
+    {"role": "developer", "content": "Be brief."},
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    ]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
+]  # fmt: skip
+
+
 def test_default_format_renders_tools_calls_and_results() -> None:
     req = ChatCompletionRequest.model_validate(
         {
-            "messages": [
-                {"role": "developer", "content": "Be brief."},
-                {"role": "user", "content": "Weather in Paris?"},
-                {"role": "assistant", "content": None, "tool_calls": [
-                    {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
-                ]},
-                {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
-            ],
+            "messages": CALL_ROUND_TRIP,
             "tools": [WEATHER],
         }
     )  # fmt: skip
