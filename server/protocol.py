@@ -535,5 +535,5 @@ class ResponsesRequest(_NullIsUnset):
     parallel_tool_calls: bool | None = None
     previous_response_id: str | None = None
     background: bool | None = None
-    metadata: dict[str, Any] | None = None
+    metadata: dict[str, str] | None = None
     user: str | None = None

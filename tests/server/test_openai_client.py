@@ -141,7 +141,13 @@ def test_responses_api_through_the_sdk(client: openai.OpenAI) -> None:
         temperature=0, max_output_tokens=60,
     )  # type: ignore[arg-type]  # fmt: skip
     [call] = [item for item in first.output if item.type == "function_call"]
-    assert call.name == "get_weather" and "city" in call.arguments
+    assert call.name == "get_weather" and "city" in call.arguments and call.status == "completed"
+    cut = client.responses.create(
+        model=MODEL, input=ask, tools=[weather], tool_choice="required", temperature=0, max_output_tokens=14
+    )  # type: ignore[arg-type]
+    assert cut.status == "incomplete" and [(i.type, i.status) for i in cut.output] == [
+        ("function_call", "incomplete")
+    ]
     items = [{"role": "user", "content": ask}, call.model_dump(exclude_none=True),
              {"type": "function_call_output", "call_id": call.call_id, "output": "18 C and sunny"}]  # fmt: skip
     second = client.responses.create(model=MODEL, input=items, temperature=0, max_output_tokens=30)  # type: ignore[arg-type]

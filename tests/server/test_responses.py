@@ -40,7 +40,9 @@ async def test_a_response_is_the_chat_answer_in_the_responses_shape(
     assert data["object"] == "response" and data["id"].startswith("resp_") and data["model"] == MODEL
     assert data["status"] == "incomplete" and data["incomplete_details"] == {"reason": "max_output_tokens"}
     [message] = data["output"]
-    assert message["type"] == "message" and message["role"] == "assistant"
+    assert (
+        message["type"] == "message" and message["role"] == "assistant" and message["status"] == "incomplete"
+    )
     assert message["content"][0]["text"] == tokenizer.decode(tokenizer.encode(SCRIPT)[:5])
     assert data["usage"]["input_tokens"] == len(prompt) and data["usage"]["output_tokens"] == 5
     assert data["usage"]["total_tokens"] == len(prompt) + 5 and data["store"] is False
@@ -88,7 +90,7 @@ async def test_the_stream_is_the_responses_events(client: httpx.AsyncClient, tok
     assert kinds[-4:] == [
         "response.output_text.done", "response.content_part.done", "response.output_item.done", "response.incomplete"
     ]  # fmt: skip
-    assert [data["sequence_number"] for _, data in stream] == list(range(1, len(stream) + 1))
+    assert [data["sequence_number"] for _, data in stream] == list(range(len(stream)))
     text = "".join(data["delta"] for kind, data in stream if kind == "response.output_text.delta")
     final = stream[-1][1]["response"]
     assert text == tokenizer.decode(tokenizer.encode(SCRIPT)[:6]) == final["output"][0]["content"][0]["text"]
@@ -116,3 +118,21 @@ async def test_what_the_server_cannot_do_is_a_400_naming_the_field(client: httpx
         "input"
     )
     assert_error(await post(model="gpt-4"), 404, "gpt-4")
+    # each error names the field as this request sent it, the item by its place in input
+    call = {"type": "function_call", "name": "f", "arguments": "{}"}
+    assert assert_error(await post(input=[call]), 400, "call_id")["param"] == "input[0].call_id"
+    bad_role = [{"role": "user", "content": "a"}, {"role": "wizard", "content": "b"}]
+    assert assert_error(await post(instructions="Be brief.", input=bad_role), 400)["param"] == "input[1].role"
+    output = {"type": "function_call_output", "call_id": "c"}
+    assert assert_error(await post(input=[output]), 400)["param"] == "input[0].output"
+    tool = {"type": "function", "name": "f", "parameters": "not a schema"}
+    assert assert_error(await post(tools=[tool]), 400)["param"] == "tools[0].parameters"
+    assert assert_error(await post(tools=[{"type": "function"}]), 400)["param"] == "tools[0].name"
+    unnamed = {"format": {"type": "json_schema", "schema": {"type": "object"}}}
+    assert assert_error(await post(text=unnamed), 400)["param"] == "text.format.name"
+    assert assert_error(await post(tool_choice="sometimes"), 400)["param"] == "tool_choice"
+    named = {"type": "function", "name": "max_tokens"}  # a client's own string is not renamed
+    tools = [{"type": "function", "name": "f"}]
+    assert "'max_tokens'" in assert_error(await post(tools=tools, tool_choice=named), 400)["message"]
+    assert_error(await post(input=[{"type": "item_reference", "id": "msg_1"}]), 400, "store: false")
+    assert assert_error(await post(metadata={"a": {"b": 1}}), 400)["param"].startswith("metadata")
