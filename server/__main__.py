@@ -124,6 +124,10 @@ def _exit_code(app: FastAPI) -> int:
     if fatal is not None:
         print(f"error: the engine failed and could not be recovered: {fatal}", file=sys.stderr)
         return 1
+    died = getattr(app.state.engine, "died_draining", None)
+    if died is not None:  # the requests it was running ended with errors, not their answers
+        print(f"error: the engine failed while the server was shutting down: {died}", file=sys.stderr)
+        return 1
     forced = app.state.forced_stop
     return 0 if forced is None else 128 + forced  # as a shell reports a process its signal stopped
 

@@ -164,6 +164,7 @@ class AsyncEngine:
         self._tasks: set[asyncio.Task[None]] = set()
         self._restarting: asyncio.Task[None] | None = None
         self._draining = False  # the server is going down: no restarts
+        self.died_draining: str | None = None  # why the core died during the drain, if it did
         self._drain_ended = False  # ... and its deadline passed: no new requests either
         self._drain_timer: asyncio.TimerHandle | None = None
 
@@ -432,6 +433,7 @@ class AsyncEngine:
             self._deaths.popleft()
         if self._draining:  # going down anyway: the requests have their errors, nothing to restart for
             self._state, self._dead_reason = _State.DEAD, reason
+            self.died_draining = reason
             return
         if len(self._deaths) > self.config.max_restarts:
             self._give_up(

@@ -306,6 +306,7 @@ async def test_a_drain_ends_what_still_runs_at_its_deadline_and_restarts_nothing
     engine._handle(CoreDead("killed"))
     await asyncio.sleep(0.05)
     assert engine.stats().num_engine_restarts == 0 and engine.state == "dead"
+    assert engine.died_draining == "killed"  # the server exits 1 for it
     await engine.shutdown()
 
 

@@ -191,3 +191,29 @@ def test_requests_still_running_when_the_drain_ends_get_an_error_ending(
         assert r.status_code in (200, 503), r.text
         if r.status_code == 503:
             assert r.json()["error"]["type"] == "service_unavailable"
+
+
+def test_an_engine_that_dies_during_the_drain_is_not_restarted_and_the_exit_says_so(
+    tokenizer: Tokenizer, tmp_path: Path
+) -> None:
+    port = free_port()
+    proc = start_server(tiny_model_folder(tokenizer, tmp_path / "tiny"), port)
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    body = {"model": MODEL, "prompt": "Once", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    try:
+        engine = engine_pid(proc.pid)
+        with httpx.stream("POST", url, json=body, timeout=60) as r:
+            lines = (line for line in r.iter_lines() if line.startswith("data: "))
+            next(lines)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            os.kill(engine, signal.SIGKILL)
+            events = list(lines)
+        assert events[-1] == "data: [DONE]" and '"error"' in events[-2]
+        assert proc.wait(timeout=30) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = proc.communicate()[0]
+    assert "restarted" not in log and "failed while the server was shutting down" in log, log[-3000:]
