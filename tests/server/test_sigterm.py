@@ -71,8 +71,7 @@ def test_sigterm_drains_the_in_flight_stream_then_exits_zero(
 ) -> None:
     """`kill` of the server, or `docker stop` / Ctrl-C, which signal the whole process group: the engine
     process must outlive the signal until the server has drained."""
-    port = free_port()
-    proc = start_server(tiny_model_folder(tokenizer, tmp_path / "tiny"), port, new_session=whole_group)
+    proc, port = start_tiny(tokenizer, tmp_path, new_session=whole_group)
     url = f"http://127.0.0.1:{port}/v1/completions"
     body = {"model": MODEL, "prompt": "Once", "max_tokens": MAX_TOKENS, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}  # fmt: skip
@@ -101,6 +100,15 @@ def test_sigterm_drains_the_in_flight_stream_then_exits_zero(
     assert sum(1 for chunk in chunks for _ in chunk["choices"]) <= MAX_TOKENS
 
 
+def start_tiny(
+    tokenizer: Tokenizer, tmp_path: Path, *extra: str, new_session: bool = False
+) -> tuple[subprocess.Popen[str], int]:
+    """`python -m server` on a tiny random model, healthy: (its process, its port)."""
+    port = free_port()
+    model = tiny_model_folder(tokenizer, tmp_path / "tiny")
+    return start_server(model, port, new_session=new_session, extra=extra), port
+
+
 def engine_pid(server_pid: int) -> int:
     """The engine process: the server's child started by multiprocessing's spawn (not its resource tracker)."""
     tasks = Path(f"/proc/{server_pid}/task").glob("*/children")  # children of every thread
@@ -115,8 +123,7 @@ def engine_pid(server_pid: int) -> int:
 def test_a_killed_engine_core_fails_its_stream_then_the_server_recovers(
     tokenizer: Tokenizer, tmp_path: Path
 ) -> None:
-    port = free_port()
-    proc = start_server(tiny_model_folder(tokenizer, tmp_path / "tiny"), port)
+    proc, port = start_tiny(tokenizer, tmp_path)
     base = f"http://127.0.0.1:{port}"
     body = {"model": MODEL, "prompt": "Once", "max_tokens": MAX_TOKENS, "ignore_eos": True, "stream": True}
     try:
@@ -154,9 +161,7 @@ def test_requests_still_running_when_the_drain_ends_get_an_error_ending(
     """Past --shutdown-timeout (or at a second signal) each request still running gets a 503 in OpenAI's
     shape (a stream its error event and [DONE]), not a cut connection or a plain-text 500; a stop forced
     by the second signal exits 128 + SIGINT."""
-    port = free_port()
-    model = tiny_model_folder(tokenizer, tmp_path / "tiny")
-    proc = start_server(model, port, extra=("--shutdown-timeout", "1", "--max-num-seqs", "1"))
+    proc, port = start_tiny(tokenizer, tmp_path, "--shutdown-timeout", "1", "--max-num-seqs", "1")
     url = f"http://127.0.0.1:{port}/v1/completions"
     body = {"model": MODEL, "prompt": "Once", "max_tokens": 1000, "ignore_eos": True}
 
@@ -196,8 +201,7 @@ def test_requests_still_running_when_the_drain_ends_get_an_error_ending(
 def test_an_engine_that_dies_during_the_drain_is_not_restarted_and_the_exit_says_so(
     tokenizer: Tokenizer, tmp_path: Path
 ) -> None:
-    port = free_port()
-    proc = start_server(tiny_model_folder(tokenizer, tmp_path / "tiny"), port)
+    proc, port = start_tiny(tokenizer, tmp_path)
     url = f"http://127.0.0.1:{port}/v1/completions"
     body = {"model": MODEL, "prompt": "Once", "max_tokens": 1000, "ignore_eos": True, "stream": True}
     try:
