@@ -119,7 +119,7 @@ def test_chat_sync_and_stream(client: openai.OpenAI) -> None:
 
 def test_responses_api_through_the_sdk(client: openai.OpenAI) -> None:
     """`client.responses`: create, the stream helper, a function call and its output, and `parse`."""
-    from pydantic import BaseModel
+    from pydantic import BaseModel, Field
 
     question = "What is the capital of France? Answer in one word."
     done = client.responses.create(model=MODEL, input=question, max_output_tokens=10, temperature=0)
@@ -153,14 +153,14 @@ def test_responses_api_through_the_sdk(client: openai.OpenAI) -> None:
     second = client.responses.create(model=MODEL, input=items, temperature=0, max_output_tokens=30)  # type: ignore[arg-type]
     assert second.status in ("completed", "incomplete") and second.output_text
 
-    class City(BaseModel):
-        name: str
-        country: str
+    class City(BaseModel):  # bounded strings: the constrained answer ends within max_output_tokens
+        name: str = Field(max_length=20)
+        country: str = Field(max_length=20)
 
     parsed = client.responses.parse(
-        model=MODEL, input="Name a city in Japan.", text_format=City, max_output_tokens=60
+        model=MODEL, input="Name a city in Japan.", text_format=City, temperature=0, max_output_tokens=100
     )
-    assert isinstance(parsed.output_parsed, City)
+    assert parsed.status == "completed" and isinstance(parsed.output_parsed, City)
 
 
 async def test_async_client_concurrent(server_url: str) -> None:
