@@ -524,7 +524,9 @@ class _StopFlag:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step ...", file=sys.stderr)
+        # os.write, not print: the signal may land inside a print to stderr, which is not reentrant
+        message = f"\n{signal.Signals(signum).name}: saving a checkpoint after this step ...\n"
+        os.write(sys.stderr.fileno(), message.encode())
 
     @contextmanager
     def installed(self) -> Iterator[_StopFlag]:

@@ -249,15 +249,21 @@ def shutdown_signal(app: FastAPI, sig: int) -> bool:
     state.shutdown_signals += 1
     engine, loop = state.engine, state.loop
     if isinstance(engine, AsyncEngine) and loop is not None and state.shutdown_signals <= 2:
-        timeout = state.settings.shutdown_timeout if state.shutdown_signals == 1 else 0.0
-        loop.call_soon_threadsafe(engine.drain, timeout)
-        if state.shutdown_signals == 1:
-            log.info("stopping: no new requests; those running have %gs to finish", timeout)
+        # on the loop, not here: the signal may land inside a write to the log's stream
+        loop.call_soon_threadsafe(_drain, engine, state.shutdown_signals, state.settings.shutdown_timeout)
     if state.shutdown_signals == 2:
         state.forced_stop = sig
-        log.warning("second stop signal: ending the requests still running now")
         return False
     return True
+
+
+def _drain(engine: AsyncEngine, signals: int, timeout: float) -> None:
+    if signals == 1:
+        log.info("stopping: no new requests; those running have %gs to finish", timeout)
+        engine.drain(timeout)
+    else:
+        log.warning("second stop signal: ending the requests still running now")
+        engine.drain(0.0)
 
 
 def _fatal(app: FastAPI, reason: str) -> None:
