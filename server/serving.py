@@ -271,11 +271,18 @@ class _Run:
     timers: list[RequestTimer] = field(default_factory=list)
     engine_ids: list[str] = field(default_factory=list)  # the engine request of each prompt
     tools: ToolPlan = field(default_factory=lambda: ToolPlan("none"))  # chat: what tool calls mean
+    # the choices' num_tokens summed as `step` adds them: usage may be asked for every chunk
+    # (continuous_usage_stats), and a sum over thousands of prompts and choices each time would not do
+    completion_tokens: int = 0
 
     def usage(self) -> UsageInfo:
-        prompt = sum(len(p.token_ids) for p in self.prompts)
-        completion = sum(c.num_tokens for c in self.choices)
+        prompt = self.prompt_tokens
+        completion = self.completion_tokens
         return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    @functools.cached_property
+    def prompt_tokens(self) -> int:
+        return sum(len(p.token_ids) for p in self.prompts)
 
     def prompt_done(self, p: int) -> bool:
         return all(c.finished for c in self.choices[p * self.n : (p + 1) * self.n])
@@ -528,9 +535,9 @@ class OpenAIServing:
 
     def step(self, run: _Run, p: int, out: RequestOutput) -> list[TextDelta]:
         """Feed one engine output of prompt `p` to its choices; returns the text deltas it produced."""
-        if out.error is not None and out.error_status == 503:
-            raise APIError(503, f"The request was ended: {out.error}.", "service_unavailable")
         if out.error is not None:
+            if out.error_status == 503:
+                raise APIError(503, f"The request was ended: {out.error}.", "service_unavailable")
             raise APIError(500, f"The engine failed on this request: {out.error}", "internal_error")
         deltas = []
         timer = run.timers[p]
@@ -542,6 +549,7 @@ class OpenAIServing:
             was_finished = choice.finished
             delta = choice.add(o)
             timer.tokens(o.index, choice.num_tokens - before)
+            run.completion_tokens += choice.num_tokens - before
             if choice.finished and not was_finished:
                 timer.finished(choice.finish_reason or "stop")
                 if o.finish_reason is None:  # a stop string ended it here: the engine would go on

@@ -118,17 +118,13 @@ class ToolPlan:
                     break
                 items.append(item)
         calls = self._calls(items)
-        head = _CALL_HEAD.match(text, at or 0)
+        head = _CALL_HEAD.match(text, at)
         name = self.tools[0].function.name if self.mode == "named" else None
         if head and head.group(1):
             name = _loads_or(head.group(1), None)
         if name in self.names and (self.parallel or not calls) and at < len(text):
             arguments = text[head.end() :].rstrip() if head and head.group(2) is not None else ""
-            calls.append(
-                ToolCall(
-                    id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(name=name, arguments=arguments)
-                )
-            )
+            calls.append(_new_call(name, arguments))
         return calls
 
     def _calls(self, items: list[Any]) -> list[ToolCall]:
@@ -144,15 +140,12 @@ class ToolPlan:
             arguments = item.get("arguments", item.get("parameters", {}))
             if isinstance(arguments, str):  # some models write the arguments as a JSON string already
                 arguments = _loads_or(arguments, arguments)
-            calls.append(
-                ToolCall(
-                    id=f"call_{uuid.uuid4().hex[:24]}",
-                    function=FunctionCall(
-                        name=item["name"], arguments=json.dumps(arguments, ensure_ascii=False)
-                    ),
-                )
-            )
+            calls.append(_new_call(item["name"], json.dumps(arguments, ensure_ascii=False)))
         return calls if self.parallel else calls[:1]
+
+
+def _new_call(name: str, arguments: str) -> ToolCall:
+    return ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(name=name, arguments=arguments))
 
 
 def _loads_or(text: str, default: Any) -> Any:

@@ -249,12 +249,7 @@ class AsyncEngine:
         if self._streams:
             log.warning("shutdown: %d requests did not finish in time; ending them", len(self._streams))
         for request_id in list(self._streams):
-            core_ids, out = self._processor.abort(request_id)
-            if core_ids and self._core is not None:
-                self._core.send(AbortRequests(core_ids))
-            if out is not None:
-                out.error, out.error_status = reason, 503
-                self._deliver([out])
+            self.abort(request_id, error=reason)
 
     async def shutdown(self, graceful: bool = True, timeout: float | None = None) -> None:
         """Stop accepting; let in-flight requests finish (or abort them), then stop the core."""
@@ -325,13 +320,16 @@ class AsyncEngine:
         self._core.send(AddRequests(requests, self._add_seq))
         return RequestStream(self, stream)
 
-    def abort(self, request_id: str, index: int | None = None) -> None:
+    def abort(self, request_id: str, index: int | None = None, error: str | None = None) -> None:
         """Abort the whole request, or only its choice `index` (n > 1; the others go on). The stream
-        gets an "abort" output for what was aborted. Unknown ids are ignored. Call on the loop."""
+        gets an "abort" output for what was aborted, carrying `error` if given (answered 503: the server
+        ended it). Unknown ids are ignored. Call on the loop."""
         core_ids, out = self._processor.abort(request_id, index)
         if core_ids and self._core is not None:
             self._core.send(AbortRequests(core_ids))
         if out is not None:
+            if error is not None:
+                out.error, out.error_status = error, 503
             self._deliver([out])
 
     def stats(self) -> EngineStats:
