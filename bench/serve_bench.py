@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import ipaddress
 import itertools
@@ -50,6 +51,7 @@ import torch
 
 from bench.ceilings import Ceilings
 from bench.ceilings import measure as measure_ceilings
+from bench.sse_client import StreamingClient
 
 # The issue's figures (bf16 GEMM rate and weight bandwidth of a Zen 5 host; bench/ceilings.py measures ours).
 DECODE_ROOFLINE_TOK_S_AT_32 = 2300.0
@@ -261,7 +263,7 @@ def _chunk_text_and_usage(event: dict[str, Any]) -> tuple[str, int | None, int |
     return text, usage.get("completion_tokens"), usage.get("prompt_tokens")
 
 
-async def stream_one(client: httpx.AsyncClient, cfg: LoadConfig, prompt: str) -> RequestResult:
+async def stream_one(client: StreamingClient, cfg: LoadConfig, prompt: str) -> RequestResult:
     """One streaming completion; chunk arrival times give TTFT and the inter-token gaps."""
     if cfg.system_prompt is None:
         path, payload = "/v1/completions", {"prompt": prompt}
@@ -282,16 +284,10 @@ async def stream_one(client: httpx.AsyncClient, cfg: LoadConfig, prompt: str) ->
     chunks = 0
     usage_tokens: int | None = None
     try:
-        async with client.stream("POST", f"{cfg.base_url}{path}", json=body) as resp:
-            if resp.status_code != 200:
-                detail = (await resp.aread()).decode(errors="replace")[:200]
-                raise RuntimeError(f"HTTP {resp.status_code}: {detail}")
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
+        async with contextlib.aclosing(client.events(path, body)) as events:
+            async for data in events:
                 if data == "[DONE]":
-                    break
+                    continue  # read on to the body's end, so the connection can serve the next request
                 text, n, n_prompt = _chunk_text_and_usage(json.loads(data))
                 usage_tokens = n if n is not None else usage_tokens
                 res.prompt_tokens = n_prompt if n_prompt is not None else res.prompt_tokens
@@ -339,10 +335,8 @@ async def run_load(cfg: LoadConfig) -> LoadResult:
         queue.put_nowait(i)
     results: list[RequestResult] = []
     in_flight: dict[int, float] = {}
-    limits = httpx.Limits(max_connections=cfg.concurrency + 4, max_keepalive_connections=cfg.concurrency)
-    timeout = httpx.Timeout(cfg.deadline_s, connect=10.0)
 
-    async def worker(wid: int, client: httpx.AsyncClient) -> None:
+    async def worker(wid: int, client: StreamingClient) -> None:
         while not queue.empty():
             i = queue.get_nowait()
             in_flight[wid] = time.perf_counter()
@@ -350,7 +344,7 @@ async def run_load(cfg: LoadConfig) -> LoadResult:
             del in_flight[wid]
 
     t0 = time.perf_counter()
-    async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client:
+    async with StreamingClient(cfg.base_url) as client:
         tasks = [asyncio.create_task(worker(w, client)) for w in range(cfg.concurrency)]
         await _run_until(tasks, cfg.deadline_s)
     end = time.perf_counter()
@@ -373,11 +367,8 @@ async def run_mixed(short: LoadConfig, long: LoadConfig, rate: float) -> LoadRes
     long_in_flight: dict[int, float] = {}
     long_done = asyncio.Event()
     next_short = itertools.count()
-    conns = short.concurrency + long.num_requests + 4
-    limits = httpx.Limits(max_connections=conns, max_keepalive_connections=conns)
-    timeout = httpx.Timeout(short.deadline_s, connect=10.0)
 
-    async def short_client(wid: int, client: httpx.AsyncClient) -> None:
+    async def short_client(wid: int, client: StreamingClient) -> None:
         while not long_done.is_set():
             prompt = short.prompts[next(next_short) % len(short.prompts)]
             in_flight[wid] = time.perf_counter()
@@ -387,12 +378,12 @@ async def run_mixed(short: LoadConfig, long: LoadConfig, rate: float) -> LoadRes
             if not res.ok:
                 break  # counted; a client that spun on a failing server would only count it again
 
-    async def one_long(i: int, client: httpx.AsyncClient) -> None:
+    async def one_long(i: int, client: StreamingClient) -> None:
         long_in_flight[i] = time.perf_counter()
         long_results.append(await stream_one(client, long, long.prompts[i % len(long.prompts)]))
         del long_in_flight[i]
 
-    async def arrivals(client: httpx.AsyncClient) -> None:
+    async def arrivals(client: StreamingClient) -> None:
         sent = []
         for i in range(long.num_requests):
             await asyncio.sleep(max(0.0, t0 + (i + 1) / rate - time.perf_counter()))
@@ -406,7 +397,7 @@ async def run_mixed(short: LoadConfig, long: LoadConfig, rate: float) -> LoadRes
         long_done.set()
 
     t0 = time.perf_counter()
-    async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client:
+    async with StreamingClient(short.base_url) as client:
         tasks = [asyncio.create_task(short_client(w, client)) for w in range(short.concurrency)]
         tasks.append(asyncio.create_task(arrivals(client)))
         await _run_until(tasks, short.deadline_s)
