@@ -32,6 +32,7 @@ from bench.ceilings import Ceilings, measure
 from bench.report import save_table
 from model.defaults import require_default_model
 from model.quant import INT4_MODES
+from model.threads import usable_cpus
 from model.weights import load_model
 from server.engine.engine import LLMEngine
 from server.engine.request import SamplingParams
@@ -209,7 +210,7 @@ def main() -> None:
     args = ap.parse_args()
     server_threads = args.threads == "server" and args.device == "cpu"
     if server_threads:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
+        torch.set_num_threads(max(1, usable_cpus() - 1))
     modes = args.int4_small_batch.split(",")
     if not set(modes) <= set(INT4_MODES):
         ap.error(f"--int4-small-batch: modes are {', '.join(INT4_MODES)}")
@@ -222,7 +223,7 @@ def main() -> None:
     source = model_source(args.model)
     engine = build_engine(source, dtype, max(levels), args.device)
     if server_threads:
-        engine.runner.model.use_compute_threads(os.cpu_count() or 1)
+        engine.runner.model.use_compute_threads(usable_cpus())
     vocab = engine.runner.model.config.vocab_size
     rows, bases = [], {}
     for mode in modes:

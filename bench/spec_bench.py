@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import statistics
 import sys
 import time
@@ -28,6 +27,7 @@ import torch
 from bench.engine_bench import model_source
 from bench.report import save_table
 from model.prepared import load_prepared
+from model.threads import usable_cpus
 from model.tokenizer import Tokenizer
 from server.app import make_core
 from server.engine.engine import LLMEngine
@@ -113,7 +113,7 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
-    cores = os.cpu_count() or 1
+    cores = usable_cpus()
     torch.set_num_threads(args.threads or max(1, cores - 1))  # as the server's engine runs
     source = model_source(args.model)
     model = load_prepared(source, "bfloat16", "cpu", "auto", "auto")

@@ -10,7 +10,10 @@ itself. How many threads that is belongs to the model's `Kernels` (`Kernels.comp
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -20,6 +23,94 @@ T = TypeVar("T")
 # Element-wise ops (norms, RoPE, SwiGLU) over at least this many rows also run on the compute threads: a
 # prefill chunk's hundreds of rows split well, while a decode step's few rows cost less than the wake-up.
 WIDE_ROWS = 128
+
+
+def usable_cpus(root: Path = Path("/")) -> int:
+    """How many CPUs this process can keep busy at once: its affinity mask (taskset, a container's
+    `--cpuset-cpus`), capped by the CPU quota of its cgroup (`docker run --cpus`, a Kubernetes CPU limit),
+    rounded down, at least 1.
+
+    `os.cpu_count()` counts the host's CPUs. OpenMP's workers spin while they wait for each other, a
+    few hundred times a step; with more workers than the quota allows, the kernel pauses the container
+    for the rest of each period while some of them spin, and a step takes many times as long. `root`
+    is where /proc and /sys are found (tests give a directory of their own).
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(root)
+    if quota is not None:
+        cpus = min(cpus, math.floor(quota))
+    return max(1, cpus)
+
+
+def cpu_limits_text(root: Path = Path("/")) -> str:
+    """What bounds `usable_cpus()`, for the start-up log: the host's CPUs, the affinity mask, the quota."""
+    parts = [f"{os.cpu_count()} on the host"]
+    try:
+        parts.append(f"{len(os.sched_getaffinity(0))} in its affinity mask")
+    except (AttributeError, OSError):
+        pass
+    quota = cgroup_cpu_quota(root)
+    parts.append("no cgroup CPU quota" if quota is None else f"a cgroup CPU quota of {quota:g}")
+    return ", ".join(parts)
+
+
+def cgroup_cpu_quota(root: Path = Path("/")) -> float | None:
+    """The CPU quota (in CPUs) of this process's cgroup and the cgroups above it, the smallest of them;
+    None when there is none or it cannot be read. cgroup v2 (`cpu.max`) and v1 (`cpu.cfs_quota_us`)."""
+    try:
+        lines = (root / "proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    quotas: list[float] = []
+    for line in lines:
+        fields = line.split(":", 2)
+        if len(fields) != 3:
+            continue
+        _, controllers, path = fields
+        if controllers == "":  # v2's unified hierarchy: "0::/path"
+            quotas += _quotas_up(root / "sys/fs/cgroup", path, _v2_quota)
+        elif "cpu" in controllers.split(","):
+            for name in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
+                mount = root / "sys/fs/cgroup" / name
+                if mount.is_dir():
+                    quotas += _quotas_up(mount, path, _v1_quota)
+                    break
+    return min(quotas) if quotas else None
+
+
+def _quotas_up(mount: Path, path: str, read: Callable[[Path], float | None]) -> list[float]:
+    """The quotas of the cgroup at `path` under `mount` and of each cgroup above it. Inside a container
+    the mount shows only the container's own cgroup, at the mount's top, whatever `path` says."""
+    found: list[float] = []
+    parts = [p for p in path.strip("/").split("/") if p]
+    if ".." in parts:  # a cgroup outside this namespace's view: only the mount's top is ours to read
+        parts = []
+    dirs = [mount.joinpath(*parts[:i]) for i in range(len(parts), -1, -1)]
+    for d in dirs:
+        quota = read(d)
+        if quota is not None:
+            found.append(quota)
+    return found
+
+
+def _v2_quota(d: Path) -> float | None:
+    try:
+        quota, period = (d / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
+
+
+def _v1_quota(d: Path) -> float | None:
+    try:
+        quota = int((d / "cpu.cfs_quota_us").read_text())
+        period = int((d / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if quota <= 0 or period <= 0 else quota / period
 
 
 def run_on(threads: int | None, fn: Callable[..., T], *args: object) -> T:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from typing import TYPE_CHECKING, Any
 
 from server.settings import Settings
@@ -154,15 +153,18 @@ def load_core(settings: Settings) -> EngineCore:
     if device == "cpu":
         import torch
 
+        from model.threads import cpu_limits_text, usable_cpus
+
         threads = settings.torch_threads or default_torch_threads(settings)
         torch.set_num_threads(threads)
-        log.info("CPU: %d thread(s) for element-wise ops, GEMMs on all %d cores", threads, os.cpu_count())
+        cpus = usable_cpus()
+        log.info("CPU: %d thread(s) for element-wise ops, GEMMs on %d (%s)", threads, cpus, cpu_limits_text())
     model = load_prepared(
         source, dtype, device, settings.int4_small_batch, settings.int8_lm_head, settings.prepared_cache,
         batch_invariant=settings.batch_invariant,
     )  # fmt: skip
     if device == "cpu":
-        model.use_compute_threads(os.cpu_count() or 1)
+        model.use_compute_threads(cpus)
     if settings.batch_invariant:
         log.info("batch-invariant: bf16 tile GEMM for every linear, the paged attention kernel for every row")
     cfg = model.config
@@ -194,4 +196,6 @@ def default_torch_threads(settings: Settings) -> int:
     """All cores but one for ATen's element-wise loops (our GEMMs switch to every core around each
     call): on 2 cores, two OpenMP threads on each of a step's ~3,000 small ops cost more than they
     gave (bench/NOTES.md)."""
-    return max(1, (os.cpu_count() or 1) - 1)
+    from model.threads import usable_cpus
+
+    return max(1, usable_cpus() - 1)

@@ -113,8 +113,9 @@ class Settings:
     )
     torch_threads: int | None = _opt(
         None,
-        "CPU threads for the engine's element-wise ops; default: all cores but one (on 2 cores, two "
-        "threads on each small op cost more than they gave). GEMMs use every core",
+        "CPU threads for the engine's element-wise ops; default: all usable CPUs but one (on 2 cores, "
+        "two threads on each small op cost more than they gave). GEMMs use every usable CPU: the "
+        "affinity mask capped by the cgroup's CPU quota (docker run --cpus, a Kubernetes CPU limit)",
         int,
     )
     int4_small_batch: str = _opt(

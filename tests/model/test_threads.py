@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from model.kernels import TORCH_ONLY, Kernels
-from model.threads import WIDE_ROWS, run_on
+from model.threads import WIDE_ROWS, cgroup_cpu_quota, cpu_limits_text, run_on, usable_cpus
 
 
 @pytest.fixture(autouse=True)
@@ -79,3 +83,66 @@ def test_use_compute_threads_reaches_every_linear() -> None:
     assert model.kernels is not None and model.kernels.compute_threads == 2
     linears = [*model._layer_linears(), model.lm_head_linear]
     assert all(lin is not None and lin.kernels.compute_threads == 2 for lin in linears)
+
+
+def _fake_root(tmp_path, cgroup: str, files: dict[str, str]):  # type: ignore[no-untyped-def]
+    (tmp_path / "proc/self").mkdir(parents=True)
+    (tmp_path / "proc/self/cgroup").write_text(cgroup)
+    for rel, text in files.items():
+        f = tmp_path / "sys/fs/cgroup" / rel
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(text)
+    return tmp_path
+
+
+def test_a_container_cpu_quota_caps_the_threads(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # `docker run --cpus 1.5` on cgroup v2: the container sees its own cgroup at the mount's top
+    root = _fake_root(tmp_path, "0::/\n", {"cpu.max": "150000 100000\n"})
+    assert cgroup_cpu_quota(root) == 1.5
+    assert usable_cpus(root) == 1  # rounded down: a thread more than the quota spins on paused time
+    assert "quota of 1.5" in cpu_limits_text(root)
+
+
+def test_the_smallest_quota_on_the_path_counts_v2(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    root = _fake_root(
+        tmp_path,
+        "0::/kubepods/pod1/ctr\n",
+        {"cpu.max": "max 100000\n", "kubepods/cpu.max": "400000 100000\n", "kubepods/pod1/ctr/cpu.max": "max 100000\n",
+         "kubepods/pod1/cpu.max": "50000 100000\n"},
+    )  # fmt: skip
+    assert cgroup_cpu_quota(root) == 0.5
+    assert usable_cpus(root) == 1  # never 0
+
+
+def test_a_v1_quota_is_read_from_the_cpu_controller(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cgroup = "4:memory:/docker/abc\n3:cpu,cpuacct:/docker/abc\n0::/\n"
+    root = _fake_root(
+        tmp_path, cgroup, {"cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "100000\n", "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n"}
+    )  # fmt: skip
+    assert cgroup_cpu_quota(root) == 1.0
+    assert usable_cpus(root) == 1
+
+
+@pytest.mark.parametrize(
+    "cgroup, files",
+    [
+        ("0::/\n", {"cpu.max": "max 100000\n"}),  # no limit
+        ("1:cpu:/\n", {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}),  # v1, no limit
+        ("0::/../../elsewhere\n", {"cpu.max": "max 100000\n"}),  # a cgroup outside this namespace
+        ("0::/\n", {"cpu.max": "garbage\n"}),
+        ("not a cgroup line\n", {}),
+    ],
+)
+def test_no_readable_quota_leaves_the_affinity_mask(tmp_path, cgroup: str, files: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
+    root = _fake_root(tmp_path, cgroup, files)
+    assert cgroup_cpu_quota(root) is None
+    assert usable_cpus(root) == len(os.sched_getaffinity(0))
+
+
+def test_the_affinity_mask_bounds_the_threads() -> None:
+    # taskset / `--cpuset-cpus`: os.cpu_count() still counts the host's CPUs
+    code = "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); from model.threads import usable_cpus; print(usable_cpus())"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "1"
