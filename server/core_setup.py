@@ -157,8 +157,11 @@ def load_core(settings: Settings) -> EngineCore:
 
         threads = settings.torch_threads or default_torch_threads(settings)
         torch.set_num_threads(threads)
-        cpus = usable_cpus()
-        log.info("CPU: %d thread(s) for element-wise ops, GEMMs on %d (%s)", threads, cpus, cpu_limits_text())
+        cpus = settings.threads or usable_cpus()
+        log.info(
+            "CPU: %d thread(s) for GEMMs and attention%s, %d for small element-wise ops (%s)",
+            cpus, "" if settings.threads is None else " (--threads)", threads, cpu_limits_text(),
+        )  # fmt: skip
     model = load_prepared(
         source, dtype, device, settings.int4_small_batch, settings.int8_lm_head, settings.prepared_cache,
         batch_invariant=settings.batch_invariant,
@@ -193,9 +196,9 @@ def load_core(settings: Settings) -> EngineCore:
 
 
 def default_torch_threads(settings: Settings) -> int:
-    """All cores but one for ATen's element-wise loops (our GEMMs switch to every core around each
-    call): on 2 cores, two OpenMP threads on each of a step's ~3,000 small ops cost more than they
+    """All compute threads but one for ATen's element-wise loops (our GEMMs switch to all of them around
+    each call): on 2 cores, two OpenMP threads on each of a step's ~3,000 small ops cost more than they
     gave (bench/NOTES.md)."""
     from model.threads import usable_cpus
 
-    return max(1, usable_cpus() - 1)
+    return max(1, (settings.threads or usable_cpus()) - 1)

@@ -111,23 +111,29 @@ class Settings:
         "GIL with HTTP and detokenization (false: a thread of the server process)",
         parse_bool,
     )
+    threads: int | None = _opt(
+        None,
+        "CPU threads for the engine's GEMMs, attention and long prompts' element-wise ops (llama.cpp's "
+        "--threads); default: the usable CPUs, the affinity mask capped by the cgroup's CPU quota "
+        "(docker run --cpus, a Kubernetes CPU limit), rounded down",
+        int,
+    )
     torch_threads: int | None = _opt(
         None,
-        "CPU threads for the engine's element-wise ops; default: all usable CPUs but one (on 2 cores, "
-        "two threads on each small op cost more than they gave). GEMMs use every usable CPU: the "
-        "affinity mask capped by the cgroup's CPU quota (docker run --cpus, a Kubernetes CPU limit)",
+        "CPU threads for the engine's small element-wise ops; default: --threads less one, at least 1 (on "
+        "2 cores, two threads on each small op cost more than they gave)",
         int,
     )
     int4_small_batch: str = _opt(
         "auto",
-        "int4 copies of the layer weights for steps of at most 4 tokens on CPU in bfloat16 (a quarter of "
-        "the bytes to stream per token): auto = only when lossless (weights already 4-bit groupwise, as "
+        "int4 copies of the layer weights for small steps on CPU in bfloat16 (up to 12 tokens with "
+        "AVX512-VNNI; the README says which CPUs take how many) (a quarter of the bytes to stream per token): auto = only when lossless (weights already 4-bit groupwise, as "
         "in the Q4_1 GGUF), on = always (lossy for other weights), off",
     )
     int8_lm_head: str = _opt(
         "auto",
-        "int8 copy of the LM head (blocks of 32, a scale each: GGUF's Q8_0) for steps that sample at most "
-        "4 tokens on CPU in bfloat16 (about half the bytes of the largest matrix): auto = only when lossless "
+        "int8 copy of the LM head (blocks of 32, a scale each: GGUF's Q8_0) for steps that sample few "
+        "tokens on CPU in bfloat16 (up to 12 with AVX512-VNNI; see the README) (about half the bytes of the largest matrix): auto = only when lossless "
         "(the head already 8-bit, as in the GGUF), on = always, off",
     )
     batch_invariant: bool = _opt(
@@ -250,6 +256,7 @@ class Settings:
     def __post_init__(self) -> None:
         checks = [
             (1 <= self.port <= 65535, f"port must be in [1, 65535], got {self.port}"),
+            (self.threads is None or self.threads >= 1, f"threads must be at least 1, got {self.threads}"),
             (
                 self.torch_threads is None or self.torch_threads >= 1,
                 f"torch_threads must be at least 1, got {self.torch_threads}",

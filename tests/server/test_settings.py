@@ -58,3 +58,13 @@ def test_help_explains_every_setting() -> None:
         "SMOLLM2_PORT",
     ]:
         assert flag in text
+
+
+def test_threads_set_the_compute_threads_and_the_small_ops_follow() -> None:
+    from server.core_setup import default_torch_threads
+
+    s = Settings.from_args([], env={"SMOLLM2_THREADS": "6"})
+    assert s.threads == 6 and default_torch_threads(s) == 5
+    assert default_torch_threads(Settings.from_args(["--threads", "1"], env={})) == 1  # never 0
+    with pytest.raises(ValueError, match="threads must be at least 1"):
+        Settings.from_args(["--threads", "0"], env={})
