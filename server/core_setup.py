@@ -12,6 +12,7 @@ import functools
 import logging
 from typing import TYPE_CHECKING, Any
 
+from server.engine.cpu_share import CPUShare
 from server.settings import Settings
 
 if TYPE_CHECKING:
@@ -192,7 +193,19 @@ def load_core(settings: Settings) -> EngineCore:
         )
     elif settings.int8_lm_head != "off" and model.int8_head_error is not None:
         log.info("int8 LM head off: it would change the model (error %.4f > lossless)", model.int8_head_error)
-    return make_core(model, tokenizer.eos_token_id, settings, tokenizer)
+    core = make_core(model, tokenizer.eos_token_id, settings, tokenizer)
+    if device == "cpu" and cpus > 1:
+        core.cpu_share = CPUShare(functools.partial(_set_threads, model, threads), cpus)
+    return core
+
+
+def _set_threads(model: Any, small_ops: int, threads: int) -> None:
+    """The model's compute threads, and the small ops' (on the calling thread: the one that steps) at most as
+    many."""
+    import torch
+
+    model.use_compute_threads(threads)
+    torch.set_num_threads(min(small_ops, threads))
 
 
 def default_torch_threads(settings: Settings) -> int:

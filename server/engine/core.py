@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
+from server.engine.cpu_share import CPUShare
 from server.engine.messages import (
     AbortRequests,
     AddRequests,
@@ -79,6 +80,7 @@ class EngineCore:
         self._preparing: dict[str, tuple[concurrent.futures.Future[None], Request]] = {}
         self._grammar_thread: concurrent.futures.ThreadPoolExecutor | None = None
         self.on_grammar_ready: Callable[[], None] | None = None
+        self.cpu_share: CPUShare | None = None  # set where the model steps on several CPU threads
 
     @property
     def info(self) -> CoreInfo:
@@ -164,9 +166,18 @@ class EngineCore:
             )
         taken = self._take_prepared() if self._preparing else []
         plan = self.scheduler.schedule()
-        sampled = self.runner.execute(plan) if plan.scheduled else {}
+        sampled = self._execute(plan) if plan.scheduled else {}
         finished = self.scheduler.update(plan, sampled)
         return taken + self._outputs(plan, sampled, finished)
+
+    def _execute(self, plan: SchedulerOutput) -> dict[str, SampleResult]:
+        share = self.cpu_share
+        if share is None:
+            return self.runner.execute(plan)
+        share.begin()
+        sampled = self.runner.execute(plan)
+        share.end()
+        return sampled
 
     def _outputs(
         self, plan: SchedulerOutput, sampled: dict[str, SampleResult], finished: list[Request]
