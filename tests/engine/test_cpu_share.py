@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -10,23 +11,29 @@ import torch
 
 from model.tokenizer import Tokenizer
 from server.engine import cpu_share
-from server.engine.cpu_share import CPUShare
+from server.engine.cpu_share import CPUShare, runqueue_wait_ns
 
 
 class Clocks:
-    """Wall and CPU time a test moves by hand: `step(wall, share)` is one step of `wall` seconds during which
-    the process got `share` of its threads' time."""
+    """Wall and CPU time a test moves by hand: `step(wall, share, waiting)` is one step of `wall` seconds during
+    which the process got `share` of its threads' time and `waiting` of its threads waited for a CPU. Without
+    `schedstat`, the run-queue waits are not known (as where Linux keeps none)."""
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int = 2, schedstat: bool = False) -> None:
         self.wall = 0.0
         self.cpu = 0.0
+        self.wait_ns = 0
         self.calls: list[int] = []
-        self.share = CPUShare(self.calls.append, 2, clock=lambda: self.wall, cpu_clock=lambda: self.cpu)
+        waits = (lambda: {7: self.wait_ns}) if schedstat else (lambda: None)
+        self.share = CPUShare(
+            self.calls.append, threads, clock=lambda: self.wall, cpu_clock=lambda: self.cpu, waits=waits
+        )
 
-    def step(self, wall: float, share: float) -> None:
+    def step(self, wall: float, share: float = 1.0, waiting: float = 0.0) -> None:
         self.share.begin()
         self.wall += wall
         self.cpu += wall * share * self.share.threads
+        self.wait_ns += int(wall * waiting * 1e9)
         self.share.end()
 
     def idle(self, seconds: float) -> None:
@@ -47,6 +54,9 @@ def test_a_window_short_of_cpu_drops_to_one_thread_then_tries_again(caplog: pyte
         c.step(0.003, 0.95)
     for _ in range(3):
         c.step(0.1, 0.5)  # one thread spins at each wait while the other waits for a CPU
+    assert c.calls == [], "one window is not enough"
+    for _ in range(3):
+        c.step(0.1, 0.5)
     assert c.calls == [1] and c.share.threads == 1
     assert "busy with other processes" in caplog.text and c.share.shared_episodes == 1
     # on one thread nothing is learnt about the others, whatever the windows say
@@ -56,7 +66,7 @@ def test_a_window_short_of_cpu_drops_to_one_thread_then_tries_again(caplog: pyte
     c.idle(cpu_share.RETRY_FIRST_S)
     c.step(0.01, 0.5)  # the retry: all the threads, judged over one window
     assert c.calls == [1, 2]
-    for _ in range(30):
+    for _ in range(60):
         c.step(0.01, 0.5)
     assert c.calls == [1, 2, 1]  # still taken: back to one, no second warning
     assert caplog.text.count("busy with other processes") == 1 and c.share.shared_episodes == 1
@@ -120,3 +130,31 @@ def test_the_served_core_watches_its_cpus_only_on_several_threads(
     core.cpu_share._use(1)  # what a window short of CPU does, between two steps
     assert core.runner.model.kernels.compute_threads == 1  # type: ignore[attr-defined]
     assert torch.get_num_threads() == 1
+
+
+def test_as_many_threads_are_dropped_as_waited_for_a_cpu() -> None:
+    c = Clocks(threads=8, schedstat=True)
+    w = cpu_share.WINDOW_S
+    for _ in range(20):
+        c.step(w, waiting=0.3)  # the HTTP process's turns now and then: not a neighbour
+    c.step(w, waiting=0.9)  # one window past the mark: a burst, not yet a neighbour
+    c.step(w, waiting=0.3)
+    assert c.calls == []
+    c.step(w, share=0.95, waiting=2.5)  # a CPU time share that alone would not tell
+    c.step(w, share=0.95, waiting=2.5)
+    assert c.calls == [5]
+    c.step(w, waiting=1.0)  # still one too many for the CPUs left
+    c.step(w, waiting=1.0)
+    assert c.calls == [5, 4] and c.share.shared_episodes == 1
+    c.step(w, waiting=0.1)
+    assert c.calls == [5, 4]  # fewer threads are not tried more of until the retry
+    c.idle(cpu_share.RETRY_FIRST_S)
+    c.step(w, waiting=0.1)
+    assert c.calls == [5, 4, 8] and c.share.threads == 8
+
+
+def test_where_linux_keeps_no_run_queue_waits_the_cpu_time_share_decides(tmp_path: Path) -> None:
+    assert runqueue_wait_ns(str(tmp_path / "none")) is None
+    waits = runqueue_wait_ns()
+    if waits is not None:  # this kernel keeps them: every thread of this process has its own
+        assert os.getpid() in waits and all(ns >= 0 for ns in waits.values())
