@@ -194,6 +194,7 @@ class LoadResult:
     itl_ms: list[float]
     first_error: str = ""
     cpu_percent: float | None = None  # server process tree; 100 = one core busy
+    client_cpu_percent: float | None = None  # this load generator's own, on the same cores
     prompt_tokens: int = 0  # summed over the completed requests whose usage gave them
     prompt_counted: int = 0  # how many requests that was
     long: LoadResult | None = None  # the mixed load's long-prompt requests, summarized apart
@@ -234,6 +235,7 @@ class LoadResult:
             "prompt_tokens_per_req": _round(self.prompt_tokens_per_req, 1),
             "prompt_tok_per_s": _round(self.prompt_tok_per_s, 1),
             "cpu_percent": self.cpu_percent,
+            "client_cpu_percent": self.client_cpu_percent,
             "first_error": self.first_error,
         } | ({"long": self.long.to_dict()} if self.long is not None else {})
 
@@ -479,8 +481,9 @@ async def run_load_measured(
 ) -> LoadResult:
     """``run_load`` (``run_mixed`` given ``long``) plus the server's CPU use over the run (percent of one core)."""
     cpu0 = _proc_tree_cpu_seconds(server_pid) if server_pid else None
-    t0 = time.perf_counter()
+    t0, client0 = time.perf_counter(), time.process_time()
     result = await run_load(cfg) if long is None else await run_mixed(cfg, long, long_rate)
+    result.client_cpu_percent = round(100.0 * (time.process_time() - client0) / (time.perf_counter() - t0), 1)
     if server_pid and cpu0 is not None:
         wall = time.perf_counter() - t0
         result.cpu_percent = 100.0 * (_proc_tree_cpu_seconds(server_pid) - cpu0) / wall if wall > 0 else None
@@ -904,7 +907,8 @@ async def bench_peer(
             log(
                 f"[{name}] c={c}: {d['tok_per_s']} tok/s, prompt {_fmt(d['prompt_tok_per_s'])} tok/s, "
                 f"TTFT p50 {_fmt(d['ttft_p50_ms'])} ms, ITL p50 {_fmt(d['itl_p50_ms'])} ms, "
-                f"p99 {_fmt(d['itl_p99_ms'])} ms, errors {d['errors']}"
+                f"p99 {_fmt(d['itl_p99_ms'])} ms, errors {d['errors']}, CPU % server {_fmt(d['cpu_percent'])} "
+                f"client {_fmt(d['client_cpu_percent'])}"
             )
             if "long" in d:
                 lg = d["long"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -34,6 +35,7 @@ from bench.serve_bench import (
     run_mixed,
     server_side_line,
 )
+from bench.sse_client import HTTPStatusError, StreamingClient
 
 TTFT_S = 0.3  # the fake server's delay before the first token
 GAP_S = 0.05  # and between tokens
@@ -274,3 +276,22 @@ async def test_mixed_load_reports_short_streams_and_long_arrivals_apart(fake_url
     assert len(res.itl_ms) == 4 * res.completed  # only the short streams' gaps
     assert sorted(b["prompt"] for b in BODIES if b["prompt"].startswith("long")) == ["long-a", "long-b"]
     assert res.to_dict()["long"]["completed"] == 2
+
+
+async def test_the_load_client_reuses_a_connection_after_a_whole_response(fake_url: str) -> None:
+    body = {"model": "fake", "prompt": "ok", "max_tokens": 3, "stream": True}
+    async with StreamingClient(fake_url) as client:
+        for _ in range(3):  # an error body read whole leaves the connection usable too
+            events = [e async for e in client.events("/v1/completions", body)]
+            assert events[-1] == "[DONE]" and len(events) == 3 + 2  # 3 tokens, usage, [DONE]
+            assert [json.loads(e)["choices"][0]["text"] for e in events[:3]] == [" t0", " t1", " t2"]
+            with pytest.raises(HTTPStatusError, match="HTTP 500.*boom") as err:
+                async for _ in client.events("/v1/completions", {**body, "prompt": "fail"}):
+                    pass
+            assert err.value.status == 500
+        assert len(client._idle) == 1  # every request went over the one connection
+        # a consumer that stops early closes its connection rather than leave a half-read response
+        async with contextlib.aclosing(client.events("/v1/completions", body)) as events:
+            async for _ in events:
+                break
+        assert len(client._idle) == 0
