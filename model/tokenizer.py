@@ -12,6 +12,7 @@ without a template is rendered with ChatML (``CHATML_TEMPLATE``), which is what 
 
 from __future__ import annotations
 
+import codecs
 import json
 import mmap
 import re
@@ -444,6 +445,31 @@ class Tokenizer:
         self._token_bytes[token_id] = raw
         return raw
 
+    def byte_token_ids(self, data: bytes) -> list[int] | None:
+        """The ids of the single-byte tokens that spell `data` byte by byte (None where the vocabulary has
+        no such tokens)."""
+        if isinstance(self._backend.decoder, decoders.ByteLevel):
+            spelling = _bytes_to_unicode()
+            ids = [self._backend.token_to_id(spelling[b]) for b in data]
+        else:  # SentencePiece's byte fallback
+            ids = [self._backend.token_to_id(f"<0x{b:02X}>") for b in data]
+        return None if None in ids else [int(i) for i in ids if i is not None]
+
+    def incomplete_tail(self, ids: Sequence[int]) -> bytes:
+        """The bytes of the UTF-8 character `ids` end inside of (their last token(s) are part of its bytes),
+        b"" where they end at a character boundary or those bytes cannot be spelled as byte tokens."""
+        if not ids or self.token_bytes(ids[-1])[-1:] < b"\x80":  # ASCII (or nothing) last: the usual case
+            return b""
+        data = b""
+        for tid in reversed(ids[-3:]):  # an incomplete character has at most 3 bytes
+            data = self.token_bytes(tid) + data
+            if len(data) >= 3:
+                break
+        utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        utf8.decode(data[-3:])
+        tail: bytes = utf8.getstate()[0]  # the bytes held as the start of a character
+        return tail if tail and self.byte_token_ids(tail) is not None else b""
+
     def special_texts(self) -> list[str]:
         """The text of every special (control) token, longest first."""
         if self._special_texts is None:
@@ -512,8 +538,13 @@ class Tokenizer:
         self.check_ids(ids)
         return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def incremental_decoder(self, skip_special_tokens: bool = False) -> IncrementalDecoder:
-        return IncrementalDecoder(self, skip_special_tokens)
+    def incremental_decoder(self, skip_special_tokens: bool = False, lead: bytes = b"") -> IncrementalDecoder:
+        """lead: the bytes of an incomplete character the stream may continue (`incomplete_tail` of a
+        prompt): a character the stream's first bytes complete is part of its first text; a lead they do not
+        complete is left out (`lead_dropped`)."""
+        return IncrementalDecoder(
+            self, skip_special_tokens, (self.byte_token_ids(lead) or []) if lead else []
+        )
 
     # ---- chat ----
     def compile_chat_template(self) -> None:
@@ -575,10 +606,16 @@ class IncrementalDecoder:
     O(all tokens). The pieces of all pushes plus ``flush()`` join to ``tokenizer.decode(all_ids)``.
     """
 
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, skip_special_tokens: bool = False, lead: Sequence[int] = ()
+    ) -> None:
         self._tok = tokenizer
         self._skip = skip_special_tokens
-        self._window: list[int] = []  # ids from the last character boundary on
+        # ids from the last character boundary on; `lead` (byte tokens of a character that the stream
+        # completes) is pending text, so it comes out with the first push that completes it
+        self._window: list[int] = list(lead)
+        self._lead = len(lead)  # until the first text: then whether the output completed the character
+        self.lead_dropped = False  # it did not: the lead's bytes were left out of the text
         self._read = 0  # window[:read] is text emitted before the boundary moved; window[read:] is pending
         self._sent = 0  # characters of the pending text already emitted (those before a held character)
 
@@ -600,6 +637,8 @@ class IncrementalDecoder:
         self._tok.check_ids(ids)
         self._window.extend(ids)
         text = self._pending_text()
+        if self._lead and text.rstrip("\ufffd"):
+            text = self._settle_lead(text)
         # A character is at most 4 bytes: ids still incomplete after that many are not UTF-8 and never
         # will be; emitting them (as U+FFFD) keeps the window, and each push's cost, bounded.
         if not text.endswith("\ufffd") or len(self._window) - self._read > _MAX_INCOMPLETE_IDS:
@@ -609,6 +648,17 @@ class IncrementalDecoder:
         piece = complete[self._sent :]
         self._sent = max(self._sent, len(complete))
         return piece
+
+    def _settle_lead(self, text: str) -> str:
+        """At the first text after a lead: if the output's bytes did not complete the lead's character, the
+        lead stays the prompt's (its U+FFFD is not the output's text) and is dropped from the window."""
+        own = self._tok._backend.decode(self._window[self._lead :], skip_special_tokens=self._skip)
+        if text.endswith(own) and not text[: len(text) - len(own)].strip("\ufffd"):
+            self._window = self._window[self._lead :]
+            self.lead_dropped = True
+            text = own
+        self._lead = 0
+        return text
 
     def flush(self) -> str:
         """The text still held back at the end of the stream (an incomplete character shows as U+FFFD)."""

@@ -117,6 +117,7 @@ class ChoiceText:
         include_stop: bool = False,
         echo_only: bool = False,
         min_tokens: int = 0,
+        lead: bytes = b"",
     ) -> None:
         self.index = index
         self._min_tokens = min_tokens  # stop strings count only from this many tokens on, as EOS does
@@ -124,7 +125,13 @@ class ChoiceText:
         self._echo_only = (
             echo_only  # echo with max_tokens 0: the prompt is all (the engine's one token dropped)
         )
-        self._decoder = tokenizer.incremental_decoder(skip_special_tokens=True)
+        # lead: the bytes of the prompt's incomplete last character. The output is decoded after them (as
+        # vLLM does), so a character the output completes is its text, whole, and the echoed prompt
+        # (`prefix`) leaves out its U+FFFD; one the output does not complete stays the prompt's
+        self._decoder = tokenizer.incremental_decoder(skip_special_tokens=True, lead=lead)
+        self._held_echo = ""
+        if lead and prefix.endswith("\ufffd"):
+            prefix, self._held_echo = prefix[:-1], prefix[-1]
         self._eos = tokenizer.eos_token_id
         self._stop = stop
         self._state = 0  # the stop matcher's state
@@ -162,6 +169,13 @@ class ChoiceText:
             if out.logprobs is not None:
                 self._pending_lp.append((out.logprobs[k], self._offset))
             piece = self._decoder.push([token_id])
+            if piece and self._held_echo:
+                if self._decoder.lead_dropped:  # not completed by the output: the prompt's U+FFFD is echoed
+                    self._pending += self._held_echo
+                    self._offset += len(self._held_echo)
+                    if out.logprobs is not None:
+                        self._pending_lp[-1] = (out.logprobs[k], self._offset)
+                self._held_echo = ""
             self._offset += len(piece)
             if self._append(piece):
                 return self._release()
@@ -169,6 +183,7 @@ class ChoiceText:
             # what the decoder still holds is a character whose bytes did not all come (cut by max_tokens):
             # dropped, as vLLM and llama.cpp do, rather than shown as U+FFFD
             self._decoder.flush()
+            self._pending += self._held_echo
             self.finish_reason = out.finish_reason
         return self._release()
 
@@ -698,10 +713,12 @@ class ServingCompletion(OpenAIServing):
         stop = self.stop_matcher(req.stop)
         for p in prompts:
             echo = (p.text if p.text is not None else self.tokenizer.decode(p.token_ids)) if req.echo else ""
+            # a prompt of ids may end inside a character, which the output's first bytes may complete
+            lead = b"" if echo_only else self.tokenizer.incomplete_tail(p.token_ids)
             base = len(run.choices)
             include = req.include_stop_str_in_output
             run.choices += [
-                ChoiceText(base + i, self.tokenizer, stop, echo, include, echo_only, req.min_tokens)
+                ChoiceText(base + i, self.tokenizer, stop, echo, include, echo_only, req.min_tokens, lead)
                 for i in range(req.n)
             ]
         return run, await self.start(run, params)
@@ -718,17 +735,35 @@ class ServingCompletion(OpenAIServing):
         for c in run.choices[p * run.n : (p + 1) * run.n]:
             c.add_prefix_logprobs(entries)
 
+    def _token(self, token_id: int) -> str:
+        """A token as the legacy logprobs name it: its text, or "bytes:\\xNN..." (OpenAI's form) where its
+        bytes are part of a character, whose text (U+FFFD) would not tell such tokens apart."""
+        text = self.tokenizer.decode([token_id])
+        if "\ufffd" not in text:
+            return text
+        raw = self.tokenizer.token_bytes(token_id)
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        return text
+
     def _logprobs(self, entries: list[tuple[TokenLogprob | None, int]]) -> CompletionLogprobs:
         lp = CompletionLogprobs()
         for entry, offset in entries:
             assert entry is not None
             first_prompt_token = entry.logprob != entry.logprob  # NaN marks "no logprob" (first prompt token)
-            lp.tokens.append(self.tokenizer.decode([entry.token_id]))
+            token = self._token(entry.token_id)
+            lp.tokens.append(token)
             lp.text_offset.append(offset)
             lp.token_logprobs.append(None if first_prompt_token else _finite(entry.logprob))
-            lp.top_logprobs.append(
-                None if first_prompt_token else {self.tokenizer.decode([t]): _finite(v) for t, v in entry.top}
-            )
+            if first_prompt_token:
+                lp.top_logprobs.append(None)
+                continue
+            top = {self._token(t): _finite(v) for t, v in entry.top}
+            # the chosen token is always listed, even outside the top N (up to N + 1 entries), as OpenAI's
+            top.setdefault(token, _finite(entry.logprob))
+            lp.top_logprobs.append(top)
         return lp
 
     def _choice(self, delta_text: str, delta: TextDelta, want_logprobs: bool) -> CompletionChoice:
