@@ -51,6 +51,7 @@ from server.protocol import (
     CompletionResponse,
     DeltaMessage,
     FunctionCallDelta,
+    PromptTokensDetails,
     SamplingFields,
     TokenizeChatRequest,
     ToolCall,
@@ -289,11 +290,17 @@ class _Run:
     # the choices' num_tokens summed as `step` adds them: usage may be asked for every chunk
     # (continuous_usage_stats), and a sum over thousands of prompts and choices each time would not do
     completion_tokens: int = 0
+    cached_tokens: dict[int, int] = field(default_factory=dict)  # by prompt: its tokens the prefix cache held
 
     def usage(self) -> UsageInfo:
         prompt = self.prompt_tokens
         completion = self.completion_tokens
-        return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        return UsageInfo(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(self.cached_tokens.values())),
+        )
 
     @functools.cached_property
     def prompt_tokens(self) -> int:
@@ -558,6 +565,8 @@ class OpenAIServing:
         timer = run.timers[p]
         if out.queue_time is not None:
             timer.queued(out.queue_time)
+        if out.num_cached_tokens:
+            run.cached_tokens[p] = out.num_cached_tokens
         for o in out.outputs:
             choice = run.choices[p * run.n + o.index]
             before = choice.num_tokens

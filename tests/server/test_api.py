@@ -42,7 +42,12 @@ async def test_completion_shape_and_exact_usage(client: httpx.AsyncClient, token
     assert choice["text"] == tokenizer.decode(script[:5])
     assert choice["finish_reason"] == "length"
     n_prompt = len(tokenizer.encode("Hello there"))
-    assert data["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": 5, "total_tokens": n_prompt + 5}
+    assert data["usage"] == {
+        "prompt_tokens": n_prompt,
+        "completion_tokens": 5,
+        "total_tokens": n_prompt + 5,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
 
 
 async def test_prompt_forms_all_reach_the_engine(

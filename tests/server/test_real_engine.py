@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import httpx
@@ -247,3 +248,31 @@ async def test_speculative_ngram_gives_the_same_text_and_counts_drafts(tokenizer
     assert samples[(0, "smollm2:spec_decode_num_draft_tokens_total")] == 0
     assert samples[(3, "smollm2:spec_decode_num_draft_tokens_total")] > 0
     assert (3, "smollm2:spec_decode_acceptance_rate") in samples
+
+
+async def test_usage_counts_the_prompt_tokens_the_prefix_cache_held(
+    tiny_client: tuple[httpx.AsyncClient, Any],
+) -> None:
+    """usage.prompt_tokens_details.cached_tokens, as OpenAI's: a repeated prompt is mostly served from the
+    cache (whole blocks), a new one not at all; streamed usage and chat say the same; n counts a prompt once."""
+    client, engine = tiny_client
+    prompt = "The same long opening of a prompt, asked twice: " + "one two three four five six " * 12
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 2, "temperature": 0}
+    first = (await client.post("/v1/completions", json=body)).json()["usage"]
+    again = (await client.post("/v1/completions", json={**body, "n": 2})).json()["usage"]
+    assert first["prompt_tokens_details"] == {"cached_tokens": 0}
+    cached = again["prompt_tokens_details"]["cached_tokens"]
+    assert again["prompt_tokens"] == first["prompt_tokens"]
+    assert first["prompt_tokens"] - 16 <= cached < first["prompt_tokens"] and cached % 16 == 0  # whole blocks
+    r = await client.post(
+        "/v1/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}}
+    )
+    usage = [json.loads(line[6:])["usage"] for line in r.text.splitlines() if line.startswith("data: {")][-1]
+    assert usage["prompt_tokens_details"]["cached_tokens"] == cached
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": 2}
+    await client.post("/v1/chat/completions", json=chat)
+    usage = (await client.post("/v1/chat/completions", json=chat)).json()["usage"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] > 0
+    response = {"model": MODEL, "input": prompt, "max_output_tokens": 2}
+    usage = (await client.post("/v1/responses", json=response)).json()["usage"]  # the chat's prompt, cached
+    assert usage["input_tokens_details"]["cached_tokens"] > 0
