@@ -7,8 +7,9 @@ comes back, at every one of those waits: steps take tens of times as long (a sec
 same two cores made ours 1-20 tokens/s, against ~230 on one thread). Fewer threads wait less.
 
 `CPUShare` judges windows of at least `WINDOW_S` of steps, two running before it acts. Its measure is how many of the process's
-threads were, on average, ready to run but waiting for a CPU while it stepped (the run-queue wait the
-kernel keeps per thread in /proc/self/task/*/schedstat); where that file is missing, the process's CPU
+threads that step (the stepping thread and the OpenMP workers) were, on average, ready to run but
+waiting for a CPU while it stepped (the run-queue wait the kernel keeps per thread in
+/proc/self/task/*/schedstat); where that file is missing, the process's CPU
 time over the steps' wall time per compute thread (spinning or computing threads get ~1; one thread
 kept off its core for good makes it 1 - 1/threads). Past the mark it drops as many threads as were
 waiting (at least one), and tries all of them again after `RETRY_FIRST_S`, waiting twice as long after
@@ -20,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable
 
@@ -52,6 +54,18 @@ def runqueue_wait_ns(tasks: str = "/proc/self/task") -> dict[int, int] | None:
     return out or None
 
 
+def compute_thread_waits() -> dict[int, int] | None:
+    """`runqueue_wait_ns` of the threads that step: the calling one and those Python did not start (the
+    OpenMP workers). The process's other Python threads (pipes, grammar compiles, and the HTTP server's
+    own when the engine runs on a thread of it) are left out: their waits are not the steps'."""
+    waits = runqueue_wait_ns()
+    if waits is None:
+        return None
+    me = threading.current_thread()
+    others = {t.native_id for t in threading.enumerate() if t is not me}
+    return {tid: ns for tid, ns in waits.items() if tid not in others}
+
+
 class CPUShare:
     """Call `begin()` before each step and `end()` after it; `set_threads(n)` is called from them,
     between steps, on the stepping thread."""
@@ -62,7 +76,7 @@ class CPUShare:
         threads: int,
         clock: Callable[[], float] = time.perf_counter,
         cpu_clock: Callable[[], float] = time.process_time,
-        waits: Callable[[], dict[int, int] | None] = runqueue_wait_ns,
+        waits: Callable[[], dict[int, int] | None] = compute_thread_waits,
     ) -> None:
         self._set_threads = set_threads
         self.full = threads

@@ -158,3 +158,24 @@ def test_where_linux_keeps_no_run_queue_waits_the_cpu_time_share_decides(tmp_pat
     waits = runqueue_wait_ns()
     if waits is not None:  # this kernel keeps them: every thread of this process has its own
         assert os.getpid() in waits and all(ns >= 0 for ns in waits.values())
+
+
+def test_only_the_stepping_threads_waits_count() -> None:
+    """The calling thread and the threads Python did not start (OpenMP's) are measured; the process's other
+    Python threads (pipes, compiles, an HTTP server's own) are not."""
+    import threading
+
+    from server.engine.cpu_share import compute_thread_waits
+
+    if runqueue_wait_ns() is None:
+        pytest.skip("this kernel keeps no run-queue waits")
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, name="pipe-reader")
+    other.start()
+    try:
+        waits = compute_thread_waits()
+        assert waits is not None
+        assert threading.get_native_id() in waits and other.native_id not in waits
+    finally:
+        stop.set()
+        other.join()
