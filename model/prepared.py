@@ -104,8 +104,10 @@ def _save(model: SmolLM2ForCausalLM, path: Path) -> None:
         _mark_used(path)
         log.info("prepared model cached as %s (%.0f MB)", path, path.stat().st_size / 1e6)
         _evict(path)
-    except OSError as exc:  # a read-only or full disk only costs the next start its time
-        log.warning("could not cache the prepared model: %s", exc)
+    # A read-only or full disk only costs the next start its time. torch.save reports a full disk as a
+    # RuntimeError of its zip writer ("unexpected pos ..."), not as an OSError.
+    except (OSError, RuntimeError) as exc:
+        log.warning("could not cache the prepared model in %s: %s", path.parent, exc)
         if tmp is not None:
             tmp.unlink(missing_ok=True)
 

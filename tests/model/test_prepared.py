@@ -219,3 +219,22 @@ def test_the_cache_keeps_only_the_most_recently_used_entries(
     paths[0].unlink()  # as another server's eviction would
     ids = torch.tensor([[1, 2, 3]])
     assert torch.allclose(first(ids).logits, make_tiny_model(seed=0)(ids).logits, atol=1e-5)
+
+
+def test_a_cache_write_that_fills_the_disk_is_a_warning_and_leaves_no_partial_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A small cache volume: torch.save reports the full disk as a RuntimeError of its zip writer. The
+    server starts anyway, and the partial file does not stay to fill the volume for good."""
+    monkeypatch.setenv("SMOLLM2_HOME", str(tmp_path / "home"))
+    folder = save_hf_folder(make_tiny_model(), tmp_path / "tiny")
+
+    def full_disk(obj: object, f: object) -> None:
+        f.write(b"x" * 1000)  # type: ignore[attr-defined]
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 50055488 vs 50055376")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    model = load_prepared(str(folder), "bfloat16", "cpu", "auto", "auto")
+    assert model.prepared_for_serving
+    assert "could not cache the prepared model" in caplog.text
+    assert list((tmp_path / "home" / "prepared").glob("*")) == []
