@@ -18,9 +18,11 @@ import concurrent.futures
 import ctypes
 import ctypes.util
 import logging
+import os
 import queue
 import signal
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -352,6 +354,7 @@ def core_process_main(
     # the server drains its requests first, then sends Shutdown (or closes the pipe).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _exit_with_parent()
     from server.logs import configure_logging, failure_reason  # the server's line format, in both
 
     configure_logging(log_level, log_format)
@@ -379,6 +382,26 @@ def core_process_main(
     loop.join()
     outbox.put(None)
     writer.join(10)
+
+
+PARENT_POLL_S = 0.5
+
+
+def _exit_with_parent() -> None:
+    """End this process soon after the server's: a server killed, or one that failed to start and exited,
+    must not leave its engine loading a model or serving nobody (pipes only tell a process that reads
+    them, and loading reads none)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    try:
+        threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    except RuntimeError:  # a pids limit with no thread to spare: the pipes still end the loop once it runs
+        pass
 
 
 def _read_all(conn: Connection, inbox: queue.SimpleQueue[LoopInput]) -> None:

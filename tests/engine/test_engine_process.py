@@ -196,6 +196,7 @@ async def test_sigkill_mid_stream_ends_it_with_an_error_and_the_next_request_suc
     async for out in stream:
         last = out
     assert last is not None and last.finished and "exited" in (last.error or "")
+    assert "killed by SIGKILL: out of memory?" in (last.error or "")  # what a memory limit's kill looks like
     assert time.monotonic() - t0 < 5
     with pytest.raises(EngineDeadError):  # restarting: refused at once (the server answers 503)
         engine.generate("during", [1], SamplingParams(max_tokens=2))
@@ -399,3 +400,42 @@ async def asyncio_timeout_iter(stream, seconds: float):  # type: ignore[no-untyp
         except StopAsyncIteration:
             return
         yield item
+
+
+ENGINE_LIKE = """
+import sys, time
+from server.engine.core import _exit_with_parent
+_exit_with_parent()
+print("ready", flush=True)
+time.sleep(60)  # as an engine loading a model: reading no pipe
+"""
+
+SERVER_LIKE = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1]], stdout=subprocess.PIPE, text=True)
+child.stdout.readline()
+print(child.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_an_engine_still_starting_ends_soon_after_its_server() -> None:
+    """A server killed (or exiting on a failed start) while its engine loads: the engine must not go on
+    loading, compiling and writing caches for nobody."""
+    root = Path(__file__).resolve().parents[2]
+    server = subprocess.Popen(
+        [sys.executable, "-c", SERVER_LIKE, ENGINE_LIKE], stdout=subprocess.PIPE, text=True,
+        cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+    )  # fmt: skip
+    assert server.stdout is not None
+    engine = int(server.stdout.readline())
+    server.kill()
+    server.wait(10)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and Path(f"/proc/{engine}").exists():
+        state = Path(f"/proc/{engine}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+        if state == "Z":  # exited, not yet reaped by its new parent
+            break
+        time.sleep(0.05)
+    else:
+        assert not Path(f"/proc/{engine}").exists(), "the engine outlived its server"
