@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -139,7 +140,7 @@ class ProcessCore:
             ready = self._from_child.poll(timeout)
             message = self._from_child.recv() if ready else None
         except (EOFError, OSError):
-            message = CoreDead(f"the engine process exited while starting (exit code {self._exit_code()})")
+            message = CoreDead(f"the engine process exited while starting ({self._how_it_ended()})")
         if isinstance(message, CoreReady):
             return message.info
         self._stop_process(5.0)
@@ -180,6 +181,20 @@ class ProcessCore:
         self._process.join(1.0)
         return self._process.exitcode
 
+    def _how_it_ended(self) -> str:
+        """`exit code N`, or the signal that ended it; a SIGKILL nobody here sent is most often the kernel's
+        out-of-memory killer (a container's memory limit), which the operator should hear first."""
+        code = self._exit_code()
+        if code is None or code >= 0:
+            return f"exit code {code}"
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        if -code == signal.SIGKILL:
+            return f"killed by {name}: out of memory? (a container's memory limit, or --kv-cache-memory too large)"
+        return f"killed by {name}"
+
     def _send_all(self) -> None:
         while (message := self._outbox.get()) is not None:
             try:
@@ -198,7 +213,7 @@ class ProcessCore:
                 if isinstance(message, CoreDead):
                     return
         except (EOFError, OSError):
-            code = "closed" if self._closing else f"exit code {self._exit_code()}"
+            code = "closed" if self._closing else self._how_it_ended()
             self._on_message(CoreDead(self._failure or f"the engine process exited ({code})"))
         except Exception as exc:  # noqa: BLE001 - output lost: the streams it was for would wait forever
             self._fail(f"the engine process's output could not be read ({type(exc).__name__}: {exc})")
