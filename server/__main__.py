@@ -50,6 +50,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     configure_logging(settings.log_level, settings.log_format)
     logging.getLogger("server").info("settings: %r", settings)  # Settings.__repr__ masks the API key
     warn_if_exposed(settings)
+    from server.connections import MIN_FDS, raise_fd_limit
+
+    fd_limit = raise_fd_limit()
+    if fd_limit < MIN_FDS:
+        logging.getLogger("server").error(
+            "cannot start the server: the open-file limit is %d, and serving needs at least %d (raise it with "
+            "`ulimit -n` or the container's nofile limit)", fd_limit, MIN_FDS,
+        )  # fmt: skip
+        sys.exit(3)
     first_core = None
     if settings.engine_process:  # it imports torch and loads the model while we import the HTTP stack
         from server.core_setup import load_core
@@ -59,10 +68,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     import uvicorn
 
     from server.app import create_app, shutdown_signal
-    from server.connections import connection_budget, guarded_protocol, raise_fd_limit
+    from server.connections import connection_budget, guarded_protocol
 
     app = create_app(settings, first_core=first_core, exit_on_start_failure=True)
-    fd_limit = raise_fd_limit()
     max_connections, backlog = connection_budget(settings.max_connections, fd_limit)
     log = logging.getLogger("server")
     log.info("HTTP connections: at most %d (open-file limit %d)", max_connections, fd_limit)

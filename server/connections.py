@@ -32,9 +32,11 @@ from server.protocol import APIError
 log = logging.getLogger("server")
 
 FD_RESERVE = 256  # descriptors kept for the process's own files, pipes and the engine's sockets
+# under a small open-file limit, a quarter of it (the idle server holds ~15), but not less than this
+MIN_FD_RESERVE = 24
+MIN_FDS = 64  # a lower open-file limit cannot serve: the start stops and says so
 FD_TARGET = 65536  # the soft limit is raised this far, when the hard limit allows
 DEFAULT_BACKLOG = 2048  # uvicorn's
-MIN_BACKLOG = 64
 BODY_GRACE_S = 5.0  # the app answers a slow body's 408 first; this backstop only closes
 WARN_EVERY_S = 10.0
 
@@ -52,11 +54,18 @@ def raise_fd_limit(target: int = FD_TARGET) -> int:
     return FD_TARGET if soft == resource.RLIM_INFINITY else soft
 
 
+def fd_reserve(fd_limit: int) -> int:
+    return min(FD_RESERVE, max(MIN_FD_RESERVE, fd_limit // 4))
+
+
 def connection_budget(requested: int, fd_limit: int) -> tuple[int, int]:
     """(connections held at once, listen backlog) within the process's descriptors. asyncio accepts up to
-    `backlog` connections in one loop turn before any of them is refused, so those need descriptors too."""
-    backlog = min(DEFAULT_BACKLOG, max(MIN_BACKLOG, (fd_limit - FD_RESERVE) // 4))
-    return max(1, min(requested, fd_limit - FD_RESERVE - backlog)), backlog
+    `backlog` connections in one loop turn before any of them is refused, so those need descriptors too.
+    Under a small limit (a container's `ulimit -n 64`) the reserve and the backlog shrink with it, so that
+    there are still connections to serve, /health's among them."""
+    reserve = fd_reserve(fd_limit)
+    backlog = min(DEFAULT_BACKLOG, max(1, (fd_limit - reserve) // 4))
+    return max(1, min(requested, fd_limit - reserve - backlog)), backlog
 
 
 def _raw_error(error: APIError, extra_headers: str = "") -> bytes:

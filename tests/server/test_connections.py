@@ -218,7 +218,8 @@ async def test_a_reader_that_keeps_up_is_not_disconnected(tokenizer: Tokenizer) 
 
 
 @pytest.mark.parametrize(
-    ("fd_limit", "requested", "expected"), [(1024, 4096, 576), (65536, 4096, 4096), (2048, 100, 100)]
+    ("fd_limit", "requested", "expected"),
+    [(1024, 4096, 576), (65536, 4096, 4096), (2048, 100, 100), (64, 4096, 30), (256, 4096, 144)],
 )
 def test_the_connection_budget_leaves_descriptors_for_the_accept_burst_and_the_process(
     fd_limit: int, requested: int, expected: int
@@ -227,7 +228,8 @@ def test_the_connection_budget_leaves_descriptors_for_the_accept_burst_and_the_p
     files must fit, or accept() fails with EMFILE and the server stops answering anyone."""
     limit, backlog = connection_budget(requested, fd_limit)
     assert limit == expected
-    assert limit + backlog + connections.FD_RESERVE <= fd_limit
+    assert limit + backlog + connections.fd_reserve(fd_limit) <= fd_limit
+    assert connections.fd_reserve(fd_limit) >= min(connections.FD_RESERVE, fd_limit // 4)
 
 
 @pytest.mark.slow
