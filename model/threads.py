@@ -19,6 +19,7 @@ from typing import TypeVar
 import torch
 
 T = TypeVar("T")
+Q = TypeVar("Q")
 
 # Element-wise ops (norms, RoPE, SwiGLU) over at least this many rows also run on the compute threads: a
 # prefill chunk's hundreds of rows split well, while a decode step's few rows cost less than the wake-up.
@@ -81,10 +82,46 @@ def cgroup_cpu_quota(root: Path = Path("/")) -> float | None:
     return min(quotas) if quotas else None
 
 
-def _quotas_up(mount: Path, path: str, read: Callable[[Path], float | None]) -> list[float]:
+def cgroup_memory(root: Path = Path("/")) -> tuple[int, int] | None:
+    """(limit, usage) in bytes of this process's cgroup memory limit, the smallest on its path (usage is
+    that cgroup's); None without a limit or where it cannot be read. cgroup v2 and v1."""
+    try:
+        lines = (root / "proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    found: list[tuple[int, int]] = []
+    for line in lines:
+        fields = line.split(":", 2)
+        if len(fields) != 3:
+            continue
+        _, controllers, path = fields
+        if controllers == "":
+            found += _quotas_up(
+                root / "sys/fs/cgroup", path, lambda d: _memory(d, "memory.max", "memory.current")
+            )
+        elif "memory" in controllers.split(","):
+            mount = root / "sys/fs/cgroup/memory"
+            found += _quotas_up(
+                mount, path, lambda d: _memory(d, "memory.limit_in_bytes", "memory.usage_in_bytes")
+            )
+    return min(found) if found else None
+
+
+def _memory(d: Path, limit_file: str, usage_file: str) -> tuple[int, int] | None:
+    try:
+        limit = (d / limit_file).read_text().strip()
+        usage = int((d / usage_file).read_text())
+    except (OSError, ValueError):
+        return None
+    if limit == "max" or not limit.isdigit() or int(limit) >= 1 << 60:  # v1 writes "no limit" as ~2**63
+        return None
+    return int(limit), usage
+
+
+def _quotas_up(mount: Path, path: str, read: Callable[[Path], Q | None]) -> list[Q]:
     """The quotas of the cgroup at `path` under `mount` and of each cgroup above it. Inside a container
     the mount shows only the container's own cgroup, at the mount's top, whatever `path` says."""
-    found: list[float] = []
+    found: list[Q] = []
     parts = [p for p in path.strip("/").split("/") if p]
     if ".." in parts:  # a cgroup outside this namespace's view: only the mount's top is ours to read
         parts = []

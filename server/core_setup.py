@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from typing import TYPE_CHECKING, Any
 
 from server.engine.cpu_share import CPUShare
@@ -196,7 +197,47 @@ def load_core(settings: Settings) -> EngineCore:
     core = make_core(model, tokenizer.eos_token_id, settings, tokenizer)
     if device == "cpu" and cpus > 1:
         core.cpu_share = CPUShare(functools.partial(_set_threads, model, threads), cpus)
+    if device == "cpu":
+        _check_memory_limit(core.config.kv_cache_bytes)
     return core
+
+
+MEMORY_HEADROOM = 300 * 2**20  # a long prompt's step (activations, logits, sampling) above the idle tree
+
+
+def _check_memory_limit(kv_cache_bytes: int) -> None:
+    """Under a cgroup memory limit (a container's), warn at start when the server and engine as they are
+    now, plus the KV cache once full, plus a long prompt's step would not fit: the kernel would kill the
+    engine mid-request (the KV cache's pages are only taken as they are first written)."""
+    from model.threads import cgroup_memory
+
+    mem = cgroup_memory()
+    if mem is None:
+        return
+    limit, _ = mem
+    from server.engine.core import trim_heap
+
+    trim_heap()  # loading leaves freed temporaries in the heap: what stays is what counts
+    resident = sum(_rss(pid) for pid in (os.getpid(), os.getppid()))
+    need = resident + kv_cache_bytes + MEMORY_HEADROOM
+    mib = 2**20
+    if need > limit:
+        log.warning(
+            "memory: the cgroup's limit is %d MiB, and the server and engine hold %d MiB now; the KV cache "
+            "takes up to %d MiB more once full and a long prompt's step ~%d MiB: under load the kernel may "
+            "kill the engine. Lower --kv-cache-memory or raise the limit",
+            limit // mib, resident // mib, kv_cache_bytes // mib, MEMORY_HEADROOM // mib,
+        )  # fmt: skip
+    else:
+        log.info("memory: cgroup limit %d MiB, %d MiB needed at most", limit // mib, need // mib)
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _set_threads(model: Any, small_ops: int, threads: int) -> None:

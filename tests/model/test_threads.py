@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from model.kernels import TORCH_ONLY, Kernels
-from model.threads import WIDE_ROWS, cgroup_cpu_quota, cpu_limits_text, run_on, usable_cpus
+from model.threads import WIDE_ROWS, cgroup_cpu_quota, cgroup_memory, cpu_limits_text, run_on, usable_cpus
 
 
 @pytest.fixture(autouse=True)
@@ -146,3 +146,36 @@ def test_the_affinity_mask_bounds_the_threads() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert out.stdout.strip() == "1"
+
+
+def test_a_cgroup_memory_limit_is_read_v1_and_v2(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    v2 = _fake_root(
+        tmp_path / "v2", "0::/\n", {"memory.max": "1073741824\n", "memory.current": "500000000\n"}
+    )
+    assert cgroup_memory(v2) == (1 << 30, 500_000_000)
+    v1 = _fake_root(
+        tmp_path / "v1",
+        "5:memory:/docker/abc\n",
+        {"memory/docker/abc/memory.limit_in_bytes": "734003200\n", "memory/docker/abc/memory.usage_in_bytes": "1\n",
+         "memory/memory.limit_in_bytes": "9223372036854771712\n", "memory/memory.usage_in_bytes": "2\n"},
+    )  # fmt: skip
+    assert cgroup_memory(v1) == (734_003_200, 1)  # v1's "no limit" above it is not a limit
+    assert cgroup_memory(_fake_root(tmp_path / "none", "0::/\n", {"memory.max": "max\n"})) is None
+
+
+def test_a_memory_limit_too_small_for_the_kv_cache_is_a_warning_at_start(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    import model.threads
+    from server import core_setup
+
+    caplog.set_level(logging.INFO, logger="server")
+    monkeypatch.setattr(model.threads, "cgroup_memory", lambda: (700 * 2**20, 0))
+    core_setup._check_memory_limit(360 * 2**20)
+    assert "the kernel may kill the engine" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(model.threads, "cgroup_memory", lambda: (64 * 2**30, 0))
+    core_setup._check_memory_limit(360 * 2**20)
+    assert "kill" not in caplog.text and "memory: cgroup limit 65536 MiB" in caplog.text
