@@ -289,7 +289,9 @@ class Tokenizer:
         """From a ``.gguf`` file, an HF folder with ``tokenizer.json``, or a ``tokenizer.json`` path."""
         path = Path(source).expanduser()
         if not path.exists():
-            raise FileNotFoundError(f"tokenizer source not found: {path}")
+            raise FileNotFoundError(
+                f"model not found: {path} (a .gguf file, an HF folder or a tokenizer.json)"
+            )
         if path.is_file() and (path.suffix == ".gguf" or _has_gguf_magic(path)):
             return cls.from_gguf_fields(read_gguf_metadata(path))
         if path.is_file() and path.name.endswith(".json"):

@@ -153,7 +153,8 @@ class CPUShare:
                 else f"its threads ran {100 * share:.0f}% of the time"
             )
             log.warning(
-                "the engine's CPUs are busy with other processes (%s while it stepped): "
+                "the engine's CPUs are busy with other processes or held back by a CPU quota (%s while it "
+                "stepped): "
                 "stepping on %d of %d threads, trying all again after %g s, then less often",
                 measure, max(1, self.threads - drop), self.full, self._retry_after,
             )  # fmt: skip
