@@ -248,6 +248,14 @@ def shutdown_signal(app: FastAPI, sig: int) -> bool:
     state = app.state
     state.shutdown_signals += 1
     engine, loop = state.engine, state.loop
+    if engine is None and getattr(state, "exit_on_start_failure", False):
+        # Still starting (loading the model, building kernels): nothing was accepted, so nothing is drained;
+        # waiting for the start to finish made a stop take as long as the start. The engine being built
+        # ends with this process (its watch on its parent).
+        if loop is None:
+            os._exit(0)
+        loop.call_soon_threadsafe(_stop_starting)
+        return False
     if isinstance(engine, AsyncEngine) and loop is not None and state.shutdown_signals <= 2:
         # on the loop, not here: the signal may land inside a write to the log's stream
         loop.call_soon_threadsafe(_drain, engine, state.shutdown_signals, state.settings.shutdown_timeout)
@@ -255,6 +263,12 @@ def shutdown_signal(app: FastAPI, sig: int) -> bool:
         state.forced_stop = sig
         return False
     return True
+
+
+def _stop_starting() -> None:
+    log.info("stop signal during start-up: exiting")
+    logging.shutdown()
+    os._exit(0)
 
 
 def _drain(engine: AsyncEngine, signals: int, timeout: float) -> None:
@@ -391,6 +405,7 @@ def create_app(
     app.state.settings = settings
     app.state.fatal_error = None
     app.state.shutdown_signals = 0
+    app.state.exit_on_start_failure = exit_on_start_failure  # the server's main: a stop during start-up exits
     app.state.forced_stop = None
     app.state.loop = None
     app.state.engine = None

@@ -221,3 +221,43 @@ def test_an_engine_that_dies_during_the_drain_is_not_restarted_and_the_exit_says
             proc.wait()
     log = proc.communicate()[0]
     assert "restarted" not in log and "failed while the server was shutting down" in log, log[-3000:]
+
+
+def test_a_stop_signal_during_start_up_exits_at_once(tokenizer: Tokenizer, tmp_path: Path) -> None:
+    """Docker's stop during a long start (kernels building, a model loading, here a chat template whose
+    check runs for its whole 10 s): nothing was accepted, so the server exits now, and its engine with it,
+    rather than when the start would have finished."""
+    model = tiny_model_folder(tokenizer, tmp_path / "tiny")
+    config_path = model / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = (
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    )
+    config_path.write_text(json.dumps(config))
+    cmd = [sys.executable, "-m", "server", "--model", str(model), "--port", str(free_port()), "--dtype", "float32",
+           "--kv-cache-memory", "8MiB", "--max-model-len", "1024"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "Waiting for application startup" in line:
+            break
+    time.sleep(1.0)
+    children = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    proc.send_signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    out = proc.communicate(timeout=30)[0]
+    assert time.monotonic() - t0 < 5 and proc.returncode == 0, "".join(lines) + out
+    assert "stop signal during start-up" in out
+    deadline = time.monotonic() + 5
+    while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in children), "the engine outlived the server"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
