@@ -38,6 +38,7 @@ MIN_FDS = 64  # a lower open-file limit cannot serve: the start stops and says s
 FD_TARGET = 65536  # the soft limit is raised this far, when the hard limit allows
 DEFAULT_BACKLOG = 2048  # uvicorn's
 BODY_GRACE_S = 5.0  # the app answers a slow body's 408 first; this backstop only closes
+REFUSED_LINGER_S = 1.0  # a connection refused at the cap is closed after this, or when the client closes
 WARN_EVERY_S = 10.0
 
 
@@ -114,6 +115,8 @@ class GuardedH11Protocol(H11Protocol):
         self._request_phase: str | None = None  # "headers" or "body" while the timer runs
         self._bytes_in_phase = False
         self._write_timer: asyncio.TimerHandle | None = None
+        self._refused = False  # answered 503 at the connection cap: its input is read and dropped
+        self._linger: asyncio.TimerHandle | None = None
 
     # ---- connection cap ----
 
@@ -130,18 +133,39 @@ class GuardedH11Protocol(H11Protocol):
                 "service_unavailable",
             )
             self.transport.write(_raw_error(error, "retry-after: 1\r\n"))
-            self.transport.close()
+            self._refuse()
             return
         self._follow_request()
+
+    def _refuse(self) -> None:
+        """After the 503: end our side, and read (and drop) what the client sends until it closes or
+        REFUSED_LINGER_S pass. Closed with its request unread, the socket would answer that request with a
+        reset, which clients that are still sending report instead of the 503 (a lingering close, as
+        nginx's)."""
+        self._refused = True
+        try:
+            self.transport.write_eof()
+        except (NotImplementedError, RuntimeError, OSError):
+            self.transport.close()
+            return
+        self._linger = self.loop.call_later(REFUSED_LINGER_S, self.transport.close)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_request_timer()
         self._cancel_write_timer()
+        if self._linger is not None:
+            self._linger.cancel()
         super().connection_lost(exc)
+
+    def eof_received(self) -> None:
+        if self._refused:  # the client has read the 503 and closed its side
+            self.transport.close()
 
     # ---- request timeout ----
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
         self._bytes_in_phase = True
         super().data_received(data)
         self._follow_request()

@@ -256,3 +256,31 @@ def test_python_m_server_serves_with_these_bounds(tokenizer: Tokenizer, tmp_path
         proc.terminate()
         output = proc.communicate(timeout=60)[0]
     assert "HTTP connections: at most" in output
+
+
+async def test_a_client_still_sending_when_refused_at_the_cap_reads_the_503_not_a_reset(
+    tokenizer: Tokenizer,
+) -> None:
+    """The 503 goes out as the connection opens; a client then sends its request and reads. Closed at
+    once, the server's socket would answer the request with a reset, which most clients report instead
+    of the 503 (httpx's async streaming requests did, 12 times in 16)."""
+    app = fake_app(tokenizer, client_timeout=30)
+    async with serve(app, max_connections=1) as port:
+        held = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.sleep(0.1)
+        for _ in range(5):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            await asyncio.sleep(0.1)  # the 503 has been written, the client has not read it yet
+            data = json.dumps({**COMPLETION, "prompt": "x " * 30_000}).encode()
+            writer.write(
+                b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                + b"content-length: %d\r\n\r\n" % len(data)
+            )
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(data)  # as a client sends its body: a socket closed on it answers with a reset,
+            await writer.drain()  # and this write fails (httpx then reports a ReadError, not the 503)
+            status, headers, body = split(await read_all(reader, 5.0))
+            assert status == 503 and "1 connections" in assert_openai_error(body, 503)
+            writer.close()
+        held[1].close()
