@@ -39,6 +39,7 @@ FD_TARGET = 65536  # the soft limit is raised this far, when the hard limit allo
 DEFAULT_BACKLOG = 2048  # uvicorn's
 BODY_GRACE_S = 5.0  # the app answers a slow body's 408 first; this backstop only closes
 REFUSED_LINGER_S = 1.0  # a connection refused at the cap is closed after this, or when the client closes
+REFUSED_LINGER_MAX = 64  # at most this many at once; past it, refused connections close at once
 WARN_EVERY_S = 10.0
 
 
@@ -108,6 +109,7 @@ class GuardedH11Protocol(H11Protocol):
     client_timeout = 30.0  # 0: no request or write-stall timeouts
     closed: Any = None  # a labelled prometheus Counter (`reason`), or None
     warn = _RateLimitedWarning()
+    lingering = 0  # refused connections being closed lingering, across this class's instances
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -143,11 +145,16 @@ class GuardedH11Protocol(H11Protocol):
         reset, which clients that are still sending report instead of the 503 (a lingering close, as
         nginx's)."""
         self._refused = True
+        cls = type(self)
+        if cls.lingering >= REFUSED_LINGER_MAX:  # a flood: descriptors matter more than its clients' errors
+            self.transport.close()
+            return
         try:
             self.transport.write_eof()
         except (NotImplementedError, RuntimeError, OSError):
             self.transport.close()
             return
+        cls.lingering += 1
         self._linger = self.loop.call_later(REFUSED_LINGER_S, self.transport.close)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -155,6 +162,8 @@ class GuardedH11Protocol(H11Protocol):
         self._cancel_write_timer()
         if self._linger is not None:
             self._linger.cancel()
+            self._linger = None
+            type(self).lingering -= 1
         super().connection_lost(exc)
 
     def eof_received(self) -> None:
