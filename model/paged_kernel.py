@@ -134,8 +134,12 @@ def _kernel_root() -> Path:
     return fallback
 
 
+def _in_process() -> bool:
+    return hasattr(torch.ops.smollm2, "paged_decode_attention")
+
+
 def _build_and_load() -> None:
-    if hasattr(torch.ops.smollm2, "paged_decode_attention"):
+    if _in_process():
         return
     build = _build_dir()
     build.mkdir(parents=True, exist_ok=True)
@@ -150,6 +154,9 @@ def _build_and_load() -> None:
             # only to find nothing to do, about a second of every start.
             torch.ops.load_library(str(library))
             return
+        # torch's own lock file for the build: while we hold ours no other process builds here, so one
+        # left is a build that died (a process killed mid-compile), and torch would wait on it for ever
+        (build / "lock").unlink(missing_ok=True)
         _compile_and_load(build)
         stamp.write_text(_build_stamp(library))
 
