@@ -195,6 +195,8 @@ def load_core(settings: Settings) -> EngineCore:
     elif settings.int8_lm_head != "off" and model.int8_head_error is not None:
         log.info("int8 LM head off: it would change the model (error %.4f > lossless)", model.int8_head_error)
     core = make_core(model, tokenizer.eos_token_id, settings, tokenizer)
+    if device == "cpu":
+        core.compute_threads = cpus
     if device == "cpu" and cpus > 1:
         core.cpu_share = CPUShare(functools.partial(_set_threads, model, threads), cpus)
     if device == "cpu":

@@ -112,6 +112,13 @@ _ENGINE_METRICS = [
     ("prefix_cache_hits", "counter", "prefix_cache_hits", "Prompt tokens served from the prefix cache."),
     ("engine_restarts", "counter", "num_engine_restarts", "Times the engine core died and was restarted."),
     (
+        "engine_compute_threads",
+        "gauge",
+        "compute_threads",
+        "CPU threads the engine steps on now: fewer than its start-up count while other processes hold its "
+        "CPUs (0 on GPU).",
+    ),
+    (
         "spec_decode_num_draft_tokens",
         "counter",
         "spec_decode_num_draft_tokens",

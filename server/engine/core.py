@@ -83,6 +83,7 @@ class EngineCore:
         self._grammar_thread: concurrent.futures.ThreadPoolExecutor | None = None
         self.on_grammar_ready: Callable[[], None] | None = None
         self.cpu_share: CPUShare | None = None  # set where the model steps on several CPU threads
+        self.compute_threads = 0  # CPU threads of the steps, for the metrics (0: not on CPU)
 
     @property
     def info(self) -> CoreInfo:
@@ -95,8 +96,9 @@ class EngineCore:
             sched.max_num_seqs,
         )
         return CoreInfo(
-            checker, sched.max_model_len, sched.num_blocks, sched.block_size, self.config.kv_cache_bytes
-        )
+            checker, sched.max_model_len, sched.num_blocks, sched.block_size, self.config.kv_cache_bytes,
+            self.compute_threads,
+        )  # fmt: skip
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._preparing)
@@ -228,6 +230,7 @@ class EngineCore:
             num_kv_blocks_used=allocator.num_blocks - allocator.num_free_blocks,
             spec_decode_num_draft_tokens=self.scheduler.num_draft_tokens,
             spec_decode_num_accepted_tokens=self.scheduler.num_accepted_tokens,
+            compute_threads=self.cpu_share.threads if self.cpu_share is not None else self.compute_threads,
         )
 
 

@@ -78,6 +78,7 @@ class EngineStats:
     spec_decode_num_accepted_tokens: int = 0  # drafts the model agreed with, total
     healthy: bool = True
     num_engine_restarts: int = 0
+    compute_threads: int = 0  # CPU threads the steps run on now (fewer while other processes hold the CPUs)
 
 
 @dataclass(slots=True)
@@ -135,6 +136,7 @@ class CoreInfo:
     num_blocks: int
     block_size: int
     kv_cache_bytes: int = 0
+    compute_threads: int = 0
 
 
 @dataclass(slots=True)

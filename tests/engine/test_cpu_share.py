@@ -122,14 +122,16 @@ def test_the_served_core_watches_its_cpus_only_on_several_threads(
     )
     core = load_core(settings)
     if threads == 1:
-        assert core.cpu_share is None
+        assert core.cpu_share is None and core.stats().compute_threads == 1
         return
     assert core.cpu_share is not None and core.cpu_share.full == 2
     kernels = core.runner.model.kernels  # type: ignore[attr-defined]
     assert kernels.compute_threads == 2
+    assert core.info.compute_threads == 2 and core.stats().compute_threads == 2  # the metric's gauge
     core.cpu_share._use(1)  # what a window short of CPU does, between two steps
     assert core.runner.model.kernels.compute_threads == 1  # type: ignore[attr-defined]
     assert torch.get_num_threads() == 1
+    assert core.stats().compute_threads == 1
 
 
 def test_as_many_threads_are_dropped_as_waited_for_a_cpu() -> None:
