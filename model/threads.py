@@ -10,6 +10,7 @@ itself. How many threads that is belongs to the model's `Kernels` (`Kernels.comp
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -61,50 +62,47 @@ def cpu_limits_text(root: Path = Path("/")) -> str:
 def cgroup_cpu_quota(root: Path = Path("/")) -> float | None:
     """The CPU quota (in CPUs) of this process's cgroup and the cgroups above it, the smallest of them;
     None when there is none or it cannot be read. cgroup v2 (`cpu.max`) and v1 (`cpu.cfs_quota_us`)."""
-    try:
-        lines = (root / "proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    quotas: list[float] = []
-    for line in lines:
-        fields = line.split(":", 2)
-        if len(fields) != 3:
-            continue
-        _, controllers, path = fields
-        if controllers == "":  # v2's unified hierarchy: "0::/path"
-            quotas += _quotas_up(root / "sys/fs/cgroup", path, _v2_quota)
-        elif "cpu" in controllers.split(","):
-            for name in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
-                mount = root / "sys/fs/cgroup" / name
-                if mount.is_dir():
-                    quotas += _quotas_up(mount, path, _v1_quota)
-                    break
+    quotas = _cgroup_limits(root, "cpu", ("cpu", "cpu,cpuacct", "cpuacct,cpu"), _v2_quota, _v1_quota)
     return min(quotas) if quotas else None
 
 
 def cgroup_memory(root: Path = Path("/")) -> tuple[int, int] | None:
     """(limit, usage) in bytes of this process's cgroup memory limit, the smallest on its path (usage is
     that cgroup's); None without a limit or where it cannot be read. cgroup v2 and v1."""
+    v2 = functools.partial(_memory, limit_file="memory.max", usage_file="memory.current")
+    v1 = functools.partial(_memory, limit_file="memory.limit_in_bytes", usage_file="memory.usage_in_bytes")
+    found = _cgroup_limits(root, "memory", ("memory",), v2, v1)
+    return min(found) if found else None
+
+
+def _cgroup_limits(
+    root: Path,
+    controller: str,
+    v1_mounts: tuple[str, ...],
+    read_v2: Callable[[Path], Q | None],
+    read_v1: Callable[[Path], Q | None],
+) -> list[Q]:
+    """The limits `read_v2` / `read_v1` find along this process's cgroup paths (/proc/self/cgroup): v2's
+    unified hierarchy ("0::/path") and v1's hierarchy of `controller`, under the first of `v1_mounts`."""
     try:
         lines = (root / "proc/self/cgroup").read_text().splitlines()
     except OSError:
-        return None
-    found: list[tuple[int, int]] = []
+        return []
+    found: list[Q] = []
     for line in lines:
         fields = line.split(":", 2)
         if len(fields) != 3:
             continue
         _, controllers, path = fields
         if controllers == "":
-            found += _quotas_up(
-                root / "sys/fs/cgroup", path, lambda d: _memory(d, "memory.max", "memory.current")
-            )
-        elif "memory" in controllers.split(","):
-            mount = root / "sys/fs/cgroup/memory"
-            found += _quotas_up(
-                mount, path, lambda d: _memory(d, "memory.limit_in_bytes", "memory.usage_in_bytes")
-            )
-    return min(found) if found else None
+            found += _quotas_up(root / "sys/fs/cgroup", path, read_v2)
+        elif controller in controllers.split(","):
+            for name in v1_mounts:
+                mount = root / "sys/fs/cgroup" / name
+                if mount.is_dir():
+                    found += _quotas_up(mount, path, read_v1)
+                    break
+    return found
 
 
 def _memory(d: Path, limit_file: str, usage_file: str) -> tuple[int, int] | None:
