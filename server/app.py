@@ -248,7 +248,7 @@ def shutdown_signal(app: FastAPI, sig: int) -> bool:
     state = app.state
     state.shutdown_signals += 1
     engine, loop = state.engine, state.loop
-    if engine is None and getattr(state, "exit_on_start_failure", False):
+    if engine is None and state.exit_on_start_failure:
         # Still starting (loading the model, building kernels): nothing was accepted, so nothing is drained;
         # waiting for the start to finish made a stop take as long as the start. The engine being built
         # ends with this process (its watch on its parent).

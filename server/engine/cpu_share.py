@@ -131,16 +131,17 @@ class CPUShare:
         if self.threads == 1:
             return  # one thread waits for no other: the retry timer decides when to try them again
         taken = waiting >= WAITING_FROM if waiting is not None else share < SHARED_BELOW
-        self._taken_windows = self._taken_windows + 1 if taken else 0
-        if taken and self._taken_windows < WINDOWS_TO_DROP:
-            return
-        self._taken_windows = 0
         if not taken:
+            self._taken_windows = 0
             if self._trying:
                 self._trying = False
                 self._retry_after = RETRY_FIRST_S
                 log.info("the engine's CPUs are free again: stepping on %d threads", self.threads)
             return
+        self._taken_windows += 1
+        if self._taken_windows < WINDOWS_TO_DROP:
+            return
+        self._taken_windows = 0
         drop = max(1, math.ceil(waiting)) if waiting is not None else self.threads - 1
         if self._trying:
             self._trying = False
@@ -154,8 +155,7 @@ class CPUShare:
             )
             log.warning(
                 "the engine's CPUs are busy with other processes or held back by a CPU quota (%s while it "
-                "stepped): "
-                "stepping on %d of %d threads, trying all again after %g s, then less often",
+                "stepped): stepping on %d of %d threads, trying all again after %g s, then less often",
                 measure, max(1, self.threads - drop), self.full, self._retry_after,
             )  # fmt: skip
         self._use(max(1, self.threads - drop))

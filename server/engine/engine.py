@@ -204,7 +204,7 @@ class AsyncEngine:
         self._core = core
         self.checker = core.info.checker
         self.max_model_len = core.info.max_model_len
-        self._stats = EngineStats(compute_threads=getattr(core.info, "compute_threads", 0))
+        self._stats = EngineStats(compute_threads=core.info.compute_threads)
         self._unseen_adds.clear()
         if self._state in (_State.STOPPING, _State.DEAD):
             await asyncio.to_thread(core.close, self.config.close_timeout)
