@@ -188,6 +188,28 @@ class SamplingFields(_NullIsUnset):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    # vLLM's output extras
+    truncate_prompt_tokens: int | None = Field(None, ge=-1, le=_I64_MAX)  # keep the prompt's last k tokens
+    skip_special_tokens: bool = True  # False: control tokens the model writes show in the text
+    spaces_between_special_tokens: bool = True  # accepted; byte-level BPE text has no spaces to add
+    return_tokens_as_token_ids: bool = False  # logprob tokens named "token_id:N"
+    # vLLM extras this server does not run: a request that sets one is answered 400 rather than ignored
+    use_beam_search: bool = False
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = None
+    logits_processors: Any = None
+
+    def refused_extra(self) -> tuple[str, str] | None:
+        """(field, why) for a vLLM extra this server cannot honour."""
+        if self.use_beam_search:
+            return "use_beam_search", "beam search is not supported; ask for n sampled choices instead."
+        if self.bad_words:
+            return "bad_words", "bad_words is not supported; use logit_bias with -100 for their tokens."
+        if self.allowed_token_ids:
+            return "allowed_token_ids", "allowed_token_ids is not supported; use structured_outputs' choice."
+        if self.logits_processors:
+            return "logits_processors", "custom logits processors are not supported."
+        return None
 
 
 def _prompt_kind(value: Any) -> str:
@@ -218,6 +240,8 @@ class CompletionRequest(SamplingFields):
 
     def refused_field(self) -> tuple[str, str] | None:
         """(field, why) for a field this server cannot honour: answered 400 rather than ignored."""
+        if (refused := self.refused_extra()) is not None:
+            return refused
         if self.best_of is not None and self.best_of != self.n:
             return "best_of", "best_of is not supported (only best_of equal to n); ask for n choices instead."
         if self.suffix:
@@ -307,6 +331,8 @@ _REFUSED_CHAT_FIELDS = {
     "prediction": "predicted outputs are not supported",
     "web_search_options": "web search is not available on this server",
     "moderation": "moderation is not available on this server",
+    # vLLM's: a template sent with the request is code from the client; the model's own one is used
+    "chat_template": "a chat template sent with the request is not supported; the model's own is used",
 }
 
 
@@ -328,9 +354,12 @@ class ChatCompletionRequest(SamplingFields):
     prediction: Any = None
     web_search_options: Any = None
     moderation: Any = None
+    chat_template: Any = None
 
     def refused_field(self) -> tuple[str, str] | None:
         """(field, why) for a field this server cannot honour: answered 400 rather than ignored."""
+        if (refused := self.refused_extra()) is not None:
+            return refused
         for name, why in _REFUSED_CHAT_FIELDS.items():
             if getattr(self, name) is not None:
                 return name, why
@@ -367,6 +396,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # vLLM's: the stop string or stop_token_ids id that ended it
 
 
 class CompletionResponse(BaseModel):
@@ -410,6 +440,7 @@ class ChatChoice(BaseModel):
     message: ChatResponseMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: int | str | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -449,6 +480,7 @@ class ChatStreamChoice(BaseModel):
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: int | str | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -479,6 +511,7 @@ class TokenizeCompletionRequest(_NullIsUnset):
     model: str | None = None
     prompt: str
     add_special_tokens: bool = True
+    return_token_strs: bool = False  # vLLM's: each token's text beside its id
 
 
 class TokenizeChatRequest(_NullIsUnset):
@@ -488,6 +521,7 @@ class TokenizeChatRequest(_NullIsUnset):
     continue_final_message: bool = False
     tools: list[ChatTool] | None = None  # rendered into the prompt as a chat request's are
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # "none": left out
+    return_token_strs: bool = False
 
 
 def _tokenize_kind(value: Any) -> str:
@@ -506,6 +540,7 @@ class TokenizeResponse(BaseModel):
     count: int
     max_model_len: int
     tokens: list[int]
+    token_strs: list[str] | None = None
 
 
 class DetokenizeRequest(_Request):

@@ -98,6 +98,7 @@ class TextDelta:
     text: str
     logprobs: list[tuple[TokenLogprob | None, int]]  # (logprob, text offset) of tokens released with the text
     finish_reason: str | None
+    stop_reason: int | str | None = None  # the stop string or stop_token_ids id that ended the choice
 
 
 class ChoiceText:
@@ -119,6 +120,7 @@ class ChoiceText:
         echo_only: bool = False,
         min_tokens: int = 0,
         lead: bytes = b"",
+        skip_special_tokens: bool = True,
     ) -> None:
         self.index = index
         self._min_tokens = min_tokens  # stop strings count only from this many tokens on, as EOS does
@@ -129,7 +131,7 @@ class ChoiceText:
         # lead: the bytes of the prompt's incomplete last character. The output is decoded after them (as
         # vLLM does), so a character the output completes is its text, whole, and the echoed prompt
         # (`prefix`) leaves out its U+FFFD; one the output does not complete stays the prompt's
-        self._decoder = tokenizer.incremental_decoder(skip_special_tokens=True, lead=lead)
+        self._decoder = tokenizer.incremental_decoder(skip_special_tokens=skip_special_tokens, lead=lead)
         self._held_echo = ""
         if lead and prefix.endswith("\ufffd"):
             prefix, self._held_echo = prefix[:-1], prefix[-1]
@@ -142,6 +144,7 @@ class ChoiceText:
         self.text = ""  # all released text
         self.num_tokens = 0
         self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None  # vLLM's: which stop string or stop token id ended it
         self._cut = False  # a stop string ended the text
 
     @property
@@ -160,12 +163,10 @@ class ChoiceText:
         last = len(out.new_token_ids) - 1
         for k, token_id in enumerate(out.new_token_ids):
             self.num_tokens += 1
-            if (
-                k == last
-                and out.finish_reason == "stop"
-                and token_id in (out.stop_token_id, self._eos)
-                and not self._include_stop
-            ):
+            stopped = k == last and out.finish_reason == "stop" and token_id in (out.stop_token_id, self._eos)
+            if stopped and token_id != self._eos:
+                self.stop_reason = token_id  # one of stop_token_ids (EOS is no stop reason, as vLLM's)
+            if stopped and not self._include_stop:
                 continue  # the stop token (EOS or a stop_token_ids one) is counted, not shown: nor its logprob
             if out.logprobs is not None:
                 self._pending_lp.append((out.logprobs[k], self._offset))
@@ -204,7 +205,9 @@ class ChoiceText:
             return False
         end, length = hit
         keep = len(self._pending) + end - (0 if self._include_stop else length)
-        self._pending = (self._pending + piece[:end])[:keep]
+        through = self._pending + piece[:end]
+        self.stop_reason = through[len(through) - length :]
+        self._pending = through[:keep]
         self.finish_reason = "stop"
         self._cut = True
         return True
@@ -226,7 +229,7 @@ class ChoiceText:
         if not text and not logprobs and not self.finished:
             return None
         self.text += text
-        return TextDelta(self.index, text, logprobs, self.finish_reason)
+        return TextDelta(self.index, text, logprobs, self.finish_reason, self.stop_reason)
 
 
 # ---- engine plumbing ------------------------------------------------------------------------------
@@ -443,6 +446,17 @@ class OpenAIServing:
             self.tokenizer.check_ids(ids)
         except ValueError as e:
             raise APIError(400, str(e), param="prompt") from e
+
+    def truncation(self, req: SamplingFields, room: int = 1) -> int | None:
+        """vLLM's truncate_prompt_tokens: how many of the prompt's last tokens to keep (-1: as many as the
+        context holds with `room` to spare); None: the prompt is taken whole or refused."""
+        k = req.truncate_prompt_tokens
+        if k is None:
+            return None
+        if k == 0:
+            raise APIError(400, "truncate_prompt_tokens must be at least 1 (or -1, the context's length).",
+                           param="truncate_prompt_tokens")  # fmt: skip
+        return self.max_model_len - room if k == -1 else k
 
     def sampling_params(
         self, req: SamplingFields, max_tokens: int | None, logprobs: int | None, prompt_len: int,
@@ -675,15 +689,21 @@ class ServingCompletion(OpenAIServing):
             return [prompt]  # type: ignore[list-item]
         return list(prompt)  # type: ignore[arg-type]
 
-    async def prompts(self, items: list[str | list[int]], room: int = 1) -> list[PromptInput]:
+    async def prompts(
+        self, items: list[str | list[int]], room: int = 1, keep: int | None = None
+    ) -> list[PromptInput]:
+        """keep: only the last `keep` tokens of each prompt are run (text then echoes those tokens only);
+        a longer text is then tokenized whole, its work bounded by the body's size limit."""
         if not items:
             raise APIError(400, "The prompt is empty; send at least one token.", param="prompt")
         texts = [item for item in items if isinstance(item, str)]
-        encoded = iter(await self.encode(texts))
+        encoded = iter(await self.encode(texts, bounded=keep is None))
         out = [
             PromptInput(next(encoded), item) if isinstance(item, str) else PromptInput(list(item))
             for item in items
         ]
+        if keep is not None:
+            out = [p if len(p.token_ids) <= keep else PromptInput(p.token_ids[-keep:]) for p in out]
         for p in out:
             self.check_prompt(p.token_ids, room)
         return out
@@ -701,7 +721,8 @@ class ServingCompletion(OpenAIServing):
         # OpenAI's (and vLLM's) echo with max_tokens 0 scores a prompt: its text and logprobs, nothing
         # generated; the engine makes one token, which is dropped, so the prompt may fill the context
         echo_only = req.echo and req.max_tokens == 0
-        prompts = await self.prompts(items, room=0 if echo_only else 1)
+        room = 0 if echo_only else 1
+        prompts = await self.prompts(items, room, self.truncation(req, room))
         params = [
             self.sampling_params(
                 req, 1 if echo_only else req.max_tokens, req.logprobs, len(p.token_ids), scoring=echo_only
@@ -727,7 +748,17 @@ class ServingCompletion(OpenAIServing):
             base = len(run.choices)
             include = req.include_stop_str_in_output
             run.choices += [
-                ChoiceText(base + i, self.tokenizer, stop, echo, include, echo_only, req.min_tokens, lead)
+                ChoiceText(
+                    base + i,
+                    self.tokenizer,
+                    stop,
+                    echo,
+                    include,
+                    echo_only,
+                    req.min_tokens,
+                    lead,
+                    req.skip_special_tokens,
+                )  # fmt: skip
                 for i in range(req.n)
             ]
         return run, await self.start(run, params)
@@ -744,9 +775,12 @@ class ServingCompletion(OpenAIServing):
         for c in run.choices[p * run.n : (p + 1) * run.n]:
             c.add_prefix_logprobs(entries)
 
-    def _token(self, token_id: int) -> str:
+    def _token(self, token_id: int, as_id: bool = False) -> str:
         """A token as the legacy logprobs name it: its text, or "bytes:\\xNN..." (OpenAI's form) where its
-        bytes are part of a character, whose text (U+FFFD) would not tell such tokens apart."""
+        bytes are part of a character, whose text (U+FFFD) would not tell such tokens apart; "token_id:N"
+        with vLLM's return_tokens_as_token_ids."""
+        if as_id:
+            return f"token_id:{token_id}"
         text = self.tokenizer.decode([token_id])
         if "\ufffd" not in text:
             return text
@@ -757,29 +791,30 @@ class ServingCompletion(OpenAIServing):
             return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
         return text
 
-    def _logprobs(self, entries: list[tuple[TokenLogprob | None, int]]) -> CompletionLogprobs:
+    def _logprobs(
+        self, entries: list[tuple[TokenLogprob | None, int]], as_ids: bool = False
+    ) -> CompletionLogprobs:
         lp = CompletionLogprobs()
         for entry, offset in entries:
             assert entry is not None
             first_prompt_token = entry.logprob != entry.logprob  # NaN marks "no logprob" (first prompt token)
-            token = self._token(entry.token_id)
+            token = self._token(entry.token_id, as_ids)
             lp.tokens.append(token)
             lp.text_offset.append(offset)
             lp.token_logprobs.append(None if first_prompt_token else _finite(entry.logprob))
             if first_prompt_token:
                 lp.top_logprobs.append(None)
                 continue
-            top = {self._token(t): _finite(v) for t, v in entry.top}
+            top = {self._token(t, as_ids): _finite(v) for t, v in entry.top}
             # the chosen token is always listed, even outside the top N (up to N + 1 entries), as OpenAI's
             top.setdefault(token, _finite(entry.logprob))
             lp.top_logprobs.append(top)
         return lp
 
-    def _choice(self, delta_text: str, delta: TextDelta, want_logprobs: bool) -> CompletionChoice:
-        logprobs = self._logprobs(delta.logprobs) if want_logprobs else None
-        return CompletionChoice(
-            index=delta.index, text=delta_text, logprobs=logprobs, finish_reason=delta.finish_reason
-        )
+    def _choice(self, delta: TextDelta, want_logprobs: bool, as_ids: bool) -> CompletionChoice:
+        logprobs = self._logprobs(delta.logprobs, as_ids) if want_logprobs else None
+        return CompletionChoice(index=delta.index, text=delta.text, logprobs=logprobs,
+                                finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)  # fmt: skip
 
     async def create(self, req: CompletionRequest) -> CompletionResponse:
         run, stream = await self.prepare(req)
@@ -792,8 +827,9 @@ class ServingCompletion(OpenAIServing):
             CompletionChoice(
                 index=c.index,
                 text=c.text,
-                logprobs=self._logprobs(logprobs[c.index]) if want else None,
+                logprobs=self._logprobs(logprobs[c.index], req.return_tokens_as_token_ids) if want else None,
                 finish_reason=c.finish_reason,
+                stop_reason=c.stop_reason,
             )
             for c in run.choices
         ]
@@ -815,7 +851,7 @@ class ServingCompletion(OpenAIServing):
         continuous = _continuous_usage(req)
         async with aclosing(self.deltas(run, stream, hook)) as deltas:  # closed at once if the client leaves
             async for d in deltas:
-                choice = self._choice(d.text, d, want)
+                choice = self._choice(d, want, req.return_tokens_as_token_ids)
                 usage = run.usage() if continuous else None
                 yield CompletionResponse(
                     id=run.request_id, created=created, model=self.model_name, choices=[choice], usage=usage
@@ -983,10 +1019,12 @@ class ServingChat(OpenAIServing):
         return req.continue_final_message
 
     async def prompt(self, req: ChatCompletionRequest, tools: ToolPlan) -> PromptInput:
+        keep = self.truncation(req)
         ids = await self.prompt_ids(
-            req.messages, req.add_generation_prompt, tools, continue_final=self.continue_final(req)
-        )
-        prompt = PromptInput(ids)
+            req.messages, req.add_generation_prompt, tools, bounded=keep is None,
+            continue_final=self.continue_final(req),
+        )  # fmt: skip
+        prompt = PromptInput(ids if keep is None else ids[-keep:])
         self.check_prompt(prompt.token_ids)
         return prompt
 
@@ -1025,20 +1063,28 @@ class ServingChat(OpenAIServing):
         stop = self.stop_matcher(req.stop)
         include = req.include_stop_str_in_output
         run.choices = [
-            ChoiceText(i, self.tokenizer, stop, include_stop=include, min_tokens=req.min_tokens)
+            ChoiceText(
+                i,
+                self.tokenizer,
+                stop,
+                include_stop=include,
+                min_tokens=req.min_tokens,
+                skip_special_tokens=req.skip_special_tokens,
+            )  # fmt: skip
             for i in range(req.n)
         ]
         return run, await self.start(run, [params])
 
-    def _logprobs(self, entries: list[tuple[TokenLogprob | None, int]]) -> ChatLogprobs:
+    def _logprobs(self, entries: list[tuple[TokenLogprob | None, int]], as_ids: bool = False) -> ChatLogprobs:
         content = []
         token_bytes = self.tokenizer.token_bytes  # whole even for part of a character (clients join them)
+        decode = self.tokenizer.decode
         for entry, _ in entries:
             assert entry is not None
-            token = self.tokenizer.decode([entry.token_id])
+            token = f"token_id:{entry.token_id}" if as_ids else decode([entry.token_id])
             top = []
             for tid, value in entry.top:
-                text = self.tokenizer.decode([tid])
+                text = f"token_id:{tid}" if as_ids else decode([tid])
                 top.append(ChatTopLogprob(token=text, logprob=_finite(value), bytes=list(token_bytes(tid))))
             content.append(
                 ChatTokenLogprob(
@@ -1054,7 +1100,11 @@ class ServingChat(OpenAIServing):
         async for d in self.deltas(run, stream):
             logprobs[d.index] += d.logprobs
         choices = [
-            self._chat_choice(run.tools, c, self._logprobs(logprobs[c.index]) if req.logprobs else None)
+            self._chat_choice(
+                run.tools,
+                c,
+                self._logprobs(logprobs[c.index], req.return_tokens_as_token_ids) if req.logprobs else None,
+            )
             for c in run.choices
         ]
         return ChatCompletionResponse(
@@ -1066,7 +1116,10 @@ class ServingChat(OpenAIServing):
         content, calls = tools.parse(c.text)
         reason = tools.finish_reason(calls, c.finish_reason)
         message = ChatResponseMessage(content=content, tool_calls=calls)
-        return ChatChoice(index=c.index, message=message, logprobs=logprobs, finish_reason=reason)
+        stop_reason = None if calls else c.stop_reason
+        return ChatChoice(
+            index=c.index, message=message, logprobs=logprobs, finish_reason=reason, stop_reason=stop_reason
+        )
 
     async def stream(self, req: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
         run, stream = await self.prepare(req)
@@ -1092,16 +1145,24 @@ class ServingChat(OpenAIServing):
         filters = [ToolTextFilter(run.tools) for _ in range(req.n)] if run.tools.mode != "none" else None
         async with aclosing(self.deltas(run, stream)) as deltas:  # closed at once if the client leaves
             async for d in deltas:
-                logprobs = self._logprobs(d.logprobs) if req.logprobs else None
+                logprobs = (
+                    self._logprobs(d.logprobs, req.return_tokens_as_token_ids) if req.logprobs else None
+                )
                 if filters is None:
                     delta, reason = DeltaMessage(content=d.text), d.finish_reason
                 else:
                     delta, reason = self._tool_delta(filters[d.index], d)
                     if not (delta.content or delta.tool_calls or reason or logprobs):
                         continue  # text held back as a possible tool call: nothing to send yet
-                yield chunk(
-                    [ChatStreamChoice(index=d.index, delta=delta, logprobs=logprobs, finish_reason=reason)]
+                stop_reason = d.stop_reason if reason == d.finish_reason else None  # not for tool calls
+                choice = ChatStreamChoice(
+                    index=d.index,
+                    delta=delta,
+                    logprobs=logprobs,
+                    finish_reason=reason,
+                    stop_reason=stop_reason,
                 )
+                yield chunk([choice])
         if req.stream_options and req.stream_options.include_usage:
             yield chunk([], run.usage())
 

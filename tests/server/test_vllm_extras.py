@@ -1,0 +1,137 @@
+"""vLLM's request extras that clients migrating from vLLM send: honoured, or refused by name (never ignored).
+
+Over the ASGI app with the scripted fake engine (conftest.py), which replies with SCRIPT's tokens.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import httpx
+import pytest
+
+from model.tokenizer import Tokenizer
+from tests.server.conftest import MAX_MODEL_LEN, SCRIPT, FakeEngine
+from tests.server.test_api import MODEL, assert_error, complete, sse_chunks
+
+
+async def chat(client: httpx.AsyncClient, **body: Any) -> httpx.Response:
+    body.setdefault("model", MODEL)
+    body.setdefault("messages", [{"role": "user", "content": "hi"}])
+    return await client.post("/v1/chat/completions", json=body)
+
+
+def last_choice(r: httpx.Response, stream: bool) -> dict[str, Any]:
+    assert r.status_code == 200, r.text
+    return sse_chunks(r.text)[-1]["choices"][0] if stream else r.json()["choices"][0]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_stop_reason_names_the_stop_string_or_token_that_ended_a_choice(
+    client: httpx.AsyncClient, tokenizer: Tokenizer, stream: bool
+) -> None:
+    fox = tokenizer.encode(SCRIPT)[3]  # " fox"
+    cases = [
+        ({"stop": ["zzz", "brown f"]}, "stop", "brown f"),  # a stop string that spans two tokens
+        ({"stop_token_ids": [fox]}, "stop", fox),
+        ({"max_tokens": 3}, "length", None),
+        ({"max_tokens": 200}, "stop", None),  # EOS is no stop reason, as vLLM reports it
+    ]
+    for body, finish, reason in cases:
+        body = {"max_tokens": 40, "temperature": 0, "stream": stream, **body}
+        choice = last_choice(await complete(client, prompt="x", **body), stream)
+        assert (choice["finish_reason"], choice["stop_reason"]) == (finish, reason), body
+        choice = last_choice(await chat(client, **body), stream)
+        assert (choice["finish_reason"], choice["stop_reason"]) == (finish, reason), body
+    if stream:  # chunks before the last carry a null stop_reason
+        r = await complete(client, prompt="x", max_tokens=40, stream=True, stop="lazy")
+        assert [c["choices"][0]["stop_reason"] for c in sse_chunks(r.text)][:-1] == [None] * (
+            len(sse_chunks(r.text)) - 1
+        )
+
+
+async def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(
+    client: httpx.AsyncClient, fake_engine: FakeEngine, tokenizer: Tokenizer
+) -> None:
+    long = " ".join(f"w{i}" for i in range(400))  # more tokens than the 256-token context
+    full = tokenizer.encode(long)
+    assert len(full) > MAX_MODEL_LEN
+    assert_error(await complete(client, prompt=long, max_tokens=2), 400, "context")
+    r = await complete(client, prompt=long, max_tokens=2, truncate_prompt_tokens=10, echo=True)
+    assert r.status_code == 200, r.text
+    assert fake_engine.submitted[-1][1] == full[-10:]
+    assert r.json()["usage"]["prompt_tokens"] == 10
+    assert r.json()["choices"][0]["text"].startswith(tokenizer.decode(full[-10:]))  # echo: what was run
+    r = await complete(client, prompt=[full, full[:5]], max_tokens=1, truncate_prompt_tokens=10)
+    assert [s[1] for s in fake_engine.submitted[-2:]] == [full[-10:], full[:5]]  # shorter ones whole
+    r = await complete(client, prompt=long, max_tokens=1, truncate_prompt_tokens=-1)
+    assert r.status_code == 200, r.text
+    assert fake_engine.submitted[-1][1] == full[-(MAX_MODEL_LEN - 1) :]  # all the context holds
+    assert_error(await complete(client, prompt="x", truncate_prompt_tokens=0), 400, "truncate_prompt_tokens")
+    assert_error(await complete(client, prompt="x", truncate_prompt_tokens=-2), 400, "truncate_prompt_tokens")
+
+    messages = [{"role": "user", "content": long}]
+    assert_error(await chat(client, messages=messages, max_tokens=2), 400, "context")
+    r = await chat(client, messages=messages, max_tokens=2, truncate_prompt_tokens=12)
+    assert r.status_code == 200, r.text
+    rendered = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    assert fake_engine.submitted[-1][1] == rendered[-12:]
+    assert r.json()["usage"]["prompt_tokens"] == 12
+
+
+async def test_return_tokens_as_token_ids_names_logprob_tokens_by_id(
+    client: httpx.AsyncClient, tokenizer: Tokenizer
+) -> None:
+    ids = tokenizer.encode(SCRIPT)
+    r = await complete(client, prompt="x", max_tokens=4, logprobs=2, return_tokens_as_token_ids=True)
+    lp = r.json()["choices"][0]["logprobs"]
+    assert lp["tokens"] == [f"token_id:{t}" for t in ids[:4]]
+    assert all(re.fullmatch(r"token_id:\d+", k) for top in lp["top_logprobs"] for k in top)
+    r = await chat(client, max_tokens=4, logprobs=True, top_logprobs=2, return_tokens_as_token_ids=True)
+    content = r.json()["choices"][0]["logprobs"]["content"]
+    assert [c["token"] for c in content] == [f"token_id:{t}" for t in ids[:4]]
+    assert all(re.fullmatch(r"token_id:\d+", t["token"]) for c in content for t in c["top_logprobs"])
+    r = await complete(client, prompt="x", max_tokens=4, logprobs=1)  # by default, the tokens' text
+    assert "".join(r.json()["choices"][0]["logprobs"]["tokens"]) == tokenizer.decode(ids[:4])
+
+
+async def test_skip_special_tokens_false_shows_control_tokens_in_the_text(
+    client: httpx.AsyncClient, tokenizer: Tokenizer
+) -> None:
+    assert tokenizer.eos_token_id is not None
+    eos = tokenizer.decode([tokenizer.eos_token_id])
+    assert eos.startswith("<|")
+    body = {"max_tokens": 200, "temperature": 0, "include_stop_str_in_output": True}  # the EOS stays
+    shown = (await complete(client, prompt="x", skip_special_tokens=False, **body)).json()["choices"][0]
+    hidden = (await complete(client, prompt="x", **body)).json()["choices"][0]
+    assert shown["text"] == hidden["text"] + eos
+    r = await chat(client, skip_special_tokens=False, stream=True, **body)
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in sse_chunks(r.text))
+    assert text.endswith(eos)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("use_beam_search", True),
+        ("bad_words", [" fox"]),
+        ("allowed_token_ids", [1, 2]),
+        ("logits_processors", ["my.module:Processor"]),
+    ],
+)
+async def test_vllm_extras_this_server_cannot_honour_are_refused_by_name(
+    client: httpx.AsyncClient, field: str, value: Any
+) -> None:
+    assert_error(await complete(client, prompt="x", **{field: value}), 400, field)["param"] == field
+    assert_error(await chat(client, **{field: value}), 400, field)
+    # their defaults, which some clients always send, change nothing
+    default: Any = False if isinstance(value, bool) else []
+    assert (await complete(client, prompt="x", max_tokens=1, **{field: default})).status_code == 200
+
+
+async def test_a_chat_template_sent_with_the_request_is_refused_not_ignored(client: httpx.AsyncClient) -> None:
+    template = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    error = assert_error(await chat(client, chat_template=template), 400, "chat template")
+    assert error["param"] == "chat_template"
+    assert (await chat(client, chat_template=None, max_tokens=1)).status_code == 200
