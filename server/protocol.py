@@ -193,6 +193,7 @@ class SamplingFields(_NullIsUnset):
     skip_special_tokens: bool = True  # False: control tokens the model writes show in the text
     spaces_between_special_tokens: bool = True  # accepted; byte-level BPE text has no spaces to add
     return_tokens_as_token_ids: bool = False  # logprob tokens named "token_id:N"
+    return_token_ids: bool = False  # the prompt's and each choice's token ids beside the text
     # vLLM extras this server does not run: a request that sets one is answered 400 rather than ignored
     use_beam_search: bool = False
     bad_words: list[str] | None = None
@@ -391,12 +392,27 @@ class CompletionLogprobs(BaseModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
-class CompletionChoice(BaseModel):
+class _TokenIds(BaseModel):
+    """vLLM's return_token_ids fields, left out of the JSON unless asked for (they would be nulls in every
+    chunk of every stream otherwise)."""
+
+    @model_serializer(mode="wrap")
+    def _drop_unasked_ids(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        for key in ("prompt_token_ids", "token_ids"):
+            if key in data and data[key] is None:
+                del data[key]
+        return data
+
+
+class CompletionChoice(_TokenIds):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # vLLM's: the stop string or stop_token_ids id that ended it
+    prompt_token_ids: list[int] | None = None  # with return_token_ids (a stream: in a choice's first chunk)
+    token_ids: list[int] | None = None  # with return_token_ids: the tokens this choice (or chunk) adds
 
 
 class CompletionResponse(BaseModel):
@@ -435,21 +451,23 @@ class ChatResponseMessage(BaseModel):
         return data
 
 
-class ChatChoice(BaseModel):
+class ChatChoice(_TokenIds):
     index: int
     message: ChatResponseMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None
 
 
-class ChatCompletionResponse(BaseModel):
+class ChatCompletionResponse(_TokenIds):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_token_ids: list[int] | None = None
 
 
 class FunctionCallDelta(BaseModel):
@@ -475,21 +493,23 @@ class DeltaMessage(BaseModel):
         return {k: v for k, v in handler(self).items() if v is not None}
 
 
-class ChatStreamChoice(BaseModel):
+class ChatStreamChoice(_TokenIds):
     index: int
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(_TokenIds):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     choices: list[ChatStreamChoice]
     usage: UsageInfo | None = None
+    prompt_token_ids: list[int] | None = None  # with return_token_ids, in the first chunk
 
 
 class ModelCard(BaseModel):

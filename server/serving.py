@@ -99,6 +99,7 @@ class TextDelta:
     logprobs: list[tuple[TokenLogprob | None, int]]  # (logprob, text offset) of tokens released with the text
     finish_reason: str | None
     stop_reason: int | str | None = None  # the stop string or stop_token_ids id that ended the choice
+    token_ids: list[int] = field(default_factory=list)  # counted since the last delta (return_token_ids)
 
 
 class ChoiceText:
@@ -143,6 +144,8 @@ class ChoiceText:
         self._offset = len(prefix)  # length of all text decoded so far (offsets of logprobs)
         self.text = ""  # all released text
         self.num_tokens = 0
+        self.token_ids: list[int] = []  # every token counted, the stop token too (vLLM's token_ids)
+        self._released_ids = 0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None  # vLLM's: which stop string or stop token id ended it
         self._cut = False  # a stop string ended the text
@@ -163,6 +166,7 @@ class ChoiceText:
         last = len(out.new_token_ids) - 1
         for k, token_id in enumerate(out.new_token_ids):
             self.num_tokens += 1
+            self.token_ids.append(token_id)
             stopped = k == last and out.finish_reason == "stop" and token_id in (out.stop_token_id, self._eos)
             if stopped and token_id != self._eos:
                 self.stop_reason = token_id  # one of stop_token_ids (EOS is no stop reason, as vLLM's)
@@ -229,7 +233,8 @@ class ChoiceText:
         if not text and not logprobs and not self.finished:
             return None
         self.text += text
-        return TextDelta(self.index, text, logprobs, self.finish_reason, self.stop_reason)
+        ids, self._released_ids = self.token_ids[self._released_ids :], len(self.token_ids)
+        return TextDelta(self.index, text, logprobs, self.finish_reason, self.stop_reason, ids)
 
 
 # ---- engine plumbing ------------------------------------------------------------------------------
@@ -830,6 +835,8 @@ class ServingCompletion(OpenAIServing):
                 logprobs=self._logprobs(logprobs[c.index], req.return_tokens_as_token_ids) if want else None,
                 finish_reason=c.finish_reason,
                 stop_reason=c.stop_reason,
+                prompt_token_ids=run.prompts[c.index // run.n].token_ids if req.return_token_ids else None,
+                token_ids=c.token_ids if req.return_token_ids else None,
             )
             for c in run.choices
         ]
@@ -849,9 +856,15 @@ class ServingCompletion(OpenAIServing):
         created = int(time.time())
         hook = functools.partial(self._echo_logprobs, run) if req.echo and want else None
         continuous = _continuous_usage(req)
+        unnamed = set(range(len(run.choices))) if req.return_token_ids else set()  # no prompt ids sent yet
         async with aclosing(self.deltas(run, stream, hook)) as deltas:  # closed at once if the client leaves
             async for d in deltas:
                 choice = self._choice(d, want, req.return_tokens_as_token_ids)
+                if req.return_token_ids:
+                    choice.token_ids = d.token_ids
+                    if d.index in unnamed:
+                        unnamed.discard(d.index)
+                        choice.prompt_token_ids = run.prompts[d.index // run.n].token_ids
                 usage = run.usage() if continuous else None
                 yield CompletionResponse(
                     id=run.request_id, created=created, model=self.model_name, choices=[choice], usage=usage
@@ -1035,7 +1048,7 @@ class ServingChat(OpenAIServing):
         self.check_refused(req)
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed when stream is true.", param="stream_options")
-        if req.top_logprobs is not None and not req.logprobs:
+        if req.top_logprobs and not req.logprobs:  # 0 asks for nothing: clients that always send it pass
             raise APIError(400, "top_logprobs requires logprobs to be true.", param="top_logprobs")
         self.check_sizes(req, 1)
         tools = tool_plan(req)
@@ -1107,9 +1120,13 @@ class ServingChat(OpenAIServing):
             )
             for c in run.choices
         ]
+        if req.return_token_ids:
+            for choice, c in zip(choices, run.choices, strict=True):
+                choice.token_ids = c.token_ids
         return ChatCompletionResponse(
-            id=run.request_id, model=self.model_name, choices=choices, usage=run.usage()
-        )
+            id=run.request_id, model=self.model_name, choices=choices, usage=run.usage(),
+            prompt_token_ids=run.prompts[0].token_ids if req.return_token_ids else None,
+        )  # fmt: skip
 
     @staticmethod
     def _chat_choice(tools: ToolPlan, c: ChoiceText, logprobs: ChatLogprobs | None) -> ChatChoice:
@@ -1141,8 +1158,12 @@ class ServingChat(OpenAIServing):
             )
 
         for i in range(req.n):  # OpenAI's first chunk of each choice carries the role
-            yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+            first = chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+            if req.return_token_ids and i == 0:
+                first.prompt_token_ids = run.prompts[0].token_ids
+            yield first
         filters = [ToolTextFilter(run.tools) for _ in range(req.n)] if run.tools.mode != "none" else None
+        held_ids: list[list[int]] = [[] for _ in range(req.n)]  # of deltas a tool filter held back
         async with aclosing(self.deltas(run, stream)) as deltas:  # closed at once if the client leaves
             async for d in deltas:
                 logprobs = (
@@ -1153,15 +1174,16 @@ class ServingChat(OpenAIServing):
                 else:
                     delta, reason = self._tool_delta(filters[d.index], d)
                     if not (delta.content or delta.tool_calls or reason or logprobs):
+                        held_ids[d.index] += d.token_ids
                         continue  # text held back as a possible tool call: nothing to send yet
                 stop_reason = d.stop_reason if reason == d.finish_reason else None  # not for tool calls
+                ids = None
+                if req.return_token_ids:
+                    ids, held_ids[d.index] = held_ids[d.index] + d.token_ids, []
                 choice = ChatStreamChoice(
-                    index=d.index,
-                    delta=delta,
-                    logprobs=logprobs,
-                    finish_reason=reason,
-                    stop_reason=stop_reason,
-                )
+                    index=d.index, delta=delta, logprobs=logprobs, finish_reason=reason, stop_reason=stop_reason,
+                    token_ids=ids,
+                )  # fmt: skip
                 yield chunk([choice])
         if req.stream_options and req.stream_options.include_usage:
             yield chunk([], run.usage())

@@ -123,15 +123,54 @@ async def test_skip_special_tokens_false_shows_control_tokens_in_the_text(
 async def test_vllm_extras_this_server_cannot_honour_are_refused_by_name(
     client: httpx.AsyncClient, field: str, value: Any
 ) -> None:
-    assert_error(await complete(client, prompt="x", **{field: value}), 400, field)["param"] == field
+    assert assert_error(await complete(client, prompt="x", **{field: value}), 400, field)["param"] == field
     assert_error(await chat(client, **{field: value}), 400, field)
     # their defaults, which some clients always send, change nothing
     default: Any = False if isinstance(value, bool) else []
     assert (await complete(client, prompt="x", max_tokens=1, **{field: default})).status_code == 200
 
 
-async def test_a_chat_template_sent_with_the_request_is_refused_not_ignored(client: httpx.AsyncClient) -> None:
+async def test_a_chat_template_sent_with_the_request_is_refused_not_ignored(
+    client: httpx.AsyncClient,
+) -> None:
     template = "{% for m in messages %}{{ m.content }}{% endfor %}"
     error = assert_error(await chat(client, chat_template=template), 400, "chat template")
     assert error["param"] == "chat_template"
     assert (await chat(client, chat_template=None, max_tokens=1)).status_code == 200
+
+
+async def test_chat_top_logprobs_0_without_logprobs_asks_for_nothing(client: httpx.AsyncClient) -> None:
+    r = await chat(client, max_tokens=2, top_logprobs=0)
+    assert r.status_code == 200 and r.json()["choices"][0]["logprobs"] is None, r.text
+    assert_error(await chat(client, max_tokens=2, top_logprobs=1), 400, "logprobs")
+
+
+async def test_return_token_ids_gives_the_prompt_and_output_ids(
+    client: httpx.AsyncClient, fake_engine: FakeEngine, tokenizer: Tokenizer
+) -> None:
+    ids = tokenizer.encode(SCRIPT)
+    prompt = tokenizer.encode("Hello there")
+    r = await complete(client, prompt="Hello there", max_tokens=5, n=2, return_token_ids=True)
+    for choice in r.json()["choices"]:
+        assert choice["prompt_token_ids"] == prompt
+        assert len(choice["token_ids"]) == 5 and tokenizer.decode(choice["token_ids"]) == choice["text"]
+    chunks = sse_chunks((await complete(client, prompt="Hello there", max_tokens=5, stream=True,
+                                        return_token_ids=True, stop="lazy")).text)  # fmt: skip
+    assert chunks[0]["choices"][0]["prompt_token_ids"] == prompt
+    assert all("prompt_token_ids" not in c["choices"][0] for c in chunks[1:])
+    assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == ids[:5]
+
+    everything = ids * 3 + [tokenizer.eos_token_id]  # the fake engine's whole reply: its script 3 times, EOS
+    r = await chat(client, max_tokens=200, return_token_ids=True)  # ends with EOS: counted, in the ids
+    data = r.json()
+    assert data["prompt_token_ids"] == fake_engine.submitted[-1][1]
+    assert data["choices"][0]["token_ids"] == everything
+    assert len(data["choices"][0]["token_ids"]) == data["usage"]["completion_tokens"]
+    chunks = sse_chunks((await chat(client, max_tokens=200, stream=True, return_token_ids=True)).text)
+    assert chunks[0]["prompt_token_ids"] == fake_engine.submitted[-1][1]
+    assert [t for c in chunks for t in c["choices"][0].get("token_ids") or []] == everything
+    # not asked for: not in the JSON at all (no nulls in every chunk)
+    r = await complete(client, prompt="x", max_tokens=2)
+    assert "token_ids" not in r.json()["choices"][0] and "prompt_token_ids" not in r.json()["choices"][0]
+    chunks = sse_chunks((await chat(client, max_tokens=2, stream=True)).text)
+    assert all("prompt_token_ids" not in c and "token_ids" not in c["choices"][0] for c in chunks)
