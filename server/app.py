@@ -36,6 +36,7 @@ from server.logs import RequestIdMiddleware, failure_reason, stats_logging
 from server.metrics import HttpMetricsMiddleware, ServerMetrics
 from server.protocol import APIError
 from server.routes import (
+    BodyError,
     check_api_key,
     check_api_key_if_protected,
     declared_length,
@@ -52,13 +53,10 @@ log = logging.getLogger("server")
 # ---- body size limit ------------------------------------------------------------------------------
 
 
-class _BodyError(StarletteHTTPException):
-    pass
-
-
 class BodyLimitMiddleware:
     """413 for a body over `limit` bytes: at once from Content-Length, else while the body is read; 408
-    (and the connection closed) for a body not whole within `timeout` seconds of its headers."""
+    (and the connection closed) for a body not whole within `timeout` seconds of its headers; 400 (and
+    the connection closed) for a request with both Content-Length and Transfer-Encoding."""
 
     def __init__(self, app: ASGIApp, limit: int, timeout: float = 0.0) -> None:
         self.app = app
@@ -68,6 +66,15 @@ class BodyLimitMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        names = {name for name, _ in scope["headers"]}
+        if b"content-length" in names and b"transfer-encoding" in names:
+            # RFC 9112 6.1: the two may disagree on where the body ends, and a proxy in front may read it the
+            # other way (request smuggling); refused before the app runs, and the connection closed
+            error = APIError(400, "The request has both Content-Length and Transfer-Encoding; send one.")
+            response = error_response(error)
+            response.headers["connection"] = "close"
+            await response(scope, receive, send)
             return
         declared = declared_length(scope)
         if declared is not None and declared > self.limit:
@@ -86,7 +93,7 @@ class BodyLimitMiddleware:
                 except TimeoutError:
                     # FastAPI re-raises HTTPExceptions from body reading; our handler shapes it. The
                     # rest of the body would still be on its way: the connection cannot be reused.
-                    raise _BodyError(
+                    raise BodyError(
                         408,
                         f"The request body did not arrive within {self.timeout:g} s ({received} bytes did).",
                         headers={"connection": "close"},
@@ -94,7 +101,7 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
-                    raise _BodyError(413, self._error(received).message)
+                    raise BodyError(413, self._error(received).message)
                 if not message.get("more_body", False):
                     deadline = None
             return message
@@ -141,6 +148,8 @@ def install_error_handlers(app: FastAPI) -> None:
             except APIError as e:
                 return error_response(e)
         kind = "invalid_request_error" if exc.status_code < 500 else "internal_error"
+        if exc.status_code == 429:  # the preparing budget, overflowed by a body as it arrived
+            kind = "rate_limit_error"
         response = error_response(APIError(exc.status_code, str(exc.detail), kind))
         response.headers.update(exc.headers or {})
         return response
@@ -401,7 +410,9 @@ def create_app(
             )
             await built.shutdown(graceful=True, timeout=settings.shutdown_timeout)
 
-    app = FastAPI(title="smollm2-server", version="0.1.0", lifespan=lifespan)
+    # no redirect from `/path/` to `/path`: it answered before the key check (307 to any /v1 path), to a
+    # Location built from the client's Host header; such a path is an unknown one (401 or 404)
+    app = FastAPI(title="smollm2-server", version="0.1.0", lifespan=lifespan, redirect_slashes=False)
     app.state.settings = settings
     app.state.fatal_error = None
     app.state.shutdown_signals = 0

@@ -12,7 +12,11 @@ uvicorn's protocol with three bounds, each counted in
   is timed by `server.app.BodyLimitMiddleware` (a 408 in OpenAI's shape); a body the app does not
   read (an error answered early) gets a few seconds more here, then the connection is closed;
 - ``write_stall``: a client that takes none of the response for `client_timeout` seconds while the send
-  buffer is full is disconnected, which aborts its request like any disconnect.
+  buffer is full is disconnected, which aborts its request like any disconnect. The socket's send buffer
+  is fixed at SEND_BUFFER_BYTES so that it does fill.
+
+A request h11 cannot parse (a bad chunk size, two differing Content-Lengths, no Host) is answered 400 in
+OpenAI's shape, and the app's own answer to it, if it is still running, is dropped.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import socket
 import time
 from http import HTTPStatus
 from typing import Any
@@ -41,6 +46,11 @@ BODY_GRACE_S = 5.0  # the app answers a slow body's 408 first; this backstop onl
 REFUSED_LINGER_S = 1.0  # a connection refused at the cap is closed after this, or when the client closes
 REFUSED_LINGER_MAX = 64  # at most this many at once; past it, refused connections close at once
 WARN_EVERY_S = 10.0
+# Linux grows an autotuned send buffer up to tcp_wmem's maximum (4 MiB), more than most streams: a client
+# that stops reading would never fill it, so the write-stall timer would never start. A fixed size turns
+# autotuning off; the kernel doubles it for its bookkeeping. 512 KiB in flight still fills a 1 Gb/s link
+# at 4 ms of round trip, or 100 Mb/s at 40 ms.
+SEND_BUFFER_BYTES = 256 * 1024
 
 
 def raise_fd_limit(target: int = FD_TARGET) -> int:
@@ -124,6 +134,12 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+            except OSError:
+                pass  # a transport without a TCP socket: its own buffering applies
         if len(self.connections) > self.max_connections:
             self._count("limit")
             self.warn(
@@ -169,6 +185,21 @@ class GuardedH11Protocol(H11Protocol):
     def eof_received(self) -> None:
         if self._refused:  # the client has read the 503 and closed its side
             self.transport.close()
+
+    # ---- malformed request ----
+
+    def send_400_response(self, msg: str) -> None:
+        """h11 found the request malformed. uvicorn's own answer is text/plain, and when the app is
+        answering the same request (an error sent before reading the body) either uvicorn's write or the
+        app's later send fails on h11's state, each with a traceback in the log. Here one 400 in OpenAI's
+        shape goes out if no response has begun (else the connection just closes), and the request ends
+        for the app as a disconnect: its sends are dropped."""
+        if not self.transport.is_closing() and self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            self.transport.write(_raw_error(APIError(400, msg)))
+        if self.cycle is not None:
+            self.cycle.disconnected = True
+            self.cycle.message_event.set()
+        self.transport.close()
 
     # ---- request timeout ----
 

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse
 
 from server.metrics import ServerMetrics, stats_mapping
-from server.routes import check_api_key_if_protected
+from server.routes import check_api_key_if_protected, get_and_head
 
 QUANTILES = (0.5, 0.9, 0.99)
 RATE_SECONDS = 10.0  # tokens/s over this many seconds: smooth enough to read, recent enough to follow load
@@ -25,12 +25,12 @@ def _page() -> str:
     return (files("server") / "static" / "dashboard.html").read_text(encoding="utf-8")
 
 
-@dashboard.get("/dashboard")
+@get_and_head(dashboard, "/dashboard")
 async def dashboard_page() -> HTMLResponse:
     return HTMLResponse(_page())
 
 
-@dashboard.get("/dashboard/data")
+@get_and_head(dashboard, "/dashboard/data")
 async def dashboard_data(request: Request) -> dict[str, Any]:
     state = request.app.state
     metrics: ServerMetrics = state.metrics

@@ -41,6 +41,7 @@ from server.tools import ToolPlan
 
 log = logging.getLogger("server")
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
 DISCONNECT_POLL_S = 0.2
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503)
@@ -56,10 +57,28 @@ def error_response(error: APIError) -> JSONResponse:
     )
 
 
+class BodyError(HTTPException):
+    """An error found while a body is read (its size, its timeout, the preparing budget), raised from a
+    `receive` wrapper: FastAPI lets HTTPExceptions from body reading through to our handler, which answers
+    it in OpenAI's shape."""
+
+
 def declared_length(scope: Scope) -> int | None:
     """The request's Content-Length, if it declares a valid one."""
     declared = dict(scope["headers"]).get(b"content-length", b"")
     return int(declared) if declared.isdigit() else None
+
+
+def get_and_head(router: APIRouter, path: str, **kwargs: Any) -> Callable[[F], F]:
+    """`router.get(path)` that answers HEAD too, as HTTP wants of every GET resource (load balancers and
+    link checkers probe with it; FastAPI routes only the methods named). uvicorn sends HEAD's headers
+    without the body. HEAD stays out of the OpenAPI schema, where it would repeat GET's operation id."""
+
+    def register(endpoint: F) -> F:
+        router.head(path, **{**kwargs, "include_in_schema": False})(endpoint)
+        return router.get(path, **kwargs)(endpoint)
+
+    return register
 
 
 def _sse(payload: str) -> bytes:
@@ -237,12 +256,12 @@ async def responses(body: ResponsesRequest, request: Request) -> Response:
     return JSONResponse(builder.from_chat(result))
 
 
-@v1.get("/models")
+@get_and_head(v1, "/models")
 async def models(request: Request) -> ModelList:
     return ModelList(data=[_model_card(request)])
 
 
-@v1.get("/models/{model:path}")  # OpenAI's `client.models.retrieve(name)`
+@get_and_head(v1, "/models/{model:path}")  # OpenAI's `client.models.retrieve(name)`
 async def model(model: str, request: Request) -> ModelCard:
     card = _model_card(request)
     if model != card.id:
@@ -265,8 +284,9 @@ def public_root(source: str | None, served_name: str) -> str:
     return name or served_name
 
 
-@misc.head("/health", include_in_schema=False)  # for load balancers that probe with HEAD
-@misc.get("/health")
+# /ping as vLLM's and SageMaker's health checks ask (POST too), open without the key as /health
+@misc.api_route("/ping", methods=["GET", "HEAD", "POST"], include_in_schema=False)
+@get_and_head(misc, "/health")
 async def health(request: Request) -> Response:
     engine = getattr(request.app.state, "engine", None)
     if engine is None:
@@ -309,7 +329,7 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeRes
         raise APIError(400, str(e), param="tokens") from e
 
 
-@misc.get("/version")
+@get_and_head(misc, "/version")
 async def version() -> VersionResponse:
     from importlib.metadata import PackageNotFoundError
     from importlib.metadata import version as package_version
@@ -320,6 +340,6 @@ async def version() -> VersionResponse:
         return VersionResponse(version="0.0.0+unknown")
 
 
-@misc.get("/metrics", dependencies=[Depends(check_api_key_if_protected)])
+@get_and_head(misc, "/metrics", dependencies=[Depends(check_api_key_if_protected)])
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

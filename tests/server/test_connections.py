@@ -284,3 +284,33 @@ async def test_a_client_still_sending_when_refused_at_the_cap_reads_the_503_not_
             assert status == 503 and "1 connections" in assert_openai_error(body, 503)
             writer.close()
         held[1].close()
+
+
+async def test_a_client_that_stops_reading_a_model_stream_is_disconnected_before_it_ends(
+    tokenizer: Tokenizer,
+) -> None:
+    """This stream (about 1.7 MB) fits in the send buffer Linux autotunes (up to 4 MiB): nothing would
+    stall, and the request would run to its end for a client that reads none of it. The fixed send buffer
+    fills, and the stalled client is disconnected after the client timeout."""
+    engine = FakeEngine(tokenizer, max_waiting=64, delay=0.001)
+    app = create_app(fake_settings(client_timeout=TIMEOUT), engine=engine, tokenizer=tokenizer)
+    body = {**COMPLETION, "max_tokens": 250, "ignore_eos": True, "stream": True, "logprobs": 5, "n": 64}
+    data = json.dumps(body).encode()
+    async with serve(app) as port:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        await loop.sock_sendall(
+            sock,
+            b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            + b"content-length: %d\r\n\r\n" % len(data)
+            + data,
+        )
+        started = time.monotonic()
+        while not engine.submitted or engine.running:  # the client reads nothing
+            assert time.monotonic() - started < 30, "the stream did not end"
+            await asyncio.sleep(0.05)
+        assert counted(app, "write_stall") == 1 and engine.aborted == [engine.submitted[0][0]]
+        sock.close()

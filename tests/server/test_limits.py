@@ -451,3 +451,48 @@ async def test_serving_a_request_takes_no_hop_through_fastapis_thread_pool(
         assert (await client.post(path, json=body)).status_code == 200
     assert (await client.get("/v1/models")).status_code == 200
     assert hops == []
+
+
+async def test_connections_that_declare_a_body_and_send_none_hold_no_budget(tokenizer: Tokenizer) -> None:
+    """The budget counts bytes that arrived: idle connections declaring large (or chunked) bodies to an
+    open route cannot lock every POST out; bodies that really arrive together past it still get a 429."""
+    import asyncio
+
+    from tests.server.test_connections import assert_openai_error, fake_app, post, read_all, serve, split
+
+    limit = 64 * 1024
+    app = fake_app(tokenizer, client_timeout=30, max_body_bytes=limit, max_preparing_bytes=2 * limit)
+    head = b"POST /tokenize HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+    chunked = head + b"transfer-encoding: chunked\r\n\r\n"
+    completion = {"model": MODEL, "prompt": "Once", "max_tokens": 4}
+    async with serve(app) as port:
+        idle = []
+        for start in [chunked] * 4 + [head + b"content-length: %d\r\n\r\n" % limit] * 4:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(start)
+            idle.append((reader, writer))
+        await asyncio.sleep(0.3)
+        status, payload = await post(port, completion)
+        assert status == 200, payload
+        for _, writer in idle:
+            writer.close()
+
+        # two bodies of 60 KB arrived and wait for the rest; a third that arrives past the budget is refused
+        held = []
+        for _ in range(2):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(chunked + b"%x\r\n" % 60_000 + b"[" * 60_000 + b"\r\n")
+            held.append((reader, writer))
+        await asyncio.sleep(0.3)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(chunked + b"%x\r\n" % 20_000 + b"[" * 20_000 + b"\r\n")
+        status, headers, body = split(await read_all(reader, 10.0))
+        writer.close()
+        assert status == 429 and headers["retry-after"] == "1" and headers["connection"] == "close"
+        assert "preparing" in assert_openai_error(body, 429)
+        assert json.loads(body)["error"]["type"] == "rate_limit_error"
+        for _, writer in held:
+            writer.close()
+        await asyncio.sleep(0.3)
+        status, payload = await post(port, completion)  # their bytes no longer count
+        assert status == 200, payload
