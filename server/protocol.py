@@ -194,6 +194,7 @@ class SamplingFields(_NullIsUnset):
     spaces_between_special_tokens: bool = True  # accepted; byte-level BPE text has no spaces to add
     return_tokens_as_token_ids: bool = False  # logprob tokens named "token_id:N"
     return_token_ids: bool = False  # the prompt's and each choice's token ids beside the text
+    prompt_logprobs: int | None = Field(None, ge=_I64_MIN, le=_I64_MAX)  # each prompt token's, and top-N
     # vLLM extras this server does not run: a request that sets one is answered 400 rather than ignored
     use_beam_search: bool = False
     bad_words: list[str] | None = None
@@ -392,14 +393,25 @@ class CompletionLogprobs(BaseModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """One token of vLLM's prompt_logprobs: keyed by its id, its log-probability at that position."""
+
+    logprob: float
+    rank: int  # 1 = the most likely token there
+    decoded_token: str
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]  # per prompt position; the first has none
+
+
 class _TokenIds(BaseModel):
-    """vLLM's return_token_ids fields, left out of the JSON unless asked for (they would be nulls in every
-    chunk of every stream otherwise)."""
+    """vLLM's return_token_ids and prompt_logprobs fields, left out of the JSON unless asked for (they
+    would be nulls in every chunk of every stream otherwise)."""
 
     @model_serializer(mode="wrap")
     def _drop_unasked_ids(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data = handler(self)
-        for key in ("prompt_token_ids", "token_ids"):
+        for key in ("prompt_token_ids", "token_ids", "prompt_logprobs"):
             if key in data and data[key] is None:
                 del data[key]
         return data
@@ -413,6 +425,7 @@ class CompletionChoice(_TokenIds):
     stop_reason: int | str | None = None  # vLLM's: the stop string or stop_token_ids id that ended it
     prompt_token_ids: list[int] | None = None  # with return_token_ids (a stream: in a choice's first chunk)
     token_ids: list[int] | None = None  # with return_token_ids: the tokens this choice (or chunk) adds
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's, with prompt_logprobs (not streamed)
 
 
 class CompletionResponse(BaseModel):
@@ -468,6 +481,7 @@ class ChatCompletionResponse(_TokenIds):
     choices: list[ChatChoice]
     usage: UsageInfo
     prompt_token_ids: list[int] | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class FunctionCallDelta(BaseModel):

@@ -313,7 +313,8 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
         )
     else:
         ids = (await chat.encode([body.prompt], add_special_tokens=body.add_special_tokens, bounded=False))[0]
-    return TokenizeResponse(count=len(ids), max_model_len=chat.max_model_len, tokens=ids)
+    strs = [chat.tokenizer.id_to_token(i) for i in ids] if body.return_token_strs else None
+    return TokenizeResponse(count=len(ids), max_model_len=chat.max_model_len, tokens=ids, token_strs=strs)
 
 
 @misc.post("/detokenize", dependencies=[Depends(check_api_key_if_protected)])

@@ -51,6 +51,7 @@ from server.protocol import (
     CompletionResponse,
     DeltaMessage,
     FunctionCallDelta,
+    PromptLogprob,
     PromptTokensDetails,
     SamplingFields,
     TokenizeChatRequest,
@@ -62,6 +63,7 @@ from server.stop_strings import StopMatcher, stop_matcher
 from server.tools import ToolPlan, ToolTextFilter, render_messages, tool_plan
 
 OutputHook = Callable[[int, RequestOutput], None]
+MAX_PROMPT_LOGPROBS = 20  # as top_logprobs
 
 
 class EngineClient(Protocol):
@@ -299,6 +301,7 @@ class _Run:
     # (continuous_usage_stats), and a sum over thousands of prompts and choices each time would not do
     completion_tokens: int = 0
     cached_tokens: dict[int, int] = field(default_factory=dict)  # by prompt: its tokens the prefix cache held
+    prompt_logprobs: dict[int, list[TokenLogprob | None]] = field(default_factory=dict)  # by prompt, as sent
 
     def usage(self) -> UsageInfo:
         prompt = self.prompt_tokens
@@ -426,6 +429,46 @@ class OpenAIServing:
             raise APIError(400, f"The request could produce {entries} log-probability entries (choices x "
                            f"tokens x (top logprobs + 1)); the limit is {limit}. Lower n, max_tokens or "
                            f"{param}.", param=param)  # fmt: skip
+
+    def prompt_logprobs_asked(self, req: SamplingFields, prompts: list[PromptInput]) -> int | None:
+        """vLLM's prompt_logprobs (top-N of each prompt position, 0 to 20), checked against the budget of
+        log-probability entries; not with a stream, as vLLM's."""
+        top = req.prompt_logprobs
+        if top is None:
+            return None
+        if not 0 <= top <= MAX_PROMPT_LOGPROBS:
+            raise APIError(400, f"prompt_logprobs must be in [0, {MAX_PROMPT_LOGPROBS}], got {top}.",
+                           param="prompt_logprobs")  # fmt: skip
+        if req.stream:
+            raise APIError(400, "prompt_logprobs is not available with stream.", param="prompt_logprobs")
+        self.check_logprob_budget(1, sum(len(p.token_ids) for p in prompts), top, "prompt_logprobs")
+        return top
+
+    @staticmethod
+    def keep_prompt_logprobs(run: _Run, p: int, out: RequestOutput) -> None:
+        if out.prompt_logprobs is not None:
+            run.prompt_logprobs[p] = out.prompt_logprobs
+
+    def prompt_logprob_list(self, run: _Run, p: int, top: int) -> list[dict[str, PromptLogprob] | None]:
+        """vLLM's shape: per prompt position after the first, the prompt's token then the top-N, by id."""
+        out: list[dict[str, PromptLogprob] | None] = [None]
+        decode = self.tokenizer.decode
+        entries = run.prompt_logprobs.get(p) or []
+        for tid, entry in zip(run.prompts[p].token_ids[1:], entries[1:], strict=False):
+            if entry is None:
+                out.append(None)
+                continue
+            at = {
+                str(tid): PromptLogprob(
+                    logprob=_finite(entry.logprob), rank=entry.rank, decoded_token=decode([tid])
+                )
+            }
+            for rank, (t, value) in enumerate(entry.top[:top], 1):
+                at.setdefault(
+                    str(t), PromptLogprob(logprob=_finite(value), rank=rank, decoded_token=decode([t]))
+                )
+            out.append(at)
+        return out
 
     @staticmethod
     def check_refused(req: Any) -> None:
@@ -740,9 +783,11 @@ class ServingCompletion(OpenAIServing):
         spec = await self.structured(req)
         for sp in params:
             sp.structured = spec
-        if req.echo and req.logprobs is not None:
+        asked = self.prompt_logprobs_asked(req, prompts)
+        echoed_top = req.logprobs if req.echo else None
+        if echoed_top is not None or asked is not None:
             for sp in params:
-                sp.prompt_logprobs = req.logprobs
+                sp.prompt_logprobs = max(echoed_top or 0, asked or 0)
         client_id = _client_id()
         run = _Run(client_id, f"cmpl-{client_id}", prompts, req.n)
         stop = self.stop_matcher(req.stop)
@@ -768,13 +813,27 @@ class ServingCompletion(OpenAIServing):
             ]
         return run, await self.start(run, params)
 
-    def _echo_logprobs(self, run: _Run, p: int, out: RequestOutput) -> None:
+    def _prompt_hook(self, req: CompletionRequest, run: _Run) -> OutputHook | None:
+        want_echo = req.echo and req.logprobs is not None
+        if not want_echo and req.prompt_logprobs is None:
+            return None
+
+        def hook(p: int, out: RequestOutput) -> None:
+            if want_echo:
+                self._echo_logprobs(run, p, out, req.logprobs or 0)
+            self.keep_prompt_logprobs(run, p, out)
+
+        return hook
+
+    def _echo_logprobs(self, run: _Run, p: int, out: RequestOutput, top: int) -> None:
         """With echo + logprobs, the prompt's tokens lead the logprobs (the first has none)."""
         if out.prompt_logprobs is None:
             return
         decoder = self.tokenizer.incremental_decoder()  # special tokens too: the echoed prompt shows them
         offset, entries = 0, list[tuple[TokenLogprob | None, int]]()
         for tid, lp in zip(run.prompts[p].token_ids, out.prompt_logprobs, strict=False):
+            if lp is not None and len(lp.top) > top:  # computed for a larger prompt_logprobs
+                lp = TokenLogprob(lp.token_id, lp.logprob, lp.rank, lp.top[:top])
             entries.append((lp if lp is not None else TokenLogprob(tid, float("nan"), 0, []), offset))
             offset += len(decoder.push([tid]))
         for c in run.choices[p * run.n : (p + 1) * run.n]:
@@ -825,8 +884,7 @@ class ServingCompletion(OpenAIServing):
         run, stream = await self.prepare(req)
         want = req.logprobs is not None
         logprobs: dict[int, list[tuple[TokenLogprob | None, int]]] = {i: [] for i in range(len(run.choices))}
-        hook = functools.partial(self._echo_logprobs, run) if req.echo and want else None
-        async for d in self.deltas(run, stream, hook):
+        async for d in self.deltas(run, stream, self._prompt_hook(req, run)):
             logprobs[d.index] += d.logprobs
         choices = [
             CompletionChoice(
@@ -837,6 +895,9 @@ class ServingCompletion(OpenAIServing):
                 stop_reason=c.stop_reason,
                 prompt_token_ids=run.prompts[c.index // run.n].token_ids if req.return_token_ids else None,
                 token_ids=c.token_ids if req.return_token_ids else None,
+                prompt_logprobs=None
+                if req.prompt_logprobs is None
+                else self.prompt_logprob_list(run, c.index // run.n, req.prompt_logprobs),
             )
             for c in run.choices
         ]
@@ -854,7 +915,7 @@ class ServingCompletion(OpenAIServing):
     ) -> AsyncIterator[CompletionResponse]:
         want = req.logprobs is not None
         created = int(time.time())
-        hook = functools.partial(self._echo_logprobs, run) if req.echo and want else None
+        hook = self._prompt_hook(req, run)
         continuous = _continuous_usage(req)
         unnamed = set(range(len(run.choices))) if req.return_token_ids else set()  # no prompt ids sent yet
         async with aclosing(self.deltas(run, stream, hook)) as deltas:  # closed at once if the client leaves
@@ -1064,6 +1125,7 @@ class ServingChat(OpenAIServing):
             max_tokens, names["max_tokens"] = req.max_completion_tokens, "max_completion_tokens"
         params = self.sampling_params(req, max_tokens, logprobs, len(prompt.token_ids), names)
         self.check_logprob_budget(req.n, params.max_tokens or 0, logprobs, "top_logprobs")
+        params.prompt_logprobs = self.prompt_logprobs_asked(req, [prompt])
         params.structured = await self.structured(req)
         if tools.spec is not None:
             if params.structured is not None:
@@ -1110,7 +1172,8 @@ class ServingChat(OpenAIServing):
     async def create(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
         run, stream = await self.prepare(req)
         logprobs: dict[int, list[tuple[TokenLogprob | None, int]]] = {i: [] for i in range(req.n)}
-        async for d in self.deltas(run, stream):
+        hook = functools.partial(self.keep_prompt_logprobs, run)
+        async for d in self.deltas(run, stream, hook if req.prompt_logprobs is not None else None):
             logprobs[d.index] += d.logprobs
         choices = [
             self._chat_choice(
@@ -1126,6 +1189,7 @@ class ServingChat(OpenAIServing):
         return ChatCompletionResponse(
             id=run.request_id, model=self.model_name, choices=choices, usage=run.usage(),
             prompt_token_ids=run.prompts[0].token_ids if req.return_token_ids else None,
+            prompt_logprobs=None if req.prompt_logprobs is None else self.prompt_logprob_list(run, 0, req.prompt_logprobs),
         )  # fmt: skip
 
     @staticmethod

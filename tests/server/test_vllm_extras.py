@@ -174,3 +174,53 @@ async def test_return_token_ids_gives_the_prompt_and_output_ids(
     assert "token_ids" not in r.json()["choices"][0] and "prompt_token_ids" not in r.json()["choices"][0]
     chunks = sse_chunks((await chat(client, max_tokens=2, stream=True)).text)
     assert all("prompt_token_ids" not in c and "token_ids" not in c["choices"][0] for c in chunks)
+
+
+async def test_prompt_logprobs_give_each_prompt_tokens_logprob_by_id(
+    client: httpx.AsyncClient, fake_engine: FakeEngine, tokenizer: Tokenizer
+) -> None:
+    prompt = tokenizer.encode("The quick brown fox")
+    r = await complete(client, prompt="The quick brown fox", max_tokens=2, prompt_logprobs=2)
+    assert r.status_code == 200, r.text
+    lps = r.json()["choices"][0]["prompt_logprobs"]
+    assert fake_engine.submitted[-1][2].prompt_logprobs == 2
+    assert len(lps) == len(prompt) and lps[0] is None
+    for tid, at in zip(prompt[1:], lps[1:], strict=True):
+        assert at[str(tid)]["decoded_token"] == tokenizer.decode([tid])
+        assert 1 <= len(at) <= 3  # the prompt's own token and the top 2
+        assert all(set(v) == {"logprob", "rank", "decoded_token"} for v in at.values())
+    # with echo + logprobs too: each keeps its own N
+    r = await complete(
+        client, prompt="The quick brown fox", max_tokens=1, echo=True, logprobs=1, prompt_logprobs=3
+    )
+    assert fake_engine.submitted[-1][2].prompt_logprobs == 3
+    choice = r.json()["choices"][0]
+    assert all(top is None or len(top) <= 2 for top in choice["logprobs"]["top_logprobs"])
+    assert len(choice["prompt_logprobs"]) == len(prompt)
+
+    r = await chat(client, max_tokens=2, prompt_logprobs=0)
+    data = r.json()
+    assert len(data["prompt_logprobs"]) == len(fake_engine.submitted[-1][1]) == data["usage"]["prompt_tokens"]
+    assert all(len(at) == 1 for at in data["prompt_logprobs"][1:])
+    # not with a stream, out of range, and not in the JSON unless asked
+    assert_error(await complete(client, prompt="x", stream=True, prompt_logprobs=1), 400, "stream")
+    assert_error(await chat(client, stream=True, prompt_logprobs=1), 400, "stream")
+    assert_error(await complete(client, prompt="x", prompt_logprobs=21), 400, "prompt_logprobs")
+    assert_error(await complete(client, prompt="x", prompt_logprobs=-1), 400, "prompt_logprobs")
+    assert "prompt_logprobs" not in (await complete(client, prompt="x", max_tokens=1)).json()["choices"][0]
+    assert "prompt_logprobs" not in (await chat(client, max_tokens=1)).json()
+
+
+async def test_tokenize_returns_token_strings_when_asked(
+    client: httpx.AsyncClient, tokenizer: Tokenizer
+) -> None:
+    r = await client.post("/tokenize", json={"prompt": "Hello world", "return_token_strs": True})
+    data = r.json()
+    assert (
+        data["token_strs"] == [tokenizer.id_to_token(t) for t in data["tokens"]] and len(data["tokens"]) == 2
+    )
+    r = await client.post(
+        "/tokenize", json={"messages": [{"role": "user", "content": "hi"}], "return_token_strs": True}
+    )
+    assert len(r.json()["token_strs"]) == r.json()["count"]
+    assert (await client.post("/tokenize", json={"prompt": "Hello"})).json().get("token_strs") is None
