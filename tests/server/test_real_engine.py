@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from model.tokenizer import Tokenizer
@@ -76,6 +77,28 @@ async def test_chat_and_logprobs_on_real_sampler(tiny_client: tuple[httpx.AsyncC
                                                         "echo": True, "logprobs": 1})  # fmt: skip
     [choice] = scored.json()["choices"]
     assert choice["text"] == "a b c" and choice["logprobs"]["token_logprobs"] == lp["token_logprobs"][:-2]
+    await wait_idle(engine)
+
+
+async def test_prompt_logprobs_agree_with_echoed_logprobs_and_rank_the_prompt_token(
+    tiny_client: tuple[httpx.AsyncClient, Any],
+) -> None:
+    client, engine = tiny_client
+    prompt = [5, 17, 9, 33, 12, 40]
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 1, "temperature": 0}
+    echoed = (await client.post("/v1/completions", json={**body, "echo": True, "logprobs": 2})).json()
+    r = await client.post("/v1/completions", json={**body, "prompt_logprobs": 2})
+    assert r.status_code == 200, r.text
+    lps = r.json()["choices"][0]["prompt_logprobs"]
+    assert lps[0] is None and len(lps) == len(prompt)
+    want = echoed["choices"][0]["logprobs"]["token_logprobs"][1 : len(prompt)]
+    for tid, at, logprob in zip(prompt[1:], lps[1:], want, strict=True):
+        own = at[str(tid)]
+        assert own["logprob"] == pytest.approx(logprob, abs=1e-6)
+        top = sorted((v["rank"], v["logprob"]) for v in at.values() if v["rank"] <= 2)
+        assert [rank for rank, _ in top] == [1, 2] and top[0][1] >= top[1][1]  # the top 2, ranked
+        if own["rank"] > 2:  # outside the top 2: less likely than both
+            assert own["logprob"] <= top[1][1] and len(at) == 3
     await wait_idle(engine)
 
 
