@@ -239,6 +239,8 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     best_of: int | None = Field(None, ge=_I64_MIN, le=_I64_MAX)  # only best_of == n (the same thing)
     suffix: str | None = None  # refused unless empty
+    # vLLM's: the tokenizer's own additions to a text prompt (a BOS its post-processor adds), as /tokenize
+    add_special_tokens: bool = True
 
     def refused_field(self) -> tuple[str, str] | None:
         """(field, why) for a field this server cannot honour: answered 400 rather than ignored."""

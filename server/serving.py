@@ -596,7 +596,11 @@ class OpenAIServing:
                 client_id = request_id.rsplit("#", 1)[0]
                 raise APIError(400, f"A request with X-Request-Id {client_id!r} is still running; send "
                                "a new X-Request-Id.") from e  # fmt: skip
-            raise APIError(400, str(e), param="prompt") from e
+            # the engine's checks name the field first ("logit_bias names token ..."); the rest are the prompt's
+            field = str(e).split(" ", 1)[0]
+            raise APIError(
+                400, str(e), param=field if field in SamplingFields.model_fields else "prompt"
+            ) from e
 
     async def start(
         self, run: _Run, params: list[SamplingParams]
@@ -738,14 +742,18 @@ class ServingCompletion(OpenAIServing):
         return list(prompt)  # type: ignore[arg-type]
 
     async def prompts(
-        self, items: list[str | list[int]], room: int = 1, keep: int | None = None
+        self,
+        items: list[str | list[int]],
+        room: int = 1,
+        keep: int | None = None,
+        add_special_tokens: bool = True,
     ) -> list[PromptInput]:
         """keep: only the last `keep` tokens of each prompt are run (text then echoes those tokens only);
         a longer text is then tokenized whole, its work bounded by the body's size limit."""
         if not items:
             raise APIError(400, "The prompt is empty; send at least one token.", param="prompt")
         texts = [item for item in items if isinstance(item, str)]
-        encoded = iter(await self.encode(texts, bounded=keep is None))
+        encoded = iter(await self.encode(texts, add_special_tokens=add_special_tokens, bounded=keep is None))
         out = [
             PromptInput(next(encoded), item) if isinstance(item, str) else PromptInput(list(item))
             for item in items
@@ -770,7 +778,7 @@ class ServingCompletion(OpenAIServing):
         # generated; the engine makes one token, which is dropped, so the prompt may fill the context
         echo_only = req.echo and req.max_tokens == 0
         room = 0 if echo_only else 1
-        prompts = await self.prompts(items, room, self.truncation(req, room))
+        prompts = await self.prompts(items, room, self.truncation(req, room), req.add_special_tokens)
         params = [
             self.sampling_params(
                 req, 1 if echo_only else req.max_tokens, req.logprobs, len(p.token_ids), scoring=echo_only

@@ -5,6 +5,7 @@ Over the ASGI app with the scripted fake engine (conftest.py), which replies wit
 
 from __future__ import annotations
 
+import copy
 import re
 from typing import Any
 
@@ -12,7 +13,8 @@ import httpx
 import pytest
 
 from model.tokenizer import Tokenizer
-from tests.server.conftest import MAX_MODEL_LEN, SCRIPT, FakeEngine
+from server.app import create_app
+from tests.server.conftest import MAX_MODEL_LEN, SCRIPT, FakeEngine, fake_settings
 from tests.server.test_api import MODEL, assert_error, complete, sse_chunks
 
 
@@ -224,3 +226,43 @@ async def test_tokenize_returns_token_strings_when_asked(
     )
     assert len(r.json()["token_strs"]) == r.json()["count"]
     assert (await client.post("/tokenize", json={"prompt": "Hello"})).json().get("token_strs") is None
+
+
+async def test_a_text_prompt_gets_the_tokenizers_own_additions_as_tokenize_counts_them(
+    tokenizer: Tokenizer,
+) -> None:
+    """A tokenizer.json whose post-processor adds a BOS (Llama-style folders): completions run the same ids
+    /tokenize reports (vLLM's add_special_tokens, default true); add_special_tokens false leaves it out."""
+    from tokenizers.processors import TemplateProcessing
+
+    bos = tokenizer.encode("<|endoftext|>")[0]
+    tok = copy.copy(tokenizer)
+    backend = copy.deepcopy(tokenizer._backend)
+    backend.post_processor = TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)]
+    )
+    tok._backend = backend
+    engine = FakeEngine(tok)
+    app = create_app(fake_settings(), engine=engine, tokenizer=tok)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as c:
+            counted = (await c.post("/tokenize", json={"prompt": "Hello world"})).json()["tokens"]
+            assert counted[0] == bos
+            r = await complete(c, prompt="Hello world", max_tokens=1)
+            assert engine.submitted[-1][1] == counted and r.json()["usage"]["prompt_tokens"] == len(counted)
+            await complete(c, prompt="Hello world", max_tokens=1, add_special_tokens=False)
+            assert engine.submitted[-1][1] == counted[1:]
+
+
+async def test_an_engine_refusal_names_the_field_it_is_about(
+    client: httpx.AsyncClient, fake_engine: FakeEngine
+) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError(
+            "logit_bias names token 5, outside the vocabulary [0, 4)"
+        )  # a model smaller than its tokenizer
+
+    fake_engine.generate = refuse  # type: ignore[method-assign]
+    error = assert_error(await complete(client, prompt="x", logit_bias={"5": 1}), 400, "logit_bias")
+    assert error["param"] == "logit_bias"
