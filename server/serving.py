@@ -788,10 +788,12 @@ class ServingCompletion(OpenAIServing):
         echoed = sum(len(p.token_ids) for p in prompts) if req.echo else 0
         produced = sum(sp.max_tokens or 0 for sp in params)
         self.check_logprob_budget(req.n, produced + echoed, req.logprobs, "logprobs")
+        asked = self.prompt_logprobs_asked(
+            req, prompts
+        )  # before the grammar's compile: refusals cost nothing
         spec = await self.structured(req)
         for sp in params:
             sp.structured = spec
-        asked = self.prompt_logprobs_asked(req, prompts)
         echoed_top = req.logprobs if req.echo else None
         if echoed_top is not None or asked is not None:
             for sp in params:
