@@ -24,6 +24,19 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
 _TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 # HF Llama flags for layers this network does not have: a config that sets them describes another model.
 UNSUPPORTED_TRUE_FLAGS = ("attention_bias", "mlp_bias")
+# transformers' LlamaConfig defaults where they differ from SmolLM2's: transformers reads a config.json key
+# that is absent as its class default (and writers that keep only non-default values leave it out), so a
+# folder must be read with these, not with SmolLM2's. num_key_value_heads defaults to num_attention_heads.
+LLAMA_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "initializer_range": 0.02,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+}
 
 
 @dataclass
@@ -98,7 +111,9 @@ class SmolLM2Config:
 
     # ---- Hugging Face config.json -------------------------------------------------------------
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any]) -> SmolLM2Config:
+    def from_hf_dict(cls, d: dict[str, Any], *, llama_defaults: bool = False) -> SmolLM2Config:
+        """From a config.json's dict. ``llama_defaults``: a key it lacks takes LlamaConfig's default (how
+        transformers reads a model folder's config.json); otherwise SmolLM2's (a training config)."""
         archs = d.get("architectures") or []
         model_type = d.get("model_type")
         if model_type not in (None, "llama", "smollm2") or (
@@ -115,15 +130,32 @@ class SmolLM2Config:
                 raise ValueError(
                     f"{flag} is {d[flag]!r}: this network has no bias tensors (only false is supported)"
                 )
+        rope_params = d.get("rope_parameters")
+        if isinstance(rope_params, dict) and rope_params.get("rope_type") not in (None, "default"):
+            raise ValueError(
+                f"rope_parameters rope_type {rope_params['rope_type']!r} is not supported (only 'default')"
+            )
         known = {f.name for f in fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in d.items() if k in known}
+        if llama_defaults:
+            kwargs = {**LLAMA_DEFAULTS, **kwargs}
+            if kwargs.get("num_key_value_heads") is None:  # null too, as LlamaConfig reads it
+                kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
         if isinstance(kwargs.get("eos_token_id"), list):
             kwargs["eos_token_id"] = (kwargs["eos_token_id"] or [None])[0]
-        rope_params = d.get("rope_parameters")
         if isinstance(rope_params, dict) and "rope_theta" in rope_params and "rope_theta" not in d:
             kwargs["rope_theta"] = rope_params["rope_theta"]
         extra = {k: v for k, v in d.items() if k not in known}
-        return cls(**kwargs, extra=extra)
+        config = cls(**kwargs, extra=extra)
+        # The attention here splits hidden_size evenly into heads; a head_dim set apart from that would
+        # otherwise surface as a wrong shape of every attention weight.
+        head_dim = d.get("head_dim")
+        if head_dim is not None and head_dim != config.head_dim:
+            raise ValueError(
+                f"head_dim {head_dim!r} is not supported (only hidden_size / num_attention_heads = "
+                f"{config.head_dim})"
+            )
+        return config
 
     def to_hf_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -124,16 +124,29 @@ def _byte_level_bpe_from_gguf(meta: Mapping[str, Any]) -> HFTokenizer:
     alphabet = set(_bytes_to_unicode().values())
     vocab = {_respell(t, alphabet): i for i, t in enumerate(tokens)}
     pairs = [tuple(m.split(" ", 1)) for m in merges]
-    backend = HFTokenizer(
-        BPE(
-            vocab=vocab,
-            merges=pairs,
-            dropout=None,
-            continuing_subword_prefix="",
-            end_of_word_suffix="",
-            fuse_unk=False,
+    # `tokenizers` panics (a Rust backtrace on stderr) on a merge whose result is not a token: check first.
+    for i, pair in enumerate(pairs):
+        if len(pair) != 2 or not all(part in vocab for part in (*pair, "".join(pair))):
+            raise ValueError(
+                f"tokenizer.ggml.merges[{i}] {merges[i]!r} is not a merge of two tokens into a token of "
+                "the vocabulary"
+            )
+    try:
+        backend = HFTokenizer(
+            BPE(
+                vocab=vocab,
+                merges=pairs,
+                dropout=None,
+                continuing_subword_prefix="",
+                end_of_word_suffix="",
+                fuse_unk=False,
+            )
         )
-    )
+    except BaseException as e:
+        # pyo3 turns a Rust panic into PanicException, a BaseException: make it an ordinary error.
+        if not (isinstance(e, Exception) or type(e).__name__ == "PanicException"):
+            raise
+        raise ValueError(f"the GGUF tokenizer cannot be built: {type(e).__name__}: {e}") from None
     add_prefix_space = bool(meta.get("tokenizer.ggml.add_space_prefix", False))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=True)
     backend.decoder = decoders.ByteLevel()
@@ -225,6 +238,23 @@ def _special(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _token_ids(value: Any) -> list[int]:
+    """The ids of an ``eos_token_id`` value as generation_config.json writes it: an int, a list, or null."""
+    values = value if isinstance(value, list) else [value]
+    return [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+
+
+def _generation_eos_ids(folder: Path, model_config: Mapping[str, Any]) -> list[int]:
+    """generation_config.json's ``eos_token_id`` (else config.json's): the ids transformers and vLLM stop
+    on. An unreadable generation_config.json counts as absent, as in transformers: it never stops a start."""
+    try:
+        generation = _read_json(folder / "generation_config.json")
+    except (OSError, ValueError):
+        generation = {}
+    value = generation.get("eos_token_id")
+    return _token_ids(model_config.get("eos_token_id") if value is None else value)
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
@@ -257,6 +287,7 @@ class Tokenizer:
         unk_token: str | None = None,
         chat_template: str | None = None,
         add_bos_token: bool = False,
+        extra_eos_token_ids: Sequence[int] = (),
     ) -> None:
         if not isinstance(backend.model, BPE):
             raise ValueError(
@@ -275,6 +306,10 @@ class Tokenizer:
         self.chat_template = chat_template
         self.add_bos_token = add_bos_token
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
+        eos = self.eos_token_id
+        self._extra_eos = tuple(
+            sorted({i for i in extra_eos_token_ids if 0 <= i < self.vocab_size and i != eos})
+        )
         self._max_chars_per_token: int | None | bool = False  # False: not computed yet
         self._token_bytes: dict[int, bytes] = {}  # filled as token_bytes() is asked (vocabulary-bounded)
         self._specials: set[int] | None = None
@@ -293,7 +328,17 @@ class Tokenizer:
                 f"model not found: {path} (a .gguf file, an HF folder or a tokenizer.json)"
             )
         if path.is_file() and (path.suffix == ".gguf" or _has_gguf_magic(path)):
-            return cls.from_gguf_fields(read_gguf_metadata(path))
+            meta = read_gguf_metadata(path)
+            # Another architecture's vocabulary may not even build: say what the file is first.
+            arch = meta.get("general.architecture")
+            if arch != "llama":
+                raise ValueError(
+                    f"{path}: general.architecture is {arch!r}; only 'llama' (SmolLM2) is supported"
+                )
+            try:
+                return cls.from_gguf_fields(meta)
+            except ValueError as e:
+                raise ValueError(f"{path}: {e}") from None
         if path.is_file() and path.name.endswith(".json"):
             return cls._from_hf(path.parent, path)
         if path.is_dir():
@@ -347,6 +392,10 @@ class Tokenizer:
             unk_token=token("unknown_token_id"),
             chat_template=meta.get("tokenizer.chat_template"),
             add_bos_token=add_bos,
+            # llama.cpp also ends generation at the end-of-turn and end-of-message tokens
+            extra_eos_token_ids=_token_ids(
+                [meta.get("tokenizer.ggml.eot_token_id"), meta.get("tokenizer.ggml.eom_token_id")]
+            ),
         )
 
     @classmethod
@@ -380,7 +429,11 @@ class Tokenizer:
             if names[name] is None and isinstance(tid, int):
                 names[name] = backend.id_to_token(tid)
         return cls(
-            backend, chat_template=template, add_bos_token=bool(config.get("add_bos_token", False)), **names
+            backend,
+            chat_template=template,
+            add_bos_token=bool(config.get("add_bos_token", False)),
+            extra_eos_token_ids=_generation_eos_ids(folder, model_config),
+            **names,
         )
 
     def save(self, folder: str | Path) -> None:
@@ -414,6 +467,13 @@ class Tokenizer:
     @property
     def pad_token_id(self) -> int | None:
         return self._token_id("pad_token")
+
+    @property
+    def extra_eos_token_ids(self) -> tuple[int, ...]:
+        """Ids that end generation besides ``eos_token_id`` (sorted, inside the vocabulary): those the
+        model folder's generation_config.json (else config.json) names as ``eos_token_id``, or a GGUF's
+        end-of-turn / end-of-message tokens."""
+        return self._extra_eos
 
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)

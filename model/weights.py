@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
+import pickle
 import re
 import struct
 from collections.abc import Mapping
@@ -31,6 +33,8 @@ from model.gguf_cursor import GGUFCursor
 from model.modeling import SmolLM2ForCausalLM, SmolLM2RotaryEmbedding
 
 StateDict = dict[str, torch.Tensor]
+
+log = logging.getLogger("model")
 
 EMBED = "model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
@@ -242,15 +246,39 @@ def _read_sharded(folder: Path, index_name: str, load: Any) -> StateDict:
     return state
 
 
+def _safetensors_load(path: Path) -> StateDict:
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError) on damaged files
+        raise ValueError(f"truncated or corrupt safetensors file {path}: {e}") from e
+
+
 def _torch_load(path: Path) -> StateDict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # Only tensors (and plain containers) are unpickled: anything else could run code on load.
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found:
+            raise ValueError(
+                f"{path} holds objects other than tensors ({found[1]}), which are not loaded: save a state "
+                "dict of tensors, or the weights as safetensors"
+            ) from None
+        raise ValueError(f"truncated or corrupt PyTorch file {path}: {e}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ValueError(f"truncated or corrupt PyTorch file {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise ValueError(f"{path} holds objects other than tensors: expected a state dict of tensors")
+    return state
 
 
 def _read_hf_tensors(folder: Path) -> StateDict:
     if (folder / "model.safetensors").is_file():
-        return load_file(folder / "model.safetensors")
+        return _safetensors_load(folder / "model.safetensors")
     if (folder / "model.safetensors.index.json").is_file():
-        return _read_sharded(folder, "model.safetensors.index.json", load_file)
+        return _read_sharded(folder, "model.safetensors.index.json", _safetensors_load)
     if (folder / "pytorch_model.bin").is_file():
         return _torch_load(folder / "pytorch_model.bin")
     if (folder / "pytorch_model.bin.index.json").is_file():
@@ -268,10 +296,24 @@ def read_hf_folder(path: str | Path) -> tuple[SmolLM2Config, StateDict]:
     if not config_file.is_file():
         raise FileNotFoundError(f"{folder} has no config.json")
     try:
-        config = SmolLM2Config.from_hf_dict(json.loads(config_file.read_text(encoding="utf-8")))
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+        config = SmolLM2Config.from_hf_dict(raw, llama_defaults=True)
     except (ValueError, TypeError, AttributeError) as e:  # not JSON, not UTF-8, not an object of numbers
         raise ValueError(f"{config_file}: {type(e).__name__}: {e}") from e
-    state = _read_hf_tensors(folder)
+    # Older checkpoints saved the RoPE frequencies as buffers; the model computes them from the config.
+    state = {k: v for k, v in _read_hf_tensors(folder).items() if not k.endswith("rotary_emb.inv_freq")}
+    if "tie_word_embeddings" not in raw:
+        # LlamaConfig's default is untied, but a file without an LM head can only mean the embeddings.
+        config = dataclasses.replace(config, tie_word_embeddings=LM_HEAD not in state)
+    elif config.tie_word_embeddings and LM_HEAD in state:
+        head, embed = state[LM_HEAD], state.get(EMBED)
+        if embed is None or head.shape != embed.shape or not torch.equal(head.to(embed.dtype), embed):
+            # As vLLM does: the config's tie wins and the embeddings serve as the head.
+            log.warning(
+                "%s: lm_head.weight differs from the embeddings but config.json sets tie_word_embeddings "
+                "true: it is ignored and the embeddings are used as the LM head",
+                folder,
+            )
     # Integer tensors would be cast to float and served as nonsense: a quantized checkpoint (int8 with its
     # scales elsewhere) needs its own dequantizing, which only the GGUF reader does.
     for name, tensor in state.items():

@@ -548,6 +548,12 @@ class OpenAIServing:
             field, _, rest = str(e).partition(" ")
             name = names.get(field, field)
             raise APIError(400, f"{name} {rest}", param=name) from e
+        if self.tokenizer.extra_eos_token_ids and not req.ignore_eos:
+            # the model's other end-of-text ids (generation_config.json's eos_token_id list) stop it too,
+            # as in transformers and vLLM, which add them to the request's stop_token_ids
+            params.stop_token_ids = list(
+                dict.fromkeys([*params.stop_token_ids, *self.tokenizer.extra_eos_token_ids])
+            )
         return params
 
     @staticmethod

@@ -3,6 +3,7 @@ absurd sizes, layers it does not have; and the RoPE table does not follow an abs
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 import pytest
@@ -83,3 +84,42 @@ def test_the_rope_table_does_not_follow_a_huge_context() -> None:
     assert rope.cos_cached.shape[0] == rope.sin_cached.shape[0] == 64
     small = SmolLM2ForCausalLM(tiny())  # a context below the cap: all of it
     assert small.model.rotary_emb.max_seq_len_cached == TINY_CONFIG["max_position_embeddings"]
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [{"rope_type": "linear", "factor": 4.0}, {"rope_type": "llama3", "factor": 8.0}, {"rope_type": "yarn"}],
+)
+def test_rope_parameters_with_a_scaling_type_are_refused(rope: dict[str, Any]) -> None:
+    """transformers 5 writes scaling into rope_parameters: served unscaled, the outputs were silently wrong."""
+    with pytest.raises(
+        ValueError, match=rf"^rope_parameters rope_type '{rope['rope_type']}' is not supported"
+    ):
+        SmolLM2Config.from_hf_dict({**TINY_CONFIG, "rope_parameters": {**rope, "rope_theta": 5e5}})
+    plain = {**TINY_CONFIG, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}
+    assert SmolLM2Config.from_hf_dict(plain).rope_theta == 5e5
+
+
+def test_missing_keys_take_llama_config_defaults() -> None:
+    """transformers reads an absent key as LlamaConfig's default, whatever wrote the file."""
+    from transformers import LlamaConfig
+
+    theirs = LlamaConfig()
+    ours = SmolLM2Config.from_hf_dict({"model_type": "llama"}, llama_defaults=True)
+    for f in fields(SmolLM2Config):
+        if f.name in ("extra", "torch_dtype", "block_size", "rope_theta"):
+            continue
+        assert getattr(ours, f.name) == getattr(theirs, f.name), f.name
+    assert ours.rope_theta == theirs.rope_parameters["rope_theta"]
+    assert not ours.tie_word_embeddings and ours.rms_norm_eps == 1e-6
+    # num_key_value_heads follows num_attention_heads (multi-head attention), not SmolLM2's 3
+    mha = SmolLM2Config.from_hf_dict({"hidden_size": 96, "num_attention_heads": 6}, llama_defaults=True)
+    assert mha.num_key_value_heads == 6
+
+
+def test_an_explicit_head_dim_apart_from_hidden_over_heads_is_refused() -> None:
+    with pytest.raises(
+        ValueError, match=r"^head_dim 32 is not supported \(only hidden_size / num_attention_heads"
+    ):
+        SmolLM2Config.from_hf_dict({**TINY_CONFIG, "head_dim": 32})
+    assert SmolLM2Config.from_hf_dict({**TINY_CONFIG, "head_dim": 16}).head_dim == 16

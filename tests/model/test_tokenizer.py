@@ -408,3 +408,95 @@ def test_non_bpe_tokenizer_json_is_rejected(tmp_path: Path) -> None:
     (tmp_path / "tokenizer.json").write_text(json.dumps(wordpiece))
     with pytest.raises(ValueError, match="only BPE"):
         Tokenizer.from_file(tmp_path)
+
+
+# ---- end-of-generation ids besides EOS -------------------------------------------------------------------
+
+
+@pytest.fixture
+def endoftext_folder(tmp_path: Path) -> Path:
+    """A tokenizer folder whose EOS is <|endoftext|> (0); <|im_end|> (2) ends a chat turn."""
+    Tokenizer.from_gguf_fields(tiny_meta(**{"tokenizer.ggml.eos_token_id": 0})).save(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("generation", "config", "extra"),
+    [
+        ({"eos_token_id": [0, 2]}, {}, (2,)),  # transformers and vLLM stop on every one of them
+        ({"eos_token_id": 2}, {"eos_token_id": 1}, (2,)),  # generation_config.json wins over config.json
+        ({"eos_token_id": [2, 1, 2, 0, 100_000, -1, True, "x"]}, {}, (1, 2)),  # in the vocabulary, once
+        ({}, {"eos_token_id": [0, 1]}, (1,)),  # config.json when generation_config.json names none
+        (None, {"eos_token_id": 1}, (1,)),
+        ({"eos_token_id": 0}, {}, ()),
+        (None, None, ()),
+    ],
+)
+def test_extra_eos_token_ids_come_from_the_generation_config(
+    endoftext_folder: Path, generation: Any, config: Any, extra: tuple[int, ...]
+) -> None:
+    if generation is not None:
+        (endoftext_folder / "generation_config.json").write_text(json.dumps(generation))
+    if config is not None:
+        (endoftext_folder / "config.json").write_text(json.dumps(config))
+    tok = Tokenizer.from_file(endoftext_folder)
+    assert tok.eos_token_id == 0 and tok.extra_eos_token_ids == extra
+    assert Tokenizer.from_file(endoftext_folder / "tokenizer.json").extra_eos_token_ids == extra
+
+
+@pytest.mark.parametrize("broken", ["{not json", "[0, 2]", "\xff\xfe"])
+def test_a_broken_generation_config_does_not_stop_the_load(endoftext_folder: Path, broken: str) -> None:
+    """It is read as absent, as transformers does when it cannot load one: config.json's ids count."""
+    (endoftext_folder / "generation_config.json").write_text(broken, encoding="latin-1")
+    assert Tokenizer.from_file(endoftext_folder).extra_eos_token_ids == ()
+    (endoftext_folder / "config.json").write_text(json.dumps({"eos_token_id": [0, 2]}))
+    assert Tokenizer.from_file(endoftext_folder).extra_eos_token_ids == (2,)
+
+
+def test_gguf_extra_eos_token_ids_are_its_end_of_turn_token(tmp_path: Path) -> None:
+    assert Tokenizer.from_gguf_fields(tiny_meta()).extra_eos_token_ids == ()
+    eot = tiny_meta(**{"tokenizer.ggml.eos_token_id": 0, "tokenizer.ggml.eot_token_id": 2})
+    assert Tokenizer.from_file(write_gguf(tmp_path / "eot.gguf", eot)).extra_eos_token_ids == (2,)
+    same = tiny_meta(**{"tokenizer.ggml.eot_token_id": 2})  # EOS is 2 already
+    assert Tokenizer.from_gguf_fields(same).extra_eos_token_ids == ()
+
+
+# ---- GGUF files the tokenizer cannot be built from -------------------------------------------------------
+
+
+def test_a_merge_outside_the_vocabulary_is_one_line_naming_the_file(tmp_path: Path) -> None:
+    """`tokenizers` panics on it (a Rust PanicException, not an Exception, with a long backtrace)."""
+    meta = tiny_meta(
+        **{
+            "tokenizer.ggml.tokens": ["a", "b", "c", "d"],
+            "tokenizer.ggml.token_type": [1, 1, 1, 1],
+            "tokenizer.ggml.merges": ["a b"],
+            "tokenizer.ggml.bos_token_id": None,
+            "tokenizer.ggml.eos_token_id": None,
+        }
+    )
+    path = write_gguf(tmp_path / "tinytok.gguf", meta)
+    with pytest.raises(
+        ValueError, match=r"tinytok.gguf: tokenizer.ggml.merges\[0\] 'a b' is not a merge"
+    ) as info:
+        Tokenizer.from_file(path)
+    assert "\n" not in str(info.value)
+
+
+def test_a_panic_while_building_the_tokenizer_is_a_value_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    class PanicException(BaseException):  # as pyo3 names it
+        pass
+
+    def panic(**_: Any) -> None:
+        raise PanicException("range end index 2 out of range for slice of length 1")
+
+    monkeypatch.setattr(tokmod, "BPE", panic)
+    with pytest.raises(ValueError, match="cannot be built: PanicException: range end index"):
+        Tokenizer.from_gguf_fields(tiny_meta())
+
+
+def test_a_gguf_of_another_architecture_is_refused_before_its_tokenizer_is_built(tmp_path: Path) -> None:
+    bad_merges = {"tokenizer.ggml.merges": ["h e", "zz qq"]}  # would fail to build
+    path = write_gguf(tmp_path / "gpt2.gguf", tiny_meta(**{"general.architecture": "gpt2", **bad_merges}))
+    with pytest.raises(ValueError, match=r"gpt2.gguf: general.architecture is 'gpt2'; only 'llama'"):
+        Tokenizer.from_file(path)

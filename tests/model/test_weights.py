@@ -492,3 +492,120 @@ def test_gguf_with_a_large_context_builds_a_small_rope_table(tmp_path: Path) -> 
     loaded = load_model(tmp_path / "tiny.gguf")
     assert loaded.config.max_position_embeddings == 2_000_000_000
     assert loaded.model.rotary_emb.cos_cached.shape[0] <= 8192
+
+
+# ---- config.json as transformers reads it ------------------------------------------------------------------
+def _drop_config_keys(folder: Path, *keys: str) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    for key in keys:
+        del config[key]
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_keys_left_out_of_config_json_take_llama_config_defaults(tmp_path: Path) -> None:
+    """A writer that keeps only non-default values leaves out tie_word_embeddings false, num_key_value_heads
+    equal to the heads and rms_norm_eps 1e-6: read with SmolLM2's values, the LM head was ignored."""
+    from transformers import AutoModelForCausalLM
+
+    config = dataclasses.replace(TINY, tie_word_embeddings=False, num_key_value_heads=4, rms_norm_eps=1e-6)
+    model = norm_randomized_model(config)
+    save_hf_folder(model, tmp_path)
+    _drop_config_keys(tmp_path, "tie_word_embeddings", "num_key_value_heads", "rms_norm_eps")
+    loaded = load_model(tmp_path)
+    assert not loaded.config.tie_word_embeddings and loaded.config.num_key_value_heads == 4
+    assert loaded.config.rms_norm_eps == 1e-6
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(logits(loaded), theirs(IDS).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_a_folder_without_the_tie_key_and_without_an_lm_head_is_tied(tmp_path: Path) -> None:
+    model = norm_randomized_model()
+    save_hf_folder(model, tmp_path)
+    _drop_config_keys(tmp_path, "tie_word_embeddings")
+    loaded = load_model(tmp_path)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert torch.equal(logits(loaded), logits(model))
+
+
+def test_a_tied_folder_whose_lm_head_differs_warns_and_uses_the_embeddings(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = norm_randomized_model()
+    save_hf_folder(model, tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["lm_head.weight"] = torch.randn_like(tensors["model.embed_tokens.weight"])
+    save_file(tensors, tmp_path / "model.safetensors")
+    with caplog.at_level("WARNING", logger="model"):
+        loaded = load_model(tmp_path)
+    assert torch.equal(logits(loaded), logits(model))
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "lm_head.weight differs" in warnings[0].getMessage()
+    assert str(tmp_path) in warnings[0].getMessage()
+
+
+@pytest.mark.parametrize("rope_type", ["linear", "llama3", "yarn"])
+def test_a_folder_with_scaled_rope_parameters_is_refused(tmp_path: Path, rope_type: str) -> None:
+    save_hf_folder(norm_randomized_model(), tmp_path)
+    _drop_config_keys(tmp_path, "rope_theta")
+    _edit_config(tmp_path, rope_parameters={"rope_type": rope_type, "factor": 4.0, "rope_theta": 1e5})
+    with pytest.raises(ValueError, match=f"config.json: .*rope_type '{rope_type}' is not supported") as info:
+        load_model(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_rotary_inv_freq_buffers_of_old_checkpoints_are_ignored(tmp_path: Path) -> None:
+    model = norm_randomized_model()
+    save_hf_folder(model, tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    for i in range(TINY.num_hidden_layers):
+        tensors[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.rand(TINY.head_dim // 2)
+    save_file(tensors, tmp_path / "model.safetensors")
+    assert torch.equal(logits(load_model(tmp_path)), logits(model))
+
+
+def test_a_head_dim_apart_from_hidden_over_heads_is_refused_up_front(tmp_path: Path) -> None:
+    save_hf_folder(norm_randomized_model(), tmp_path)
+    _edit_config(tmp_path, head_dim=32)
+    with pytest.raises(ValueError, match=r"config.json: ValueError: head_dim 32 is not supported") as info:
+        load_model(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+# ---- damaged weight files ------------------------------------------------------------------------------------
+def test_a_truncated_safetensors_shard_is_named(tmp_path: Path) -> None:
+    save_hf_folder(norm_randomized_model(), tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    (tmp_path / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    weight_map = {}
+    for shard, shard_names in shards.items():
+        save_file({n: tensors[n] for n in shard_names}, tmp_path / shard)
+        weight_map.update(dict.fromkeys(shard_names, shard))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    second = tmp_path / "model-00002-of-00002.safetensors"
+    second.write_bytes(second.read_bytes()[:100])
+    with pytest.raises(
+        ValueError, match="corrupt safetensors file .*model-00002-of-00002.safetensors"
+    ) as info:
+        load_model(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+class _NotATensor:
+    pass
+
+
+def test_a_pytorch_file_holding_other_objects_is_refused_naming_it(tmp_path: Path) -> None:
+    save_hf_folder(norm_randomized_model(), tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    (tmp_path / "model.safetensors").unlink()
+    torch.save({**state, "extra": _NotATensor()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"pytorch_model.bin holds objects other than tensors") as info:
+        load_model(tmp_path)
+    message = str(info.value)
+    assert "\n" not in message and "weights_only" not in message
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x02garbage")
+    with pytest.raises(ValueError, match="corrupt PyTorch file .*pytorch_model.bin"):
+        load_model(tmp_path)

@@ -266,3 +266,29 @@ async def test_an_engine_refusal_names_the_field_it_is_about(
     fake_engine.generate = refuse  # type: ignore[method-assign]
     error = assert_error(await complete(client, prompt="x", logit_bias={"5": 1}), 400, "logit_bias")
     assert error["param"] == "logit_bias"
+
+
+async def test_the_models_other_eos_ids_stop_every_request_unless_eos_is_ignored(
+    tokenizer: Tokenizer,
+) -> None:
+    """generation_config.json's eos_token_id list (the tokenizer's extra_eos_token_ids) joins each request's
+    stop_token_ids, as vLLM adds them; the text stops at them as at EOS."""
+    im_end = tokenizer.encode("<|im_end|>")[0]
+    fox = tokenizer.encode(SCRIPT)[3]
+
+    class WithExtraEos(Tokenizer):
+        extra_eos_token_ids = (fox, im_end)
+
+    tok = copy.copy(tokenizer)
+    tok.__class__ = WithExtraEos
+    engine = FakeEngine(tok)
+    app = create_app(fake_settings(), engine=engine, tokenizer=tok)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as c:
+            r = await complete(c, prompt="x", max_tokens=20, temperature=0, stop_token_ids=[7])
+            assert engine.submitted[-1][2].stop_token_ids == [7, fox, im_end]
+            assert r.json()["choices"][0]["text"] == "The quick brown"  # stopped at " fox"
+            assert r.json()["choices"][0]["finish_reason"] == "stop"
+            await complete(c, prompt="x", max_tokens=20, ignore_eos=True)
+            assert engine.submitted[-1][2].stop_token_ids == []
