@@ -96,14 +96,15 @@ class OutputProcessor:
         return [group.core_ids[i] for i in indices], self._request_output(group, completions)
 
     def fail_all(self, reason: str) -> list[RequestOutput]:
-        """End every request with an error (the core died)."""
+        """End every request with an error (the core died): answered 503, as any request refused while the
+        core restarts, so clients that retry on it (the openai SDK and most proxies do) send it again."""
         outputs = []
         for group in list(self._groups.values()):
             completions = [CompletionOutput(i, [], finish_reason="error") for i in sorted(group.unfinished)]
             for i in list(group.unfinished):
                 self._end(group, i)
             out = self._request_output(group, completions)
-            out.error = reason
+            out.error, out.error_status = reason, 503
             outputs.append(out)
         return outputs
 

@@ -101,6 +101,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     error: str | None = None
     error_status: int = 500  # the HTTP status the error is answered with: 503 for a server shutting down
+    # or an engine core that died (the request can be sent again), 500 for a failure of this request
     # Seconds from arrival in the engine to first scheduled; on the first output after that only.
     queue_time: float | None = None
 

@@ -222,6 +222,7 @@ async def test_runner_failure_errors_every_stream_then_the_core_restarts() -> No
         last = outputs[-1]
         assert last.finished and last.error and "fake runner failure" in last.error
         assert last.outputs[0].finish_reason == "error"
+        assert last.error_status == 503  # a 503 to the client: retried, as any request during the restart
     await wait_until(lambda: engine.is_healthy)  # a fresh core, a fresh fake runner
     assert engine.stats().num_engine_restarts == 1
     short = SamplingParams(max_tokens=3)

@@ -196,6 +196,7 @@ async def test_sigkill_mid_stream_ends_it_with_an_error_and_the_next_request_suc
     async for out in stream:
         last = out
     assert last is not None and last.finished and "exited" in (last.error or "")
+    assert last.error_status == 503  # the server answers 503: the request may be sent again
     assert "killed by SIGKILL: out of memory?" in (last.error or "")  # what a memory limit's kill looks like
     assert time.monotonic() - t0 < 5
     with pytest.raises(EngineDeadError):  # restarting: refused at once (the server answers 503)
