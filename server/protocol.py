@@ -557,6 +557,7 @@ class TokenizeChatRequest(_NullIsUnset):
     continue_final_message: bool = False
     tools: list[ChatTool] | None = None  # rendered into the prompt as a chat request's are
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # "none": left out
+    parallel_tool_calls: bool | None = None
     return_token_strs: bool = False
 
 

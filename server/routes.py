@@ -37,7 +37,7 @@ from server.protocol import (
     VersionResponse,
 )
 from server.responses import ResponseBuilder, chat_request, renamed, response_events
-from server.tools import ToolPlan
+from server.tools import tool_plan
 
 log = logging.getLogger("server")
 T = TypeVar("T")
@@ -302,8 +302,9 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     chat.check_model(body.model)
     # counted in full whatever the context (as vLLM's): a client measures a text before cutting it up
     if isinstance(body, TokenizeChatRequest):
-        # the tools as a chat request with them renders them (tool_choice "none" leaves them out)
-        tools = ToolPlan("auto", body.tools) if body.tools and body.tool_choice != "none" else None
+        # the tools as a chat request with them renders them (tool_choice "none" leaves them out, a named
+        # one renders that tool alone)
+        tools = tool_plan(body)
         ids = await chat.prompt_ids(
             body.messages,
             body.add_generation_prompt,

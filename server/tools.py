@@ -21,7 +21,15 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from server.engine.request import StructuredSpec
-from server.protocol import APIError, ChatCompletionRequest, ChatMessage, ChatTool, FunctionCall, ToolCall
+from server.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    ChatMessage,
+    ChatTool,
+    FunctionCall,
+    TokenizeChatRequest,
+    ToolCall,
+)
 
 ToolMode = Literal["none", "auto", "required", "named"]
 
@@ -155,8 +163,9 @@ def _loads_or(text: str, default: Any) -> Any:
         return default
 
 
-def tool_plan(req: ChatCompletionRequest) -> ToolPlan:
-    """Read tools / tool_choice / parallel_tool_calls; 400 for a choice that names no given tool."""
+def tool_plan(req: ChatCompletionRequest | TokenizeChatRequest) -> ToolPlan:
+    """Read tools / tool_choice / parallel_tool_calls; 400 for a choice that names no given tool. /tokenize's
+    chat form reads them the same way, so that its count is the chat request's prompt_tokens."""
     choice = req.tool_choice
     tools = req.tools or []
     parallel = req.parallel_tool_calls is not False

@@ -292,3 +292,23 @@ async def test_the_models_other_eos_ids_stop_every_request_unless_eos_is_ignored
             assert r.json()["choices"][0]["finish_reason"] == "stop"
             await complete(c, prompt="x", max_tokens=20, ignore_eos=True)
             assert engine.submitted[-1][2].stop_token_ids == []
+
+
+@pytest.mark.parametrize(
+    "choice", [None, "auto", "required", "none", {"type": "function", "function": {"name": "get_time"}}]
+)
+async def test_tokenize_counts_a_chat_with_tools_as_the_chat_request_runs_it(
+    client: httpx.AsyncClient, fake_engine: FakeEngine, choice: Any
+) -> None:
+    """A named tool_choice renders that tool alone: /tokenize's count is the request's prompt_tokens."""
+    weather = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}  # fmt: skip
+    tools = [weather, {"type": "function", "function": {"name": "get_time"}}]
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": tools}
+    if choice is not None:
+        body["tool_choice"] = choice
+    counted = (await client.post("/tokenize", json=body)).json()
+    r = await chat(client, max_tokens=1, **body)
+    assert r.status_code == 200, r.text
+    assert counted["tokens"] == fake_engine.submitted[-1][1]
+    assert counted["count"] == r.json()["usage"]["prompt_tokens"]
