@@ -1149,9 +1149,14 @@ class ServingChat(OpenAIServing):
                                f"tool_choice {req.tool_choice!r}, which constrains the output to a tool call.",
                                param="tool_choice")  # fmt: skip
             params.structured = await self.compiled(tools.spec, "tools")
+            # The output is the call, held to its schema until it is whole: a stop string or stop token
+            # would cut its arguments off mid-JSON and return that as a finished call. They apply to text.
+            params.stop_token_ids = [
+                t for t in params.stop_token_ids if t in self.tokenizer.extra_eos_token_ids
+            ]
         client_id = _client_id()
         run = _Run(client_id, f"chatcmpl-{client_id}", [prompt], req.n, tools=tools)
-        stop = self.stop_matcher(req.stop)
+        stop = None if tools.spec is not None else self.stop_matcher(req.stop)
         include = req.include_stop_str_in_output
         run.choices = [
             ChoiceText(

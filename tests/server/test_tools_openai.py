@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import openai
 import pytest
 
@@ -90,6 +91,35 @@ def test_a_forced_call_cut_by_max_tokens_is_a_call_with_the_arguments_so_far(cli
             ("get_weather", call.function.arguments)
         ]
         assert reasons[-1] == "length"
+
+
+def test_a_forced_call_is_not_cut_by_stop_strings_or_stop_tokens(
+    client: openai.OpenAI,  # noqa: F811
+    server_url: str,  # noqa: F811
+) -> None:
+    """Stop strings and stop tokens apply to text; a call forced by tool_choice required or named is held
+    to its schema until whole, and a stop inside it would return arguments cut mid-JSON as a finished
+    call (",", a stop string agents send, falls between every two arguments)."""
+    comma = httpx.post(f"{server_url}/tokenize", json={"prompt": ","}).json()["tokens"]
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        for stops in ({"stop": [",", "}"]}, {"extra_body": {"stop_token_ids": comma}}):
+            for stream in (False, True):
+                args = dict(
+                    model=MODEL, messages=ASK, tools=[WEATHER], tool_choice=choice, temperature=0, max_tokens=200,
+                    parallel_tool_calls=False,
+                )  # fmt: skip
+                if not stream:
+                    done = client.chat.completions.create(**args, **stops).choices[0]  # type: ignore[call-overload]
+                    calls, reason = done.message.tool_calls or [], done.finish_reason
+                else:
+                    calls, reason = [], None
+                    for chunk in client.chat.completions.create(**args, **stops, stream=True):  # type: ignore[call-overload]
+                        for c in chunk.choices:
+                            calls += c.delta.tool_calls or []
+                            reason = c.finish_reason or reason
+                assert reason == ("tool_calls" if choice == "required" else "stop"), (choice, stops, stream)
+                [call] = calls
+                assert set(json.loads(call.function.arguments)) == {"city", "unit"}, (choice, stops, stream)
 
 
 def test_tool_result_round_trip(client: openai.OpenAI) -> None:  # noqa: F811
