@@ -98,6 +98,15 @@ async def test_the_stream_is_the_responses_events(client: httpx.AsyncClient, tok
     assert (
         stream[0][1]["response"]["status"] == "in_progress" and stream[0][1]["response"]["id"] == final["id"]
     )
+    # the item max_output_tokens cut is "incomplete" in its own done event too, as in the final response
+    [done] = [data["item"] for kind, data in stream if kind == "response.output_item.done"]
+    assert (
+        done["status"] == final["output"][0]["status"] == "incomplete" and done["content"][0]["text"] == text
+    )
+    body = {**body, "max_output_tokens": 200}  # ends at EOS: completed everywhere
+    stream = events((await client.post("/v1/responses", json=body)).text)
+    [done] = [data["item"] for kind, data in stream if kind == "response.output_item.done"]
+    assert done["status"] == stream[-1][1]["response"]["output"][0]["status"] == "completed"
 
 
 async def test_what_the_server_cannot_do_is_a_400_naming_the_field(client: httpx.AsyncClient) -> None:
