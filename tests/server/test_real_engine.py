@@ -178,7 +178,8 @@ async def test_stop_string_in_one_choice_aborts_only_that_choice(
     assert stop not in text1, "pick another seed: the stop string must hit choice 0 only"
     before = (await wait_idle(engine)).num_finished
     r = (await client.post("/v1/completions", json={**body, "stop": [stop]})).json()
-    assert r["choices"][0] == {**plain[0], "text": text0[: text0.index(stop)], "finish_reason": "stop"}
+    cut = {"text": text0[: text0.index(stop)], "finish_reason": "stop", "stop_reason": stop}
+    assert r["choices"][0] == {**plain[0], **cut}
     assert r["choices"][1] == plain[1]  # the other choice is untouched and runs to its end
     after = (await wait_idle(engine)).num_finished
     assert after.get("abort", 0) - before.get("abort", 0) == 1  # choice 0 stopped in the engine too
