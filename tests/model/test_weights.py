@@ -292,19 +292,24 @@ def test_redundant_lm_head_in_a_tied_folder_is_dropped(tmp_path: Path) -> None:
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
 
 
-def test_sharded_folder_loads(tmp_path: Path) -> None:
-    model = norm_randomized_model()
-    save_hf_folder(model, tmp_path)
-    tensors = load_file(tmp_path / "model.safetensors")
-    (tmp_path / "model.safetensors").unlink()
+def shard_in_two(folder: Path) -> None:
+    """Split the folder's model.safetensors into two shards with an index, as save_pretrained writes them."""
+    tensors = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
     names = sorted(tensors)
     shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
     weight_map = {}
     for shard, shard_names in shards.items():
-        save_file({n: tensors[n] for n in shard_names}, tmp_path / shard)
+        save_file({n: tensors[n] for n in shard_names}, folder / shard)
         weight_map.update(dict.fromkeys(shard_names, shard))
     index = {"metadata": {}, "weight_map": weight_map}
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def test_sharded_folder_loads(tmp_path: Path) -> None:
+    model = norm_randomized_model()
+    save_hf_folder(model, tmp_path)
+    shard_in_two(tmp_path)
     assert torch.equal(logits(load_model(tmp_path)), logits(model))
 
     (tmp_path / "model-00002-of-00002.safetensors").unlink()
@@ -575,15 +580,7 @@ def test_a_head_dim_apart_from_hidden_over_heads_is_refused_up_front(tmp_path: P
 # ---- damaged weight files ------------------------------------------------------------------------------------
 def test_a_truncated_safetensors_shard_is_named(tmp_path: Path) -> None:
     save_hf_folder(norm_randomized_model(), tmp_path)
-    tensors = load_file(tmp_path / "model.safetensors")
-    (tmp_path / "model.safetensors").unlink()
-    names = sorted(tensors)
-    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
-    weight_map = {}
-    for shard, shard_names in shards.items():
-        save_file({n: tensors[n] for n in shard_names}, tmp_path / shard)
-        weight_map.update(dict.fromkeys(shard_names, shard))
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    shard_in_two(tmp_path)
     second = tmp_path / "model-00002-of-00002.safetensors"
     second.write_bytes(second.read_bytes()[:100])
     with pytest.raises(

@@ -148,13 +148,20 @@ def fake_engine(tokenizer: Tokenizer) -> FakeEngine:
     return FakeEngine(tokenizer)
 
 
-@pytest.fixture
-async def client(fake_engine: FakeEngine, tokenizer: Tokenizer) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(fake_settings(), engine=fake_engine, tokenizer=tokenizer)
+@contextlib.asynccontextmanager
+async def fake_client(engine: FakeEngine, tokenizer: Tokenizer) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the app over `engine` and `tokenizer` (through ASGI, no socket)."""
+    app = create_app(fake_settings(), engine=engine, tokenizer=tokenizer)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as c:
             yield c
+
+
+@pytest.fixture
+async def client(fake_engine: FakeEngine, tokenizer: Tokenizer) -> AsyncIterator[httpx.AsyncClient]:
+    async with fake_client(fake_engine, tokenizer) as c:
+        yield c
 
 
 def free_port() -> int:

@@ -13,8 +13,7 @@ import httpx
 import pytest
 
 from model.tokenizer import Tokenizer
-from server.app import create_app
-from tests.server.conftest import MAX_MODEL_LEN, SCRIPT, FakeEngine, fake_settings
+from tests.server.conftest import MAX_MODEL_LEN, SCRIPT, FakeEngine, fake_client
 from tests.server.test_api import MODEL, assert_error, complete, sse_chunks
 
 
@@ -243,16 +242,13 @@ async def test_a_text_prompt_gets_the_tokenizers_own_additions_as_tokenize_count
     )
     tok._backend = backend
     engine = FakeEngine(tok)
-    app = create_app(fake_settings(), engine=engine, tokenizer=tok)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as c:
-            counted = (await c.post("/tokenize", json={"prompt": "Hello world"})).json()["tokens"]
-            assert counted[0] == bos
-            r = await complete(c, prompt="Hello world", max_tokens=1)
-            assert engine.submitted[-1][1] == counted and r.json()["usage"]["prompt_tokens"] == len(counted)
-            await complete(c, prompt="Hello world", max_tokens=1, add_special_tokens=False)
-            assert engine.submitted[-1][1] == counted[1:]
+    async with fake_client(engine, tok) as c:
+        counted = (await c.post("/tokenize", json={"prompt": "Hello world"})).json()["tokens"]
+        assert counted[0] == bos
+        r = await complete(c, prompt="Hello world", max_tokens=1)
+        assert engine.submitted[-1][1] == counted and r.json()["usage"]["prompt_tokens"] == len(counted)
+        await complete(c, prompt="Hello world", max_tokens=1, add_special_tokens=False)
+        assert engine.submitted[-1][1] == counted[1:]
 
 
 async def test_an_engine_refusal_names_the_field_it_is_about(
@@ -282,16 +278,13 @@ async def test_the_models_other_eos_ids_stop_every_request_unless_eos_is_ignored
     tok = copy.copy(tokenizer)
     tok.__class__ = WithExtraEos
     engine = FakeEngine(tok)
-    app = create_app(fake_settings(), engine=engine, tokenizer=tok)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as c:
-            r = await complete(c, prompt="x", max_tokens=20, temperature=0, stop_token_ids=[7])
-            assert engine.submitted[-1][2].stop_token_ids == [7, fox, im_end]
-            assert r.json()["choices"][0]["text"] == "The quick brown"  # stopped at " fox"
-            assert r.json()["choices"][0]["finish_reason"] == "stop"
-            await complete(c, prompt="x", max_tokens=20, ignore_eos=True)
-            assert engine.submitted[-1][2].stop_token_ids == []
+    async with fake_client(engine, tok) as c:
+        r = await complete(c, prompt="x", max_tokens=20, temperature=0, stop_token_ids=[7])
+        assert engine.submitted[-1][2].stop_token_ids == [7, fox, im_end]
+        assert r.json()["choices"][0]["text"] == "The quick brown"  # stopped at " fox"
+        assert r.json()["choices"][0]["finish_reason"] == "stop"
+        await complete(c, prompt="x", max_tokens=20, ignore_eos=True)
+        assert engine.submitted[-1][2].stop_token_ids == []
 
 
 @pytest.mark.parametrize(
