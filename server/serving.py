@@ -1142,12 +1142,11 @@ class ServingChat(OpenAIServing):
         params = self.sampling_params(req, max_tokens, logprobs, len(prompt.token_ids), names)
         self.check_logprob_budget(req.n, params.max_tokens or 0, logprobs, "top_logprobs")
         params.prompt_logprobs = self.prompt_logprobs_asked(req, [prompt])
-        params.structured = await self.structured(req)
-        if tools.spec is not None:
-            if params.structured is not None:
-                raise APIError(400, "response_format (or another output constraint) cannot be combined with "
-                               f"tool_choice {req.tool_choice!r}, which constrains the output to a tool call.",
-                               param="tool_choice")  # fmt: skip
+        if tools.spec is None:
+            params.structured = await self.structured(req)
+        else:
+            # The output is the call, held to its schema; a response_format shapes text, which a forced
+            # call does not write (OpenAI accepts the two together, and clients such as instructor send both)
             params.structured = await self.compiled(tools.spec, "tools")
             # The output is the call, held to its schema until it is whole: a stop string or stop token
             # would cut its arguments off mid-JSON and return that as a finished call. They apply to text.

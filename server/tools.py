@@ -56,15 +56,42 @@ _BLOCK = re.compile(re.escape(OPEN_TAG) + r"\s*(.*?)\s*(?:" + re.escape(CLOSE_TA
 _CALL_HEAD = re.compile(r'\s*\{\s*(?:"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*(?:,\s*"arguments"\s*:\s*()|$)?)?')
 
 
-def _call_schema(tool: ChatTool) -> dict[str, Any]:
-    """One call of `tool` as a JSON schema: {"name": <its name>, "arguments": <its parameters>}."""
+def _call_schema(tool: ChatTool, at: str = "#") -> dict[str, Any]:
+    """One call of `tool` as a JSON schema: {"name": <its name>, "arguments": <its parameters>}, placed at
+    the JSON pointer `at` of the whole output schema."""
     arguments = tool.function.parameters or {"type": "object", "properties": {}}
     return {
         "type": "object",
-        "properties": {"name": {"const": tool.function.name}, "arguments": arguments},
+        "properties": {
+            "name": {"const": tool.function.name},
+            "arguments": _rebased(arguments, at + "/properties/arguments"),
+        },
         "required": ["name", "arguments"],
         "additionalProperties": False,
     }
+
+
+def _rebased(schema: Any, at: str) -> Any:
+    """`schema` with its local references (`#/$defs/X`, `#/properties/v`, `#`) pointing where it now sits,
+    at `at` inside the call schema: pydantic writes a `$defs` and `$ref`s to it for every nested model and
+    enum, and those would no longer resolve from the call schema's root. Copied without recursion: the
+    schema may nest as deep as the body's JSON did."""
+    root: list[Any] = [schema]
+    stack: list[tuple[Any, Any]] = [(root, 0)]  # (a copied container, a key or index in it to copy)
+    while stack:
+        parent, key = stack.pop()
+        node = parent[key]
+        if isinstance(node, dict):
+            node = dict(node)
+            ref = node.get("$ref")
+            if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
+                node["$ref"] = at + ref[1:]
+            stack.extend((node, k) for k, v in node.items() if isinstance(v, dict | list))
+        elif isinstance(node, list):
+            node = list(node)
+            stack.extend((node, k) for k, v in enumerate(node) if isinstance(v, dict | list))
+        parent[key] = node
+    return root[0]
 
 
 @dataclass
@@ -176,7 +203,7 @@ def tool_plan(req: ChatCompletionRequest | TokenizeChatRequest) -> ToolPlan:
     if choice is None or choice == "auto":
         return ToolPlan("auto", tools, parallel)
     if choice == "required":
-        call = {"anyOf": [_call_schema(t) for t in tools]}
+        call = {"anyOf": [_call_schema(t, f"#/items/anyOf/{i}") for i, t in enumerate(tools)]}
         schema = {"type": "array", "items": call, "minItems": 1, **({} if parallel else {"maxItems": 1})}
         return ToolPlan("required", tools, parallel, StructuredSpec("json", json.dumps(schema)))
     named = [t for t in tools if t.function.name == choice.function.name]  # type: ignore[union-attr]

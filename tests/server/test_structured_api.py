@@ -108,7 +108,6 @@ async def test_a_constraint_that_compiles_too_large_is_a_400(
         ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
         ({"web_search_options": {}}, "web_search_options"),
         ({"tool_choice": "required"}, "tool_choice"),
-        ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
         ({"messages": [{"role": "function", "content": "x", "name": "f"}]}, "messages.0.role"),
     ],
 )  # fmt: skip

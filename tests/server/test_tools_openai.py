@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 import httpx
 import openai
+import pydantic
 import pytest
 
 from tests.server.test_openai_client import MODEL, client, server_url  # noqa: F401 (fixtures)
@@ -120,6 +122,37 @@ def test_a_forced_call_is_not_cut_by_stop_strings_or_stop_tokens(
                 assert reason == ("tool_calls" if choice == "required" else "stop"), (choice, stops, stream)
                 [call] = calls
                 assert set(json.loads(call.function.arguments)) == {"city", "unit"}, (choice, stops, stream)
+
+
+class City(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=20)
+    unit: Literal["celsius", "fahrenheit"]  # an enum: pydantic writes it to $defs as well
+
+
+class Cities(pydantic.BaseModel):
+    """Weather in several cities."""
+
+    cities: list[City] = pydantic.Field(max_length=2)
+
+
+def test_a_forced_call_of_a_nested_pydantic_tool_follows_its_defs(client: openai.OpenAI) -> None:  # noqa: F811
+    """pydantic's schemas reach their nested models through `$ref: #/$defs/...`, which must resolve where
+    the tool's parameters sit inside the call schema (openai's pydantic_function_tool, instructor, llama-index
+    send them); and a response_format beside a forced call (instructor's, OpenAI accepts it) shapes no text."""
+    tool = openai.pydantic_function_tool(Cities)
+    assert "$defs" in json.dumps(tool)
+    asks = [{"role": "user", "content": "Weather in Paris and Rome, in celsius?"}]
+    for choice, extra in (
+        ({"type": "function", "function": {"name": "Cities"}}, {}),
+        ("required", {"parallel_tool_calls": False}),
+        ("required", {"parallel_tool_calls": False, "response_format": {"type": "json_object"}}),
+    ):
+        done = client.chat.completions.create(
+            model=MODEL, messages=asks, tools=[tool], tool_choice=choice, temperature=0, max_tokens=200, **extra
+        ).choices[0]  # type: ignore[call-overload]  # fmt: skip
+        [call] = done.message.tool_calls or []
+        assert done.finish_reason in ("stop", "tool_calls"), (choice, done.finish_reason)
+        Cities.model_validate_json(call.function.arguments)  # type: ignore[union-attr]
 
 
 def test_tool_result_round_trip(client: openai.OpenAI) -> None:  # noqa: F811
