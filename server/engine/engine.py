@@ -292,7 +292,9 @@ class AsyncEngine:
         # the queue's (as the core last reported it; the queue may hold that many more for a step)
         room = max(0, self.checker.max_num_seqs - self._stats.num_running)
         if waiting + num_sequences > limit + room:
-            raise QueueFullError(f"{waiting} of {limit} queue places are taken")
+            raise QueueFullError(
+                f"{waiting} sequences are waiting for the batch's {room} free places and the queue's {limit}"
+            )
 
     def generate(
         self,
