@@ -266,7 +266,7 @@ async def model(model: str, request: Request) -> ModelCard:
     card = _model_card(request)
     if model != card.id:
         raise APIError(404, f"The model `{model}` does not exist; this server serves `{card.id}`.",
-                       "NotFoundError", "model")  # fmt: skip
+                       "invalid_request_error", "model")  # fmt: skip
     return card
 
 

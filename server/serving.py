@@ -480,7 +480,7 @@ class OpenAIServing:
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
             raise APIError(404, f"The model `{name}` does not exist; this server serves `{self.model_name}`.",
-                           "NotFoundError", "model")  # fmt: skip
+                           "invalid_request_error", "model")  # fmt: skip
 
     def check_prompt(self, ids: list[int], room: int = 1) -> None:
         """room: the tokens the request must be able to add (0 for a prompt only scored)."""

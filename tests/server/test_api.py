@@ -695,7 +695,10 @@ async def test_malformed_json_and_unknown_model(client: httpx.AsyncClient) -> No
         assert_error(r, 400, "Content-Type: application/json", sent)
     headers = {"content-type": "application/json; charset=utf-8"}
     assert (await client.post("/v1/completions", content=body, headers=headers)).status_code == 200
-    assert_error(await complete(client, prompt="x", model="gpt-4"), 404, "gpt-4")
+    error = assert_error(await complete(client, prompt="x", model="gpt-4"), 404, "gpt-4")
+    assert error["type"] == "invalid_request_error" and error["param"] == "model"  # as OpenAI's
+    error = assert_error(await client.get("/v1/models/gpt-4"), 404, "gpt-4")
+    assert error["type"] == "invalid_request_error"
     assert_error(await client.get("/v1/nothing"), 404)
     # an error quoting a huge client value sends back its start, not all of it
     error = assert_error(
