@@ -267,12 +267,18 @@ def _token_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, top_n: list
     """logprobs (L, V) normalised; token_ids (L,); top_n[i] alternatives for row i."""
     chosen = logprobs.gather(1, token_ids.view(-1, 1))  # (L, 1)
     ranks = ((logprobs > chosen).sum(dim=1) + 1).tolist()
-    max_n = max(top_n, default=0)
     top_vals: list[list[float]] = [[] for _ in top_n]
     top_ids: list[list[int]] = [[] for _ in top_n]
-    if max_n > 0:
-        vals, ids = logprobs.topk(max_n, dim=-1)  # sorted, most likely first
-        top_vals, top_ids = vals.tolist(), ids.tolist()
+    # One topk per distinct N, each row with its own: which of several equal values a topk keeps at its
+    # edge depends on k, so a row's list cut from a larger N would change with the batch's other rows.
+    for n in sorted(set(top_n) - {0}):
+        rows = [i for i, want in enumerate(top_n) if want == n]
+        source = (
+            logprobs if len(rows) == len(top_n) else logprobs.index_select(0, _index(rows, logprobs.device))
+        )
+        vals, ids = source.topk(n, dim=-1)  # sorted, most likely first
+        for i, v, t in zip(rows, vals.tolist(), ids.tolist(), strict=True):
+            top_vals[i], top_ids[i] = v, t
     return [
         TokenLogprob(tid, lp, rank, list(zip(ids[:n], vals[:n], strict=True)))
         for tid, lp, rank, ids, vals, n in zip(

@@ -339,6 +339,26 @@ def test_logprobs_from_raw_logits(logits: torch.Tensor) -> None:
     assert out.token_ids[2] == 0 and out.logprobs[2].rank == int((logits[2] > logits[2, 0]).sum()) + 1
 
 
+def test_a_rows_top_logprobs_do_not_depend_on_what_other_rows_ask() -> None:
+    """bf16 logits tie often; which of several equal values a topk keeps at its edge depends on k, so a
+    row's top-N must not be cut from the largest N in the batch (--batch-invariant promises the same
+    output alone and in any batch)."""
+    rows = torch.randn(16, 49152, generator=torch.Generator().manual_seed(0)).bfloat16().float()
+    straddled = 0  # rows whose tie at the edge a cut from the larger N would have resolved otherwise
+    for n_alone, n_other in ((3, 5), (2, 8), (1, 20)):
+        for row in rows:
+            straddled += row.topk(n_other).indices[:n_alone].tolist() != row.topk(n_alone).indices.tolist()
+            greedy = SamplingParams(temperature=0.0, logprobs=n_alone)
+            alone = sample(row[None].clone(), _batch([greedy])).logprobs[0]  # type: ignore[index]
+            mixed = sample(
+                torch.stack([row, rows[0]]),
+                _batch([greedy, SamplingParams(temperature=0.0, logprobs=n_other)]),
+            ).logprobs[0]  # type: ignore[index]
+            assert alone is not None and mixed is not None
+            assert mixed.top == alone.top, (n_alone, n_other)
+    assert straddled  # the case this test is about did occur
+
+
 def test_prompt_logprobs(logits: torch.Tensor) -> None:
     targets = torch.tensor([3, 0, 7, 49])
     infos = prompt_logprobs(logits, targets, 2)
