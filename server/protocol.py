@@ -406,12 +406,12 @@ class PromptLogprob(BaseModel):
 PromptLogprobs = list[dict[str, PromptLogprob] | None]  # per prompt position; the first has none
 
 
-class _TokenIds(BaseModel):
+class _OmittedUnlessAsked(BaseModel):
     """vLLM's return_token_ids and prompt_logprobs fields, left out of the JSON unless asked for (they
     would be nulls in every chunk of every stream otherwise)."""
 
     @model_serializer(mode="wrap")
-    def _drop_unasked_ids(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+    def _drop_unasked(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data = handler(self)
         for key in ("prompt_token_ids", "token_ids", "prompt_logprobs"):
             if key in data and data[key] is None:
@@ -419,7 +419,7 @@ class _TokenIds(BaseModel):
         return data
 
 
-class CompletionChoice(_TokenIds):
+class CompletionChoice(_OmittedUnlessAsked):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
@@ -466,7 +466,7 @@ class ChatResponseMessage(BaseModel):
         return data
 
 
-class ChatChoice(_TokenIds):
+class ChatChoice(_OmittedUnlessAsked):
     index: int
     message: ChatResponseMessage
     logprobs: ChatLogprobs | None = None
@@ -475,7 +475,7 @@ class ChatChoice(_TokenIds):
     token_ids: list[int] | None = None
 
 
-class ChatCompletionResponse(_TokenIds):
+class ChatCompletionResponse(_OmittedUnlessAsked):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -509,7 +509,7 @@ class DeltaMessage(BaseModel):
         return {k: v for k, v in handler(self).items() if v is not None}
 
 
-class ChatStreamChoice(_TokenIds):
+class ChatStreamChoice(_OmittedUnlessAsked):
     index: int
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
@@ -518,7 +518,7 @@ class ChatStreamChoice(_TokenIds):
     token_ids: list[int] | None = None
 
 
-class ChatCompletionChunk(_TokenIds):
+class ChatCompletionChunk(_OmittedUnlessAsked):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int = Field(default_factory=lambda: int(time.time()))

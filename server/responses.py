@@ -342,15 +342,14 @@ async def response_events(
     finally:
         await chunks.aclose()  # type: ignore[attr-defined]  # at once when the client goes away
     output: list[dict[str, Any]] = []
-    status = _status(finish)
-    last = "incomplete" if status == "incomplete" else "completed"  # the status of the item it cut (the last)
+    status = _status(finish)  # also the last item's: the one max_output_tokens cut, if it cut one
     if started or not calls:
         if not started:
             yield event("response.output_item.added", output_index=0, item=builder.message("", "in_progress"))
             yield event("response.content_part.added", **at, part=part)
         yield event("response.output_text.done", **at, text=text, logprobs=[])
         yield event("response.content_part.done", **at, part={**part, "text": text})
-        output.append({**builder.message(text), "status": "completed" if calls else last})
+        output.append({**builder.message(text), "status": "completed" if calls else status})
         yield event("response.output_item.done", output_index=0, item=output[-1])
     for k, (call_id, name, arguments) in enumerate(calls):
         index, item = len(output), builder.call(call_id, name, "", "in_progress")
@@ -360,7 +359,7 @@ async def response_events(
         yield event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
                     name=name, arguments=arguments)  # fmt: skip
         output.append(
-            {**item, "arguments": arguments, "status": last if k == len(calls) - 1 else "completed"}
+            {**item, "arguments": arguments, "status": status if k == len(calls) - 1 else "completed"}
         )
         yield event("response.output_item.done", output_index=index, item=output[-1])
-    yield event(f"response.{status}", response=builder.response(status, _mark_cut(output, status), usage))
+    yield event(f"response.{status}", response=builder.response(status, output, usage))
